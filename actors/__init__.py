@@ -1,0 +1,1 @@
+"""Ray actors of a rayledger network: validators, mempools, storage shards, verifiers."""

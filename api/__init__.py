@@ -1,0 +1,1 @@
+"""The HTTP edge for e-service submissions and the client SDK."""

@@ -1,0 +1,1 @@
+"""Bring-up, placement, load generation, fault injection and the ``rayledger`` command."""

@@ -1,0 +1,229 @@
+"""Validator sets and the genesis file that fixes a chain: its id, validators, organisations
+and limits. The genesis file is TOML (see ``configs/genesis-local.toml``)."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from rayledger.block import BlockHeader, genesis_header
+from rayledger.codec import u64
+from rayledger.errors import ConfigError
+from rayledger.tx import DEFAULT_MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class Validator:
+    name: str
+    public_key: bytes
+    org: str = ""
+    site: str = ""
+
+
+@dataclass(frozen=True)
+class ValidatorSet:
+    """An ordered validator set; index i is bit i of every signer bitmap."""
+
+    validators: tuple[Validator, ...]
+
+    def __post_init__(self) -> None:
+        if not self.validators:
+            raise ConfigError("a validator set needs at least one validator")
+        keys = [v.public_key for v in self.validators]
+        if any(len(k) != 32 for k in keys):
+            raise ConfigError("validator public keys must be 32 bytes")
+        if len(set(keys)) != len(keys):
+            raise ConfigError("a public key appears twice in the validator set")
+        names = [v.name for v in self.validators]
+        if len(set(names)) != len(names):
+            raise ConfigError("a validator name appears twice in the validator set")
+
+    @property
+    def n(self) -> int:
+        return len(self.validators)
+
+    @property
+    def f(self) -> int:
+        """Byzantine validators tolerated: the largest f with n >= 3f + 1."""
+        return (self.n - 1) // 3
+
+    @property
+    def quorum(self) -> int:
+        """Smallest size whose any two sets intersect in f + 1 validators (2f + 1 at n = 3f + 1)."""
+        return (self.n + self.f) // 2 + 1
+
+    @cached_property
+    def public_keys(self) -> np.ndarray:
+        return np.frombuffer(b"".join(v.public_key for v in self.validators), np.uint8).reshape(
+            self.n, 32
+        )
+
+    @cached_property
+    def _index(self) -> dict[bytes, int]:
+        return {v.public_key: i for i, v in enumerate(self.validators)}
+
+    def index_of(self, public_key: bytes) -> int:
+        try:
+            return self._index[public_key]
+        except KeyError:
+            raise ConfigError(f"{public_key.hex()[:16]}... is not a validator") from None
+
+
+@dataclass(frozen=True)
+class Organisation:
+    name: str
+    members: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    max_batch_rows: int = 65_536
+    max_block_txs: int = 100_000
+
+
+@dataclass(frozen=True)
+class Genesis:
+    chain_name: str
+    chain_id: bytes
+    genesis_time_ms: int
+    validators: ValidatorSet
+    organisations: tuple[Organisation, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if len(self.chain_id) != 32:
+            raise ConfigError("chain_id must be 32 bytes")
+
+    @cached_property
+    def header(self) -> BlockHeader:
+        return genesis_header(self.chain_id, self.genesis_time_ms)
+
+    def to_toml(self) -> str:
+        doc: dict[str, Any] = {
+            "chain_name": self.chain_name,
+            "chain_id": self.chain_id.hex(),
+            "genesis_time_ms": self.genesis_time_ms,
+            "limits": {
+                "max_payload_bytes": self.limits.max_payload_bytes,
+                "max_batch_rows": self.limits.max_batch_rows,
+                "max_block_txs": self.limits.max_block_txs,
+            },
+            "validators": [
+                {"name": v.name, "public_key": v.public_key.hex(), "org": v.org, "site": v.site}
+                for v in self.validators.validators
+            ],
+            "organisations": [
+                {"name": o.name, "members": [m.hex() for m in o.members]}
+                for o in self.organisations
+            ],
+        }
+        return tomli_w.dumps(doc)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+
+def derive_chain_id(chain_name: str, genesis_time_ms: int, keys: Sequence[bytes]) -> bytes:
+    """A chain id that differs for every (name, time, validator set): replays across chains fail."""
+    return hashlib.sha256(
+        b"rayledger/chain/v1" + chain_name.encode() + u64(genesis_time_ms) + b"".join(keys)
+    ).digest()
+
+
+def new_genesis(
+    chain_name: str,
+    validators: Sequence[Validator],
+    genesis_time_ms: int,
+    organisations: Sequence[Organisation] = (),
+    limits: Limits | None = None,
+) -> Genesis:
+    keys = [v.public_key for v in validators]
+    return Genesis(
+        chain_name,
+        derive_chain_id(chain_name, genesis_time_ms, keys),
+        genesis_time_ms,
+        ValidatorSet(tuple(validators)),
+        tuple(organisations),
+        limits or Limits(),
+    )
+
+
+def _hex(value: Any, width: int, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a hex string")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise ConfigError(f"{where}: not hex") from None
+    if len(raw) != width:
+        raise ConfigError(f"{where}: expected {width} bytes, got {len(raw)}")
+    return raw
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where}: expected a positive integer")
+    return value
+
+
+def parse_genesis(text: str, source: str = "genesis") -> Genesis:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    for key in ("chain_name", "chain_id", "genesis_time_ms", "validators"):
+        if key not in doc:
+            raise ConfigError(f"{source}: missing {key!r}")
+    validators = []
+    for i, v in enumerate(doc["validators"]):
+        where = f"{source}: validators[{i}]"
+        if not isinstance(v, dict) or "name" not in v or "public_key" not in v:
+            raise ConfigError(f"{where}: needs name and public_key")
+        validators.append(
+            Validator(
+                str(v["name"]),
+                _hex(v["public_key"], 32, f"{where}.public_key"),
+                str(v.get("org", "")),
+                str(v.get("site", "")),
+            )
+        )
+    orgs = []
+    for i, o in enumerate(doc.get("organisations", [])):
+        where = f"{source}: organisations[{i}]"
+        if not isinstance(o, dict) or "name" not in o:
+            raise ConfigError(f"{where}: needs a name")
+        members = tuple(
+            _hex(m, 32, f"{where}.members[{j}]") for j, m in enumerate(o.get("members", []))
+        )
+        orgs.append(Organisation(str(o["name"]), members))
+    lim = doc.get("limits", {})
+    unknown = set(lim) - {"max_payload_bytes", "max_batch_rows", "max_block_txs"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown limits {sorted(unknown)}")
+    limits = Limits(**{k: _positive_int(val, f"{source}: limits.{k}") for k, val in lim.items()})
+    genesis = Genesis(
+        str(doc["chain_name"]),
+        _hex(doc["chain_id"], 32, f"{source}: chain_id"),
+        _positive_int(doc["genesis_time_ms"], f"{source}: genesis_time_ms"),
+        ValidatorSet(tuple(validators)),
+        tuple(orgs),
+        limits,
+    )
+    return genesis
+
+
+def load_genesis(path: str | Path) -> Genesis:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read genesis file {path}: {exc}") from exc
+    return parse_genesis(text, str(path))

@@ -1,0 +1,91 @@
+"""One exception hierarchy for the whole ledger, with machine-readable codes.
+
+Every rejection names the exact rule that failed; the API maps the classes to HTTP statuses
+and metrics count them by ``code``.
+"""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base of every error the ledger raises on bad input or bad state."""
+
+    code = "ledger_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+class DecodeError(LedgerError):
+    """Bytes that do not parse as the canonical encoding."""
+
+    code = "decode_error"
+
+
+class TruncatedInput(DecodeError):
+    code = "truncated"
+
+
+class WrongLength(DecodeError):
+    code = "wrong_length"
+
+
+class UnknownVersion(DecodeError):
+    code = "unknown_version"
+
+
+class PayloadTooLarge(DecodeError):
+    code = "payload_too_large"
+
+
+class TrailingBytes(DecodeError):
+    code = "trailing_bytes"
+
+
+class SchemaMismatch(DecodeError):
+    """An Arrow batch whose columns, types or nulls differ from the TxBatch schema."""
+
+    code = "schema_mismatch"
+
+
+class WrongChain(LedgerError):
+    code = "wrong_chain"
+
+
+class InvalidSignature(LedgerError):
+    code = "invalid_signature"
+
+
+class InvalidBlock(LedgerError):
+    code = "invalid_block"
+
+
+class InvalidQuorumCert(LedgerError):
+    code = "invalid_qc"
+
+
+class ConfigError(LedgerError):
+    code = "config_error"
+
+
+class StoreError(LedgerError):
+    code = "store_error"
+
+
+class StoreCorruption(StoreError):
+    """Durable data that fails verification: the file and height that are wrong are named."""
+
+    code = "store_corruption"
+
+    def __init__(self, message: str, *, height: int | None, path: str) -> None:
+        super().__init__(f"{message} (height={height}, file={path})")
+        self.height = height
+        self.path = path
+
+
+class NotFound(StoreError):
+    code = "not_found"

@@ -1,0 +1,337 @@
+"""Transactions: the canonical byte layout, signing, and the columnar TxBatch.
+
+Canonical bytes (big-endian)::
+
+    version u8 | chain_id 32B | kind u16 | sender 32B | nonce u64 | payload_len u32 | payload
+
+``tx_id = SHA-256(canonical bytes)`` and the sender signs the 32-byte ``tx_id`` with Ed25519.
+A signed transaction on the wire is the canonical bytes followed by the 64-byte signature.
+
+In bulk a transaction is a row of a TxBatch, an Arrow record batch with ``TX_SCHEMA``; the
+chain id is batch-level and travels in the schema metadata. Ids are always recomputed from
+the row's content: a ``tx_id`` column supplied by someone else is never trusted.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+
+from rayledger.codec import Reader, fixed, pack_rows
+from rayledger.crypto import SigningKey, public_bytes
+from rayledger.errors import (
+    DecodeError,
+    PayloadTooLarge,
+    SchemaMismatch,
+    UnknownVersion,
+    WrongChain,
+    WrongLength,
+)
+from rayledger.kernels import as_offsets_and_values, ed25519_verify_batch, sha256_batch
+
+TX_VERSION = 1
+DEFAULT_MAX_PAYLOAD = 64 * 1024
+_HEADER = struct.Struct(">B32sH32sQI")
+HEADER_SIZE = _HEADER.size  # 79
+CHAIN_ID_KEY = b"rayledger.chain_id"
+
+BODY_FIELDS = (
+    pa.field("kind", pa.uint16(), nullable=False),
+    pa.field("sender", pa.binary(32), nullable=False),
+    pa.field("nonce", pa.uint64(), nullable=False),
+    pa.field("payload", pa.binary(), nullable=False),
+    pa.field("signature", pa.binary(64), nullable=False),
+)
+TX_ID_FIELD = pa.field("tx_id", pa.binary(32), nullable=False)
+TX_SCHEMA = pa.schema([*BODY_FIELDS, TX_ID_FIELD])
+_WIDTHS = {"sender": 32, "signature": 64, "tx_id": 32}
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One transaction, for single submissions and receipts (bulk paths use TxBatch)."""
+
+    chain_id: bytes
+    kind: int
+    sender: bytes
+    nonce: int
+    payload: bytes
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        fixed(self.chain_id, 32, "chain_id")
+        fixed(self.sender, 32, "sender")
+        if self.signature:
+            fixed(self.signature, 64, "signature")
+        if not 0 <= self.kind < 1 << 16:
+            raise WrongLength(f"kind {self.kind} does not fit in u16")
+        if not 0 <= self.nonce < 1 << 64:
+            raise WrongLength(f"nonce {self.nonce} does not fit in u64")
+
+    @cached_property
+    def canonical(self) -> bytes:
+        return encode_tx(self.chain_id, self.kind, self.sender, self.nonce, self.payload)
+
+    @cached_property
+    def tx_id(self) -> bytes:
+        return sha256_batch((np.frombuffer(self.canonical, np.uint8), _one(len(self.canonical))))[
+            0
+        ].tobytes()
+
+    def encode(self) -> bytes:
+        """Wire form: canonical bytes followed by the signature."""
+        if not self.signature:
+            raise ValueError("transaction is not signed")
+        return self.canonical + self.signature
+
+
+def _one(size: int) -> np.ndarray:
+    return np.array([0, size], dtype=np.int64)
+
+
+def encode_tx(chain_id: bytes, kind: int, sender: bytes, nonce: int, payload: bytes) -> bytes:
+    """The canonical bytes whose SHA-256 is the transaction id."""
+    return _HEADER.pack(TX_VERSION, chain_id, kind, sender, nonce, len(payload)) + payload
+
+
+def sign_tx(key: SigningKey, chain_id: bytes, kind: int, nonce: int, payload: bytes) -> Transaction:
+    unsigned = Transaction(chain_id, kind, public_bytes(key), nonce, payload)
+    return Transaction(chain_id, kind, unsigned.sender, nonce, payload, key.sign(unsigned.tx_id))
+
+
+def decode_tx(
+    data: bytes,
+    *,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    chain_id: bytes | None = None,
+) -> Transaction:
+    """Parse a signed transaction in wire form; every malformation raises its own error."""
+    r = Reader(data, "transaction")
+    version = r.u8("version")
+    # Verify the layout version before reading fields whose meaning depends on it
+    if version != TX_VERSION:
+        raise UnknownVersion(f"transaction version {version} (supported: {TX_VERSION})")
+    tx_chain = r.fixed(32, "chain_id")
+    if chain_id is not None and tx_chain != chain_id:
+        raise WrongChain(f"transaction is for chain {tx_chain.hex()[:16]}..., not this chain")
+    kind = r.u16("kind")
+    sender = r.fixed(32, "sender")
+    nonce = r.u64("nonce")
+    payload_len = r.u32("payload_len")
+    # Verify the declared payload size before reading it
+    if payload_len > max_payload:
+        raise PayloadTooLarge(f"payload of {payload_len} bytes exceeds the maximum {max_payload}")
+    payload = r.fixed(payload_len, "payload")
+    signature = r.fixed(64, "signature")
+    r.finish()
+    return Transaction(tx_chain, kind, sender, nonce, payload, signature)
+
+
+# ---- TxBatch ---------------------------------------------------------------------------------
+
+
+def _fixed_rows(col: pa.Array, width: int) -> np.ndarray:
+    values, _ = as_offsets_and_values(col)
+    return values.reshape(-1, width) if len(values) else np.empty((0, width), np.uint8)
+
+
+def batch_chain_id(batch: pa.RecordBatch, chain_id: bytes | None = None) -> bytes:
+    """The batch's chain id from its metadata, checked against ``chain_id`` when given."""
+    meta = batch.schema.metadata or {}
+    raw = meta.get(CHAIN_ID_KEY)
+    declared = bytes.fromhex(raw.decode()) if raw else None
+    if declared is not None and len(declared) != 32:
+        raise WrongLength("chain id in batch metadata must be 32 bytes")
+    if chain_id is None:
+        if declared is None:
+            raise WrongChain("batch names no chain id and none was given")
+        return declared
+    fixed(chain_id, 32, "chain_id")
+    if declared is not None and declared != chain_id:
+        raise WrongChain(f"batch is for chain {declared.hex()[:16]}..., not this chain")
+    return chain_id
+
+
+def _with_chain(schema: pa.Schema, chain_id: bytes) -> pa.Schema:
+    meta = dict(schema.metadata or {})
+    meta[CHAIN_ID_KEY] = chain_id.hex().encode()
+    return schema.with_metadata(meta)
+
+
+def canonical_buffer(batch: pa.RecordBatch, chain_id: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's canonical bytes laid end to end, built column-wise: ``(values, offsets)``."""
+    n = batch.num_rows
+    kinds = batch.column("kind").to_numpy(zero_copy_only=False).astype(">u2")
+    nonces = batch.column("nonce").to_numpy(zero_copy_only=False).astype(">u8")
+    senders = _fixed_rows(batch.column("sender"), 32)
+    pvalues, poffsets = as_offsets_and_values(batch.column("payload"))
+    lens = np.diff(poffsets)
+    header = np.empty((n, HEADER_SIZE), np.uint8)
+    header[:, 0] = TX_VERSION
+    header[:, 1:33] = np.frombuffer(chain_id, np.uint8)
+    header[:, 33:35] = kinds.view(np.uint8).reshape(n, 2)
+    header[:, 35:67] = senders
+    header[:, 67:75] = nonces.view(np.uint8).reshape(n, 8)
+    header[:, 75:79] = lens.astype(">u4").view(np.uint8).reshape(n, 4)
+    return pack_rows(header, pvalues, poffsets)
+
+
+def compute_tx_ids(
+    batch: pa.RecordBatch, chain_id: bytes | None = None, backend: str = "auto"
+) -> np.ndarray:
+    """The ``(n, 32) uint8`` transaction ids of a batch, recomputed from its content."""
+    chain = batch_chain_id(batch, chain_id)
+    return sha256_batch(canonical_buffer(batch, chain), backend=backend)
+
+
+def _fsb(rows: np.ndarray, width: int) -> pa.FixedSizeBinaryArray:
+    flat = np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1)
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(rows), [None, pa.py_buffer(flat)]
+    )
+
+
+_sign_pool: ThreadPoolExecutor | None = None
+
+
+def _sign_rows(keys: Sequence[SigningKey], ids: np.ndarray) -> np.ndarray:
+    def run(start: int, stop: int) -> bytes:
+        return b"".join([keys[i].sign(ids[i].tobytes()) for i in range(start, stop)])
+
+    n = len(keys)
+    global _sign_pool
+    if _sign_pool is None:
+        _sign_pool = ThreadPoolExecutor(thread_name_prefix="ed25519-sign")
+    step = max(1024, -(-n // (_sign_pool._max_workers or 1)))
+    parts = list(_sign_pool.map(lambda s: run(s, min(s + step, n)), range(0, n, step)))
+    return np.frombuffer(b"".join(parts), np.uint8).reshape(n, 64)
+
+
+def make_batch(
+    signers: SigningKey | Sequence[SigningKey],
+    kinds: int | Sequence[int] | np.ndarray,
+    nonces: Sequence[int] | np.ndarray,
+    payloads: Sequence[bytes] | pa.Array,
+    chain_id: bytes,
+) -> pa.RecordBatch:
+    """Build and sign a TxBatch: row i is signed by ``signers[i]`` (or by one signer for all)."""
+    fixed(chain_id, 32, "chain_id")
+    nonce_arr = np.asarray(nonces, dtype=np.uint64)
+    n = len(nonce_arr)
+    keys: Sequence[SigningKey] = [signers] * n if isinstance(signers, SigningKey) else signers
+    kind_arr = (
+        np.full(n, kinds, np.uint16) if isinstance(kinds, int) else np.asarray(kinds, np.uint16)
+    )
+    payload_arr = payloads if isinstance(payloads, pa.Array) else pa.array(payloads, pa.binary())
+    if not (len(keys) == len(kind_arr) == len(payload_arr) == n):
+        raise ValueError("signers, kinds, nonces and payloads must have the same length")
+    pub_cache: dict[int, bytes] = {}
+    senders = np.empty((n, 32), np.uint8)
+    for i, key in enumerate(keys):
+        pub = pub_cache.get(id(key))
+        if pub is None:
+            pub = pub_cache[id(key)] = public_bytes(key)
+        senders[i] = np.frombuffer(pub, np.uint8)
+    unsigned = pa.RecordBatch.from_arrays(
+        [
+            pa.array(kind_arr, pa.uint16()),
+            _fsb(senders, 32),
+            pa.array(nonce_arr, pa.uint64()),
+            payload_arr.cast(pa.binary()),
+        ],
+        schema=pa.schema(BODY_FIELDS[:4]),
+    )
+    ids = compute_tx_ids(unsigned, chain_id)
+    sigs = _sign_rows(keys, ids) if n else np.empty((0, 64), np.uint8)
+    return pa.RecordBatch.from_arrays(
+        [*unsigned.columns, _fsb(sigs, 64), _fsb(ids, 32)], schema=_with_chain(TX_SCHEMA, chain_id)
+    )
+
+
+def validate_batch(
+    batch: pa.RecordBatch,
+    *,
+    chain_id: bytes,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+) -> pa.RecordBatch:
+    """Check a submitted batch's shape and return it in canonical form with its derived ids.
+
+    Rejects missing or extra columns, wrong types or widths, nulls, oversize payloads and a
+    foreign chain id. Any supplied ``tx_id`` column is replaced by ids recomputed here.
+    """
+    names = [f.name for f in BODY_FIELDS]
+    got = [f.name for f in batch.schema if f.name != "tx_id"]
+    # Verify the batch has exactly the TxBatch columns
+    if sorted(got) != sorted(names):
+        raise SchemaMismatch(f"batch columns {got} differ from {names} (plus optional tx_id)")
+    for field in [*BODY_FIELDS, TX_ID_FIELD]:
+        if field.name not in batch.schema.names:
+            continue
+        actual = batch.schema.field(field.name).type
+        if actual == field.type:
+            continue
+        width = _WIDTHS.get(field.name)
+        if width is not None and pa.types.is_fixed_size_binary(actual):
+            raise WrongLength(f"column {field.name} has width {actual.byte_width}, not {width}")
+        raise SchemaMismatch(f"column {field.name} has type {actual}, not {field.type}")
+    for name in batch.schema.names:
+        if batch.column(name).null_count:
+            raise SchemaMismatch(f"column {name} contains nulls")
+    chain = batch_chain_id(batch, chain_id)
+    _, poffsets = as_offsets_and_values(batch.column("payload"))
+    if batch.num_rows:
+        longest = int(np.diff(poffsets).max())
+        if longest > max_payload:
+            row = int(np.argmax(np.diff(poffsets)))
+            raise PayloadTooLarge(
+                f"row {row}: payload of {longest} bytes exceeds the maximum {max_payload}"
+            )
+    body = pa.RecordBatch.from_arrays(
+        [batch.column(f.name) for f in BODY_FIELDS], schema=pa.schema(BODY_FIELDS)
+    )
+    ids = compute_tx_ids(body, chain)
+    return pa.RecordBatch.from_arrays(
+        [*body.columns, _fsb(ids, 32)], schema=_with_chain(TX_SCHEMA, chain)
+    )
+
+
+def verify_signatures(batch: pa.RecordBatch, chain_id: bytes | None = None) -> np.ndarray:
+    """Boolean mask of rows whose signature verifies over their recomputed tx id."""
+    ids = compute_tx_ids(batch, chain_id)
+    return ed25519_verify_batch(
+        _fixed_rows(batch.column("sender"), 32), _fixed_rows(batch.column("signature"), 64), ids
+    )
+
+
+def tx_ids_of(batch: pa.RecordBatch) -> np.ndarray:
+    """A zero-copy ``(n, 32)`` view of a canonical batch's ``tx_id`` column."""
+    return _fixed_rows(batch.column("tx_id"), 32)
+
+
+def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def batch_from_ipc(data: bytes | pa.Buffer, *, max_rows: int | None = None) -> pa.RecordBatch:
+    """Read one TxBatch from an Arrow IPC stream (several record batches are concatenated)."""
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(data) if isinstance(data, bytes) else data)
+        table = reader.read_all()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        raise DecodeError(f"not an Arrow IPC stream: {exc}") from exc
+    if max_rows is not None and table.num_rows > max_rows:
+        raise WrongLength(f"batch of {table.num_rows} rows exceeds the maximum {max_rows}")
+    combined = table.combine_chunks()
+    batches = combined.to_batches()
+    if not batches:
+        return pa.RecordBatch.from_pylist([], schema=table.schema)
+    return batches[0]
