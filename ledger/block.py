@@ -22,13 +22,12 @@ import pyarrow as pa
 from rayledger.codec import Reader, fixed, pack_rows, u8, u16, u32, u64
 from rayledger.errors import InvalidBlock, InvalidQuorumCert, UnknownVersion, WrongLength
 from rayledger.kernels import as_offsets_and_values, ed25519_verify_batch, sha256_batch
-from rayledger.merkle import merkle_root
+from rayledger.merkle import EMPTY_ROOT, merkle_root
 from rayledger.tx import TX_SCHEMA, canonical_buffer, tx_ids_of
 
 BLOCK_VERSION = 1
 ZERO_HASH = bytes(32)
 MAX_BATCH_DIGESTS = 1 << 16
-EMPTY_ROOT = hashlib.sha256(b"").digest()
 _VOTE_DOMAIN = b"rayledger/vote/v1"
 
 RESULT_FIELDS = (

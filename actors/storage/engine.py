@@ -1,0 +1,509 @@
+"""The block store: append-only Arrow IPC block segments with an SQLite index.
+
+Layout under the store's directory::
+
+    index.sqlite           WAL-mode SQLite: height -> (segment, offset, length),
+                           tx_id -> (height, index)
+    segments/00000000.seg  frames, one per block, appended in height order
+
+A frame is ``magic "RLB1" | body_len u64 | body | SHA-256(body)`` where the body is
+``height u64 | header (u32-prefixed) | parent QC (u32-prefixed) | Arrow IPC stream of the rows``.
+
+Durability order for ``append``: the frame is written and fsynced, then the index rows are
+committed (SQLite ``synchronous=FULL``), and only then does ``append`` return. So every
+acknowledged block is in both places. On open every indexed frame is re-read and verified
+(checksum, header hash, hash chain, tx and result roots); any mismatch raises
+``StoreCorruption`` naming the height and file. Bytes after the last indexed frame were never
+acknowledged: a complete, valid next block there is indexed (its append was interrupted between
+the two steps), anything else is moved aside to a ``.torn`` file and listed in ``recovery``,
+never deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rayledger.block import (
+    BLOCK_ROW_SCHEMA,
+    RESULT_FIELDS,
+    Block,
+    BlockHeader,
+    QuorumCert,
+    check_block,
+)
+from rayledger.codec import Reader
+from rayledger.errors import (
+    InvalidBlock,
+    LedgerError,
+    NotFound,
+    StoreCorruption,
+    StoreError,
+)
+from rayledger.tx import TX_SCHEMA, tx_ids_of
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"RLB1"
+_PREFIX = struct.Struct(">4sQ")
+_CHECKSUM = 32
+DEFAULT_SEGMENT_BYTES = 256 * 1024 * 1024
+
+_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    height   INTEGER PRIMARY KEY,
+    hash     BLOB NOT NULL UNIQUE,
+    segment  INTEGER NOT NULL,
+    offset   INTEGER NOT NULL,
+    length   INTEGER NOT NULL,
+    tx_count INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS txs (
+    tx_id  BLOB PRIMARY KEY,
+    height INTEGER NOT NULL,
+    idx    INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class TxLocation:
+    height: int
+    index: int
+
+
+def encode_frame(block: Block) -> bytes:
+    sink = pa.BufferOutputStream()
+    rows = block.rows()
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_batch(rows)
+    header = block.header.encode()
+    qc = block.parent_qc.encode()
+    body = b"".join(
+        [
+            struct.pack(">QI", block.height, len(header)),
+            header,
+            struct.pack(">I", len(qc)),
+            qc,
+            sink.getvalue().to_pybytes(),
+        ]
+    )
+    return _PREFIX.pack(MAGIC, len(body)) + body + hashlib.sha256(body).digest()
+
+
+def decode_frame_body(body: memoryview) -> tuple[int, BlockHeader, QuorumCert, pa.RecordBatch]:
+    r = Reader(body, "block frame")
+    height = r.u64("height")
+    header = BlockHeader.decode(r.fixed(r.u32("header length"), "header"))
+    qc = QuorumCert.decode(r.fixed(r.u32("qc length"), "parent qc"))
+    table = pa.ipc.open_stream(pa.py_buffer(body[len(body) - r.remaining :])).read_all()
+    if table.schema.remove_metadata() != BLOCK_ROW_SCHEMA:
+        raise InvalidBlock(f"height {height}: stored rows do not have the block row schema")
+    batches = table.combine_chunks().to_batches()
+    rows = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=BLOCK_ROW_SCHEMA)
+    return height, header, qc, rows
+
+
+def split_rows(rows: pa.RecordBatch, chain_id: bytes) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    meta = {b"rayledger.chain_id": chain_id.hex().encode()}
+    txs = pa.RecordBatch.from_arrays(
+        [rows.column(f.name) for f in TX_SCHEMA], schema=TX_SCHEMA.with_metadata(meta)
+    )
+    results = pa.RecordBatch.from_arrays(
+        [rows.column(f.name) for f in RESULT_FIELDS], schema=pa.schema(RESULT_FIELDS)
+    )
+    return txs, results
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlockStore:
+    """Durable, verified storage of one chain's committed blocks (single writer, thread-safe).
+
+    ``genesis`` fixes the chain: a store opened with another chain's genesis refuses to open.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        genesis: BlockHeader,
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        verify_on_open: bool = True,
+        _after_segment_write: Callable[[int], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.genesis = genesis
+        self.segment_bytes = segment_bytes
+        self.recovery: list[str] = []
+        self._after_segment_write = _after_segment_write
+        self._lock = threading.RLock()
+        self._maps: dict[int, pa.MemoryMappedFile] = {}
+        (self.path / "segments").mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.path / "index.sqlite", isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA_SQL)
+        self._check_genesis()
+        self._head = genesis
+        self._tail: tuple[int, int] = (0, 0)  # (segment, end offset) of the last indexed frame
+        self._open_chain(verify_on_open)
+        self._recover_tail()
+
+    # ---- opening ---------------------------------------------------------------------------
+
+    def _check_genesis(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'genesis'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('genesis', ?)", (self.genesis.encode(),)
+            )
+            return
+        stored = BlockHeader.decode(row[0])
+        # Verify the store belongs to this chain
+        if stored.hash != self.genesis.hash:
+            raise StoreError(
+                f"{self.path} holds chain {stored.chain_id.hex()[:16]}..., "
+                f"not {self.genesis.chain_id.hex()[:16]}..."
+            )
+
+    def _segment_path(self, segment: int) -> Path:
+        return self.path / "segments" / f"{segment:08d}.seg"
+
+    def _read_frame(self, segment: int, offset: int, length: int, height: int | None) -> memoryview:
+        """The verified body of one indexed frame, or ``StoreCorruption``."""
+        path = self._segment_path(segment)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise StoreCorruption(
+                "segment file is missing", height=height, path=str(path)
+            ) from None
+        if offset + length > size:
+            raise StoreCorruption(
+                f"segment is truncated: frame needs bytes up to {offset + length}, file has {size}",
+                height=height,
+                path=str(path),
+            )
+        mm = self._maps.get(segment)
+        if mm is None or mm.size() < offset + length:
+            mm = self._maps[segment] = pa.memory_map(str(path))
+        frame = memoryview(mm.read_at(length, offset))
+        body = self._frame_body(frame)
+        if body is None:
+            raise StoreCorruption("frame fails its checksum", height=height, path=str(path))
+        return body
+
+    @staticmethod
+    def _frame_body(frame: memoryview) -> memoryview | None:
+        if len(frame) < _PREFIX.size + _CHECKSUM:
+            return None
+        magic, body_len = _PREFIX.unpack(frame[: _PREFIX.size])
+        if magic != MAGIC or _PREFIX.size + body_len + _CHECKSUM != len(frame):
+            return None
+        body = frame[_PREFIX.size : _PREFIX.size + body_len]
+        if hashlib.sha256(body).digest() != bytes(frame[-_CHECKSUM:]):
+            return None
+        return body
+
+    def _decode_checked(
+        self, body: memoryview, parent: BlockHeader, height: int, path: Path
+    ) -> Block:
+        try:
+            frame_height, header, qc, rows = decode_frame_body(body)
+            if frame_height != height:
+                raise InvalidBlock(f"frame holds height {frame_height}, expected {height}")
+            txs, results = split_rows(rows, header.chain_id)
+            block = Block(header, txs, results, qc)
+            check_block(block, parent)
+        except (LedgerError, pa.ArrowException) as exc:
+            raise StoreCorruption(str(exc), height=height, path=str(path)) from exc
+        return block
+
+    def _open_chain(self, verify: bool) -> None:
+        rows = self._db.execute(
+            "SELECT height, hash, segment, offset, length FROM blocks ORDER BY height"
+        ).fetchall()
+        parent = self.genesis
+        for height, block_hash, segment, offset, length in rows:
+            path = self._segment_path(segment)
+            if height != parent.height + 1:
+                raise StoreCorruption(
+                    f"index skips from height {parent.height} to {height}",
+                    height=height,
+                    path=str(self.path / "index.sqlite"),
+                )
+            if verify:
+                body = self._read_frame(segment, offset, length, height)
+                header = self._decode_checked(body, parent, height, path).header
+            else:
+                header = self.get_header(height)
+            # Verify the frame is the block the index acknowledged
+            if header.hash != block_hash:
+                raise StoreCorruption(
+                    "block hash differs from the index", height=height, path=str(path)
+                )
+            parent = header
+            self._tail = (segment, offset + length)
+        self._head = parent
+
+    def _recover_tail(self) -> None:
+        """Index complete next blocks left by an interrupted append; set torn bytes aside."""
+        segment, end = self._tail
+        while (path := self._segment_path(segment)).exists():
+            with open(path, "rb") as f:
+                f.seek(end)
+                tail = memoryview(f.read())
+            pos = 0
+            while pos < len(tail):
+                length = self._complete_frame_length(tail[pos:])
+                body = self._frame_body(tail[pos : pos + length]) if length else None
+                height = self._head.height + 1
+                try:
+                    block = self._decode_checked(body, self._head, height, path) if body else None
+                except StoreCorruption:
+                    block = None
+                if block is None or length is None:
+                    self._quarantine(path, end + pos, end + len(tail))
+                    break
+                self._index(block, segment, end + pos, length)
+                self.recovery.append(
+                    f"indexed height {height}, found complete in {path.name} after an "
+                    "interrupted append"
+                )
+                pos += length
+            segment, end = segment + 1, 0
+
+    @staticmethod
+    def _complete_frame_length(data: memoryview) -> int | None:
+        if len(data) < _PREFIX.size:
+            return None
+        magic, body_len = _PREFIX.unpack(data[: _PREFIX.size])
+        total = _PREFIX.size + body_len + _CHECKSUM
+        if magic != MAGIC or total > len(data):
+            return None
+        return int(total)
+
+    def _quarantine(self, path: Path, start: int, size: int) -> None:
+        aside = path.with_name(f"{path.name}.torn-{start}")
+        with open(path, "rb") as src, open(aside, "wb") as dst:
+            src.seek(start)
+            dst.write(src.read())
+            dst.flush()
+            os.fsync(dst.fileno())
+        with open(path, "r+b") as f:
+            f.truncate(start)
+            os.fsync(f.fileno())
+        _fsync_dir(path.parent)
+        self._maps.pop(int(path.stem), None)
+        msg = (
+            f"{size - start} unacknowledged bytes after the last block in {path.name} "
+            f"moved to {aside.name}"
+        )
+        log.warning(msg)
+        self.recovery.append(msg)
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    @property
+    def head(self) -> BlockHeader:
+        return self._head
+
+    @property
+    def height(self) -> int:
+        return self._head.height
+
+    def append(self, block: Block, *, verify: bool = True) -> None:
+        """Store the next block; durable on disk when this returns.
+
+        Raises ``InvalidBlock`` (and changes nothing) if the block does not extend the head,
+        fails its roots, or repeats a transaction id already stored.
+        """
+        with self._lock:
+            if verify:
+                check_block(block, self._head)
+            elif block.header.parent_hash != self._head.hash:
+                raise InvalidBlock(f"height {block.height} does not extend the stored head")
+            ids = tx_ids_of(block.txs)
+            self._check_new_ids(ids, block.height)
+            frame = encode_frame(block)
+            segment, end = self._tail
+            if end > 0 and end + len(frame) > self.segment_bytes:
+                segment, end = segment + 1, 0
+            path = self._segment_path(segment)
+            created = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.lseek(fd, end, os.SEEK_SET)
+                os.write(fd, frame)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(path.parent)
+            if self._after_segment_write is not None:
+                self._after_segment_write(block.height)
+            self._index(block, segment, end, len(frame), ids)
+
+    def _check_new_ids(self, ids: np.ndarray, height: int) -> None:
+        raw = ids.tobytes()
+        keys = [raw[i * 32 : (i + 1) * 32] for i in range(len(ids))]
+        # Verify no transaction repeats inside the block or replays a stored one
+        if len(set(keys)) != len(keys):
+            raise InvalidBlock(f"height {height}: a transaction id appears twice in the block")
+        for chunk in range(0, len(keys), 500):
+            part = keys[chunk : chunk + 500]
+            marks = ",".join("?" * len(part))
+            hit = self._db.execute(
+                f"SELECT tx_id, height FROM txs WHERE tx_id IN ({marks}) LIMIT 1", part
+            ).fetchone()
+            if hit is not None:
+                raise InvalidBlock(
+                    f"height {height}: transaction {hit[0].hex()} already stored at height {hit[1]}"
+                )
+
+    def _index(
+        self, block: Block, segment: int, offset: int, length: int, ids: np.ndarray | None = None
+    ) -> None:
+        if ids is None:
+            ids = tx_ids_of(block.txs)
+        raw = ids.tobytes()
+        h = block.height
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute(
+                "INSERT INTO blocks (height, hash, segment, offset, length, tx_count) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (h, block.hash, segment, offset, length, block.header.tx_count),
+            )
+            cur.executemany(
+                "INSERT INTO txs (tx_id, height, idx) VALUES (?, ?, ?)",
+                ((raw[i * 32 : (i + 1) * 32], h, i) for i in range(len(ids))),
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        self._head = block.header
+        self._tail = (segment, offset + length)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def _location(self, height: int) -> tuple[int, int, int]:
+        row = self._db.execute(
+            "SELECT segment, offset, length FROM blocks WHERE height = ?", (height,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no block at height {height} (head is {self._head.height})")
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def _load(self, height: int) -> tuple[BlockHeader, QuorumCert, pa.RecordBatch]:
+        segment, offset, length = self._location(height)
+        body = self._read_frame(segment, offset, length, height)
+        try:
+            _, header, qc, rows = decode_frame_body(body)
+        except (LedgerError, pa.ArrowException) as exc:
+            raise StoreCorruption(
+                str(exc), height=height, path=str(self._segment_path(segment))
+            ) from exc
+        return header, qc, rows
+
+    def get_header(self, height: int) -> BlockHeader:
+        if height == 0:
+            return self.genesis
+        with self._lock:
+            return self._load(height)[0]
+
+    def get_block(self, height: int) -> Block:
+        with self._lock:
+            header, qc, rows = self._load(height)
+        txs, results = split_rows(rows, header.chain_id)
+        return Block(header, txs, results, qc)
+
+    def height_of(self, block_hash: bytes) -> int:
+        row = self._db.execute("SELECT height FROM blocks WHERE hash = ?", (block_hash,)).fetchone()
+        if row is None:
+            raise NotFound(f"no block with hash {block_hash.hex()}")
+        return int(row[0])
+
+    def locate_tx(self, tx_id: bytes) -> TxLocation:
+        row = self._db.execute("SELECT height, idx FROM txs WHERE tx_id = ?", (tx_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no committed transaction {tx_id.hex()}")
+        return TxLocation(int(row[0]), int(row[1]))
+
+    def get_tx(self, tx_id: bytes) -> tuple[TxLocation, pa.RecordBatch]:
+        """The location and the one stored row (transaction and result) of a transaction."""
+        loc = self.locate_tx(tx_id)
+        with self._lock:
+            rows = self._load(loc.height)[2]
+        return loc, rows.slice(loc.index, 1)
+
+    def iter_rows(
+        self, from_height: int = 1, to_height: int | None = None
+    ) -> Iterator[tuple[BlockHeader, pa.RecordBatch]]:
+        last = self._head.height if to_height is None else min(to_height, self._head.height)
+        for height in range(max(1, from_height), last + 1):
+            with self._lock:
+                header, _, rows = self._load(height)
+            yield header, rows
+
+    def scan(
+        self,
+        columns: Sequence[str] | None = None,
+        from_height: int = 1,
+        to_height: int | None = None,
+    ) -> pa.Table:
+        """Committed rows of heights ``from_height..to_height`` (inclusive) as one Arrow table,
+        with ``height`` and ``index`` columns prepended."""
+        names = list(columns) if columns is not None else BLOCK_ROW_SCHEMA.names
+        unknown = [c for c in names if c not in BLOCK_ROW_SCHEMA.names]
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; stored: {BLOCK_ROW_SCHEMA.names}")
+        fields = [pa.field("height", pa.uint64(), False), pa.field("index", pa.uint32(), False)]
+        schema = pa.schema(fields + [BLOCK_ROW_SCHEMA.field(c) for c in names])
+        parts = []
+        for header, rows in self.iter_rows(from_height, to_height):
+            n = rows.num_rows
+            parts.append(
+                pa.RecordBatch.from_arrays(
+                    [
+                        pa.array(np.full(n, header.height, np.uint64)),
+                        pa.array(np.arange(n, dtype=np.uint32)),
+                        *[rows.column(c) for c in names],
+                    ],
+                    schema=schema,
+                )
+            )
+        return pa.Table.from_batches(parts, schema=schema)
+
+    def close(self) -> None:
+        with self._lock:
+            self._maps.clear()
+            self._db.close()
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
