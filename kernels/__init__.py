@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rayledger.kernels._backend import available_backends, resolve_backend
 from rayledger.kernels.ed25519 import ed25519_verify_batch
-from rayledger.kernels.sha import Messages, as_offsets_and_values, sha256_batch
+from rayledger.kernels.sha import Messages, as_offsets_and_values, sha256_batch, sha256_rows
 
 __all__ = [
     "Messages",
@@ -18,4 +18,5 @@ __all__ = [
     "ed25519_verify_batch",
     "resolve_backend",
     "sha256_batch",
+    "sha256_rows",
 ]

@@ -33,8 +33,9 @@ def _verify_range(
     cache: dict[bytes, Ed25519PublicKey | None] = {}
     for i in range(start, stop):
         raw = keys[i].tobytes()
-        key = cache.get(raw, False)
-        if key is False:
+        if raw in cache:
+            key = cache[raw]
+        else:
             try:
                 key = Ed25519PublicKey.from_public_bytes(raw)
             except ValueError:

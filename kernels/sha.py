@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TypeAlias
 
 import numpy as np
 import pyarrow as pa
 
 from rayledger.kernels._backend import resolve_backend
 
-Messages = pa.Array | tuple[np.ndarray, np.ndarray]
+Messages: TypeAlias = pa.Array | tuple[np.ndarray, np.ndarray]
 
 
 def _fixed_view(arr: pa.FixedSizeBinaryArray) -> np.ndarray:
@@ -64,7 +65,7 @@ def as_offsets_and_values(messages: Messages) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sha256_cpu(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    view = memoryview(values)
+    view = values.data
     sha = hashlib.sha256
     bounds = offsets.tolist()
     digests = b"".join(
@@ -80,3 +81,32 @@ def sha256_batch(messages: Messages, backend: str = "auto") -> np.ndarray:
     if len(offsets) == 1:
         return np.empty((0, 32), np.uint8)
     return _sha256_cpu(values, offsets)
+
+
+def sha256_rows(
+    head: np.ndarray, tail: Messages | None = None, backend: str = "auto"
+) -> np.ndarray:
+    """SHA-256 of ``head[i] || tail[i]`` for every row, as an ``(n, 32) uint8`` array.
+
+    ``head`` is a fixed-width ``(n, k) uint8`` block of per-row prefixes (a header built
+    column-wise); ``tail`` holds the variable-length rest. This hashes records whose layout is
+    "fixed header then payload" without first packing them into one buffer.
+    """
+    resolve_backend(backend)
+    if not isinstance(head, np.ndarray) or head.dtype != np.uint8 or head.ndim != 2:
+        raise ValueError("head must be a two-dimensional uint8 numpy array")
+    n, k = head.shape
+    sha = hashlib.sha256
+    heads = np.ascontiguousarray(head).tobytes()
+    if tail is None:
+        digests = b"".join([sha(heads[i : i + k]).digest() for i in range(0, n * k, k)])
+    else:
+        values, offsets = as_offsets_and_values(tail)
+        if len(offsets) != n + 1:
+            raise ValueError(f"head has {n} rows but tail has {len(offsets) - 1}")
+        view = values.data
+        b = offsets.tolist()
+        digests = b"".join(
+            [sha(heads[i * k : (i + 1) * k] + view[b[i] : b[i + 1]]).digest() for i in range(n)]
+        )
+    return np.frombuffer(digests, np.uint8).reshape(n, 32)

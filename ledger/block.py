@@ -19,11 +19,11 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from rayledger.codec import Reader, fixed, pack_rows, u8, u16, u32, u64
+from rayledger.codec import Reader, fixed, u8, u16, u32, u64
 from rayledger.errors import InvalidBlock, InvalidQuorumCert, UnknownVersion, WrongLength
-from rayledger.kernels import as_offsets_and_values, ed25519_verify_batch, sha256_batch
-from rayledger.merkle import EMPTY_ROOT, merkle_root
-from rayledger.tx import TX_SCHEMA, canonical_buffer, tx_ids_of
+from rayledger.kernels import ed25519_verify_batch, sha256_rows
+from rayledger.merkle import EMPTY_ROOT, merkle_root, merkle_root_of_leaf_hashes
+from rayledger.tx import TX_SCHEMA, compute_tx_ids, tx_ids_of
 
 BLOCK_VERSION = 1
 ZERO_HASH = bytes(32)
@@ -222,17 +222,15 @@ def compute_tx_root(tx_ids: np.ndarray) -> bytes:
     return merkle_root(tx_ids)
 
 
-def result_leaves(tx_ids: np.ndarray, results: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-    """Leaf bytes ``tx_id | status u8 | result`` of every row, as ``(values, offsets)``."""
-    status = results.column("status").to_numpy(zero_copy_only=False).astype(np.uint8)
-    head = np.concatenate([tx_ids.reshape(-1, 32), status[:, None]], axis=1)
-    return pack_rows(head, *as_offsets_and_values(results.column("result")))
-
-
 def compute_result_root(tx_ids: np.ndarray, results: pa.RecordBatch) -> bytes:
-    values, offsets = result_leaves(tx_ids, results)
-    leaves = [values[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
-    return merkle_root(leaves)
+    """RFC 6962 root over the leaves ``tx_id | status u8 | result``, in block order."""
+    status = results.column("status").to_numpy(zero_copy_only=False).astype(np.uint8)
+    n = len(status)
+    # The leaf prefix 0x00 goes into the row head, so one bulk call yields the leaf hashes.
+    head = np.concatenate(
+        [np.zeros((n, 1), np.uint8), tx_ids.reshape(n, 32), status[:, None]], axis=1
+    )
+    return merkle_root_of_leaf_hashes(sha256_rows(head, results.column("result")))
 
 
 @dataclass(frozen=True)
@@ -337,7 +335,7 @@ def check_block(block: Block, parent: BlockHeader) -> None:
             f"height {h.height}: header says {h.tx_count} transactions, body has "
             f"{block.txs.num_rows} and {block.results.num_rows} results"
         )
-    ids = sha256_batch(canonical_buffer(block.txs, h.chain_id))
+    ids = compute_tx_ids(block.txs, h.chain_id)
     # Verify the stored ids are the ids of the stored content
     if not np.array_equal(ids, tx_ids_of(block.txs)):
         raise InvalidBlock(f"height {h.height}: a tx_id column entry differs from its content")

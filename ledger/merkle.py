@@ -24,6 +24,7 @@ __all__ = [
     "inclusion_proof_from_levels",
     "merkle_levels",
     "merkle_root",
+    "merkle_root_of_leaf_hashes",
     "root_from_levels",
     "verify_consistency",
     "verify_inclusion",
@@ -102,7 +103,18 @@ def root_from_levels(levels: Sequence[Sequence[bytes]]) -> bytes:
 
 def merkle_root(leaves: Leaves) -> bytes:
     """RFC 6962 Merkle tree hash (MTH) of the leaves; SHA-256(b"") for no leaves."""
-    level = _hash_leaves(leaves)
+    return merkle_root_of_leaf_hashes(_hash_leaves(leaves))
+
+
+def merkle_root_of_leaf_hashes(leaf_hashes: Sequence[bytes] | NDArray[np.uint8]) -> bytes:
+    """The root over already-hashed leaves (``SHA-256(0x00 || leaf)`` each, computed in bulk)."""
+    if isinstance(leaf_hashes, np.ndarray):
+        if leaf_hashes.ndim != 2 or leaf_hashes.shape[1] != HASH_SIZE:
+            raise ValueError(f"leaf hashes must be (n, {HASH_SIZE}), got {leaf_hashes.shape}")
+        raw = np.ascontiguousarray(leaf_hashes, np.uint8).tobytes()
+        level = [raw[i : i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]
+    else:
+        level = list(leaf_hashes)
     if not level:
         return EMPTY_ROOT
     while len(level) > 1:

@@ -14,10 +14,12 @@ the row's content: a ``tx_id`` column supplied by someone else is never trusted.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import cached_property
 
 import numpy as np
@@ -33,13 +35,28 @@ from rayledger.errors import (
     WrongChain,
     WrongLength,
 )
-from rayledger.kernels import as_offsets_and_values, ed25519_verify_batch, sha256_batch
+from rayledger.kernels import (
+    as_offsets_and_values,
+    ed25519_verify_batch,
+    sha256_rows,
+)
 
 TX_VERSION = 1
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 _HEADER = struct.Struct(">B32sH32sQI")
 HEADER_SIZE = _HEADER.size  # 79
 CHAIN_ID_KEY = b"rayledger.chain_id"
+
+
+class TxKind(IntEnum):
+    """The e-service transaction kinds (the ``kind`` field); execution rules come per kind."""
+
+    TRANSFER = 1
+    ANCHOR = 2
+    IDENTITY = 3
+    PROVENANCE = 4
+    VOTE = 5
+
 
 BODY_FIELDS = (
     pa.field("kind", pa.uint16(), nullable=False),
@@ -80,19 +97,13 @@ class Transaction:
 
     @cached_property
     def tx_id(self) -> bytes:
-        return sha256_batch((np.frombuffer(self.canonical, np.uint8), _one(len(self.canonical))))[
-            0
-        ].tobytes()
+        return hashlib.sha256(self.canonical).digest()
 
     def encode(self) -> bytes:
         """Wire form: canonical bytes followed by the signature."""
         if not self.signature:
             raise ValueError("transaction is not signed")
         return self.canonical + self.signature
-
-
-def _one(size: int) -> np.ndarray:
-    return np.array([0, size], dtype=np.int64)
 
 
 def encode_tx(chain_id: bytes, kind: int, sender: bytes, nonce: int, payload: bytes) -> bytes:
@@ -164,30 +175,35 @@ def _with_chain(schema: pa.Schema, chain_id: bytes) -> pa.Schema:
     return schema.with_metadata(meta)
 
 
-def canonical_buffer(batch: pa.RecordBatch, chain_id: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's canonical bytes laid end to end, built column-wise: ``(values, offsets)``."""
+def _canonical_headers(
+    batch: pa.RecordBatch, chain_id: bytes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row's 79-byte canonical header, built column-wise, and the payload buffers."""
     n = batch.num_rows
     kinds = batch.column("kind").to_numpy(zero_copy_only=False).astype(">u2")
     nonces = batch.column("nonce").to_numpy(zero_copy_only=False).astype(">u8")
-    senders = _fixed_rows(batch.column("sender"), 32)
     pvalues, poffsets = as_offsets_and_values(batch.column("payload"))
-    lens = np.diff(poffsets)
     header = np.empty((n, HEADER_SIZE), np.uint8)
     header[:, 0] = TX_VERSION
     header[:, 1:33] = np.frombuffer(chain_id, np.uint8)
     header[:, 33:35] = kinds.view(np.uint8).reshape(n, 2)
-    header[:, 35:67] = senders
+    header[:, 35:67] = _fixed_rows(batch.column("sender"), 32)
     header[:, 67:75] = nonces.view(np.uint8).reshape(n, 8)
-    header[:, 75:79] = lens.astype(">u4").view(np.uint8).reshape(n, 4)
-    return pack_rows(header, pvalues, poffsets)
+    header[:, 75:79] = np.diff(poffsets).astype(">u4").view(np.uint8).reshape(n, 4)
+    return header, pvalues, poffsets
+
+
+def canonical_buffer(batch: pa.RecordBatch, chain_id: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's canonical bytes laid end to end, built column-wise: ``(values, offsets)``."""
+    return pack_rows(*_canonical_headers(batch, chain_id))
 
 
 def compute_tx_ids(
     batch: pa.RecordBatch, chain_id: bytes | None = None, backend: str = "auto"
 ) -> np.ndarray:
     """The ``(n, 32) uint8`` transaction ids of a batch, recomputed from its content."""
-    chain = batch_chain_id(batch, chain_id)
-    return sha256_batch(canonical_buffer(batch, chain), backend=backend)
+    header, pvalues, poffsets = _canonical_headers(batch, batch_chain_id(batch, chain_id))
+    return sha256_rows(header, (pvalues, poffsets), backend=backend)
 
 
 def _fsb(rows: np.ndarray, width: int) -> pa.FixedSizeBinaryArray:

@@ -1,0 +1,182 @@
+"""The ``rayledger`` command: keys, genesis, store checks, the demo and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from rayledger.errors import LedgerError
+
+app = typer.Typer(
+    help="rayledger: a permissioned BFT ledger for e-services, built on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(
+    help="Ed25519 key files for validators and e-service clients.", no_args_is_help=True
+)
+genesis_app = typer.Typer(help="Create and inspect genesis files.", no_args_is_help=True)
+store_app = typer.Typer(help="Inspect and verify a block store.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks that report measured rates and ratios.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(genesis_app, name="genesis")
+app.add_typer(store_app, name="store")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+DEFAULT_CONFIG = Path("configs/local.toml")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/] {escape(str(exc))}")
+    return typer.Exit(2)
+
+
+@keys_app.command("new")
+def keys_new(path: Annotated[Path, typer.Argument(help="where to write the key (0600)")]) -> None:
+    """Generate an Ed25519 key file; print its public key. Never overwrites."""
+    from rayledger.crypto import generate_key, public_bytes, write_key_file
+
+    key = generate_key()
+    try:
+        write_key_file(path, key)
+    except FileExistsError:
+        raise _fail(FileExistsError(f"{path} exists; a key file is never overwritten")) from None
+    console.print(public_bytes(key).hex())
+
+
+@keys_app.command("show")
+def keys_show(path: Path) -> None:
+    """Print the public key of a key file."""
+    from rayledger.crypto import public_bytes, read_key_file
+
+    try:
+        console.print(public_bytes(read_key_file(path)).hex())
+    except (LedgerError, OSError) as exc:
+        raise _fail(exc) from None
+
+
+@genesis_app.command("new")
+def genesis_new(
+    out: Annotated[Path, typer.Option(help="genesis file to write")],
+    config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
+    keys_dir: Annotated[Path | None, typer.Option(help="write member keys here")] = None,
+    dev: Annotated[bool, typer.Option(help="use the well-known development keys")] = False,
+) -> None:
+    """Create a genesis (chain id, validators, organisations, limits) from a network config."""
+    from rayledger.cluster.network import load_network, make_genesis
+
+    if out.exists():
+        raise _fail(FileExistsError(f"{out} exists"))
+    try:
+        genesis, _ = make_genesis(
+            load_network(config), int(time.time() * 1000), keys_dir=keys_dir, dev=dev
+        )
+    except (LedgerError, OSError) as exc:
+        raise _fail(exc) from None
+    genesis.save(out)
+    console.print(f"chain {genesis.chain_name} id {genesis.chain_id.hex()} -> {out}")
+
+
+@genesis_app.command("show")
+def genesis_show(path: Path) -> None:
+    """Print a genesis file's chain, validators and organisations."""
+    from rayledger.config import load_genesis
+
+    try:
+        g = load_genesis(path)
+    except LedgerError as exc:
+        raise _fail(exc) from None
+    vs = g.validators
+    console.print(f"chain {g.chain_name} id {g.chain_id.hex()}  n={vs.n} f={vs.f} q={vs.quorum}")
+    table = Table("validator", "org", "site", "public key")
+    for v in vs.validators:
+        table.add_row(v.name, v.org, v.site, v.public_key.hex())
+    console.print(table)
+    for o in g.organisations:
+        console.print(f"organisation {o.name}: {len(o.members)} member keys")
+
+
+@store_app.command("verify")
+def store_verify(
+    path: Path, genesis: Annotated[Path, typer.Option(help="the chain's genesis file")]
+) -> None:
+    """Open a block store, verifying every frame, the hash chain and the roots."""
+    from rayledger.actors.storage import BlockStore
+    from rayledger.config import load_genesis
+
+    try:
+        t0 = time.perf_counter()
+        with BlockStore(path, load_genesis(genesis).header) as store:
+            for line in store.recovery:
+                console.print(f"[yellow]recovered:[/] {escape(line)}")
+            console.print(
+                f"ok: {store.height} blocks verified in {time.perf_counter() - t0:.2f} s, "
+                f"head {store.head.hash.hex()}"
+            )
+    except LedgerError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
+    data_dir: Annotated[Path | None, typer.Option(help="keep keys and store here")] = None,
+    txs: Annotated[int, typer.Option(min=1)] = 10_000,
+    block_size: Annotated[int, typer.Option(min=1)] = 2_500,
+) -> None:
+    """Run the whole chain on this machine: keys, signed batch, blocks, store, receipt proof."""
+    from rayledger.cluster.demo import run_demo
+
+    try:
+        result = run_demo(console, config, data_dir, txs, block_size)
+    except (LedgerError, OSError) as exc:
+        raise _fail(exc) from None
+    if not (result.proof_ok and result.tamper_rejected and result.qc_ok):
+        raise typer.Exit(1)
+
+
+@bench_app.command("core")
+def bench_core_cmd(
+    rows: Annotated[int, typer.Option(min=1000)] = 100_000,
+    sign_rows: Annotated[int, typer.Option(min=100)] = 20_000,
+    leaves: Annotated[int, typer.Option(min=1)] = 1_000_000,
+    block_rows: Annotated[int, typer.Option(min=1)] = 10_000,
+) -> None:
+    """Rows/s of signing, tx ids, signature checks, Merkle roots and the block store."""
+    from rayledger.cluster.bench import bench_core
+
+    figures = bench_core(rows, sign_rows, leaves, block_rows)
+    table = Table(
+        "operation",
+        "items",
+        "seconds",
+        "rate /s",
+        "baseline",
+        "ratio",
+        title="rayledger bench core",
+    )
+    for f in figures:
+        table.add_row(
+            f.operation,
+            f"{f.items:,}",
+            f"{f.seconds:.3f}",
+            f"{f.rate:,.0f}",
+            f"{f.baseline} {f.baseline_rate:,.0f}/s" if f.baseline else "",
+            "" if f.ratio is None else f"{f.ratio:.2f}x",
+        )
+    console.print(table)
+    print(json.dumps({"bench": "core", "figures": [f.as_dict() for f in figures]}))
+
+
+def main() -> None:
+    app()

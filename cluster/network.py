@@ -1,0 +1,96 @@
+"""Network descriptions (``configs/*.toml``): who validates, where, and which e-service clients
+belong to which organisation; and how a description becomes a genesis with keys."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayledger.config import Genesis, Limits, Organisation, Validator, new_genesis
+from rayledger.crypto import SigningKey, generate_key, key_from_seed, public_bytes, write_key_file
+from rayledger.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    org: str
+    site: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    chain_name: str
+    validators: tuple[Member, ...]
+    clients: tuple[Member, ...]
+    limits: Limits
+
+
+def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
+    out = []
+    for i, m in enumerate(doc.get(key, [])):
+        if not isinstance(m, dict) or "name" not in m or "org" not in m:
+            raise ConfigError(f"{source}: {key}[{i}] needs a name and an org")
+        out.append(Member(str(m["name"]), str(m["org"]), str(m.get("site", ""))))
+    return tuple(out)
+
+
+def load_network(path: str | Path) -> NetworkSpec:
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read network config {path}: {exc}") from exc
+    if "chain_name" not in doc:
+        raise ConfigError(f"{path}: missing 'chain_name'")
+    validators = _members(doc, "validators", str(path))
+    if not validators:
+        raise ConfigError(f"{path}: no validators")
+    try:
+        limits = Limits(**doc.get("limits", {}))
+    except TypeError as exc:
+        raise ConfigError(f"{path}: bad [limits]: {exc}") from exc
+    return NetworkSpec(
+        str(doc["chain_name"]), validators, _members(doc, "clients", str(path)), limits
+    )
+
+
+def dev_key(chain_name: str, member: str) -> SigningKey:
+    """A well-known development key: anyone can derive it, so never use it outside a demo."""
+    return key_from_seed(
+        hashlib.sha256(f"rayledger/dev-key/{chain_name}/{member}".encode()).digest()
+    )
+
+
+def make_genesis(
+    spec: NetworkSpec,
+    genesis_time_ms: int,
+    *,
+    keys_dir: Path | None = None,
+    dev: bool = False,
+) -> tuple[Genesis, dict[str, SigningKey]]:
+    """Create the genesis of a network and the keys of its validators and clients.
+
+    With ``keys_dir`` each key is written there as ``<name>.key`` (0600); with ``dev`` the
+    well-known development keys are used instead of fresh ones.
+    """
+    keys: dict[str, SigningKey] = {}
+    for m in (*spec.validators, *spec.clients):
+        if m.name in keys:
+            raise ConfigError(f"member name {m.name!r} appears twice")
+        keys[m.name] = dev_key(spec.chain_name, m.name) if dev else generate_key()
+        if keys_dir is not None:
+            write_key_file(keys_dir / f"{m.name}.key", keys[m.name])
+    orgs: dict[str, list[bytes]] = {}
+    for m in (*spec.validators, *spec.clients):
+        orgs.setdefault(m.org, []).append(public_bytes(keys[m.name]))
+    genesis = new_genesis(
+        spec.chain_name,
+        [Validator(m.name, public_bytes(keys[m.name]), m.org, m.site) for m in spec.validators],
+        genesis_time_ms,
+        [Organisation(name, tuple(members)) for name, members in orgs.items()],
+        spec.limits,
+    )
+    return genesis, keys

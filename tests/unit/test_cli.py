@@ -1,0 +1,162 @@
+"""The ``rayledger`` command: help, keys, genesis, store verification, demo and bench.
+
+Scenarios:
+- --help lists every command group.
+- keys new writes a 0600 key and refuses to overwrite; keys show reads it back.
+- genesis new/show from configs/local.toml, with written keys; refuses an existing output.
+- store verify accepts the demo's store and rejects it after one flipped byte (exit 2).
+- demo runs end to end on a small batch; bench core prints its JSON figures.
+- the core (ledger/, kernels/) imports no Ray, HTTP or clock-driven machinery.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import stat
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from rayledger.cluster.cli import app
+from rayledger.config import load_genesis
+from rayledger.crypto import public_bytes, read_key_file
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "local.toml"
+runner = CliRunner()
+
+
+def test_help_lists_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("demo", "keys", "genesis", "store", "bench"):
+        assert command in result.output
+
+
+def test_keys_new_and_show(tmp_path: Path) -> None:
+    path = tmp_path / "k" / "v0.key"
+    result = runner.invoke(app, ["keys", "new", str(path)])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    pub = public_bytes(read_key_file(path)).hex()
+    assert pub in result.output
+    shown = runner.invoke(app, ["keys", "show", str(path)])
+    assert shown.exit_code == 0 and pub in shown.output
+    again = runner.invoke(app, ["keys", "new", str(path)])
+    assert again.exit_code == 2 and "never overwritten" in again.output
+    assert public_bytes(read_key_file(path)).hex() == pub
+
+
+def test_keys_show_rejects_garbage(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    result = runner.invoke(app, ["keys", "show", str(bad)])
+    assert result.exit_code == 2 and "config_error" in result.output
+
+
+def test_genesis_new_and_show(tmp_path: Path) -> None:
+    out = tmp_path / "genesis.toml"
+    keys = tmp_path / "keys"
+    result = runner.invoke(
+        app, ["genesis", "new", "--out", str(out), "--config", str(CONFIG), "--keys-dir", str(keys)]
+    )
+    assert result.exit_code == 0, result.output
+    g = load_genesis(out)
+    assert g.validators.n == 4 and g.validators.quorum == 3
+    for v in g.validators.validators:
+        assert public_bytes(read_key_file(keys / f"{v.name}.key")) == v.public_key
+    shown = runner.invoke(app, ["genesis", "show", str(out)])
+    assert shown.exit_code == 0 and g.chain_id.hex() in shown.output
+    again = runner.invoke(app, ["genesis", "new", "--out", str(out), "--config", str(CONFIG)])
+    assert again.exit_code == 2
+
+
+def test_genesis_dev_keys_are_deterministic(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    for out in (a, b):
+        result = runner.invoke(
+            app, ["genesis", "new", "--out", str(out), "--config", str(CONFIG), "--dev"]
+        )
+        assert result.exit_code == 0, result.output
+    assert load_genesis(a).validators == load_genesis(b).validators
+
+
+def test_demo_then_store_verify_detects_corruption(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--config",
+            str(CONFIG),
+            "--data-dir",
+            str(data),
+            "--txs",
+            "600",
+            "--block-size",
+            "200",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "verifies" in result.output and "rejected" in result.output
+    assert "QC verified" in result.output
+    args = ["store", "verify", str(data / "store"), "--genesis", str(data / "genesis.toml")]
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0 and "3 blocks verified" in ok.output
+    seg = data / "store" / "segments" / "00000000.seg"
+    raw = bytearray(seg.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    seg.write_bytes(bytes(raw))
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2 and "store_corruption" in bad.output
+
+
+def test_bench_core_prints_figures() -> None:
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "core",
+            "--rows",
+            "2000",
+            "--sign-rows",
+            "200",
+            "--leaves",
+            "1000",
+            "--block-rows",
+            "500",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    ops = {f["operation"]: f for f in report["figures"]}
+    assert ops["compute_tx_ids"]["ratio"] > 0
+    assert all(f["rate_per_s"] > 0 for f in report["figures"])
+
+
+def test_core_imports_nothing_of_the_outer_layers() -> None:
+    forbidden = {
+        "ray",
+        "fastapi",
+        "uvicorn",
+        "httpx",
+        "asyncio",
+        "cupy",
+        "rayledger.actors",
+        "rayledger.api",
+        "rayledger.cluster",
+    }
+    for folder in ("ledger", "kernels"):
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names: list[str] = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                for name in names:
+                    assert not any(name == f or name.startswith(f + ".") for f in forbidden), (
+                        f"{path.relative_to(ROOT)} imports {name}"
+                    )
