@@ -1,17 +1,19 @@
-"""Ed25519 keys for validators and e-service clients: generation, key files, signing.
-
-Batch verification lives in ``rayledger.kernels``; this module is the single-key side.
+"""Ed25519 keys for validators and e-service clients: generation, key files, signing, and the
+``Signer``/``Verifier`` interfaces through which the protocol signs and checks in batches.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rayledger.errors import ConfigError
+from rayledger.kernels import ed25519_verify_batch
 
 SigningKey = Ed25519PrivateKey
 
@@ -57,3 +59,47 @@ def read_key_file(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path}: not an Ed25519 private key")
     return key
+
+
+class Signer(Protocol):
+    """Signs 32-byte protocol digests with one validator's key."""
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+class Verifier(Protocol):
+    """Checks many signatures in one call (one kernel launch on a GPU backend)."""
+
+    def verify(
+        self, public_keys: np.ndarray, signatures: np.ndarray, messages: np.ndarray
+    ) -> np.ndarray:
+        """Row i: does ``signatures[i]`` sign ``messages[i]`` under ``public_keys[i]``?"""
+        ...
+
+
+class Ed25519Signer:
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self._public = public_bytes(key)
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+
+class Ed25519Verifier:
+    """OpenSSL's acceptance rule through ``rayledger.kernels`` (backend chosen there)."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+
+    def verify(
+        self, public_keys: np.ndarray, signatures: np.ndarray, messages: np.ndarray
+    ) -> np.ndarray:
+        return ed25519_verify_batch(public_keys, signatures, messages, backend=self.backend)

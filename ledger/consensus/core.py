@@ -1,0 +1,789 @@
+"""The consensus state machine of one validator: two-chain HotStuff (Jolteon / DiemBFT v4).
+
+This file owns the round state and is the only code that changes it. It does no I/O and
+reads no clock: events come in through the ``on_*`` methods (and ``tick`` for the time used in
+block timestamps), and each returns the actions the adapter must carry out, in order. A
+``Persist`` action must be durable before any later action of the same list is executed: that
+is how a vote or timeout never leaves before the safety state that guards it.
+
+Contract of every entry point: it may be called with stale, duplicated, reordered or hostile
+input; it verifies signatures (in one batch per call, through the ``Verifier``) before acting,
+drops what is stale, reports what is invalid as ``Rejected``, and never raises on bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from rayledger.block import BlockHeader, QuorumCert, make_bitmap, vote_message
+from rayledger.config import ValidatorSet
+from rayledger.consensus.messages import (
+    Action,
+    Broadcast,
+    Commit,
+    Evidence,
+    FetchBatches,
+    Message,
+    Persist,
+    Proposal,
+    Rejected,
+    SafetyState,
+    Send,
+    SetTimer,
+    SyncRequest,
+    SyncResponse,
+    TimeoutCert,
+    TimeoutMsg,
+    Vote,
+    bitmap_indices,
+    proposal_message,
+    timeout_message,
+)
+from rayledger.crypto import Signer, Verifier
+from rayledger.errors import LedgerError
+from rayledger.merkle import EMPTY_ROOT, merkle_root
+
+
+class LeaderElection(Protocol):
+    def leader(self, round_: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class RoundRobin:
+    n: int
+
+    def leader(self, round_: int) -> int:
+        return round_ % self.n
+
+
+class BlockBuilder(Protocol):
+    """Fills in a proposed block's payload fields, and checks them in others' proposals.
+
+    Both must be deterministic functions of their arguments and the batches they name.
+    """
+
+    def build(
+        self,
+        parent: BlockHeader,
+        round_: int,
+        proposer: bytes,
+        timestamp_ms: int,
+        digests: tuple[bytes, ...],
+    ) -> BlockHeader: ...
+
+    def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
+        """``None`` if the payload fields are right, else the reason they are not."""
+        ...
+
+
+class DigestBuilder:
+    """Payload commitment by batch digests alone: ``tx_root`` is the RFC 6962 root over the
+    digests and ``state_root`` chains them. Used where no executor is attached (simulation)."""
+
+    def build(
+        self,
+        parent: BlockHeader,
+        round_: int,
+        proposer: bytes,
+        timestamp_ms: int,
+        digests: tuple[bytes, ...],
+    ) -> BlockHeader:
+        tx_root = merkle_root(list(digests))
+        return BlockHeader(
+            chain_id=parent.chain_id,
+            height=parent.height + 1,
+            round=round_,
+            parent_hash=parent.hash,
+            proposer=proposer,
+            timestamp_ms=timestamp_ms,
+            tx_count=len(digests),
+            tx_root=tx_root,
+            result_root=EMPTY_ROOT,
+            state_root=hashlib.sha256(parent.state_root + tx_root).digest(),
+            batch_digests=digests,
+        )
+
+    def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
+        expected = self.build(
+            parent, block.round, block.proposer, block.timestamp_ms, block.batch_digests
+        )
+        return None if expected == block else "payload fields do not match the batch digests"
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    base_timeout_ms: int = 1000
+    max_timeout_ms: int = 60_000
+    timeout_backoff: float = 1.5
+    max_batches_per_block: int = 64
+    # Committed blocks kept in memory to serve peers that lag by less than this.
+    committed_window: int = 4096
+    sync_batch: int = 64
+    # Rounds of votes/timeouts/proposals remembered for equivocation evidence.
+    evidence_window: int = 64
+
+
+@dataclass(frozen=True)
+class CoreStatus:
+    index: int
+    round: int
+    highest_vote_round: int
+    highest_qc_round: int
+    high_qc_round: int
+    committed_height: int
+    committed_hash: bytes
+    leader: int
+
+
+_Item = tuple[int, bytes, bytes]  # (validator index, 32-byte message, 64-byte signature)
+
+
+class Core:
+    """One validator's consensus state. Not thread-safe: one event at a time."""
+
+    def __init__(
+        self,
+        *,
+        validators: ValidatorSet,
+        index: int,
+        signer: Signer,
+        verifier: Verifier,
+        genesis: BlockHeader,
+        builder: BlockBuilder | None = None,
+        leaders: LeaderElection | None = None,
+        config: CoreConfig | None = None,
+        persisted: SafetyState | None = None,
+        committed_head: BlockHeader | None = None,
+    ) -> None:
+        if signer.public_key != validators.validators[index].public_key:
+            raise ValueError(f"signer key is not the key of validator {index}")
+        self.vs = validators
+        self.index = index
+        self.chain_id = genesis.chain_id
+        self.genesis = genesis
+        self.signer = signer
+        self.verifier = verifier
+        self.builder = builder or DigestBuilder()
+        self.leaders = leaders or RoundRobin(validators.n)
+        self.cfg = config or CoreConfig()
+        self.now_ms = genesis.timestamp_ms
+
+        state = persisted or SafetyState()
+        self.highest_vote_round = state.highest_vote_round
+        self.highest_qc_round = state.highest_qc_round
+        self.high_qc = state.high_qc or QuorumCert.genesis(genesis.hash)
+        self.last_tc = state.last_tc
+        self.round = 0
+        self.timeouts_in_row = 0
+
+        head = committed_head or genesis
+        self.committed = head
+        self.committed_log: dict[int, Proposal] = {}
+        self.committed_hashes: dict[bytes, BlockHeader] = {head.hash: head}
+        self.committed_digests: set[bytes] = set()
+        self.tree: dict[bytes, Proposal] = {}
+        self.qcs: dict[bytes, QuorumCert] = {}
+        self.available: set[bytes] = set()
+        self.waiting_batches: dict[bytes, Proposal] = {}
+        self.waiting_parent: dict[bytes, list[Proposal]] = {}
+        self.requested: set[bytes] = set()
+        self.propose_blocked = False
+
+        self.votes: dict[tuple[int, bytes], dict[int, bytes]] = {}
+        self.vote_by: dict[tuple[int, int], Vote] = {}
+        self.formed_qc_rounds: set[int] = set()
+        self.timeouts: dict[int, dict[int, tuple[int, bytes]]] = {}
+        self.formed_tc_rounds: set[int] = set()
+        self.own_timeout: TimeoutMsg | None = None
+        self.proposal_at: dict[int, Proposal] = {}
+        self.evidence_seen: set[tuple[str, int, int]] = set()
+        self.verified_certs: set[bytes] = set()
+        self._out: list[Action] = []
+
+    # ---- public entry points ---------------------------------------------------------------
+
+    def status(self) -> CoreStatus:
+        return CoreStatus(
+            self.index,
+            self.round,
+            self.highest_vote_round,
+            self.highest_qc_round,
+            self.high_qc.round,
+            self.committed.height,
+            self.committed.hash,
+            self.leaders.leader(self.round),
+        )
+
+    def safety_state(self) -> SafetyState:
+        return SafetyState(
+            self.highest_vote_round, self.highest_qc_round, self.high_qc, self.last_tc
+        )
+
+    def tick(self, now_ms: int) -> None:
+        """The adapter's clock, used only for the timestamps of this validator's proposals."""
+        self.now_ms = max(self.now_ms, now_ms)
+
+    def start(self) -> list[Action]:
+        """Enter the first round this validator may act in (after genesis or a restart)."""
+        start = max(self.high_qc.round, self.last_tc.round if self.last_tc else 0) + 1
+        via_tc = self.last_tc if self.last_tc and self.last_tc.round + 1 == start else None
+        self._enter_round(start, via_tc)
+        return self._flush()
+
+    def on_proposal(self, proposal: Proposal) -> list[Action]:
+        return self.on_messages([proposal])
+
+    def on_vote(self, vote: Vote) -> list[Action]:
+        return self.on_messages([vote])
+
+    def on_timeout_msg(self, timeout: TimeoutMsg) -> list[Action]:
+        return self.on_messages([timeout])
+
+    def on_sync_request(self, request: SyncRequest) -> list[Action]:
+        return self.on_messages([request])
+
+    def on_sync_response(self, response: SyncResponse) -> list[Action]:
+        return self.on_messages([response])
+
+    def on_messages(self, messages: Sequence[Message]) -> list[Action]:
+        """Verify every signature of every message in one batch, then handle the valid ones."""
+        checked = self._verify_all(messages)
+        for message, ok in zip(messages, checked, strict=True):
+            if ok:
+                self._dispatch(message)
+            else:
+                self._reject("bad signature or certificate", _sender(message))
+        return self._flush()
+
+    def on_local_timeout(self, round_: int) -> list[Action]:
+        """The timer of ``SetTimer(round_)`` fired."""
+        # Drop timers of rounds already left
+        if round_ == self.round:
+            self._local_timeout()
+        return self._flush()
+
+    def on_batch_available(self, digest: bytes) -> list[Action]:
+        """The batch ``digest`` is held locally and its digest checked by the adapter."""
+        if digest in self.committed_digests:
+            return []
+        self.available.add(digest)
+        for block_hash, proposal in list(self.waiting_batches.items()):
+            if all(d in self.available for d in proposal.block.batch_digests):
+                del self.waiting_batches[block_hash]
+                self._try_vote(proposal)
+        return self._flush()
+
+    # ---- verification -------------------------------------------------------------------
+
+    def _verify_all(self, messages: Sequence[Message]) -> list[bool]:
+        """Structural checks, then one batched signature check for everything."""
+        plans: list[list[_Item] | None] = [self._items(m) for m in messages]
+        flat = [item for plan in plans if plan for item in plan]
+        if flat:
+            keys = self.vs.public_keys[[i for i, _, _ in flat]]
+            msgs = np.frombuffer(b"".join(m for _, m, _ in flat), np.uint8).reshape(-1, 32)
+            sigs = np.frombuffer(b"".join(s for _, _, s in flat), np.uint8).reshape(-1, 64)
+            ok = self.verifier.verify(keys, sigs, msgs)
+        else:
+            ok = np.zeros(0, np.bool_)
+        results, pos = [], 0
+        for message, plan in zip(messages, plans, strict=True):
+            if plan is None:
+                results.append(False)
+                continue
+            good = bool(ok[pos : pos + len(plan)].all())
+            pos += len(plan)
+            results.append(good)
+            if good:
+                self._remember_certs(message)
+        return results
+
+    def _remember_certs(self, message: Message) -> None:
+        if len(self.verified_certs) > 100_000:
+            self.verified_certs.clear()
+        for cert in _certs_of(message):
+            self.verified_certs.add(_cert_key(cert))
+
+    def _items(self, message: Message) -> list[_Item] | None:
+        """Signatures a message depends on, or ``None`` if it is malformed."""
+        n = self.vs.n
+        items: list[_Item] = []
+        match message:
+            case Proposal(block=block, signature=sig):
+                try:
+                    proposer = self.vs.index_of(block.proposer)
+                except LedgerError:
+                    return None
+                if len(sig) != 64:
+                    return None
+                items.append((proposer, proposal_message(self.chain_id, block.hash), sig))
+            case Vote(voter=voter, signature=sig, block_hash=block_hash, round=round_):
+                if not 0 <= voter < n or len(sig) != 64:
+                    return None
+                items.append((voter, vote_message(self.chain_id, block_hash, round_), sig))
+            case TimeoutMsg(sender=sender, signature=sig, round=round_, high_qc=qc):
+                if not 0 <= sender < n or len(sig) != 64:
+                    return None
+                items.append((sender, timeout_message(self.chain_id, round_, qc.round), sig))
+            case SyncRequest(requester=requester):
+                return [] if 0 <= requester < n else None
+            case SyncResponse(proposals=proposals):
+                for p in proposals[: self.cfg.sync_batch]:
+                    sub = self._items(p)
+                    if sub is None:
+                        return None
+                    items.extend(sub)
+                return items if len(proposals) <= self.cfg.sync_batch else None
+            case _:
+                return None
+        for cert in _certs_of(message):
+            sub = self._cert_items(cert)
+            if sub is None:
+                return None
+            items.extend(sub)
+        return items
+
+    def _cert_items(self, cert: QuorumCert | TimeoutCert) -> list[_Item] | None:
+        if _cert_key(cert) in self.verified_certs:
+            return []
+        if isinstance(cert, QuorumCert) and cert.round == 0 and not cert.signers:
+            # Verify the unsigned certificate is only ever the genesis one
+            ok = cert.block_hash == self.genesis.hash and not cert.signatures
+            return [] if ok else None
+        n = self.vs.n
+        if len(cert.signers) != -(-n // 8):
+            return None
+        signers = bitmap_indices(cert.signers)
+        # Verify a quorum of distinct, existing validators signed, one signature each
+        if len(signers) < self.vs.quorum or signers[-1] >= n:
+            return None
+        if len(cert.signatures) != len(signers):
+            return None
+        if isinstance(cert, QuorumCert):
+            msg = vote_message(self.chain_id, cert.block_hash, cert.round)
+            return [(i, msg, s) for i, s in zip(signers, cert.signatures, strict=True)]
+        if len(cert.high_qc_rounds) != len(signers):
+            return None
+        return [
+            (i, timeout_message(self.chain_id, cert.round, hqr), s)
+            for i, hqr, s in zip(signers, cert.high_qc_rounds, cert.signatures, strict=True)
+        ]
+
+    # ---- dispatch ------------------------------------------------------------------------
+
+    def _dispatch(self, message: Message) -> None:
+        match message:
+            case Proposal():
+                self._process_proposal(message)
+            case Vote():
+                self._process_vote(message)
+            case TimeoutMsg():
+                self._process_timeout(message)
+            case SyncRequest():
+                self._serve_sync(message)
+            case SyncResponse():
+                for p in message.proposals:
+                    self._process_proposal(p)
+
+    def _reject(self, reason: str, sender: int | None) -> None:
+        self._out.append(Rejected(reason, sender))
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    # ---- blocks --------------------------------------------------------------------------
+
+    def _header(self, block_hash: bytes) -> BlockHeader | None:
+        p = self.tree.get(block_hash)
+        if p is not None:
+            return p.block
+        return self.committed_hashes.get(block_hash)
+
+    def _process_proposal(self, p: Proposal) -> None:
+        b = p.block
+        proposer = self.vs.index_of(b.proposer)
+        # Verify the proposer is the leader of this round
+        if proposer != self.leaders.leader(b.round):
+            return self._reject(f"proposal for round {b.round} not from its leader", proposer)
+        # Verify the block is on this chain and its QC certifies its parent
+        if b.chain_id != self.chain_id:
+            return self._reject("proposal for another chain", proposer)
+        if p.qc.block_hash != b.parent_hash or b.round <= p.qc.round:
+            return self._reject("proposal QC does not certify its parent", proposer)
+        # Verify a round after a gap is justified by a TC of the previous round
+        if b.round != p.qc.round + 1 and (p.tc is None or p.tc.round + 1 != b.round):
+            return self._reject("proposal skips rounds without a TC", proposer)
+        if b.height <= self.committed.height or b.hash in self.tree:
+            return None
+        self._check_equivocation(p, proposer)
+        self._process_qc(p.qc)
+        if p.tc is not None:
+            self._process_tc(p.tc)
+        if b.hash in self.tree or b.height <= self.committed.height:
+            return None
+        parent = self._header(b.parent_hash)
+        if parent is None:
+            self.waiting_parent.setdefault(b.parent_hash, []).append(p)
+            self._request_sync(b.parent_hash, proposer)
+            return None
+        self._accept(p, parent, proposer)
+        return None
+
+    def _accept(self, p: Proposal, parent: BlockHeader, proposer: int) -> None:
+        b = p.block
+        # Verify the block extends its parent: height, round, time, payload commitment
+        if b.height != parent.height + 1 or b.round <= parent.round:
+            return self._reject("proposal height or round does not follow its parent", proposer)
+        if b.timestamp_ms <= parent.timestamp_ms:
+            return self._reject("proposal timestamp not after its parent's", proposer)
+        reason = self.builder.check(b, parent)
+        if reason is not None:
+            return self._reject(f"proposal payload: {reason}", proposer)
+        # Verify no named batch was already ordered on this branch
+        if len(set(b.batch_digests)) != len(b.batch_digests) or any(
+            d in self._ordered_digests(parent) for d in b.batch_digests
+        ):
+            return self._reject("proposal repeats an ordered batch", proposer)
+        self.tree[b.hash] = p
+        self.requested.discard(b.hash)
+        missing = tuple(d for d in b.batch_digests if d not in self.available)
+        if missing:
+            self.waiting_batches[b.hash] = p
+            self._out.append(FetchBatches(missing, proposer))
+        else:
+            self._try_vote(p)
+        qc = self.qcs.get(b.hash)
+        if qc is not None:
+            self._try_commit(qc)
+        for child in self.waiting_parent.pop(b.hash, []):
+            self._process_proposal(child)
+        if self.propose_blocked and b.hash == self.high_qc.block_hash:
+            self._propose()
+        return None
+
+    def _ordered_digests(self, parent: BlockHeader) -> set[bytes]:
+        """Digests in the uncommitted ancestors of a block, plus everything committed."""
+        seen = set(self.committed_digests)
+        cursor = self.tree.get(parent.hash)
+        while cursor is not None:
+            seen.update(cursor.block.batch_digests)
+            cursor = self.tree.get(cursor.block.parent_hash)
+        return seen
+
+    def _check_equivocation(self, p: Proposal, proposer: int) -> None:
+        first = self.proposal_at.get(p.round)
+        if first is None:
+            self.proposal_at[p.round] = p
+        elif first.block.hash != p.block.hash:
+            self._evidence("equivocating_proposal", proposer, p.round, first, p)
+
+    def _evidence(
+        self, kind: str, offender: int, round_: int, a: Proposal | Vote, b: Proposal | Vote
+    ) -> None:
+        key = (kind, offender, round_)
+        if key not in self.evidence_seen:
+            self.evidence_seen.add(key)
+            self._out.append(Evidence(kind, offender, round_, a, b))
+
+    def _request_sync(self, block_hash: bytes, peer: int) -> None:
+        if block_hash in self.requested or peer == self.index:
+            return
+        self.requested.add(block_hash)
+        self._out.append(Send(peer, SyncRequest(block_hash, self.index, self.committed.height)))
+
+    def _serve_sync(self, req: SyncRequest) -> None:
+        chain: list[Proposal] = []
+        cursor = self._proposal(req.block_hash)
+        while cursor is not None and cursor.block.height > req.from_height:
+            chain.append(cursor)
+            if len(chain) >= self.cfg.sync_batch:
+                break
+            cursor = self._proposal(cursor.block.parent_hash)
+        if chain:
+            self._out.append(Send(req.requester, SyncResponse(tuple(reversed(chain)), self.index)))
+
+    def _proposal(self, block_hash: bytes) -> Proposal | None:
+        p = self.tree.get(block_hash)
+        if p is not None:
+            return p
+        header = self.committed_hashes.get(block_hash)
+        return self.committed_log.get(header.height) if header is not None else None
+
+    # ---- certificates, rounds, commits -----------------------------------------------------
+
+    def _process_qc(self, qc: QuorumCert) -> None:
+        if qc.block_hash not in self.qcs:
+            self.qcs[qc.block_hash] = qc
+        if qc.round > self.high_qc.round:
+            self.high_qc = qc
+        self._try_commit(qc)
+        if qc.round >= self.round:
+            self._enter_round(qc.round + 1, None)
+
+    def _process_tc(self, tc: TimeoutCert) -> None:
+        if self.last_tc is None or tc.round > self.last_tc.round:
+            self.last_tc = tc
+        if tc.round >= self.round:
+            self._enter_round(tc.round + 1, tc)
+
+    def _try_commit(self, qc: QuorumCert) -> None:
+        """Two-chain rule: a QC for B' whose parent B has round B'.round - 1 commits B."""
+        child = self.tree.get(qc.block_hash)
+        if child is None:
+            return
+        parent = self.tree.get(child.block.parent_hash)
+        if parent is None or child.block.round != parent.block.round + 1:
+            return
+        chain: list[Proposal] = []
+        cursor: Proposal | None = parent
+        while cursor is not None and cursor.block.height > self.committed.height:
+            chain.append(cursor)
+            cursor = self.tree.get(cursor.block.parent_hash)
+        if not chain or chain[-1].block.parent_hash != self.committed.hash:
+            return
+        chain.reverse()
+        certifying = tuple(self.qcs[p.block.hash] for p in chain)
+        self._out.append(Commit(tuple(chain), certifying, qc))
+        for p in chain:
+            self.committed_log[p.block.height] = p
+            self.committed_hashes[p.block.hash] = p.block
+            self.committed_digests.update(p.block.batch_digests)
+            self.available.difference_update(p.block.batch_digests)
+        self.committed = chain[-1].block
+        self._prune()
+
+    def _prune(self) -> None:
+        height = self.committed.height
+        for block_hash in [h for h, p in self.tree.items() if p.block.height <= height]:
+            del self.tree[block_hash]
+            self.waiting_batches.pop(block_hash, None)
+        for block_hash in [
+            h for h, ps in self.waiting_parent.items() if all(p.block.height <= height for p in ps)
+        ]:
+            del self.waiting_parent[block_hash]
+        old = height - self.cfg.committed_window
+        for h in [h for h in self.committed_log if h <= old]:
+            del self.committed_hashes[self.committed_log.pop(h).block.hash]
+        for block_hash in [
+            h
+            for h in self.qcs
+            if self._header(h) is None
+            and h not in {p.block.parent_hash for ps in self.waiting_parent.values() for p in ps}
+            and h != self.high_qc.block_hash
+        ]:
+            del self.qcs[block_hash]
+
+    def _timeout_ms(self) -> int:
+        delay = self.cfg.base_timeout_ms * self.cfg.timeout_backoff ** min(self.timeouts_in_row, 16)
+        return int(min(delay, self.cfg.max_timeout_ms))
+
+    def _enter_round(self, round_: int, tc: TimeoutCert | None) -> None:
+        if round_ <= self.round:
+            return
+        self.round = round_
+        self.timeouts_in_row = self.timeouts_in_row + 1 if tc is not None else 0
+        self.own_timeout = None
+        self.propose_blocked = False
+        keep = round_ - self.cfg.evidence_window
+        for key in [k for k in self.votes if k[0] < round_ - 1]:
+            del self.votes[key]
+        for key2 in [k for k in self.vote_by if k[0] < keep]:
+            del self.vote_by[key2]
+        for r in [r for r in self.timeouts if r < round_ - 1]:
+            del self.timeouts[r]
+        for r in [r for r in self.proposal_at if r < keep]:
+            del self.proposal_at[r]
+        self.formed_qc_rounds = {r for r in self.formed_qc_rounds if r >= round_ - 1}
+        self.formed_tc_rounds = {r for r in self.formed_tc_rounds if r >= round_ - 1}
+        self._out.append(SetTimer(round_, self._timeout_ms()))
+        if self.leaders.leader(round_) == self.index:
+            self._propose()
+
+    # ---- acting: propose, vote, time out ---------------------------------------------------
+
+    def _propose(self) -> None:
+        # A leader proposes once per round, and never after it voted or timed out in it
+        if self.highest_vote_round >= self.round:
+            return
+        qc = self.high_qc
+        tc = self.last_tc if self.last_tc and self.last_tc.round + 1 == self.round else None
+        if qc.round + 1 != self.round and tc is None:
+            return
+        parent = self._header(qc.block_hash)
+        if parent is None:
+            self.propose_blocked = True
+            signers = [i for i in bitmap_indices(qc.signers) if i != self.index]
+            if signers:
+                self._request_sync(qc.block_hash, signers[self.round % len(signers)])
+            return
+        self.propose_blocked = False
+        ordered = self._ordered_digests(parent)
+        digests = tuple(sorted(d for d in self.available if d not in ordered))
+        block = self.builder.build(
+            parent,
+            self.round,
+            self.signer.public_key,
+            max(parent.timestamp_ms + 1, self.now_ms),
+            digests[: self.cfg.max_batches_per_block],
+        )
+        sig = self.signer.sign(proposal_message(self.chain_id, block.hash))
+        proposal = Proposal(block, qc, tc, sig)
+        # Our own vote (and the Persist guarding it) precedes the broadcast.
+        self._process_proposal(proposal)
+        self._out.append(Broadcast(proposal))
+
+    def _try_vote(self, p: Proposal) -> None:
+        b, qc, tc = p.block, p.qc, p.tc
+        if b.round != self.round or b.hash not in self.tree:
+            return
+        # Safety rule: vote once per round, above the certificate we vote on
+        if b.round <= max(self.highest_vote_round, qc.round):
+            return
+        # Safety rule: extend the previous round's QC, or after a TC a QC at least as high as
+        # every QC its signers reported
+        if not (
+            qc.round + 1 == b.round
+            or (tc is not None and tc.round + 1 == b.round and qc.round >= tc.max_high_qc_round)
+        ):
+            return
+        self.highest_vote_round = b.round
+        self.highest_qc_round = max(self.highest_qc_round, qc.round)
+        self._out.append(Persist(self.safety_state()))
+        sig = self.signer.sign(vote_message(self.chain_id, b.hash, b.round))
+        vote = Vote(b.hash, b.round, self.index, sig)
+        next_leader = self.leaders.leader(b.round + 1)
+        if next_leader == self.index:
+            self._process_vote(vote)
+        else:
+            self._out.append(Send(next_leader, vote))
+
+    def _process_vote(self, v: Vote) -> None:
+        # Votes go to the leader of the next round; anyone else ignores them
+        if self.leaders.leader(v.round + 1) != self.index or v.round + 1 < self.round:
+            return
+        first = self.vote_by.get((v.round, v.voter))
+        if first is not None:
+            if first.block_hash != v.block_hash:
+                self._evidence("double_vote", v.voter, v.round, first, v)
+            return
+        self.vote_by[(v.round, v.voter)] = v
+        bucket = self.votes.setdefault((v.round, v.block_hash), {})
+        bucket[v.voter] = v.signature
+        if len(bucket) >= self.vs.quorum and v.round not in self.formed_qc_rounds:
+            self.formed_qc_rounds.add(v.round)
+            signers = sorted(bucket)
+            qc = QuorumCert(
+                v.block_hash,
+                v.round,
+                make_bitmap(signers, self.vs.n),
+                tuple(bucket[i] for i in signers),
+            )
+            self.verified_certs.add(_cert_key(qc))
+            self._process_qc(qc)
+
+    def _local_timeout(self) -> None:
+        r = self.round
+        if self.own_timeout is not None and self.own_timeout.round == r:
+            # Retransmit: messages may have been lost; the signed content is unchanged
+            self._out.append(Broadcast(self.own_timeout))
+            self._out.append(SetTimer(r, self._timeout_ms()))
+            return
+        qc = self.high_qc
+        tc_ok = self.last_tc is not None and self.last_tc.round + 1 == r
+        # Safety rule for timeouts: never below our highest QC, never for a round we have left
+        if not (
+            qc.round >= self.highest_qc_round
+            and r > max(self.highest_vote_round - 1, qc.round)
+            and (qc.round + 1 == r or tc_ok)
+        ):
+            self._out.append(SetTimer(r, self._timeout_ms()))
+            return
+        self.highest_vote_round = max(self.highest_vote_round, r)
+        self._out.append(Persist(self.safety_state()))
+        sig = self.signer.sign(timeout_message(self.chain_id, r, qc.round))
+        msg = TimeoutMsg(r, qc, self.index, sig, self.last_tc if tc_ok else None)
+        self.own_timeout = msg
+        self._out.append(Broadcast(msg))
+        self._out.append(SetTimer(r, self._timeout_ms()))
+        self._process_timeout(msg)
+
+    def _process_timeout(self, t: TimeoutMsg) -> None:
+        self._process_qc(t.high_qc)
+        if t.last_tc is not None:
+            self._process_tc(t.last_tc)
+        if t.round < self.round:
+            return
+        bucket = self.timeouts.setdefault(t.round, {})
+        if t.sender in bucket:
+            return
+        bucket[t.sender] = (t.high_qc.round, t.signature)
+        # f+1 timeouts include an honest one: join, so a round with a silent leader ends fast
+        if (
+            len(bucket) > self.vs.f
+            and t.round == self.round
+            and (self.own_timeout is None or self.own_timeout.round != t.round)
+        ):
+            self._local_timeout()
+        if len(bucket) >= self.vs.quorum and t.round not in self.formed_tc_rounds:
+            self.formed_tc_rounds.add(t.round)
+            signers = sorted(bucket)
+            tc = TimeoutCert(
+                t.round,
+                make_bitmap(signers, self.vs.n),
+                tuple(bucket[i][0] for i in signers),
+                tuple(bucket[i][1] for i in signers),
+            )
+            self.verified_certs.add(_cert_key(tc))
+            self._process_tc(tc)
+
+
+def _certs_of(message: Message) -> list[QuorumCert | TimeoutCert]:
+    match message:
+        case Proposal(qc=qc, tc=tc):
+            return [qc] if tc is None else [qc, tc]
+        case TimeoutMsg(high_qc=qc, last_tc=tc):
+            return [qc] if tc is None else [qc, tc]
+    return []
+
+
+def _cert_key(cert: QuorumCert | TimeoutCert) -> bytes:
+    h = hashlib.sha256()
+    if isinstance(cert, QuorumCert):
+        h.update(b"qc" + cert.block_hash + cert.round.to_bytes(8, "big") + cert.signers)
+    else:
+        h.update(b"tc" + cert.round.to_bytes(8, "big") + cert.signers)
+        for r in cert.high_qc_rounds:
+            h.update(r.to_bytes(8, "big"))
+    for s in cert.signatures:
+        h.update(s)
+    return h.digest()
+
+
+def _sender(message: Message) -> int | None:
+    match message:
+        case Vote(voter=v):
+            return v
+        case TimeoutMsg(sender=s):
+            return s
+        case SyncRequest(requester=r):
+            return r
+        case SyncResponse(sender=s):
+            return s
+    return None
+
+
+__all__ = [
+    "BlockBuilder",
+    "Core",
+    "CoreConfig",
+    "CoreStatus",
+    "DigestBuilder",
+    "LeaderElection",
+    "RoundRobin",
+]
