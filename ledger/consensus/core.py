@@ -159,7 +159,12 @@ class Core:
         config: CoreConfig | None = None,
         persisted: SafetyState | None = None,
         committed_head: BlockHeader | None = None,
+        known_blocks: Sequence[Proposal] = (),
     ) -> None:
+        """``persisted``, ``committed_head`` and ``known_blocks`` rebuild a restarted validator:
+        its last persisted safety state, its last committed block, and the proposals it stored
+        (recent committed ones, to serve lagging peers, and the uncommitted ones it voted for).
+        """
         if signer.public_key != validators.validators[index].public_key:
             raise ValueError(f"signer key is not the key of validator {index}")
         self.vs = validators
@@ -204,6 +209,21 @@ class Core:
         self.evidence_seen: set[tuple[str, int, int]] = set()
         self.verified_certs: set[bytes] = set()
         self._out: list[Action] = []
+        self._restore(known_blocks)
+
+    def _restore(self, proposals: Sequence[Proposal]) -> None:
+        """Reload stored proposals (they were verified before they were stored)."""
+        for p in sorted(proposals, key=lambda p: p.block.height):
+            b = p.block
+            self.qcs.setdefault(b.parent_hash, p.qc)
+            if b.height <= self.committed.height:
+                self.committed_log[b.height] = p
+                self.committed_hashes[b.hash] = b
+                self.committed_digests.update(b.batch_digests)
+            elif self._header(b.parent_hash) is not None:
+                self.tree[b.hash] = p
+                self.proposal_at.setdefault(b.round, p)
+        self._prune()
 
     # ---- public entry points ---------------------------------------------------------------
 
@@ -654,7 +674,7 @@ class Core:
             return
         self.highest_vote_round = b.round
         self.highest_qc_round = max(self.highest_qc_round, qc.round)
-        self._out.append(Persist(self.safety_state()))
+        self._out.append(Persist(self.safety_state(), p))
         sig = self.signer.sign(vote_message(self.chain_id, b.hash, b.round))
         vote = Vote(b.hash, b.round, self.index, sig)
         next_leader = self.leaders.leader(b.round + 1)

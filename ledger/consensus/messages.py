@@ -123,9 +123,12 @@ class SafetyState:
 
 @dataclass(frozen=True)
 class Persist:
-    """Durably store ``state`` before executing any later action of the same list."""
+    """Durably store ``state`` (and ``proposal``, the block about to be voted for) before
+    executing any later action of the same list. Keeping voted blocks means a certified block
+    survives even if every validator restarts before it is committed."""
 
     state: SafetyState
+    proposal: Proposal | None = None
 
 
 @dataclass(frozen=True)

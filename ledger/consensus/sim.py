@@ -174,6 +174,9 @@ class SimConfig:
     max_time_ms: float = 600_000.0
     # Simulated time after the last fault during which commits must resume.
     stabilise_ms: float = 0.0
+    # Restart crashed validators without their persisted safety state (a lost disk): shows
+    # what the Persist-before-send rule prevents.
+    lose_disk_on_restart: bool = False
 
     def __post_init__(self) -> None:
         if self.validators < 1:
@@ -201,6 +204,8 @@ class Checker:
     violations: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     last_commit_ms: float = 0.0
+    # (time, validator, height) of every honest commit
+    log: list[tuple[float, int, int]] = field(default_factory=list)
 
     def record(
         self, node: int, block: BlockHeader, now: float, created: dict[bytes, float]
@@ -213,6 +218,7 @@ class Checker:
                 f"validator {node} committed height {block.height} after {expected - 1}"
             )
         self.heights[node] = block.height
+        self.log.append((now, node, block.height))
         first = self.by_height.setdefault(block.height, block.hash)
         if first != block.hash:
             self.violations.append(
@@ -256,7 +262,8 @@ class _Node:
     up: bool = True
     epoch: int = 0
     persisted: list[SafetyState] = field(default_factory=list)
-    committed: list[BlockHeader] = field(default_factory=list)
+    voted: list[Proposal] = field(default_factory=list)
+    committed: list[Proposal] = field(default_factory=list)
     seen: list[Message] = field(default_factory=list)
 
 
@@ -291,7 +298,7 @@ class Simulation:
         self.nodes = [
             _Node(
                 i,
-                [self._core(i, None, None) for _ in range(personas if i in self.byzantine else 1)],
+                [self._core(i) for _ in range(personas if i in self.byzantine else 1)],
             )
             for i in range(n)
         ]
@@ -321,8 +328,15 @@ class Simulation:
         signers: list[Signer] = [MacSigner(p, s) for p, s in zip(pubs, secrets, strict=True)]
         return signers, MacVerifier(dict(zip(pubs, secrets, strict=True)))
 
-    def _core(self, i: int, persisted: SafetyState | None, head: BlockHeader | None) -> Core:
+    def _core(
+        self,
+        i: int,
+        persisted: SafetyState | None = None,
+        head: BlockHeader | None = None,
+        known: list[Proposal] | None = None,
+    ) -> Core:
         return Core(
+            known_blocks=known or (),
             validators=self.validators,
             index=i,
             signer=self.signers[i],
@@ -445,11 +459,17 @@ class Simulation:
     def _restart(self, node: _Node) -> None:
         node.up = True
         node.epoch += 1
+        if self.cfg.lose_disk_on_restart:
+            node.persisted.clear()
+            node.voted.clear()
+            node.committed.clear()
+            self.checker.heights.pop(node.index, None)
         persisted = node.persisted[-1] if node.persisted else None
-        head = node.committed[-1] if node.committed else None
-        node.personas = [self._core(node.index, persisted, head) for _ in node.personas]
+        head = node.committed[-1].block if node.committed else None
+        known = node.committed[-self.core_cfg.committed_window :] + node.voted
+        node.personas = [self._core(node.index, persisted, head, known) for _ in node.personas]
         # Its mempool survived on disk: it re-announces the batches it has not seen committed.
-        done = {d for b in node.committed for d in b.batch_digests}
+        done = {d for p in node.committed for d in p.block.batch_digests}
         pending = [d for d in self.created if d not in done]
         for p, core in enumerate(node.personas):
             core.tick(int(self.now))
@@ -467,9 +487,11 @@ class Simulation:
     def _execute(self, node: _Node, persona: int, actions: list[Action]) -> None:
         for action in actions:
             match action:
-                case Persist(state=state):
+                case Persist(state=state, proposal=proposal):
                     node.persisted.append(state)
                     del node.persisted[:-1]
+                    if proposal is not None:
+                        node.voted.append(proposal)
                 case Broadcast(message=msg):
                     for dst in range(self.cfg.validators):
                         self._emit(node, persona, dst, msg, broadcast=True)
@@ -479,8 +501,10 @@ class Simulation:
                     self._at(self.now + delay, "timer", node.index, (round_, node.epoch, persona))
                 case Commit(blocks=blocks):
                     if persona == 0:
+                        node.committed.extend(blocks)
+                        top = blocks[-1].block.height
+                        node.voted = [p for p in node.voted if p.block.height > top]
                         for p in blocks:
-                            node.committed.append(p.block)
                             self.checker.record(node.index, p.block, self.now, self.created)
                 case FetchBatches(digests=digests):
                     for d in digests:
