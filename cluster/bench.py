@@ -169,3 +169,91 @@ def _bench_store(batch: pa.RecordBatch, block_rows: int) -> list[Figure]:
         Figure("store scan (all columns)", rows, t_scan),
         Figure("store scan (sender, nonce)", rows, t_scan_cols),
     ]
+
+
+class _TrustAll:
+    """A verifier that accepts everything: isolates the core's own CPU cost."""
+
+    def verify(
+        self, public_keys: np.ndarray, signatures: np.ndarray, messages: np.ndarray
+    ) -> np.ndarray:
+        return np.ones(len(public_keys), np.bool_)
+
+
+def bench_consensus(rounds_small: int = 400, rounds_large: int = 40) -> list[Figure]:
+    """Simulated rounds per wall second (n = 4 and 64) and the core's cost per vote."""
+    from rayledger.consensus.messages import Vote
+    from rayledger.consensus.sim import SimConfig, Simulation
+
+    figures: list[Figure] = []
+    for n, rounds in ((4, rounds_small), (64, rounds_large)):
+        for crypto in ("ed25519", "mac"):
+            sim = Simulation(SimConfig(validators=n, rounds=rounds, crypto=crypto))
+            t0 = time.perf_counter()
+            result = sim.run()
+            figures.append(
+                Figure(
+                    f"simulate n={n} ({crypto} signatures)",
+                    result.rounds,
+                    time.perf_counter() - t0,
+                    unit="rounds",
+                )
+            )
+
+    # The core's own cost per message: every verifier call answers "valid" at once.
+    sim = Simulation(SimConfig(validators=64, rounds=rounds_large, crypto="mac"))
+    spent: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for node in sim.nodes:
+        for core in node.personas:
+            core.verifier = _TrustAll()
+            inner = core.on_messages
+
+            def timed(messages: Any, inner: Any = inner) -> Any:
+                t0 = time.perf_counter()
+                out = inner(messages)
+                kind = type(messages[0]).__name__
+                spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - t0
+                counts[kind] = counts.get(kind, 0) + len(messages)
+                return out
+
+            core.on_messages = timed  # type: ignore[method-assign]
+    sim.run()
+    figures.append(
+        Figure(
+            "core: handle one vote, n=64 (no signature check)",
+            counts.get(Vote.__name__, 0),
+            spent.get(Vote.__name__, 1.0),
+            unit="votes",
+        )
+    )
+    figures.append(
+        Figure(
+            "core: handle one proposal, n=64 (no signature check)",
+            counts.get("Proposal", 0),
+            spent.get("Proposal", 1.0),
+            unit="proposals",
+        )
+    )
+
+    keys = [key_from_seed(bytes([i + 1]) * 32) for i in range(64)]
+    msgs = np.frombuffer(os.urandom(32 * 4096), np.uint8).reshape(-1, 32)
+    pubs = np.frombuffer(
+        b"".join(public_bytes(keys[i % 64]) for i in range(4096)), np.uint8
+    ).reshape(-1, 32)
+    sigs = np.frombuffer(
+        b"".join(keys[i % 64].sign(msgs[i].tobytes()) for i in range(4096)), np.uint8
+    ).reshape(-1, 64)
+    from rayledger.crypto import Ed25519Verifier
+
+    verifier = Ed25519Verifier()
+    t_ver = _timed(lambda: verifier.verify(pubs, sigs, msgs), repeat=1)
+    figures.append(
+        Figure(
+            f"Ed25519 vote signature check (batch, {os.cpu_count()} cores)",
+            4096,
+            t_ver,
+            unit="signatures",
+        )
+    )
+    return figures

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from rayledger.errors import LedgerError
+
+if TYPE_CHECKING:
+    from rayledger.cluster.bench import Figure
 
 app = typer.Typer(
     help="rayledger: a permissioned BFT ledger for e-services, built on Ray.",
@@ -219,27 +222,33 @@ def bench_core_cmd(
     """Rows/s of signing, tx ids, signature checks, Merkle roots and the block store."""
     from rayledger.cluster.bench import bench_core
 
-    figures = bench_core(rows, sign_rows, leaves, block_rows)
-    table = Table(
-        "operation",
-        "items",
-        "seconds",
-        "rate /s",
-        "baseline",
-        "ratio",
-        title="rayledger bench core",
-    )
+    _print_figures("rayledger bench core", bench_core(rows, sign_rows, leaves, block_rows))
+
+
+def _print_figures(title: str, figures: list[Figure]) -> None:
+    table = Table("operation", "items", "seconds", "rate /s", "baseline", "ratio", title=title)
     for f in figures:
         table.add_row(
             f.operation,
-            f"{f.items:,}",
+            f"{f.items:,} {f.unit}",
             f"{f.seconds:.3f}",
             f"{f.rate:,.0f}",
             f"{f.baseline} {f.baseline_rate:,.0f}/s" if f.baseline else "",
             "" if f.ratio is None else f"{f.ratio:.2f}x",
         )
     console.print(table)
-    print(json.dumps({"bench": "core", "figures": [f.as_dict() for f in figures]}))
+    print(json.dumps({"bench": title, "figures": [f.as_dict() for f in figures]}))
+
+
+@bench_app.command("consensus")
+def bench_consensus_cmd(
+    rounds_small: Annotated[int, typer.Option(min=10, help="rounds for n=4")] = 400,
+    rounds_large: Annotated[int, typer.Option(min=5, help="rounds for n=64")] = 40,
+) -> None:
+    """Simulated rounds per wall second (n=4, n=64) and the core's CPU cost per vote."""
+    from rayledger.cluster.bench import bench_consensus
+
+    _print_figures("rayledger bench consensus", bench_consensus(rounds_small, rounds_large))
 
 
 def main() -> None:

@@ -160,3 +160,14 @@ def test_core_imports_nothing_of_the_outer_layers() -> None:
                     assert not any(name == f or name.startswith(f + ".") for f in forbidden), (
                         f"{path.relative_to(ROOT)} imports {name}"
                     )
+
+
+def test_bench_consensus_prints_figures() -> None:
+    result = runner.invoke(
+        app, ["bench", "consensus", "--rounds-small", "10", "--rounds-large", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    ops = {f["operation"]: f for f in report["figures"]}
+    assert ops["simulate n=64 (mac signatures)"]["items"] >= 5
+    assert ops["core: handle one vote, n=64 (no signature check)"]["items"] > 0
