@@ -173,6 +173,9 @@ class QuorumCert:
 
 
 def make_bitmap(indices: Sequence[int], n: int) -> bytes:
+    """The signer bitmap of validators ``indices`` out of ``n`` (bit i = validator i)."""
+    if any(not 0 <= i < n for i in indices):
+        raise ValueError(f"signer indices must lie in 0..{n - 1}")
     bits = np.zeros(-(-n // 8) * 8, np.uint8)
     bits[list(indices)] = 1
     return np.packbits(bits, bitorder="little").tobytes()

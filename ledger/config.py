@@ -15,7 +15,7 @@ import numpy as np
 import tomli_w
 
 from rayledger.block import BlockHeader, genesis_header
-from rayledger.codec import u64
+from rayledger.codec import u32, u64
 from rayledger.errors import ConfigError
 from rayledger.tx import DEFAULT_MAX_PAYLOAD
 
@@ -102,6 +102,8 @@ class Genesis:
     def __post_init__(self) -> None:
         if len(self.chain_id) != 32:
             raise ConfigError("chain_id must be 32 bytes")
+        if self.genesis_time_ms <= 0:
+            raise ConfigError("genesis_time_ms must be positive")
 
     @cached_property
     def header(self) -> BlockHeader:
@@ -134,8 +136,14 @@ class Genesis:
 
 def derive_chain_id(chain_name: str, genesis_time_ms: int, keys: Sequence[bytes]) -> bytes:
     """A chain id that differs for every (name, time, validator set): replays across chains fail."""
+    name = chain_name.encode()
     return hashlib.sha256(
-        b"rayledger/chain/v1" + chain_name.encode() + u64(genesis_time_ms) + b"".join(keys)
+        b"rayledger/chain/v1"
+        + u32(len(name))
+        + name
+        + u64(genesis_time_ms)
+        + u32(len(keys))
+        + b"".join(keys)
     ).digest()
 
 
@@ -169,6 +177,12 @@ def _hex(value: Any, width: int, where: str) -> bytes:
     return raw
 
 
+def _expect(value: Any, kind: type, where: str) -> None:
+    if not isinstance(value, kind):
+        noun = "an array" if kind is list else "a table"
+        raise ConfigError(f"{where}: expected {noun}")
+
+
 def _positive_int(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{where}: expected a positive integer")
@@ -183,6 +197,9 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
     for key in ("chain_name", "chain_id", "genesis_time_ms", "validators"):
         if key not in doc:
             raise ConfigError(f"{source}: missing {key!r}")
+    _expect(doc["validators"], list, f"{source}: validators")
+    _expect(doc.get("organisations", []), list, f"{source}: organisations")
+    _expect(doc.get("limits", {}), dict, f"{source}: limits")
     validators = []
     for i, v in enumerate(doc["validators"]):
         where = f"{source}: validators[{i}]"
@@ -201,6 +218,7 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
         where = f"{source}: organisations[{i}]"
         if not isinstance(o, dict) or "name" not in o:
             raise ConfigError(f"{where}: needs a name")
+        _expect(o.get("members", []), list, f"{where}.members")
         members = tuple(
             _hex(m, 32, f"{where}.members[{j}]") for j, m in enumerate(o.get("members", []))
         )
@@ -223,7 +241,7 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
 
 def load_genesis(path: str | Path) -> Genesis:
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read genesis file {path}: {exc}") from exc
     return parse_genesis(text, str(path))

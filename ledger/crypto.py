@@ -51,7 +51,10 @@ def write_key_file(path: str | os.PathLike[str], key: Ed25519PrivateKey) -> None
 
 
 def read_key_file(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc}") from exc
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

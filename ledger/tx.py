@@ -156,7 +156,12 @@ def batch_chain_id(batch: pa.RecordBatch, chain_id: bytes | None = None) -> byte
     """The batch's chain id from its metadata, checked against ``chain_id`` when given."""
     meta = batch.schema.metadata or {}
     raw = meta.get(CHAIN_ID_KEY)
-    declared = bytes.fromhex(raw.decode()) if raw else None
+    declared = None
+    if raw:
+        try:
+            declared = bytes.fromhex(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise DecodeError("chain id in batch metadata is not hex") from None
     if declared is not None and len(declared) != 32:
         raise WrongLength("chain id in batch metadata must be 32 bytes")
     if chain_id is None:
@@ -283,7 +288,9 @@ def validate_batch(
     """
     names = [f.name for f in BODY_FIELDS]
     got = [f.name for f in batch.schema if f.name != "tx_id"]
-    # Verify the batch has exactly the TxBatch columns
+    # Verify the batch has exactly the TxBatch columns, each once
+    if len(set(batch.schema.names)) != len(batch.schema.names):
+        raise SchemaMismatch(f"batch repeats a column: {batch.schema.names}")
     if sorted(got) != sorted(names):
         raise SchemaMismatch(f"batch columns {got} differ from {names} (plus optional tx_id)")
     for field in [*BODY_FIELDS, TX_ID_FIELD]:
@@ -342,8 +349,10 @@ def batch_from_ipc(data: bytes | pa.Buffer, *, max_rows: int | None = None) -> p
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data) if isinstance(data, bytes) else data)
         table = reader.read_all()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
-        raise DecodeError(f"not an Arrow IPC stream: {exc}") from exc
+        # Verify every offset and length before anything indexes into the buffers
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError(f"not a valid Arrow IPC stream: {exc}") from exc
     if max_rows is not None and table.num_rows > max_rows:
         raise WrongLength(f"batch of {table.num_rows} rows exceeds the maximum {max_rows}")
     combined = table.combine_chunks()
