@@ -295,7 +295,9 @@ class Core:
         for block_hash, proposal in list(self.waiting_batches.items()):
             if all(d in self.available for d in proposal.block.batch_digests):
                 del self.waiting_batches[block_hash]
-                self._try_vote(proposal)
+                parent = self._header(proposal.block.parent_hash)
+                if parent is not None and block_hash not in self.tree:
+                    self._admit(proposal, parent, self.vs.index_of(proposal.block.proposer))
         return self._flush()
 
     # ---- verification -------------------------------------------------------------------
@@ -457,27 +459,35 @@ class Core:
 
     def _accept(self, p: Proposal, parent: BlockHeader, proposer: int) -> None:
         b = p.block
-        # Verify the block extends its parent: height, round, time, payload commitment
+        # Verify the block extends its parent: height, round, time
         if b.height != parent.height + 1 or b.round <= parent.round:
             return self._reject("proposal height or round does not follow its parent", proposer)
         if b.timestamp_ms <= parent.timestamp_ms:
             return self._reject("proposal timestamp not after its parent's", proposer)
-        reason = self.builder.check(b, parent)
-        if reason is not None:
-            return self._reject(f"proposal payload: {reason}", proposer)
         # Verify no named batch was already ordered on this branch
         if len(set(b.batch_digests)) != len(b.batch_digests) or any(
             d in self._ordered_digests(parent) for d in b.batch_digests
         ):
             return self._reject("proposal repeats an ordered batch", proposer)
-        self.tree[b.hash] = p
-        self.requested.discard(b.hash)
         missing = tuple(d for d in b.batch_digests if d not in self.available)
         if missing:
-            self.waiting_batches[b.hash] = p
-            self._out.append(FetchBatches(missing, proposer))
-        else:
-            self._try_vote(p)
+            # The payload can only be checked (executed) once every named batch is held
+            if b.hash not in self.waiting_batches:
+                self.waiting_batches[b.hash] = p
+                self._out.append(FetchBatches(missing, proposer))
+            return None
+        self._admit(p, parent, proposer)
+        return None
+
+    def _admit(self, p: Proposal, parent: BlockHeader, proposer: int) -> None:
+        """Check the payload against the held batches; then the block joins the tree."""
+        b = p.block
+        reason = self.builder.check(b, parent)
+        if reason is not None:
+            return self._reject(f"proposal payload: {reason}", proposer)
+        self.tree[b.hash] = p
+        self.requested.discard(b.hash)
+        self._try_vote(p)
         qc = self.qcs.get(b.hash)
         if qc is not None:
             self._try_commit(qc)
