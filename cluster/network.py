@@ -12,6 +12,7 @@ from typing import Any
 from rayledger.config import Genesis, Limits, Organisation, Validator, new_genesis
 from rayledger.crypto import SigningKey, generate_key, key_from_seed, public_bytes, write_key_file
 from rayledger.errors import ConfigError
+from rayledger.execution import Account
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class NetworkSpec:
     validators: tuple[Member, ...]
     clients: tuple[Member, ...]
     limits: Limits
+    client_balance: int = 0
 
 
 def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
@@ -52,8 +54,11 @@ def load_network(path: str | Path) -> NetworkSpec:
         limits = Limits(**doc.get("limits", {}))
     except TypeError as exc:
         raise ConfigError(f"{path}: bad [limits]: {exc}") from exc
+    balance = doc.get("client_balance", 0)
+    if not isinstance(balance, int) or not 0 <= balance < 1 << 63:
+        raise ConfigError(f"{path}: client_balance must be an integer in 0..2^63-1")
     return NetworkSpec(
-        str(doc["chain_name"]), validators, _members(doc, "clients", str(path)), limits
+        str(doc["chain_name"]), validators, _members(doc, "clients", str(path)), limits, balance
     )
 
 
@@ -92,5 +97,6 @@ def make_genesis(
         genesis_time_ms,
         [Organisation(name, tuple(members)) for name, members in orgs.items()],
         spec.limits,
+        [Account(public_bytes(keys[c.name]), spec.client_balance) for c in spec.clients],
     )
     return genesis, keys

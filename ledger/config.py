@@ -17,6 +17,7 @@ import tomli_w
 from rayledger.block import BlockHeader, genesis_header
 from rayledger.codec import u32, u64
 from rayledger.errors import ConfigError
+from rayledger.execution import Account, genesis_state
 from rayledger.tx import DEFAULT_MAX_PAYLOAD
 
 
@@ -98,6 +99,7 @@ class Genesis:
     validators: ValidatorSet
     organisations: tuple[Organisation, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    accounts: tuple[Account, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.chain_id) != 32:
@@ -107,7 +109,8 @@ class Genesis:
 
     @cached_property
     def header(self) -> BlockHeader:
-        return genesis_header(self.chain_id, self.genesis_time_ms)
+        """Block 0: its state root commits to the genesis balances."""
+        return genesis_header(self.chain_id, self.genesis_time_ms, genesis_state(self.accounts)[1])
 
     def to_toml(self) -> str:
         doc: dict[str, Any] = {
@@ -126,6 +129,9 @@ class Genesis:
             "organisations": [
                 {"name": o.name, "members": [m.hex() for m in o.members]}
                 for o in self.organisations
+            ],
+            "accounts": [
+                {"public_key": a.public_key.hex(), "balance": a.balance} for a in self.accounts
             ],
         }
         return tomli_w.dumps(doc)
@@ -153,6 +159,7 @@ def new_genesis(
     genesis_time_ms: int,
     organisations: Sequence[Organisation] = (),
     limits: Limits | None = None,
+    accounts: Sequence[Account] = (),
 ) -> Genesis:
     keys = [v.public_key for v in validators]
     return Genesis(
@@ -162,6 +169,7 @@ def new_genesis(
         ValidatorSet(tuple(validators)),
         tuple(organisations),
         limits or Limits(),
+        tuple(accounts),
     )
 
 
@@ -223,6 +231,18 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
             _hex(m, 32, f"{where}.members[{j}]") for j, m in enumerate(o.get("members", []))
         )
         orgs.append(Organisation(str(o["name"]), members))
+    _expect(doc.get("accounts", []), list, f"{source}: accounts")
+    accounts = []
+    for i, a in enumerate(doc.get("accounts", [])):
+        where = f"{source}: accounts[{i}]"
+        if not isinstance(a, dict) or "public_key" not in a or "balance" not in a:
+            raise ConfigError(f"{where}: needs public_key and balance")
+        balance = a["balance"]
+        if not isinstance(balance, int) or isinstance(balance, bool) or not 0 <= balance < 1 << 63:
+            raise ConfigError(f"{where}.balance: expected an integer in 0..2^63-1")
+        accounts.append(Account(_hex(a["public_key"], 32, f"{where}.public_key"), balance))
+    if len({a.public_key for a in accounts}) != len(accounts):
+        raise ConfigError(f"{source}: an account appears twice")
     lim = doc.get("limits", {})
     unknown = set(lim) - {"max_payload_bytes", "max_batch_rows", "max_block_txs"}
     if unknown:
@@ -235,6 +255,7 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
         ValidatorSet(tuple(validators)),
         tuple(orgs),
         limits,
+        tuple(accounts),
     )
     return genesis
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import stat
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from rayledger.crypto import (
     write_key_file,
 )
 from rayledger.errors import ConfigError
+from rayledger.execution import Account, genesis_state
 
 _hyp = settings(max_examples=30, deadline=None)
 
@@ -130,8 +132,43 @@ def test_new_genesis() -> None:
     )
     assert g.validators.n == 4
     assert g.limits.max_batch_rows == 20
-    assert g.header == genesis_header(g.chain_id, g.genesis_time_ms)
+    assert g.header == genesis_header(g.chain_id, g.genesis_time_ms, genesis_state(())[1])
     assert g.header.height == 0
+
+
+def test_genesis_accounts_round_trip_and_commit_to_state_root() -> None:
+    accounts = (Account(b"\x01" * 32, 10), Account(b"\x02" * 32, 0))
+    g = new_genesis("acc", list(_vals(4)), 5, accounts=accounts)
+    back = parse_genesis(g.to_toml())
+    assert back.accounts == accounts
+    assert back.header == g.header
+    assert g.header.state_root == genesis_state(accounts)[1]
+    assert new_genesis("acc", list(_vals(4)), 5).header.state_root != g.header.state_root
+
+
+KEY = "01" * 32
+
+
+@pytest.mark.parametrize(
+    "accounts",
+    [
+        5,
+        [5],
+        [{"balance": 1}],
+        [{"public_key": "zz", "balance": 1}],
+        [{"public_key": KEY, "balance": -1}],
+        [{"public_key": KEY, "balance": "10"}],
+        [{"public_key": KEY, "balance": True}],
+        [{"public_key": KEY, "balance": 1 << 63}],
+        [{"public_key": KEY, "balance": 1}, {"public_key": KEY, "balance": 2}],
+    ],
+)
+def test_genesis_bad_accounts(accounts: Any) -> None:
+    doc = tomllib.loads(new_genesis("acc", list(_vals(4)), 5).to_toml())
+    doc["accounts"] = accounts
+    with pytest.raises(ConfigError) as exc:
+        parse_genesis(tomli_w.dumps(doc))
+    assert exc.value.code == "config_error"
 
 
 def test_genesis_chain_id_width() -> None:
