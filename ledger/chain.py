@@ -1,0 +1,128 @@
+"""The validator's block builder: a proposed block's payload is executed, not just named.
+
+``LedgerBuilder`` implements the consensus ``BlockBuilder`` protocol over real batches: a block
+names batch digests; its body is those batches' rows in order; it is executed on its parent's
+(possibly uncommitted) state; and its header commits to the tx root, the result root and the
+resulting state root. A voter re-executes the block and votes only if every field matches, so
+a QC certifies the state as well as the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from rayledger.block import Block, BlockHeader, QuorumCert, compute_result_root, compute_tx_root
+from rayledger.execution import StateView, execute_block
+from rayledger.merkle import merkle_root
+from rayledger.tx import TX_SCHEMA, tx_ids_of
+
+
+def batch_digest(batch: pa.RecordBatch) -> bytes:
+    """A batch is named by the RFC 6962 root of its transaction ids, in order."""
+    return merkle_root(tx_ids_of(batch))
+
+
+class LedgerBuilder:
+    """Builds and checks blocks by executing them; one per validator.
+
+    ``batches`` maps digest -> canonical TxBatch (rows already admitted: schema, limits and
+    signatures checked). ``base`` is the committed state at ``head``.
+    """
+
+    def __init__(
+        self,
+        batches: Mapping[bytes, pa.RecordBatch],
+        head: BlockHeader,
+        base: StateView,
+    ) -> None:
+        self.batches = batches
+        self.base = base
+        self.head = head
+        self._views: dict[bytes, StateView] = {head.hash: base}
+        self._bodies: dict[bytes, tuple[pa.RecordBatch, pa.RecordBatch]] = {}
+        self._headers: dict[bytes, BlockHeader] = {}
+
+    def body_rows(self, digests: Sequence[bytes]) -> pa.RecordBatch:
+        parts = [self.batches[d] for d in digests]
+        if not parts:
+            return pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
+        table = pa.Table.from_batches([p.select(TX_SCHEMA.names) for p in parts])
+        combined = table.combine_chunks().to_batches()
+        return combined[0] if combined else pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
+
+    def build(
+        self,
+        parent: BlockHeader,
+        round_: int,
+        proposer: bytes,
+        timestamp_ms: int,
+        digests: tuple[bytes, ...],
+    ) -> BlockHeader:
+        parent_view = self._views.get(parent.hash)
+        if parent_view is None:
+            raise KeyError("the parent block has not been executed here")
+        txs = self.body_rows(digests)
+        view, results, state_root = execute_block(
+            parent_view, txs, parent.height + 1, parent.state_root
+        )
+        ids = tx_ids_of(txs) if txs.num_rows else np.empty((0, 32), np.uint8)
+        header = BlockHeader(
+            chain_id=parent.chain_id,
+            height=parent.height + 1,
+            round=round_,
+            parent_hash=parent.hash,
+            proposer=proposer,
+            timestamp_ms=timestamp_ms,
+            tx_count=txs.num_rows,
+            tx_root=compute_tx_root(ids),
+            result_root=compute_result_root(ids, results),
+            state_root=state_root,
+            batch_digests=digests,
+        )
+        self._views[header.hash] = view
+        self._bodies[header.hash] = (txs, results)
+        self._headers[header.hash] = header
+        return header
+
+    def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
+        if parent.hash not in self._views:
+            return "parent state unknown"
+        if any(d not in self.batches for d in block.batch_digests):
+            return "a named batch is not held"
+        expected = self.build(
+            parent, block.round, block.proposer, block.timestamp_ms, block.batch_digests
+        )
+        if expected == block:
+            return None
+        self._forget(expected.hash)
+        for name in ("tx_count", "tx_root", "result_root", "state_root"):
+            if getattr(expected, name) != getattr(block, name):
+                return f"{name} differs from this validator's execution"
+        return "header differs from this validator's execution"
+
+    def _forget(self, block_hash: bytes) -> None:
+        self._views.pop(block_hash, None)
+        self._bodies.pop(block_hash, None)
+        self._headers.pop(block_hash, None)
+
+    def commit(self, block_hash: bytes, parent_qc: QuorumCert) -> Block:
+        """Fold a committed block's writes into the base state; return the block to store.
+
+        Blocks must be committed in order; forks below the new head are dropped."""
+        header = self._headers[block_hash]
+        if header.parent_hash != self.head.hash:
+            raise ValueError(f"height {header.height} does not extend the committed head")
+        view = self._views[block_hash]
+        self.base.writes.update(view.writes)
+        view.writes.clear()
+        view.parent = self.base
+        txs, results = self._bodies[block_hash]
+        self._views.pop(self.head.hash, None)
+        self.head = header
+        for h in [h for h, b in self._headers.items() if b.height <= header.height]:
+            self._forget(h)
+        self._views[header.hash] = view
+        return Block(header, txs, results, parent_qc)

@@ -1,0 +1,94 @@
+"""The executing block builder: two validators agree on every header field; a proposal whose
+payload fields disagree with re-execution is refused with the field named; commits fold state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import pytest
+
+from rayledger.block import QuorumCert, check_block, genesis_header
+from rayledger.chain import LedgerBuilder, batch_digest
+from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.execution import Account, balance_key, genesis_state
+from rayledger.merkle import merkle_root
+from rayledger.tx import TxKind, make_batch, tx_ids_of
+
+CHAIN = bytes(range(32))
+A, B = key_from_seed(b"\x01" * 32), key_from_seed(b"\x02" * 32)
+PA, PB = public_bytes(A), public_bytes(B)
+PROPOSER = public_bytes(key_from_seed(b"\x09" * 32))
+
+
+def setup() -> tuple[dict[bytes, object], object, list[bytes]]:
+    base, root = genesis_state([Account(PA, 1000)])
+    genesis = genesis_header(CHAIN, 1, root)
+    b1 = make_batch(A, TxKind.TRANSFER, range(0, 5), [PB + struct.pack(">Q", 10)] * 5, CHAIN)
+    b2 = make_batch(A, TxKind.ANCHOR, range(5, 8), [bytes([i]) * 32 for i in range(3)], CHAIN)
+    batches = {batch_digest(b): b for b in (b1, b2)}
+    return batches, genesis, list(batches)
+
+
+def fresh(batches, genesis) -> LedgerBuilder:
+    base, _ = genesis_state([Account(PA, 1000)])
+    return LedgerBuilder(batches, genesis, base)
+
+
+def test_batch_digest_is_merkle_root_of_ids() -> None:
+    batches, _, digests = setup()
+    assert digests[0] == merkle_root(tx_ids_of(batches[digests[0]]))
+
+
+def test_two_validators_agree_and_block_is_storable() -> None:
+    batches, genesis, digests = setup()
+    leader, voter = fresh(batches, genesis), fresh(batches, genesis)
+    header = leader.build(genesis, 1, PROPOSER, 2, tuple(digests))
+    assert header.tx_count == 8
+    assert voter.check(header, genesis) is None
+    block = voter.commit(header.hash, QuorumCert.genesis(genesis.hash))
+    check_block(block, genesis)
+    assert block.results.column("status").to_pylist() == [0] * 8
+    assert voter.base.get_u64(balance_key(PB)) == 50
+
+
+@pytest.mark.parametrize("field", ["tx_root", "result_root", "state_root", "tx_count"])
+def test_check_names_the_field_that_differs(field: str) -> None:
+    batches, genesis, digests = setup()
+    leader, voter = fresh(batches, genesis), fresh(batches, genesis)
+    header = leader.build(genesis, 1, PROPOSER, 2, tuple(digests))
+    value = 99 if field == "tx_count" else b"\x00" * 32
+    forged = dataclasses.replace(header, **{field: value})
+    assert voter.check(forged, genesis) == f"{field} differs from this validator's execution"
+    # The refused execution left nothing behind.
+    assert voter.check(header, genesis) is None
+
+
+def test_check_refuses_unknown_parent_and_missing_batch() -> None:
+    batches, genesis, digests = setup()
+    leader = fresh(batches, genesis)
+    h1 = leader.build(genesis, 1, PROPOSER, 2, (digests[0],))
+    h2 = leader.build(h1, 2, PROPOSER, 3, (digests[1],))
+    assert fresh(batches, genesis).check(h2, h1) == "parent state unknown"
+    partial = fresh({digests[0]: batches[digests[0]]}, genesis)
+    assert partial.check(leader.build(genesis, 1, PROPOSER, 2, (digests[1],)), genesis) == (
+        "a named batch is not held"
+    )
+
+
+def test_speculative_branches_then_commit_in_order() -> None:
+    batches, genesis, digests = setup()
+    v = fresh(batches, genesis)
+    h1 = v.build(genesis, 1, PROPOSER, 2, (digests[0],))
+    fork = v.build(genesis, 2, PROPOSER, 3, (digests[1],))
+    h2 = v.build(h1, 2, PROPOSER, 3, (digests[1],))
+    assert h2.state_root != fork.state_root
+    with pytest.raises(ValueError):
+        v.commit(h2.hash, QuorumCert.genesis(genesis.hash))
+    v.commit(h1.hash, QuorumCert.genesis(genesis.hash))
+    v.commit(h2.hash, QuorumCert(h1.hash, 1, b"\x07", (bytes(64),) * 3))
+    assert v.head == h2
+    assert v.base.get_u64(balance_key(PA)) == 950
+    with pytest.raises(KeyError):
+        v.commit(fork.hash, QuorumCert.genesis(genesis.hash))
