@@ -1,22 +1,34 @@
-"""Batch cryptography for the ledger: SHA-256 over many messages and Ed25519 verification.
+"""Batch cryptography for the ledger: SHA-256, SHA-512, RFC 6962 Merkle trees and Ed25519.
 
 Inputs are columnar (Arrow arrays or numpy buffers with offsets); outputs are numpy arrays with
-one row per message. Only the CPU backend exists so far; ``backend="auto"`` picks the best
-backend present and ``RAYLEDGER_KERNELS`` forces one.
+one row per message. Two backends give byte-identical results: ``cpu`` (``hashlib`` over
+zero-copy views, worker processes for large batches) and ``cuda`` (CuPy kernels compiled from
+``kernels/cuda/*.cu``). ``backend="auto"`` picks ``cuda`` when CuPy sees a device, and the
+``RAYLEDGER_KERNELS`` environment variable forces one; an explicit choice never falls back.
 """
 
 from __future__ import annotations
 
 from rayledger.kernels._backend import available_backends, resolve_backend
 from rayledger.kernels.ed25519 import ed25519_verify_batch
-from rayledger.kernels.sha import Messages, as_offsets_and_values, sha256_batch, sha256_rows
+from rayledger.kernels.merkle import merkle_levels, merkle_root
+from rayledger.kernels.sha import (
+    Messages,
+    as_offsets_and_values,
+    sha256_batch,
+    sha256_rows,
+    sha512_batch,
+)
 
 __all__ = [
     "Messages",
     "as_offsets_and_values",
     "available_backends",
     "ed25519_verify_batch",
+    "merkle_levels",
+    "merkle_root",
     "resolve_backend",
     "sha256_batch",
     "sha256_rows",
+    "sha512_batch",
 ]

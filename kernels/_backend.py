@@ -1,29 +1,66 @@
-"""Backend choice: which implementation serves a batch call."""
+"""Backend choice: which implementation serves a batch call.
+
+``auto`` means ``cuda`` when CuPy imports and sees at least one CUDA device, else ``cpu``. The
+``RAYLEDGER_KERNELS`` environment variable (``cpu``, ``cuda`` or ``auto``) decides what ``auto``
+means for the whole process. An explicit request, by argument or by that variable, never falls
+back: ``cuda`` on a machine without a usable GPU raises ``RuntimeError`` saying why.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+from types import ModuleType
 
 ENV_VAR = "RAYLEDGER_KERNELS"
 _KNOWN = ("cpu", "cuda")
 
 
+def load_cupy() -> ModuleType:
+    """CuPy, imported on first use only: the ground floor must import on machines without it."""
+    return importlib.import_module("cupy")
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why the ``cuda`` backend cannot run here, or ``None`` when it can (checked once)."""
+    try:
+        cupy = load_cupy()
+    except Exception as exc:  # ImportError, or a CuPy built for another CUDA failing to load
+        return f"CuPy does not import ({type(exc).__name__}: {exc})"
+    try:
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # no driver, or the driver refuses
+        return f"CUDA reports no usable device ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return "CUDA reports no device"
+    return None
+
+
 def available_backends() -> list[str]:
     """Backends that can run on this machine, best first."""
-    return ["cpu"]
+    return ["cuda", "cpu"] if cuda_unavailable_reason() is None else ["cpu"]
 
 
 def resolve_backend(requested: str = "auto") -> str:
     """Map a requested backend to one that runs here; an explicit request never falls back."""
+    source = "argument"
     if requested == "auto":
-        requested = os.environ.get(ENV_VAR, "auto") or "auto"
-        if requested == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip().lower()
+        if forced in ("", "auto"):
             return available_backends()[0]
+        requested, source = forced, f"{ENV_VAR} environment variable"
     if requested not in _KNOWN:
-        raise ValueError(f"unknown kernel backend {requested!r}; known: {', '.join(_KNOWN)}")
-    if requested not in available_backends():
-        raise RuntimeError(
-            f"kernel backend {requested!r} is not available on this machine "
-            f"(available: {', '.join(available_backends())})"
+        raise ValueError(
+            f"unknown kernel backend {requested!r} (from the {source}); "
+            f"known: auto, {', '.join(_KNOWN)}"
         )
+    if requested == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"kernel backend 'cuda' was requested (by the {source}) but cannot run here: "
+                f"{reason}"
+            )
     return requested

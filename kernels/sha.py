@@ -1,86 +1,47 @@
-"""Batch SHA-256 over variable-length messages held in one contiguous buffer."""
+"""Batch SHA-256 and SHA-512 over many messages held in one contiguous buffer."""
 
 from __future__ import annotations
 
-import hashlib
-from typing import TypeAlias
-
 import numpy as np
-import pyarrow as pa
 
 from rayledger.kernels._backend import resolve_backend
+from rayledger.kernels._cpu import hash_batch
+from rayledger.kernels._hashproc import DIGEST_SIZES
+from rayledger.kernels._inputs import (
+    Messages,
+    as_offsets_and_values,
+    check_rows,
+    message_buffers,
+)
 
-Messages: TypeAlias = pa.Array | tuple[np.ndarray, np.ndarray]
-
-
-def _fixed_view(arr: pa.FixedSizeBinaryArray) -> np.ndarray:
-    width = arr.type.byte_width
-    data = arr.buffers()[1]
-    flat = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
-    return flat.reshape(-1, width)[arr.offset : arr.offset + len(arr)] if width else flat[:0]
-
-
-def as_offsets_and_values(messages: Messages) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(values uint8, offsets int64 of length n + 1)`` views of a message batch.
-
-    Accepts a ``pyarrow`` Binary/LargeBinary/FixedSizeBinary array (without nulls) or a
-    ``(values, offsets)`` pair. Nothing is copied where Arrow's buffers can be viewed directly.
-    """
-    if isinstance(messages, pa.ChunkedArray):
-        messages = messages.combine_chunks()
-    if isinstance(messages, pa.Array):
-        if messages.null_count:
-            raise ValueError("messages contain nulls")
-        n = len(messages)
-        if pa.types.is_fixed_size_binary(messages.type):
-            width = messages.type.byte_width
-            values = _fixed_view(messages).reshape(-1)
-            return values, np.arange(n + 1, dtype=np.int64) * width
-        if pa.types.is_binary(messages.type) or pa.types.is_large_binary(messages.type):
-            odt = np.int32 if pa.types.is_binary(messages.type) else np.int64
-            bufs = messages.buffers()
-            offsets = np.frombuffer(bufs[1], odt)[messages.offset : messages.offset + n + 1]
-            values = (
-                np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
-            )
-            return values, offsets.astype(np.int64, copy=False)
-        raise ValueError(f"unsupported message array type {messages.type}")
-    if not (isinstance(messages, tuple) and len(messages) == 2):
-        raise ValueError("messages must be an Arrow binary array or a (values, offsets) pair")
-    values, offsets = messages
-    if not isinstance(values, np.ndarray) or values.dtype != np.uint8 or values.ndim != 1:
-        raise ValueError("values must be a one-dimensional uint8 numpy array")
-    if not values.flags.c_contiguous:
-        raise ValueError("values must be contiguous")
-    if not isinstance(offsets, np.ndarray) or offsets.dtype not in (np.int32, np.int64):
-        raise ValueError("offsets must be an int32 or int64 numpy array")
-    if offsets.ndim != 1 or len(offsets) < 1:
-        raise ValueError("offsets must be one-dimensional with n + 1 entries")
-    offsets = offsets.astype(np.int64, copy=False)
-    if offsets[0] < 0 or offsets[-1] > len(values):
-        raise ValueError("offsets point outside the values buffer")
-    if len(offsets) > 1 and bool(np.any(np.diff(offsets) < 0)):
-        raise ValueError("offsets must be non-decreasing")
-    return values, offsets
+__all__ = ["Messages", "as_offsets_and_values", "sha256_batch", "sha256_rows", "sha512_batch"]
 
 
-def _sha256_cpu(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    view = values.data
-    sha = hashlib.sha256
-    bounds = offsets.tolist()
-    digests = b"".join(
-        [sha(view[bounds[i] : bounds[i + 1]]).digest() for i in range(len(bounds) - 1)]
-    )
-    return np.frombuffer(digests, np.uint8).reshape(-1, 32)
+def _hash_messages(algorithm: str, messages: Messages, backend: str) -> np.ndarray:
+    chosen = resolve_backend(backend)
+    values, offsets = message_buffers(messages)
+    n = len(offsets) - 1
+    if n == 0:
+        return np.empty((0, DIGEST_SIZES[algorithm]), np.uint8)
+    if chosen == "cuda":
+        from rayledger.kernels import _cuda
+
+        return _cuda.hash_rows(algorithm, None, values, offsets)
+    return hash_batch(algorithm, np.empty((n, 0), np.uint8), (values, offsets))
 
 
 def sha256_batch(messages: Messages, backend: str = "auto") -> np.ndarray:
-    """SHA-256 of every message in the batch, as an ``(n, 32) uint8`` array."""
-    resolve_backend(backend)
-    values, offsets = as_offsets_and_values(messages)
-    if len(offsets) == 1:
-        return np.empty((0, 32), np.uint8)
-    return _sha256_cpu(values, offsets)
+    """SHA-256 of every message in the batch, as an ``(n, 32) uint8`` array.
+
+    ``messages`` is a ``pyarrow`` Binary, LargeBinary or FixedSizeBinary array without nulls, or
+    a ``(values uint8, offsets int32/int64)`` pair; lengths may differ and may be zero.
+    """
+    return _hash_messages("sha256", messages, backend)
+
+
+def sha512_batch(messages: Messages, backend: str = "auto") -> np.ndarray:
+    """SHA-512 of every message in the batch, as an ``(n, 64) uint8`` array (inputs as above)."""
+    return _hash_messages("sha512", messages, backend)
 
 
 def sha256_rows(
@@ -88,25 +49,24 @@ def sha256_rows(
 ) -> np.ndarray:
     """SHA-256 of ``head[i] || tail[i]`` for every row, as an ``(n, 32) uint8`` array.
 
-    ``head`` is a fixed-width ``(n, k) uint8`` block of per-row prefixes (a header built
+    ``head`` is an ``(n, k) uint8`` block of per-row prefixes (a header built
     column-wise); ``tail`` holds the variable-length rest. This hashes records whose layout is
     "fixed header then payload" without first packing them into one buffer.
     """
-    resolve_backend(backend)
-    if not isinstance(head, np.ndarray) or head.dtype != np.uint8 or head.ndim != 2:
-        raise ValueError("head must be a two-dimensional uint8 numpy array")
-    n, k = head.shape
-    sha = hashlib.sha256
-    heads = np.ascontiguousarray(head).tobytes()
-    if tail is None:
-        digests = b"".join([sha(heads[i : i + k]).digest() for i in range(0, n * k, k)])
-    else:
-        values, offsets = as_offsets_and_values(tail)
+    chosen = resolve_backend(backend)
+    head = check_rows(head, "head")
+    n = head.shape[0]
+    values: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    if tail is not None:
+        values, offsets = message_buffers(tail)
         if len(offsets) != n + 1:
-            raise ValueError(f"head has {n} rows but tail has {len(offsets) - 1}")
-        view = values.data
-        b = offsets.tolist()
-        digests = b"".join(
-            [sha(heads[i * k : (i + 1) * k] + view[b[i] : b[i + 1]]).digest() for i in range(n)]
-        )
-    return np.frombuffer(digests, np.uint8).reshape(n, 32)
+            raise ValueError(f"head has {n} rows but tail has {len(offsets) - 1} messages")
+    if n == 0:
+        return np.empty((0, 32), np.uint8)
+    if chosen == "cuda":
+        from rayledger.kernels import _cuda
+
+        return _cuda.hash_rows("sha256", head, values, offsets)
+    rest = None if values is None or offsets is None else (values, offsets)
+    return hash_batch("sha256", head, rest)

@@ -1,0 +1,76 @@
+"""RFC 6962 Merkle trees over batches of 32-byte leaves, level by level.
+
+The same tree as ``rayledger.merkle`` (leaf ``SHA-256(0x00 || leaf)``, node
+``SHA-256(0x01 || left || right)``, an unpaired last node carried up unchanged, which is the
+RFC's largest-power-of-two split), built here without importing the ledger so that ``kernels``
+stays the ground floor. On the ``cuda`` backend the whole tree is built on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from rayledger.kernels._backend import resolve_backend
+from rayledger.kernels._cpu import hash_batch
+from rayledger.kernels._inputs import check_rows
+
+__all__ = ["EMPTY_ROOT", "merkle_levels", "merkle_root"]
+
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+
+def _leaf_hashes(leaves: np.ndarray) -> np.ndarray:
+    rows = np.empty((len(leaves), 33), np.uint8)
+    rows[:, 0] = 0
+    rows[:, 1:] = leaves
+    return hash_batch("sha256", rows)
+
+
+def _parents(level: np.ndarray) -> np.ndarray:
+    pairs = len(level) // 2
+    rows = np.empty((pairs, 65), np.uint8)
+    rows[:, 0] = 1
+    rows[:, 1:] = level[: 2 * pairs].reshape(pairs, 64)
+    parents = hash_batch("sha256", rows)
+    if len(level) & 1:
+        # The unpaired last node moves up unchanged (RFC 6962's split at the largest power of 2).
+        parents = np.concatenate([parents, level[-1:]])
+    return parents
+
+
+def merkle_levels(leaves: np.ndarray, backend: str = "auto") -> list[np.ndarray]:
+    """Every level of the tree over ``leaves`` (``(n, 32) uint8``), leaf hashes first.
+
+    Level 0 holds the ``(n, 32)`` leaf hashes and the last level is the ``(1, 32)`` root; an
+    empty tree has no levels and returns ``[]`` (its root, ``EMPTY_ROOT``, is not a node).
+    """
+    chosen = resolve_backend(backend)
+    leaves = check_rows(leaves, "leaves", 32)
+    if len(leaves) == 0:
+        return []
+    if chosen == "cuda":
+        from rayledger.kernels import _cuda
+
+        return _cuda.merkle_levels(leaves)
+    levels = [_leaf_hashes(leaves)]
+    while len(levels[-1]) > 1:
+        levels.append(_parents(levels[-1]))
+    return levels
+
+
+def merkle_root(leaves: np.ndarray, backend: str = "auto") -> bytes:
+    """RFC 6962 Merkle tree hash of ``leaves`` (``(n, 32) uint8``); ``SHA-256(b"")`` for none."""
+    chosen = resolve_backend(backend)
+    leaves = check_rows(leaves, "leaves", 32)
+    if len(leaves) == 0:
+        return EMPTY_ROOT
+    if chosen == "cuda":
+        from rayledger.kernels import _cuda
+
+        return _cuda.merkle_root(leaves)
+    level = _leaf_hashes(leaves)
+    while len(level) > 1:
+        level = _parents(level)
+    return level[0].tobytes()

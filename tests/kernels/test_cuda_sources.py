@@ -1,0 +1,96 @@
+"""The CUDA sources compile: each of kernels/cuda/*.cu on its own, and the text that
+kernels/_cuda.py hands to cupy.RawModule, with ``nvcc -arch=sm_90`` (no device needed).
+
+Scenarios:
+- every .cu file compiles on its own, warnings as errors;
+- the concatenated module source compiles, every kernel _cuda.py launches is defined there as
+  an extern "C" __global__ function, and ptxas reports no stack frame or register spills;
+- the sources ship as package data.
+
+Skipped when nvcc is not on PATH.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from rayledger.kernels import _cuda
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _nvcc(source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    assert NVCC is not None
+    return subprocess.run(
+        [NVCC, "-arch=sm_90", "-Werror", "all-warnings", *extra, "-c", str(source), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    tmp = tmp_path_factory.mktemp("nvcc")
+    module = tmp / "module.cu"
+    module.write_text(_cuda.module_source())
+    jobs = {name: (_cuda.CUDA_DIR / name, tmp / f"{name}.o", ()) for name in _cuda.SOURCES}
+    jobs["module"] = (module, tmp / "module.o", ("-Xptxas", "-v"))
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {name: pool.submit(_nvcc, *job[:2], *job[2]) for name, job in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", _cuda.SOURCES)
+def test_each_source_compiles(
+    compiled: dict[str, subprocess.CompletedProcess[str]], name: str
+) -> None:
+    done = compiled[name]
+    assert done.returncode == 0, done.stderr
+
+
+@needs_nvcc
+def test_module_source_compiles_without_spills(
+    compiled: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    done = compiled["module"]
+    assert done.returncode == 0, done.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)'", done.stderr)
+    assert sorted(entries) == sorted(_cuda.KERNELS)
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", done.stderr)
+    assert len(frames) == len(_cuda.KERNELS)
+    # A spill puts the hash state in local memory: a large, silent slowdown.
+    assert all(frame == ("0", "0") for frame in frames), done.stderr
+
+
+def test_every_launched_kernel_is_defined() -> None:
+    source = _cuda.module_source()
+    defined = set(re.findall(r'extern "C" __global__ void (\w+)\(', source))
+    assert defined == set(_cuda.KERNELS)
+
+
+def test_sources_are_package_data() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"rayledger.kernels" = ["cuda/*.cu"]' in pyproject
+    assert all((_cuda.CUDA_DIR / name).is_file() for name in _cuda.SOURCES)
+    assert sorted(p.name for p in _cuda.CUDA_DIR.glob("*.cu")) == sorted(_cuda.SOURCES)
+
+
+def test_level_sizes() -> None:
+    assert _cuda.level_sizes(1) == [1]
+    assert _cuda.level_sizes(5) == [5, 3, 2, 1]
+    assert _cuda.level_sizes(8) == [8, 4, 2, 1]
+    assert len(_cuda.level_sizes(1 << 24)) == 25
