@@ -1,0 +1,153 @@
+"""The mempool actor: admission of TxBatches, batching, dissemination and backpressure.
+
+Admission checks a submitted batch's schema, chain and sizes, verifies every signature,
+and drops transactions it has already seen; the accepted rows wait in a bounded buffer and are
+sealed into a batch when enough rows are pending or the batch interval passes. A sealed batch
+goes to the Ray object store once and its digest and reference to every validator. Capacity
+counts rows pending and rows sealed but not yet committed: when a submission would exceed it,
+the whole submission is answered "busy" and nothing of it is kept (never a silent drop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from rayledger.chain import batch_digest
+from rayledger.config import parse_genesis
+from rayledger.errors import LedgerError
+from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
+
+
+@dataclass
+class Admission:
+    accepted: int = 0
+    busy: bool = False
+    rejected: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Mempool:
+    def __init__(
+        self,
+        genesis_toml: str,
+        index: int,
+        *,
+        capacity_rows: int = 200_000,
+        batch_rows: int = 5_000,
+        batch_interval_ms: float = 50.0,
+    ) -> None:
+        # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
+        os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
+        self.genesis = parse_genesis(genesis_toml)
+        self.index = index
+        self.capacity = capacity_rows
+        self.batch_rows = batch_rows
+        self.interval = batch_interval_ms / 1000
+        self.validators: list[Any] = []
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
+        self.in_flight: dict[bytes, int] = {}
+        self.seen: set[bytes] = set()
+        self.sealed = 0
+        self.counts: dict[str, int] = {}
+        self._refs: dict[bytes, Any] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    def set_validators(self, validators: list[Any]) -> None:
+        self.validators = list(validators)
+
+    async def submit(self, batch: pa.RecordBatch) -> Admission:
+        """Admit a batch of signed transactions (rows that fail are counted, not stored)."""
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        # Backpressure: answer busy before doing any work, and keep nothing
+        if self.pending_rows + sum(self.in_flight.values()) + batch.num_rows > self.capacity:
+            self._count("busy", batch.num_rows)
+            return Admission(busy=True)
+        try:
+            canonical = validate_batch(
+                batch,
+                chain_id=self.genesis.chain_id,
+                max_payload=self.genesis.limits.max_payload_bytes,
+            )
+            if canonical.num_rows > self.genesis.limits.max_batch_rows:
+                raise LedgerError(f"{canonical.num_rows} rows exceed the batch limit")
+        except LedgerError as exc:
+            self._count(exc.code, batch.num_rows)
+            return Admission(error=str(exc), rejected={exc.code: batch.num_rows})
+        result = Admission()
+        valid = verify_signatures(canonical, self.genesis.chain_id)
+        ids = tx_ids_of(canonical)
+        keys = [ids[i].tobytes() for i in range(len(ids))]
+        fresh = np.zeros(len(keys), np.bool_)
+        batch_seen: set[bytes] = set()
+        for i, k in enumerate(keys):
+            if not valid[i]:
+                result.rejected["invalid_signature"] = (
+                    result.rejected.get("invalid_signature", 0) + 1
+                )
+            elif k in self.seen or k in batch_seen:
+                result.rejected["duplicate"] = result.rejected.get("duplicate", 0) + 1
+            else:
+                fresh[i] = True
+                batch_seen.add(k)
+        for reason, n in result.rejected.items():
+            self._count(reason, n)
+        kept = canonical.filter(pa.array(fresh)) if not fresh.all() else canonical
+        self.seen.update(batch_seen)
+        result.accepted = kept.num_rows
+        if kept.num_rows:
+            self.pending.append(kept)
+            self.pending_rows += kept.num_rows
+            self._count("accepted", kept.num_rows)
+        while self.pending_rows >= self.batch_rows:
+            self._seal(self.batch_rows)
+        return result
+
+    def _seal(self, limit: int) -> None:
+        table = pa.Table.from_batches(self.pending, schema=self.pending[0].schema)
+        take = min(limit, table.num_rows)
+        head = table.slice(0, take).combine_chunks().to_batches()[0]
+        rest = table.slice(take)
+        self.pending = rest.combine_chunks().to_batches() if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+        batch = head.cast(TX_SCHEMA.with_metadata(head.schema.metadata))
+        digest = batch_digest(batch)
+        ref = ray.put(batch)
+        self._refs[digest] = ref
+        self.in_flight[digest] = batch.num_rows
+        self.sealed += 1
+        for v in self.validators:
+            v.batch_ready.remote(digest, [ref])
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.pending_rows:
+                self._seal(self.batch_rows)
+
+    async def on_commit(self, digests: list[bytes]) -> None:
+        """Batches committed (by this mempool's validator): their capacity is free again."""
+        for d in digests:
+            self.in_flight.pop(d, None)
+            self._refs.pop(d, None)
+
+    def _count(self, key: str, n: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "pending_rows": self.pending_rows,
+            "in_flight_rows": sum(self.in_flight.values()),
+            "sealed_batches": self.sealed,
+            "capacity_rows": self.capacity,
+            "counts": dict(self.counts),
+        }

@@ -1,0 +1,191 @@
+"""The running network on Ray: 4 validators with mempools on one machine (virtual sites).
+
+Scenarios (one Ray instance for the module, 2 CPUs pinned, fractional actors):
+- 20,000 transactions (transfers and anchors from four clients, through all four mempools):
+  every one committed exactly once, and all validators hold identical block hashes and state
+  roots at every height.
+- kill 1 of 4: commits continue; restart it: it catches up from its disk plus its peers.
+- kill 2 of 4: commits stop and nothing forks; bring one back: commits resume.
+- mempool admission: invalid signatures and duplicates are counted and dropped, a foreign
+  chain's batch is refused whole, and an overloaded mempool answers busy and keeps nothing of
+  that submission while everything it accepted is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from rayledger.cluster.local import LocalNetwork, NetworkOptions
+from rayledger.cluster.network import load_network
+from rayledger.tx import TxKind, make_batch, tx_ids_of
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.toml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance() -> Iterator[None]:
+    ray.init(
+        num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
+    )
+    yield
+    ray.shutdown()
+
+
+def start(tmp_path: Path, name: str, **kw: object) -> LocalNetwork:
+    opts = NetworkOptions(base_timeout_ms=400, name=name, **kw)  # type: ignore[arg-type]
+    return LocalNetwork(load_network(CONFIG), tmp_path, opts)
+
+
+def client_batches(net: LocalNetwork, total: int, start_nonce: int = 0) -> list[pa.RecordBatch]:
+    """Four clients' signed transactions: client 0 pays client 1, the others anchor records."""
+    clients = [c.name for c in net.spec.clients]
+    per = total // len(clients)
+    to = net.genesis.accounts[1].public_key
+    out = []
+    for k, name in enumerate(clients):
+        key = net.client_key(name)
+        nonces = range(start_nonce, start_nonce + per)
+        if k == 0:
+            payloads = [to + struct.pack(">Q", 1)] * per
+            out.append(make_batch(key, TxKind.TRANSFER, nonces, payloads, net.chain_id))
+        else:
+            payloads = [os.urandom(32) + b'{"record":%d}' % i for i in nonces]
+            out.append(make_batch(key, TxKind.ANCHOR, nonces, payloads, net.chain_id))
+    return out
+
+
+def headers(net: LocalNetwork, i: int) -> list[tuple[int, bytes, bytes]]:
+    return ray.get(net.validators[i].headers.remote())
+
+
+def assert_agreement(net: LocalNetwork, live: list[int]) -> int:
+    chains = [headers(net, i) for i in live]
+    common = min(len(c) for c in chains)
+    for c in chains[1:]:
+        assert c[:common] == chains[0][:common], "validators disagree on a block or state root"
+    return common
+
+
+def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) -> None:
+    net = start(tmp_path, "e2e", batch_rows=2_500)
+    try:
+        batches = client_batches(net, 20_000)
+        for k, b in enumerate(batches):
+            for part in range(0, b.num_rows, 2_500):
+                res = net.submit(b.slice(part, 2_500), mempool=k % 4)
+                assert res.accepted == min(2_500, b.num_rows - part) and not res.busy
+        for b in batches:
+            net.wait_committed(b, timeout_s=300)
+        assert_agreement(net, [0, 1, 2, 3])
+        submitted = {r.tobytes() for b in batches for r in tx_ids_of(b)}
+        for i in range(4):
+            ids = ray.get(net.validators[i].committed_ids.remote())
+            keys = [r.tobytes() for r in ids]
+            assert len(keys) == len(set(keys)), "a transaction was committed twice"
+            assert set(keys) == submitted
+        status = net.status()
+        assert all(isinstance(s, dict) and s["evidence"] == 0 for s in status)
+    finally:
+        net.shutdown()
+
+
+def wait_height(net: LocalNetwork, i: int, height: int, timeout_s: float = 60) -> None:
+    t0 = time.monotonic()
+    while ray.get(net.validators[i].status.remote())["height"] < height:
+        assert time.monotonic() - t0 < timeout_s, f"validator {i} stuck below {height}"
+        time.sleep(0.2)
+
+
+def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> None:
+    net = start(tmp_path, "kill1")
+    try:
+        first = client_batches(net, 2_000)
+        for k, b in enumerate(first):
+            net.submit(b, mempool=k)
+        for b in first:
+            net.wait_committed(b)
+        net.kill(3)
+        second = client_batches(net, 2_000, start_nonce=500)
+        for k, b in enumerate(second):
+            net.submit(b, mempool=k % 3)
+        for b in second:
+            net.wait_committed(b, validators=[0, 1, 2])
+        net.restart(3)
+        top = ray.get(net.validators[0].status.remote())["height"]
+        wait_height(net, 3, top)
+        for b in second:
+            net.wait_committed(b, validators=[3])
+        assert_agreement(net, [0, 1, 2, 3])
+    finally:
+        net.shutdown()
+
+
+def test_kill_two_stops_commits_without_fork_then_resumes(tmp_path: Path) -> None:
+    net = start(tmp_path, "kill2")
+    try:
+        net.kill(2)
+        net.kill(3)
+        time.sleep(1.0)
+        before = {i: ray.get(net.validators[i].status.remote())["height"] for i in (0, 1)}
+        batch = client_batches(net, 400)[1]
+        net.submit(batch, mempool=0)
+        time.sleep(3.0)
+        after = {i: ray.get(net.validators[i].status.remote())["height"] for i in (0, 1)}
+        # Without a quorum nothing new commits (one block already certified may finish).
+        assert all(after[i] <= before[i] + 1 for i in (0, 1))
+        assert_agreement(net, [0, 1])
+        net.restart(2)
+        net.wait_committed(batch, validators=[0, 1, 2], timeout_s=120)
+        assert_agreement(net, [0, 1, 2])
+    finally:
+        net.shutdown()
+
+
+def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
+    net = start(tmp_path, "mempool", mempool_capacity=3_000, batch_rows=1_000)
+    try:
+        good = client_batches(net, 2_000)[1]
+        sigs = np.frombuffer(good.column("signature").buffers()[1], np.uint8).copy()
+        sigs[64 * 5] ^= 1
+        forged = pa.RecordBatch.from_arrays(
+            [
+                pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(64), good.num_rows, [None, pa.py_buffer(sigs)]
+                )
+                if n == "signature"
+                else good.column(n)
+                for n in good.schema.names
+            ],
+            schema=good.schema,
+        )
+        res = net.submit(forged.slice(0, 100), mempool=0)
+        assert res.accepted == 99 and res.rejected == {"invalid_signature": 1}
+        res = net.submit(good.slice(0, 100), mempool=0)
+        assert res.accepted == 1 and res.rejected == {"duplicate": 99}
+        other = make_batch(
+            net.client_key("records-office"), TxKind.ANCHOR, [0], [b"x" * 32], b"\x07" * 32
+        )
+        res = net.submit(other, mempool=0)
+        assert res.accepted == 0 and res.rejected == {"wrong_chain": 1}
+        # Overload: pending plus in-flight rows may not exceed 3,000.
+        big = client_batches(net, 16_000, start_nonce=1_000)[2]
+        res = net.submit(big, mempool=1)
+        assert res.busy and res.accepted == 0
+        assert ray.get(net.mempools[1].status.remote())["pending_rows"] == 0
+        accepted = [good.slice(100, 400)]
+        assert good.num_rows == 500
+        assert net.submit(accepted[0], mempool=1).accepted == 400
+        for b in accepted + [good.slice(0, 100)]:
+            net.wait_committed(b)
+    finally:
+        net.shutdown()
