@@ -11,8 +11,10 @@ the whole submission is answered "busy" and nothing of it is kept (never a silen
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,15 +36,13 @@ class Admission:
 
 
 class Mempool:
-    def __init__(
-        self,
-        genesis_toml: str,
-        index: int,
-        *,
-        capacity_rows: int = 200_000,
-        batch_rows: int = 5_000,
-        batch_interval_ms: float = 50.0,
-    ) -> None:
+    def __init__(self, data_dir: str, index: int) -> None:
+        root = Path(data_dir)
+        settings = json.loads((root / "network.json").read_text())
+        genesis_toml = (root / "genesis.toml").read_text()
+        capacity_rows = int(settings.get("mempool_capacity", 200_000))
+        batch_rows = int(settings.get("batch_rows", 5_000))
+        batch_interval_ms = float(settings.get("batch_interval_ms", 50.0))
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
         os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
         self.genesis = parse_genesis(genesis_toml)
@@ -50,7 +50,7 @@ class Mempool:
         self.capacity = capacity_rows
         self.batch_rows = batch_rows
         self.interval = batch_interval_ms / 1000
-        self.validators: list[Any] = []
+        self.validators: dict[int, Any] = {}
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
         self.in_flight: dict[bytes, int] = {}
@@ -60,8 +60,9 @@ class Mempool:
         self._refs: dict[bytes, Any] = {}
         self._ticker: asyncio.Task[None] | None = None
 
-    def set_validators(self, validators: list[Any]) -> None:
-        self.validators = list(validators)
+    def set_validator(self, index: int, handle: Any) -> None:
+        """Validator ``index`` (re)started: announce batches to this handle from now on."""
+        self.validators[index] = handle
 
     async def submit(self, batch: pa.RecordBatch) -> Admission:
         """Admit a batch of signed transactions (rows that fail are counted, not stored)."""
@@ -124,7 +125,7 @@ class Mempool:
         self._refs[digest] = ref
         self.in_flight[digest] = batch.num_rows
         self.sealed += 1
-        for v in self.validators:
+        for v in self.validators.values():
             v.batch_ready.remote(digest, [ref])
 
     async def _tick(self) -> None:

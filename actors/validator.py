@@ -16,6 +16,7 @@ latency between the two sites.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import pickle
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from rayledger.actors.storage import BlockStore
 from rayledger.chain import LedgerBuilder, batch_digest
@@ -45,13 +47,17 @@ from rayledger.consensus import (
     SafetyState,
     Send,
     SetTimer,
+    Vote,
 )
+from rayledger.consensus.byzantine import conflicting_proposal, corrupt_signature, double_vote
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier
 from rayledger.errors import LedgerError
 from rayledger.execution import execute_block, genesis_state
 from rayledger.tx import tx_ids_of, validate_batch, verify_signatures
 
 log = logging.getLogger(__name__)
+
+ACTOR_STRATEGIES = ("none", "silent", "invalid-signature", "double-voter", "equivocating-leader")
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -71,20 +77,24 @@ def _fsync_write(path: Path, data: bytes) -> None:
 class Validator:
     """One institution's validator. Created through ``ray.remote`` by the cluster layer."""
 
-    def __init__(
-        self,
-        genesis_toml: str,
-        index: int,
-        key_pem: bytes,
-        data_dir: str,
-        *,
-        base_timeout_ms: int = 1000,
-        max_batches_per_block: int = 64,
-        latency_ms: list[float] | None = None,
-        verifier_backend: str = "auto",
-    ) -> None:
+    def __init__(self, data_dir: str, index: int) -> None:
+        """Everything comes from the network's data directory: ``genesis.toml``,
+        ``network.json`` (transport and timing settings), ``keys/<name>.key`` and this
+        validator's own ``validator-<index>/`` (block store, safety state)."""
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+        root = Path(data_dir)
+        settings = json.loads((root / "network.json").read_text())
+        genesis_toml = (root / "genesis.toml").read_text()
+        name = parse_genesis(genesis_toml).validators.validators[index].name
+        key_pem = (root / "keys" / f"{name}.key").read_bytes()
+        data_dir = str(root / f"validator-{index}")
+        self.network = settings["name"]
+        base_timeout_ms = int(settings.get("base_timeout_ms", 1000))
+        max_batches_per_block = int(settings.get("max_batches_per_block", 64))
+        matrix = settings.get("latency_ms")
+        latency_ms = list(matrix[index]) if matrix else None
+        verifier_backend = settings.get("verifier_backend", "auto")
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
         os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
         self.genesis = parse_genesis(genesis_toml)
@@ -102,6 +112,10 @@ class Validator:
         self.rejected: dict[str, int] = {}
         self.epoch = 0
         self.started = False
+        # Fault injection (chaos and tests): peers cut off by a partition, and a Byzantine
+        # strategy from the simulator's catalogue applied to what this validator sends.
+        self.blocked: set[int] = set()
+        self.strategy = "none"
 
         self.store = BlockStore(self.dir / "store", self.genesis.header)
         self.committed_batches = self._load_batch_index()
@@ -172,22 +186,64 @@ class Validator:
 
     # ---- wiring ------------------------------------------------------------------------------
 
-    def set_peers(self, peers: dict[int, Any], mempool: Any) -> None:
-        self.peers = {i: h for i, h in peers.items() if i != self.index}
-        self.mempool = mempool
-
     def set_peer(self, index: int, handle: Any) -> None:
+        """A peer (re)started: its new handle."""
         if index != self.index:
             self.peers[index] = handle
 
     async def start(self) -> None:
-        if not self.started:
-            self.started = True
-            self._run(self.core.start())
+        """Find the peers and the mempool by name, tell them where this validator is, and
+        enter the first round. Called once all validators exist, and after every restart."""
+        if self.started:
+            return
+        me = ray.get_runtime_context().current_actor
+        for j in range(self.genesis.validators.n):
+            if j == self.index:
+                continue
+            try:
+                handle = self._actor(f"validator-{j}")
+            except ValueError:  # down: it announces itself when it comes back
+                continue
+            self.peers[j] = handle
+            handle.set_peer.remote(self.index, me)
+        for j in range(self.genesis.validators.n):
+            try:
+                mempool = self._actor(f"mempool-{j}")
+            except ValueError:
+                continue
+            mempool.set_validator.remote(self.index, me)
+            if j == self.index:
+                self.mempool = mempool
+        self.started = True
+        self._run(self.core.start())
+
+    def _actor(self, role: str) -> Any:
+        return ray.get_actor(f"{self.network}-{role}", namespace="rayledger")
+
+    async def where(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {
+            "index": self.index,
+            "node_id": ctx.get_node_id(),
+            "labels": {
+                k: v for k, v in ctx.get_node_labels().items() if not k.startswith("ray.io/")
+            },
+        }
 
     # ---- inbound -------------------------------------------------------------------------------
 
+    async def set_blocked(self, peers: list[int]) -> None:
+        """Drop all traffic to and from these peers (a network partition) until unblocked."""
+        self.blocked = set(peers)
+
+    async def set_strategy(self, strategy: str) -> None:
+        if strategy not in ACTOR_STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(ACTOR_STRATEGIES)}")
+        self.strategy = strategy
+
     async def deliver(self, sender: int, messages: list[Message]) -> None:
+        if sender in self.blocked:
+            return
         self.core.tick(int(time.time() * 1000))
         self._run(self.core.on_messages(messages))
 
@@ -242,9 +298,9 @@ class Validator:
                     _fsync_write(self.dir / "safety.pkl", pickle.dumps(state))
                 case Broadcast(message=msg):
                     for peer in self.peers:
-                        outbox.setdefault(peer, []).append(msg)
+                        outbox.setdefault(peer, []).extend(self._hostile(msg, peer, True))
                 case Send(to=to, message=msg):
-                    outbox.setdefault(to, []).append(msg)
+                    outbox.setdefault(to, []).extend(self._hostile(msg, to, False))
                 case SetTimer(round=round_, delay_ms=delay):
                     loop = asyncio.get_running_loop()
                     loop.call_later(delay / 1000, self._on_timer, round_, self.epoch)
@@ -264,11 +320,28 @@ class Validator:
                     self._count(reason)
         self._flush(outbox)
 
+    def _hostile(self, msg: Message, peer: int, broadcast: bool) -> list[Message]:
+        """What a Byzantine strategy sends in place of ``msg`` (honest: ``[msg]``)."""
+        match self.strategy:
+            case "silent":
+                return []
+            case "invalid-signature":
+                return [corrupt_signature(msg)]
+            case "double-voter" if isinstance(msg, Vote):
+                return [msg, double_vote(self.core, msg)]
+            case "equivocating-leader" if isinstance(msg, Proposal) and broadcast:
+                # Half the peers see another block; the next leader sees both
+                other = conflicting_proposal(self.core, msg)
+                if peer == self.core.leaders.leader(msg.round + 1):
+                    return [msg, other]
+                return [other] if peer % 2 else [msg]
+        return [msg]
+
     def _flush(self, outbox: dict[int, list[Message]]) -> None:
         loop = asyncio.get_running_loop()
         for peer, msgs in outbox.items():
             handle = self.peers.get(peer)
-            if handle is None:
+            if handle is None or peer in self.blocked or not msgs:
                 continue
             delay = self.latency[peer] / 1000 if peer < len(self.latency) else 0.0
             if delay > 0:
@@ -334,7 +407,10 @@ class Validator:
             "batches_held": len(self.batches),
             "evidence": len(self.evidence),
             "rejected": dict(self.rejected),
+            "evidence_kinds": sorted({e.kind for e in self.evidence}),
             "peers": sorted(self.peers),
+            "blocked": sorted(self.blocked),
+            "strategy": self.strategy,
         }
 
     async def headers(self, from_height: int = 1) -> list[tuple[int, bytes, bytes]]:

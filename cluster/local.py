@@ -1,107 +1,156 @@
-"""Bring-up of a network on Ray: one validator and one mempool actor per institution, placed
-on its site, wired together; plus the operations the CLI, the demo and the tests use (submit,
-wait for commits, status, kill, restart, shutdown)."""
+"""Deployment of a network on Ray, and the operations on a running one.
+
+A network lives in a data directory: ``genesis.toml``, ``network.json`` (name, placement,
+timing and transport settings), ``keys/`` and one ``validator-<i>/`` per validator. Its actors
+are named ``<name>-validator-<i>`` and ``<name>-mempool-<i>`` in the Ray namespace
+``rayledger``, so any process connected to the cluster (``rayledger status``, ``chaos``,
+``down``, a test) can find them, and can restart a validator from the data directory alone.
+"""
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import ray
-from cryptography.hazmat.primitives import serialization
 
 from rayledger.actors.mempool import Admission, Mempool
 from rayledger.actors.validator import Validator
-from rayledger.cluster.network import NetworkSpec, make_genesis
-from rayledger.crypto import SigningKey
+from rayledger.cluster.network import NetworkSpec, load_network, make_genesis
+from rayledger.config import Genesis, load_genesis
+from rayledger.crypto import SigningKey, read_key_file
 from rayledger.tx import tx_ids_of
+
+NAMESPACE = "rayledger"
 
 
 @dataclass
 class NetworkOptions:
+    name: str = "rayledger"
     base_timeout_ms: int = 1000
     batch_rows: int = 2_000
     batch_interval_ms: float = 50.0
     mempool_capacity: int = 200_000
-    # latency_ms[a][b]: one-way delay from site of validator a to site of validator b
+    max_batches_per_block: int = 64
+    # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
+    verifier_backend: str = "auto"
     validator_cpus: float = 0.25
     mempool_cpus: float = 0.1
-    name: str = "rayledger"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _pem(key: SigningKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+def site_resources(spec: NetworkSpec) -> dict[str, float]:
+    """Custom resources that make one machine hold every virtual site of ``spec``."""
+    return {f"site:{s}": 1000.0 for s in spec.sites}
 
 
-class LocalNetwork:
-    """A running network. ``ray.init`` must have been called (the caller owns Ray)."""
+class Network:
+    """Handles to a network's actors, created here or found by name."""
 
-    def __init__(
-        self,
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = Path(data_dir)
+        self.settings: dict[str, Any] = json.loads((self.dir / "network.json").read_text())
+        self.name: str = self.settings["name"]
+        self.genesis: Genesis = load_genesis(self.dir / "genesis.toml")
+        self.n = self.genesis.validators.n
+        self._validator_cls = ray.remote(Validator)
+        self._mempool_cls = ray.remote(Mempool)
+        # Handles of actors this process created (a name is visible to lookups a moment later)
+        self._handles: dict[str, Any] = {}
+
+    # ---- creation ----------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
         spec: NetworkSpec,
         data_dir: Path,
         options: NetworkOptions | None = None,
         *,
         genesis_time_ms: int | None = None,
-    ) -> None:
-        self.spec = spec
-        self.dir = Path(data_dir)
-        self.opts = options or NetworkOptions()
-        self.genesis, self.keys = make_genesis(
-            spec, genesis_time_ms or int(time.time() * 1000), keys_dir=self.dir / "keys"
+    ) -> Network:
+        """Write a new network's genesis, keys and settings, start its actors, and start it."""
+        opts = options or NetworkOptions()
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        genesis, _ = make_genesis(
+            spec, genesis_time_ms or int(time.time() * 1000), keys_dir=data_dir / "keys"
         )
-        self.genesis.save(self.dir / "genesis.toml")
-        self.genesis_toml = self.genesis.to_toml()
-        n = self.genesis.validators.n
-        self.validators: dict[int, Any] = {}
-        self.mempools: dict[int, Any] = {}
-        self.down: set[int] = set()
-        self._validator_cls = ray.remote(Validator)
-        self._mempool_cls = ray.remote(Mempool)
-        for i in range(n):
-            self.mempools[i] = self._mempool_cls.options(
-                num_cpus=self.opts.mempool_cpus, name=f"{self.opts.name}-mempool-{i}"
-            ).remote(
-                self.genesis_toml,
-                i,
-                capacity_rows=self.opts.mempool_capacity,
-                batch_rows=self.opts.batch_rows,
-                batch_interval_ms=self.opts.batch_interval_ms,
-            )
-            self.validators[i] = self._new_validator(i)
-        self.down.discard(i)
-        self._wire()
-        ray.get([v.start.remote() for v in self.validators.values()])
+        genesis.save(data_dir / "genesis.toml")
+        settings = asdict(opts)
+        settings["latency_ms"] = opts.latency_ms or spec.latency_matrix()
+        settings["placement"] = spec.placement
+        settings["sites"] = [v.site for v in spec.validators]
+        settings["clients"] = [c.name for c in spec.clients]
+        (data_dir / "network.json").write_text(json.dumps(settings, indent=2))
+        net = cls(data_dir)
+        for i in range(net.n):
+            net._start_mempool(i)
+        for i in range(net.n):
+            net._start_validator(i)
+        ray.get([net.validator(i).start.remote() for i in range(net.n)])
+        return net
 
-    def _new_validator(self, i: int) -> Any:
-        v = self.genesis.validators.validators[i]
-        latency = self.opts.latency_ms[i] if self.opts.latency_ms else None
-        return self._validator_cls.options(
-            num_cpus=self.opts.validator_cpus,
-            name=f"{self.opts.name}-validator-{i}",
+    def _placement(self, i: int) -> dict[str, Any]:
+        site = self.settings["sites"][i]
+        if not site or self.settings["placement"] == "none":
+            return {}
+        if self.settings["placement"] == "labels":
+            return {"label_selector": {"site": site}}
+        resource = f"site:{site}"
+        if resource in ray.cluster_resources():
+            return {"resources": {resource: 0.001}}
+        return {}
+
+    def _start_validator(self, i: int) -> Any:
+        handle = self._validator_cls.options(
+            name=f"{self.name}-validator-{i}",
+            namespace=NAMESPACE,
+            num_cpus=self.settings["validator_cpus"],
             max_concurrency=1000,
-        ).remote(
-            self.genesis_toml,
-            i,
-            _pem(self.keys[v.name]),
-            str(self.dir / f"validator-{i}"),
-            base_timeout_ms=self.opts.base_timeout_ms,
-            latency_ms=latency,
-        )
+            **self._placement(i),
+        ).remote(str(self.dir), i)
+        self._handles[f"validator-{i}"] = handle
+        return handle
 
-    def _wire(self) -> None:
-        live = {i: v for i, v in self.validators.items() if i not in self.down}
-        ray.get([v.set_peers.remote(live, self.mempools[i]) for i, v in live.items()])
-        ray.get([m.set_validators.remote(list(live.values())) for m in self.mempools.values()])
+    def _start_mempool(self, i: int) -> Any:
+        handle = self._mempool_cls.options(
+            name=f"{self.name}-mempool-{i}",
+            namespace=NAMESPACE,
+            num_cpus=self.settings["mempool_cpus"],
+            **self._placement(i),
+        ).remote(str(self.dir), i)
+        self._handles[f"mempool-{i}"] = handle
+        return handle
+
+    # ---- handles -------------------------------------------------------------------------------
+
+    def _actor(self, role: str) -> Any:
+        handle = self._handles.get(role)
+        if handle is None:
+            handle = ray.get_actor(f"{self.name}-{role}", namespace=NAMESPACE)
+        return handle
+
+    def validator(self, i: int) -> Any:
+        """Validator ``i``'s handle; ``ValueError`` if it is down."""
+        return self._actor(f"validator-{i}")
+
+    def mempool(self, i: int) -> Any:
+        return self._actor(f"mempool-{i}")
+
+    def live(self) -> list[int]:
+        out = []
+        for i in range(self.n):
+            try:
+                self.validator(i)
+            except ValueError:
+                continue
+            out.append(i)
+        return out
 
     # ---- operations ----------------------------------------------------------------------------
 
@@ -110,67 +159,93 @@ class LocalNetwork:
         return self.genesis.chain_id
 
     def client_key(self, name: str) -> SigningKey:
-        return self.keys[name]
+        return read_key_file(self.dir / "keys" / f"{name}.key")
+
+    @property
+    def clients(self) -> list[str]:
+        return list(self.settings["clients"])
 
     def submit(self, batch: pa.RecordBatch, mempool: int = 0) -> Admission:
-        return ray.get(self.mempools[mempool].submit.remote(batch))
+        return ray.get(self.mempool(mempool).submit.remote(batch))
 
-    def status(self) -> list[dict[str, Any] | str]:
-        out: list[dict[str, Any] | str] = []
-        for i, v in self.validators.items():
-            if i in self.down:
-                out.append(f"validator {i}: down")
-                continue
+    def status(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i in range(self.n):
             try:
-                st = ray.get(v.status.remote(), timeout=10)
-                st["mempool"] = ray.get(self.mempools[i].status.remote(), timeout=10)
+                st = ray.get(self.validator(i).status.remote(), timeout=10)
+                st["mempool"] = ray.get(self.mempool(i).status.remote(), timeout=10)
+                st["site"] = self.settings["sites"][i]
                 out.append(st)
-            except Exception as exc:  # a crashed validator is reported, not raised
-                out.append(f"validator {i}: {type(exc).__name__}")
+            except (ValueError, ray.exceptions.RayError, TimeoutError) as exc:
+                out.append(
+                    {"index": i, "site": self.settings["sites"][i], "down": type(exc).__name__}
+                )
         return out
+
+    def placement(self) -> list[dict[str, Any]]:
+        return [ray.get(self.validator(i).where.remote()) for i in self.live()]
+
+    def headers(self, i: int) -> list[tuple[int, bytes, bytes]]:
+        return ray.get(self.validator(i).headers.remote())
+
+    def height(self, i: int) -> int:
+        return int(ray.get(self.validator(i).status.remote())["height"])
 
     def wait_committed(
         self, batch: pa.RecordBatch, timeout_s: float = 120.0, validators: list[int] | None = None
     ) -> float:
         """Wait until every row of ``batch`` is committed on the given validators (default:
-        all live ones); return the seconds waited."""
+        every live one); return the seconds waited."""
         ids = [r.tobytes() for r in tx_ids_of(batch)]
-        targets = validators if validators is not None else self.live()
         t0 = time.monotonic()
         while True:
-            done = True
-            for i in targets:
-                heights = ray.get(self.validators[i].locate.remote(ids), timeout=30)
-                if any(h is None for h in heights):
-                    done = False
-                    break
-            if done:
+            targets = validators if validators is not None else self.live()
+            heights = [ray.get(self.validator(i).locate.remote(ids), timeout=30) for i in targets]
+            if all(h is not None for hs in heights for h in hs):
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"transactions not committed within {timeout_s} s")
             time.sleep(0.2)
 
-    def live(self) -> list[int]:
-        return [i for i in self.validators if i not in self.down]
-
-    def heights(self) -> dict[int, int]:
-        return {i: ray.get(self.validators[i].status.remote())["height"] for i in self.live()}
-
     def kill(self, i: int) -> None:
-        """Crash validator ``i`` (its process dies; its disk stays)."""
-        ray.kill(self.validators[i], no_restart=True)
-        self.down.add(i)
+        """Crash validator ``i``: its process dies, its disk stays."""
+        ray.kill(self.validator(i), no_restart=True)
+        self._handles.pop(f"validator-{i}", None)
+        deadline = time.monotonic() + 10
+        while i in self.live() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def restart(self, i: int) -> None:
-        """Start validator ``i`` again from its own disk and tell everyone where it is."""
-        self.validators[i] = self._new_validator(i)
-        self.down.discard(i)
-        self._wire()
-        ray.get(self.validators[i].start.remote())
+        """Start validator ``i`` again from its own disk; it finds its peers and catches up."""
+        handle = self._start_validator(i)
+        ray.get(handle.start.remote())
+
+    def partition(self, groups: list[list[int]]) -> None:
+        """Cut traffic between the groups (validators not listed form one more group)."""
+        listed = {i for g in groups for i in g}
+        groups = [*groups, [i for i in range(self.n) if i not in listed]]
+        for g in groups:
+            others = [j for j in range(self.n) if j not in g]
+            for i in g:
+                if i in self.live():
+                    ray.get(self.validator(i).set_blocked.remote(others))
+
+    def heal(self) -> None:
+        for i in self.live():
+            ray.get(self.validator(i).set_blocked.remote([]))
+
+    def set_strategy(self, i: int, strategy: str) -> None:
+        ray.get(self.validator(i).set_strategy.remote(strategy))
 
     def shutdown(self) -> None:
-        for handle in [*self.validators.values(), *self.mempools.values()]:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:  # already gone
-                continue
+        for i in range(self.n):
+            for role in (f"validator-{i}", f"mempool-{i}"):
+                try:
+                    ray.kill(self._actor(role), no_restart=True)
+                except ValueError:  # already gone
+                    continue
+        self._handles.clear()
+
+
+def create_local(config: Path, data_dir: Path, options: NetworkOptions | None = None) -> Network:
+    return Network.create(load_network(config), data_dir, options)

@@ -29,6 +29,25 @@ class NetworkSpec:
     clients: tuple[Member, ...]
     limits: Limits
     client_balance: int = 0
+    # "virtual": sites are custom resources of one machine; "labels": nodes started with
+    # `ray start --labels site=NAME`; "none": anywhere.
+    placement: str = "virtual"
+    # One-way latency in ms between two sites (symmetric), emulated by the transport.
+    links: tuple[tuple[str, str, float], ...] = ()
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({v.site for v in self.validators if v.site})
+
+    def latency_matrix(self) -> list[list[float]]:
+        """``m[i][j]``: emulated one-way delay from validator i's site to validator j's."""
+        table = {}
+        for a, b, ms in self.links:
+            table[(a, b)] = table[(b, a)] = ms
+        return [
+            [0.0 if a.site == b.site else table.get((a.site, b.site), 0.0) for b in self.validators]
+            for a in self.validators
+        ]
 
 
 def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
@@ -54,11 +73,30 @@ def load_network(path: str | Path) -> NetworkSpec:
         limits = Limits(**doc.get("limits", {}))
     except TypeError as exc:
         raise ConfigError(f"{path}: bad [limits]: {exc}") from exc
+    placement = doc.get("placement", "virtual")
+    if placement not in ("virtual", "labels", "none"):
+        raise ConfigError(f"{path}: placement must be virtual, labels or none")
+    links = []
+    sites = {v.site for v in validators}
+    for i, link in enumerate(doc.get("links", [])):
+        try:
+            a, b, ms = str(link["a"]), str(link["b"]), float(link["latency_ms"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path}: links[{i}] needs a, b and latency_ms") from None
+        if a not in sites or b not in sites or ms < 0:
+            raise ConfigError(f"{path}: links[{i}] names an unknown site or a negative latency")
+        links.append((a, b, ms))
     balance = doc.get("client_balance", 0)
     if not isinstance(balance, int) or not 0 <= balance < 1 << 63:
         raise ConfigError(f"{path}: client_balance must be an integer in 0..2^63-1")
     return NetworkSpec(
-        str(doc["chain_name"]), validators, _members(doc, "clients", str(path)), limits, balance
+        str(doc["chain_name"]),
+        validators,
+        _members(doc, "clients", str(path)),
+        limits,
+        balance,
+        placement,
+        tuple(links),
     )
 
 

@@ -28,13 +28,14 @@ import hmac
 import json
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from rayledger.block import BlockHeader, genesis_header, vote_message
+from rayledger.block import BlockHeader, genesis_header
 from rayledger.config import Validator, ValidatorSet
+from rayledger.consensus.byzantine import conflicting_proposal, corrupt_signature, double_vote
 from rayledger.consensus.core import Core, CoreConfig
 from rayledger.consensus.messages import (
     Action,
@@ -51,7 +52,6 @@ from rayledger.consensus.messages import (
     SetTimer,
     TimeoutMsg,
     Vote,
-    proposal_message,
 )
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, Signer, Verifier, key_from_seed
 
@@ -535,7 +535,7 @@ class Simulation:
         if strategy == "vote-withholder" and isinstance(msg, Vote):
             return
         if strategy == "invalid-signature":
-            msg = _corrupt(msg)
+            msg = corrupt_signature(msg)
         next_leader = -1
         if isinstance(msg, Proposal):
             next_leader = node.personas[persona].leaders.leader(msg.round + 1)
@@ -554,26 +554,12 @@ class Simulation:
             and broadcast
             and (dst == next_leader or (dst in self.honest and self.group[dst] == 1))
         ):
-            self._send(node.index, dst, self._conflicting(node, msg), persona)
+            self._send(node.index, dst, conflicting_proposal(node.personas[0], msg), persona)
             if dst != next_leader:
                 return
         self._send(node.index, dst, msg, persona)
         if strategy == "double-voter" and isinstance(msg, Vote):
-            fake = hashlib.sha256(b"double" + msg.block_hash).digest()
-            core = node.personas[persona]
-            sig = core.signer.sign(vote_message(core.chain_id, fake, msg.round))
-            self._send(node.index, dst, Vote(fake, msg.round, msg.voter, sig), persona)
-
-    def _conflicting(self, node: _Node, msg: Proposal) -> Proposal:
-        """Another block for the same round and parent, validly signed by the same leader."""
-        core = node.personas[0]
-        parent = core._header(msg.block.parent_hash)
-        assert parent is not None  # the leader built msg on it
-        other = core.builder.build(
-            parent, msg.round, msg.block.proposer, msg.block.timestamp_ms + 1, ()
-        )
-        sig = core.signer.sign(proposal_message(core.chain_id, other.hash))
-        return Proposal(other, msg.qc, msg.tc, sig)
+            self._send(node.index, dst, double_vote(node.personas[persona], msg), persona)
 
     def _result(self, last_fault: float) -> SimResult:
         live = [n for n in self.nodes if n.index in self.honest and n.up]
@@ -604,20 +590,6 @@ class Simulation:
             violations=self.checker.violations[:10],
             progress_after_faults=self.checker.last_commit_ms > last_fault,
         )
-
-
-def _corrupt(msg: Message) -> Message:
-    def flip(sig: bytes) -> bytes:
-        return bytes([sig[0] ^ 0xFF]) + sig[1:]
-
-    match msg:
-        case Proposal():
-            return replace(msg, signature=flip(msg.signature))
-        case Vote():
-            return replace(msg, signature=flip(msg.signature))
-        case TimeoutMsg():
-            return replace(msg, signature=flip(msg.signature))
-    return msg
 
 
 def simulate(cfg: SimConfig) -> SimResult:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pytest
 import ray
 
-from rayledger.cluster.local import LocalNetwork, NetworkOptions
+from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
 from rayledger.tx import TxKind, make_batch, tx_ids_of
 
@@ -41,14 +41,14 @@ def ray_instance() -> Iterator[None]:
     ray.shutdown()
 
 
-def start(tmp_path: Path, name: str, **kw: object) -> LocalNetwork:
+def start(tmp_path: Path, name: str, **kw: object) -> Network:
     opts = NetworkOptions(base_timeout_ms=400, name=name, **kw)  # type: ignore[arg-type]
-    return LocalNetwork(load_network(CONFIG), tmp_path, opts)
+    return Network.create(load_network(CONFIG), tmp_path, opts)
 
 
-def client_batches(net: LocalNetwork, total: int, start_nonce: int = 0) -> list[pa.RecordBatch]:
+def client_batches(net: Network, total: int, start_nonce: int = 0) -> list[pa.RecordBatch]:
     """Four clients' signed transactions: client 0 pays client 1, the others anchor records."""
-    clients = [c.name for c in net.spec.clients]
+    clients = net.clients
     per = total // len(clients)
     to = net.genesis.accounts[1].public_key
     out = []
@@ -64,11 +64,11 @@ def client_batches(net: LocalNetwork, total: int, start_nonce: int = 0) -> list[
     return out
 
 
-def headers(net: LocalNetwork, i: int) -> list[tuple[int, bytes, bytes]]:
-    return ray.get(net.validators[i].headers.remote())
+def headers(net: Network, i: int) -> list[tuple[int, bytes, bytes]]:
+    return net.headers(i)
 
 
-def assert_agreement(net: LocalNetwork, live: list[int]) -> int:
+def assert_agreement(net: Network, live: list[int]) -> int:
     chains = [headers(net, i) for i in live]
     common = min(len(c) for c in chains)
     for c in chains[1:]:
@@ -89,19 +89,18 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         assert_agreement(net, [0, 1, 2, 3])
         submitted = {r.tobytes() for b in batches for r in tx_ids_of(b)}
         for i in range(4):
-            ids = ray.get(net.validators[i].committed_ids.remote())
+            ids = ray.get(net.validator(i).committed_ids.remote())
             keys = [r.tobytes() for r in ids]
             assert len(keys) == len(set(keys)), "a transaction was committed twice"
             assert set(keys) == submitted
-        status = net.status()
-        assert all(isinstance(s, dict) and s["evidence"] == 0 for s in status)
+        assert all(s["evidence"] == 0 for s in net.status())
     finally:
         net.shutdown()
 
 
-def wait_height(net: LocalNetwork, i: int, height: int, timeout_s: float = 60) -> None:
+def wait_height(net: Network, i: int, height: int, timeout_s: float = 60) -> None:
     t0 = time.monotonic()
-    while ray.get(net.validators[i].status.remote())["height"] < height:
+    while net.height(i) < height:
         assert time.monotonic() - t0 < timeout_s, f"validator {i} stuck below {height}"
         time.sleep(0.2)
 
@@ -121,7 +120,7 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
         for b in second:
             net.wait_committed(b, validators=[0, 1, 2])
         net.restart(3)
-        top = ray.get(net.validators[0].status.remote())["height"]
+        top = net.height(0)
         wait_height(net, 3, top)
         for b in second:
             net.wait_committed(b, validators=[3])
@@ -136,11 +135,11 @@ def test_kill_two_stops_commits_without_fork_then_resumes(tmp_path: Path) -> Non
         net.kill(2)
         net.kill(3)
         time.sleep(1.0)
-        before = {i: ray.get(net.validators[i].status.remote())["height"] for i in (0, 1)}
+        before = {i: net.height(i) for i in (0, 1)}
         batch = client_batches(net, 400)[1]
         net.submit(batch, mempool=0)
         time.sleep(3.0)
-        after = {i: ray.get(net.validators[i].status.remote())["height"] for i in (0, 1)}
+        after = {i: net.height(i) for i in (0, 1)}
         # Without a quorum nothing new commits (one block already certified may finish).
         assert all(after[i] <= before[i] + 1 for i in (0, 1))
         assert_agreement(net, [0, 1])
@@ -181,7 +180,7 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
         big = client_batches(net, 16_000, start_nonce=1_000)[2]
         res = net.submit(big, mempool=1)
         assert res.busy and res.accepted == 0
-        assert ray.get(net.mempools[1].status.remote())["pending_rows"] == 0
+        assert ray.get(net.mempool(1).status.remote())["pending_rows"] == 0
         accepted = [good.slice(100, 400)]
         assert good.num_rows == 500
         assert net.submit(accepted[0], mempool=1).accepted == 400
