@@ -14,6 +14,7 @@ drops what is stale, reports what is invalid as ``Rejected``, and never raises o
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -277,7 +278,7 @@ class Core:
             if ok:
                 self._dispatch(message)
             else:
-                self._reject("bad signature or certificate", _sender(message))
+                self._reject("bad signature or certificate", self._sender(message))
         return self._flush()
 
     def on_local_timeout(self, round_: int) -> list[Action]:
@@ -304,7 +305,7 @@ class Core:
 
     def _verify_all(self, messages: Sequence[Message]) -> list[bool]:
         """Structural checks, then one batched signature check for everything."""
-        plans: list[list[_Item] | None] = [self._items(m) for m in messages]
+        plans: list[list[_Item] | None] = [self._checked_items(m) for m in messages]
         flat = [item for plan in plans if plan for item in plan]
         if flat:
             keys = self.vs.public_keys[[i for i, _, _ in flat]]
@@ -331,6 +332,14 @@ class Core:
         for cert in _certs_of(message):
             self.verified_certs.add(_cert_key(cert))
 
+    def _checked_items(self, message: Message) -> list[_Item] | None:
+        """``_items``, with any field of the wrong type or range making the message malformed
+        (a Byzantine peer controls every field of what it sends)."""
+        try:
+            return self._items(message)
+        except (struct.error, TypeError, ValueError, AttributeError, OverflowError):
+            return None
+
     def _items(self, message: Message) -> list[_Item] | None:
         """Signatures a message depends on, or ``None`` if it is malformed."""
         n = self.vs.n
@@ -356,6 +365,8 @@ class Core:
                 return [] if 0 <= requester < n else None
             case SyncResponse(proposals=proposals):
                 for p in proposals[: self.cfg.sync_batch]:
+                    if not isinstance(p, Proposal):
+                        return None
                     sub = self._items(p)
                     if sub is None:
                         return None
@@ -412,6 +423,20 @@ class Core:
                 for p in message.proposals:
                     self._process_proposal(p)
 
+    def _sender(self, message: Message) -> int | None:
+        """Who a message claims to come from, for attributing its rejection."""
+        try:
+            match message:
+                case Proposal(block=block):
+                    return self.vs.index_of(block.proposer)
+                case Vote(voter=sender) | TimeoutMsg(sender=sender) | SyncResponse(sender=sender):
+                    return int(sender)
+                case SyncRequest(requester=requester):
+                    return int(requester)
+        except (LedgerError, AttributeError, TypeError, ValueError):
+            return None
+        return None
+
     def _reject(self, reason: str, sender: int | None) -> None:
         self._out.append(Rejected(reason, sender))
 
@@ -451,7 +476,9 @@ class Core:
             return None
         parent = self._header(b.parent_hash)
         if parent is None:
-            self.waiting_parent.setdefault(b.parent_hash, []).append(p)
+            waiting = self.waiting_parent.setdefault(b.parent_hash, [])
+            if all(w.block.hash != b.hash for w in waiting):
+                waiting.append(p)
             self._request_sync(b.parent_hash, proposer)
             return None
         self._accept(p, parent, proposer)
@@ -592,7 +619,8 @@ class Core:
         height = self.committed.height
         for block_hash in [h for h, p in self.tree.items() if p.block.height <= height]:
             del self.tree[block_hash]
-            self.waiting_batches.pop(block_hash, None)
+        for block_hash in [h for h, p in self.waiting_batches.items() if p.block.height <= height]:
+            del self.waiting_batches[block_hash]
         for block_hash in [
             h for h, ps in self.waiting_parent.items() if all(p.block.height <= height for p in ps)
         ]:
@@ -719,6 +747,8 @@ class Core:
 
     def _local_timeout(self) -> None:
         r = self.round
+        # A sync request or its answer may have been lost: allow asking again
+        self.requested.clear()
         if self.own_timeout is not None and self.own_timeout.round == r:
             # Retransmit: messages may have been lost; the signed content is unchanged
             self._out.append(Broadcast(self.own_timeout))
@@ -793,19 +823,6 @@ def _cert_key(cert: QuorumCert | TimeoutCert) -> bytes:
     for s in cert.signatures:
         h.update(s)
     return h.digest()
-
-
-def _sender(message: Message) -> int | None:
-    match message:
-        case Vote(voter=v):
-            return v
-        case TimeoutMsg(sender=s):
-            return s
-        case SyncRequest(requester=r):
-            return r
-        case SyncResponse(sender=s):
-            return s
-    return None
 
 
 __all__ = [
