@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -148,6 +149,78 @@ def demo(
         raise typer.Exit(1)
 
 
+DEFAULT_DATA = Path(".rayledger")
+
+
+@app.command()
+def up(
+    config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
+    data_dir: Annotated[Path, typer.Option(help="the network's data directory")] = DEFAULT_DATA,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster (or 'auto')")] = None,
+    name: Annotated[str, typer.Option(help="actor name prefix")] = "rayledger",
+    timeout_ms: Annotated[int, typer.Option(min=50, help="base round timeout")] = 1000,
+    seconds: Annotated[float | None, typer.Option(help="stop after this long")] = None,
+) -> None:
+    """Start or join Ray, deploy (or resume) the network, and run until interrupted."""
+    from rayledger.cluster.local import NetworkOptions
+    from rayledger.cluster.ops import up as run_up
+
+    try:
+        run_up(
+            console,
+            config,
+            data_dir,
+            address,
+            NetworkOptions(name=name, base_timeout_ms=timeout_ms),
+            seconds,
+        )
+    except (LedgerError, OSError) as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def status(
+    data_dir: Annotated[Path, typer.Option(help="the network's data directory")] = DEFAULT_DATA,
+) -> None:
+    """Height, round, leader, mempool depth and peers of every validator."""
+    from rayledger.cluster.ops import connect, status_table
+
+    try:
+        console.print(status_table(connect(data_dir)))
+    except (LedgerError, OSError) as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def down(
+    data_dir: Annotated[Path, typer.Option(help="the network's data directory")] = DEFAULT_DATA,
+) -> None:
+    """Stop the network cleanly (its data stays for the next `up`)."""
+    from rayledger.cluster.ops import down as run_down
+
+    try:
+        console.print(run_down(data_dir))
+    except (LedgerError, OSError) as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def chaos(
+    action: Annotated[str, typer.Argument(help="kill | restart | partition | heal | byzantine")],
+    args: Annotated[
+        list[str] | None, typer.Argument(help="N, groups '0,1|2,3', or N STRATEGY")
+    ] = None,
+    data_dir: Annotated[Path, typer.Option(help="the network's data directory")] = DEFAULT_DATA,
+) -> None:
+    """Inject faults into a running network."""
+    from rayledger.cluster.ops import chaos as run_chaos
+
+    try:
+        console.print(run_chaos(data_dir, action, args or []))
+    except (LedgerError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+
+
 @app.command()
 def simulate(
     validators: Annotated[int, typer.Option(min=1, help="n")] = 4,
@@ -252,4 +325,7 @@ def bench_consensus_cmd(
 
 
 def main() -> None:
+    # Before anything imports Ray (see use_token_auth); kept free of Ray imports itself.
+    if (Path.home() / ".ray" / "auth_token").exists():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     app()

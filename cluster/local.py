@@ -95,6 +95,17 @@ class Network:
         ray.get([net.validator(i).start.remote() for i in range(net.n)])
         return net
 
+    @classmethod
+    def resume(cls, data_dir: Path) -> Network:
+        """Start every actor of an existing network again from its data directory."""
+        net = cls(data_dir)
+        for i in range(net.n):
+            net._start_mempool(i)
+        for i in range(net.n):
+            net._start_validator(i)
+        ray.get([net.validator(i).start.remote() for i in range(net.n)])
+        return net
+
     def _placement(self, i: int) -> dict[str, Any]:
         site = self.settings["sites"][i]
         if not site or self.settings["placement"] == "none":
@@ -112,6 +123,9 @@ class Network:
             namespace=NAMESPACE,
             num_cpus=self.settings["validator_cpus"],
             max_concurrency=1000,
+            # Outlives the process that started it (`rayledger chaos restart` exits at once);
+            # `down` and `shutdown` stop it.
+            lifetime="detached",
             **self._placement(i),
         ).remote(str(self.dir), i)
         self._handles[f"validator-{i}"] = handle
@@ -122,6 +136,7 @@ class Network:
             name=f"{self.name}-mempool-{i}",
             namespace=NAMESPACE,
             num_cpus=self.settings["mempool_cpus"],
+            lifetime="detached",
             **self._placement(i),
         ).remote(str(self.dir), i)
         self._handles[f"mempool-{i}"] = handle

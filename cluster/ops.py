@@ -1,0 +1,169 @@
+"""``rayledger up | status | down | chaos``: run a network and operate it from other processes.
+
+``up`` starts (or joins) Ray, deploys the network described by a config (or resumes the one in
+the data directory), prints where every validator runs, and keeps running, printing progress,
+until interrupted; then it stops the network. It records the Ray address and its own pid in
+the data directory, which is how the other commands find the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, site_resources
+from rayledger.cluster.network import load_network
+
+
+def connect(data_dir: Path) -> Network:
+    """Join the Ray cluster that ``up`` recorded and return the network's handles."""
+    address_file = data_dir / "ray_address"
+    if not address_file.exists():
+        raise FileNotFoundError(f"no running network recorded in {data_dir} (start `rayledger up`)")
+    if not ray.is_initialized():
+        ray.init(
+            address=address_file.read_text().strip(),
+            namespace=NAMESPACE,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    return Network(data_dir)
+
+
+def status_table(net: Network) -> Table:
+    table = Table(
+        "validator",
+        "site",
+        "height",
+        "round",
+        "leader",
+        "head",
+        "mempool rows",
+        "evidence",
+        "rejected",
+        title=f"network {net.name} ({net.genesis.chain_name})",
+    )
+    for st in net.status():
+        if "down" in st:
+            table.add_row(
+                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", "-", "-", "-"
+            )
+            continue
+        mp = st["mempool"]
+        table.add_row(
+            str(st["index"]),
+            st["site"],
+            str(st["height"]),
+            str(st["round"]),
+            str(st["leader"]),
+            st["head"][:16],
+            f"{mp['pending_rows']}+{mp['in_flight_rows']}",
+            str(st["evidence"]),
+            str(sum(st["rejected"].values())),
+        )
+    return table
+
+
+def up(
+    console: Console,
+    config: Path,
+    data_dir: Path,
+    address: str | None,
+    options: NetworkOptions,
+    seconds: float | None = None,
+) -> None:
+    spec = load_network(config)
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
+    else:
+        ray.init(
+            namespace=NAMESPACE,
+            resources=site_resources(spec),
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address)
+    (data_dir / "up.pid").write_text(str(os.getpid()))
+    stopping = {"now": False}
+
+    def stop(*_: Any) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        if (data_dir / "network.json").exists():
+            net = Network.resume(data_dir)
+            console.print(f"resumed network {net.name} from {data_dir}")
+        else:
+            net = Network.create(spec, data_dir, options)
+            console.print(f"created network {net.name} in {data_dir}")
+        where = Table("validator", "site", "node", "node labels", title="placement")
+        for w in net.placement():
+            where.add_row(
+                str(w["index"]),
+                net.settings["sites"][w["index"]],
+                w["node_id"][:16],
+                str(w["labels"]),
+            )
+        console.print(where)
+        console.print(
+            f"ray address {ray.get_runtime_context().gcs_address}; "
+            f"`rayledger status --data-dir {data_dir}` from another shell"
+        )
+        t0 = time.monotonic()
+        while not stopping["now"] and (seconds is None or time.monotonic() - t0 < seconds):
+            time.sleep(0.5)
+            if int(time.monotonic() - t0) % 5 == 0:
+                heights = {st["index"]: st.get("height", "down") for st in net.status()}
+                console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] heights {heights}")
+                time.sleep(0.5)
+        console.print("stopping the network")
+        net.shutdown()
+    finally:
+        (data_dir / "up.pid").unlink(missing_ok=True)
+        (data_dir / "ray_address").unlink(missing_ok=True)
+        ray.shutdown()
+
+
+def down(data_dir: Path) -> str:
+    net = connect(data_dir)
+    net.shutdown()
+    pid_file = data_dir / "up.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except ProcessLookupError:
+            pid_file.unlink(missing_ok=True)
+    return f"network {net.name} stopped"
+
+
+def chaos(data_dir: Path, action: str, args: list[str]) -> str:
+    net = connect(data_dir)
+    match action, args:
+        case "kill", [i]:
+            net.kill(int(i))
+            return f"validator {i} killed"
+        case "restart", [i]:
+            net.restart(int(i))
+            return f"validator {i} restarted from its disk"
+        case "partition", [spec]:
+            groups = [[int(x) for x in g.split(",") if x] for g in spec.split("|")]
+            net.partition(groups)
+            return f"partitioned {groups}"
+        case "heal", []:
+            net.heal()
+            return "partition healed"
+        case "byzantine", [i, strategy]:
+            net.set_strategy(int(i), strategy)
+            return f"validator {i} now runs {strategy}"
+    raise ValueError("chaos: kill N | restart N | partition 0,1|2,3 | heal | byzantine N STRATEGY")
