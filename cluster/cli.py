@@ -135,14 +135,21 @@ def store_verify(
 def demo(
     config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
     data_dir: Annotated[Path | None, typer.Option(help="keep keys and store here")] = None,
-    txs: Annotated[int, typer.Option(min=1)] = 10_000,
-    block_size: Annotated[int, typer.Option(min=1)] = 2_500,
+    txs: Annotated[int, typer.Option(min=8)] = 20_000,
+    block_size: Annotated[int, typer.Option(min=1, help="--offline only")] = 2_500,
+    offline: Annotated[
+        bool, typer.Option(help="no Ray: build and store a certified chain in this process")
+    ] = False,
 ) -> None:
-    """Run the whole chain on this machine: keys, signed batch, blocks, store, receipt proof."""
-    from rayledger.cluster.demo import run_demo
+    """Run the network on Ray on this machine: clients submit, validators commit, one crashes
+    and comes back; then audit a receipt from disk. --offline does the chain without Ray."""
+    from rayledger.cluster.demo import run_demo, run_network_demo
 
     try:
-        result = run_demo(console, config, data_dir, txs, block_size)
+        if offline:
+            result = run_demo(console, config, data_dir, txs, block_size)
+        else:
+            result = run_network_demo(console, config, txs)
     except (LedgerError, OSError) as exc:
         raise _fail(exc) from None
     if not (result.proof_ok and result.tamper_rejected and result.qc_ok):

@@ -33,6 +33,7 @@ from rayledger.block import (
 from rayledger.cluster.network import load_network, make_genesis
 from rayledger.config import Genesis, load_genesis
 from rayledger.crypto import SigningKey
+from rayledger.execution import Status
 from rayledger.merkle import inclusion_proof, verify_inclusion
 from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch, verify_signatures
 
@@ -72,6 +73,52 @@ def client_batch(
         for i in range(count)
     ]
     return make_batch(signers, kinds, nonces, payloads, genesis.chain_id)
+
+
+def check_receipt(
+    console: Console,
+    store: BlockStore,
+    genesis: Genesis,
+    tx_id: bytes,
+    head_qc: QuorumCert | None = None,
+) -> tuple[bool, bool, bool]:
+    """Check one transaction the way an auditor holding only the validator keys would: its
+    signature, its inclusion proof against the block's tx root, and the QC certifying the
+    block (the next block's parent QC, or ``head_qc`` for the last block).
+
+    Returns (signature and proof verify, a forged id is refused, the QC is valid for it)."""
+    vs = genesis.validators
+    loc, row = store.get_tx(tx_id)
+    block = store.get_block(loc.height)
+    proof = inclusion_proof(tx_ids_of(block.txs), loc.index)
+    proof_ok = verify_inclusion(
+        tx_id, loc.index, block.header.tx_count, proof, block.header.tx_root
+    )
+    forged = bytes([tx_id[0] ^ 1]) + tx_id[1:]
+    tamper_rejected = not verify_inclusion(
+        forged, loc.index, block.header.tx_count, proof, block.header.tx_root
+    )
+    cert = store.get_block(loc.height + 1).parent_qc if loc.height < store.height else head_qc
+    qc_ok = False
+    if cert is not None:
+        verify_qc(cert, vs.public_keys, vs.quorum, genesis.chain_id, genesis.header.hash)
+        qc_ok = cert.block_hash == block.hash
+    sig_ok = bool(verify_signatures(row, genesis.chain_id)[0])
+    status = Status(int(row.column("status")[0].as_py())).name
+    console.print(
+        f"[bold]receipt[/] tx {tx_id.hex()[:16]}… at height {loc.height} index {loc.index} "
+        f"(status {status}): signature {'valid' if sig_ok else 'INVALID'}, inclusion proof of "
+        f"{len(proof)} hashes {'verifies' if proof_ok else 'FAILS'} against tx_root "
+        f"{block.header.tx_root.hex()[:16]}…, a forged tx id is "
+        f"{'rejected' if tamper_rejected else 'ACCEPTED'}, block certified by "
+        + (
+            f"{len(cert.signer_indices())}/{vs.n} validators "
+            f"{'(QC verified)' if qc_ok else '(QC MISMATCH)'}"
+            if cert
+            else "no QC yet"
+        )
+    )
+    return proof_ok and sig_ok, tamper_rejected, qc_ok
 
 
 def run_demo(
@@ -167,34 +214,108 @@ def _run(console: Console, config: Path, data: Path, txs: int, block_size: int) 
         console.print(table)
 
         tx_id = tx_ids_of(admitted)[admitted.num_rows * 2 // 3].tobytes()
-        loc, row = store.get_tx(tx_id)
-        block = store.get_block(loc.height)
-        proof = inclusion_proof(tx_ids_of(block.txs), loc.index)
-        proof_ok = verify_inclusion(
-            tx_id, loc.index, block.header.tx_count, proof, block.header.tx_root
-        )
-        forged = bytearray(tx_id)
-        forged[0] ^= 1
-        tamper_rejected = not verify_inclusion(
-            bytes(forged), loc.index, block.header.tx_count, proof, block.header.tx_root
-        )
-        cert = store.get_block(loc.height + 1).parent_qc if loc.height < store.height else commit_qc
-        verify_qc(cert, vs.public_keys, vs.quorum, genesis.chain_id, genesis.header.hash)
-        qc_ok = cert.block_hash == block.hash
-        sig_ok = bool(verify_signatures(row, genesis.chain_id)[0])
-        console.print(
-            f"[bold]receipt[/] tx {tx_id.hex()[:16]}… at height {loc.height} index {loc.index}: "
-            f"signature {'valid' if sig_ok else 'INVALID'}, inclusion proof of {len(proof)} "
-            f"hashes {'verifies' if proof_ok else 'FAILS'} against tx_root "
-            f"{block.header.tx_root.hex()[:16]}…, a forged tx id is "
-            f"{'rejected' if tamper_rejected else 'ACCEPTED'}, block certified by "
-            f"{len(cert.signer_indices())}/{vs.n} validators "
-            f"{'(QC verified)' if qc_ok else '(QC MISMATCH)'}"
-        )
+        receipt = check_receipt(console, store, genesis, tx_id, commit_qc)
         console.print(
             f"stored {len(blocks)} blocks ({admitted.num_rows:,} transactions) durably in "
             f"{t_store:.2f} s"
         )
-        return DemoResult(
-            store.height, admitted.num_rows, proof_ok and sig_ok, tamper_rejected, qc_ok
+        return DemoResult(store.height, admitted.num_rows, *receipt)
+
+
+def run_network_demo(console: Console, config: Path, txs: int = 20_000) -> DemoResult:
+    """The network on Ray: submit from every client, watch commits, kill a validator, keep
+    committing, restart it, watch it catch up, stop, and audit a receipt from the disk."""
+    import logging
+
+    import ray
+
+    from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, site_resources
+    from rayledger.tx import TxKind, make_batch
+
+    spec = load_network(config)
+    with tempfile.TemporaryDirectory(prefix="rayledger-demo-") as tmp:
+        t_start = time.perf_counter()
+        ray.init(
+            namespace=NAMESPACE,
+            resources=site_resources(spec),
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
         )
+        try:
+            net = Network.create(
+                spec, Path(tmp), NetworkOptions(name="demo", base_timeout_ms=500, batch_rows=2_500)
+            )
+            vs = net.genesis.validators
+            console.print(
+                f"[bold]network[/] {net.genesis.chain_name}: {vs.n} validators on sites "
+                f"{', '.join(net.settings['sites'])} (n={vs.n}, f={vs.f}), emulated WAN "
+                f"{max(max(r) for r in net.settings['latency_ms']):.0f} ms max, up in "
+                f"{time.perf_counter() - t_start:.1f} s"
+            )
+
+            def wave(label: str, first_nonce: int, count: int, mempools: list[int]) -> list:
+                per = count // len(net.clients)
+                batches = []
+                to = net.genesis.accounts[0].public_key
+                for k, name in enumerate(net.clients):
+                    key = net.client_key(name)
+                    nonces = range(first_nonce, first_nonce + per)
+                    if k == 1:  # one client pays another; the rest anchor records
+                        payloads = [to + (1).to_bytes(8, "big")] * per
+                        batches.append(
+                            make_batch(key, TxKind.TRANSFER, nonces, payloads, net.chain_id)
+                        )
+                    else:
+                        payloads = [
+                            hashlib.sha256(f"{name}/{i}".encode()).digest() + b'{"doc":"record"}'
+                            for i in nonces
+                        ]
+                        batches.append(
+                            make_batch(key, TxKind.ANCHOR, nonces, payloads, net.chain_id)
+                        )
+                t0 = time.perf_counter()
+                for k, b in enumerate(batches):
+                    for start in range(0, b.num_rows, 2_500):
+                        net.submit(b.slice(start, 2_500), mempool=mempools[k % len(mempools)])
+                for b in batches:
+                    net.wait_committed(b, timeout_s=300)
+                took = time.perf_counter() - t0
+                heights = {i: net.height(i) for i in net.live()}
+                console.print(
+                    f"{label}: {count:,} transactions from {len(batches)} e-service clients "
+                    f"committed on every live validator in {took:.1f} s ({count / took:,.0f} tx/s);"
+                    f" heights {heights}"
+                )
+                return batches
+
+            quarter = max(4, txs // 4)
+            per_client = quarter // len(net.clients)  # nonces each client uses per quarter
+            wave("all four validators up", 0, quarter * 2, [0, 1, 2, 3])
+            net.kill(3)
+            console.print("[yellow]validator 3 killed[/] (its disk stays)")
+            last = wave("three of four (f = 1 crashed)", 2 * per_client, quarter, [0, 1, 2])
+            net.restart(3)
+            top = net.height(0)
+            t0 = time.perf_counter()
+            while net.height(3) < top:
+                time.sleep(0.2)
+            console.print(
+                f"[green]validator 3 restarted[/]: rebuilt from its own disk and caught up to "
+                f"height {top} from its peers in {time.perf_counter() - t0:.1f} s"
+            )
+            wave("all four again", 3 * per_client, quarter, [0, 1, 2, 3])
+            chains = [net.headers(i) for i in range(vs.n)]
+            common = min(len(c) for c in chains)
+            agree = all(c[:common] == chains[0][:common] for c in chains)
+            console.print(
+                f"all validators hold identical block hashes and state roots up to height "
+                f"{common}: {'yes' if agree else 'NO'}"
+            )
+            tx_id = tx_ids_of(last[2])[7].tobytes()
+        finally:
+            ray.shutdown()
+        console.print("network stopped; auditing validator 0's store from disk")
+        with BlockStore(Path(tmp) / "validator-0" / "store", net.genesis.header) as store:
+            proof_ok, tamper_rejected, qc_ok = check_receipt(console, store, net.genesis, tx_id)
+            return DemoResult(store.height, txs, proof_ok and agree, tamper_rejected, qc_ok)

@@ -88,6 +88,7 @@ def test_demo_then_store_verify_detects_corruption(tmp_path: Path) -> None:
         app,
         [
             "demo",
+            "--offline",
             "--config",
             str(CONFIG),
             "--data-dir",
