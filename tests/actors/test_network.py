@@ -188,3 +188,40 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
             net.wait_committed(b)
     finally:
         net.shutdown()
+
+
+def test_equivocating_validator_is_caught_and_cannot_fork(tmp_path: Path) -> None:
+    net = start(tmp_path, "byz")
+    try:
+        net.set_strategy(1, "equivocating-leader")
+        batches = client_batches(net, 4_000)
+        for k, b in enumerate(batches):
+            net.submit(b, mempool=k)
+        for b in batches:
+            net.wait_committed(b, validators=[0, 2, 3], timeout_s=180)
+        assert_agreement(net, [0, 1, 2, 3])
+        honest = [s for s in net.status() if s["index"] != 1]
+        assert sum(s["evidence"] for s in honest) > 0
+        assert all(set(s["evidence_kinds"]) <= {"equivocating_proposal"} for s in honest)
+    finally:
+        net.shutdown()
+
+
+def test_partitioned_site_under_wan_latency_recovers(tmp_path: Path) -> None:
+    net = start(tmp_path, "part")
+    try:
+        assert max(max(row) for row in net.settings["latency_ms"]) > 0  # the WAN matrix is on
+        net.partition([[3]])
+        batches = client_batches(net, 2_000)
+        for k, b in enumerate(batches):
+            net.submit(b, mempool=k % 3)
+        for b in batches:
+            net.wait_committed(b, validators=[0, 1, 2])
+        cut_height = net.height(3)
+        assert cut_height < net.height(0)
+        net.heal()
+        for b in batches:
+            net.wait_committed(b, validators=[3], timeout_s=120)
+        assert_agreement(net, [0, 1, 2, 3])
+    finally:
+        net.shutdown()
