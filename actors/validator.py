@@ -118,6 +118,8 @@ class Validator:
         self.strategy = "none"
 
         self.store = BlockStore(self.dir / "store", self.genesis.header)
+        # Wall-clock commit time of each height committed since this process started.
+        self.commit_times: dict[int, float] = {}
         self.committed_batches = self._load_batch_index()
         base, _ = genesis_state(self.genesis.accounts)
         head = self.genesis.header
@@ -356,6 +358,7 @@ class Validator:
         for p in proposals:
             block = self.builder.commit(p.block.hash, p.qc)
             self.store.append(block, verify=False)
+            self.commit_times[block.height] = time.time()
             offset = 0
             for d in p.block.batch_digests:
                 rows = self.batches[d].num_rows
@@ -429,6 +432,18 @@ class Validator:
             except LedgerError:
                 out.append(None)
         return out
+
+    async def committed_at(self, tx_ids: list[bytes]) -> float | None:
+        """When the last of these transactions was committed here (wall clock), or ``None``
+        while any of them is not."""
+        latest = 0.0
+        for t in tx_ids:
+            try:
+                height = self.store.locate_tx(t).height
+            except LedgerError:
+                return None
+            latest = max(latest, self.commit_times.get(height, 0.0))
+        return latest
 
     async def committed_ids(self) -> np.ndarray:
         return np.concatenate(

@@ -23,7 +23,13 @@ from rayledger.actors.storage import BlockStore
 from rayledger.block import QuorumCert, build_block, genesis_header, make_results
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.merkle import merkle_root
-from rayledger.tx import canonical_buffer, compute_tx_ids, make_batch, verify_signatures
+from rayledger.tx import (
+    canonical_buffer,
+    compute_tx_ids,
+    make_batch,
+    tx_ids_of,
+    verify_signatures,
+)
 
 _CHAIN = hashlib.sha256(b"rayledger/bench").digest()
 
@@ -257,3 +263,178 @@ def bench_consensus(rounds_small: int = 400, rounds_large: int = 40) -> list[Fig
         )
     )
     return figures
+
+
+def _one_core_verify_rate(samples: int = 3_000) -> float:
+    keys = [key_from_seed(bytes([i + 1]) * 32) for i in range(8)]
+    pubs = [Ed25519PublicKey.from_public_bytes(public_bytes(k)) for k in keys]
+    msgs = [os.urandom(32) for _ in range(samples)]
+    sigs = [keys[i % 8].sign(m) for i, m in enumerate(msgs)]
+    t0 = time.perf_counter()
+    for i in range(samples):
+        pubs[i % 8].verify(sigs[i], msgs[i])
+    return samples / (time.perf_counter() - t0)
+
+
+@dataclass
+class E2EResult:
+    validators: int
+    duration_s: float
+    submitted: int
+    committed: int
+    committed_tps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    busy_answers: int
+    one_core_verify_per_s: float
+    cores: int
+    verifications_per_tx: int
+    raw_limit_tps: float
+    efficiency: float
+    agreement: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def bench_e2e(
+    config: Path,
+    validators: int = 4,
+    duration_s: float = 30.0,
+    batch_rows: int = 1_000,
+    wan: bool = True,
+    inflight_batches: int = 1,
+) -> E2EResult:
+    """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
+
+    Clients pre-sign their transactions (signing is the client's cost) and submit them as fast
+    as the mempools admit them; a busy answer makes that client wait 50 ms. Latency is from a
+    submission to the commit of its last transaction on validator 0.
+    """
+    import logging
+    import threading
+
+    import ray
+    from hdrh.histogram import HdrHistogram
+
+    from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, site_resources
+    from rayledger.cluster.network import load_network
+    from rayledger.tx import TxKind
+
+    spec = load_network(config)
+    if validators != len(spec.validators):
+        raise ValueError(f"{config} describes {len(spec.validators)} validators, not {validators}")
+    one_core = _one_core_verify_rate()
+    cores = os.cpu_count() or 1
+    # Each transaction's signature is checked by the mempool that admits it and again by every
+    # validator (no validator trusts another's verification).
+    per_tx = 1 + validators
+    raw_limit = one_core * cores / per_tx
+    expected = int(min(raw_limit, 20_000) * duration_s * 1.5) + batch_rows * 4
+    clients = len(spec.clients)
+    per_client = expected // clients
+
+    with tempfile.TemporaryDirectory(prefix="rayledger-bench-") as tmp:
+        ray.init(
+            namespace=NAMESPACE,
+            resources=site_resources(spec),
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+        try:
+            opts = NetworkOptions(
+                name="bench",
+                base_timeout_ms=1000,
+                batch_rows=batch_rows,
+                # Work in flight per mempool: under saturation, latency is about the rows in
+                # flight divided by the throughput (backpressure answers busy beyond it).
+                mempool_capacity=batch_rows * inflight_batches,
+                latency_ms=None if wan else [[0.0] * validators] * validators,
+            )
+            net = Network.create(spec, Path(tmp), opts)
+            work: list[list[pa.RecordBatch]] = []
+            for k, name in enumerate(net.clients):
+                key = net.client_key(name)
+                rows = make_batch(
+                    key,
+                    TxKind.ANCHOR,
+                    range(per_client),
+                    [hashlib.sha256(b"%d/%d" % (k, i)).digest() for i in range(per_client)],
+                    net.chain_id,
+                )
+                work.append([rows.slice(s, batch_rows) for s in range(0, per_client, batch_rows)])
+            v0 = net.validator(0)
+            hist = HdrHistogram(1, 600_000, 3)
+            lock = threading.Lock()
+            pending: list[tuple[float, list[bytes], int]] = []
+            stats = {"submitted": 0, "busy": 0}
+            stop = time.monotonic() + duration_s
+
+            def client(k: int) -> None:
+                mempool = net.mempool(k % validators)
+                for b in work[k]:
+                    while time.monotonic() < stop:
+                        t = time.time()
+                        res = ray.get(mempool.submit.remote(b))
+                        if not res.busy:
+                            ids = [r.tobytes() for r in tx_ids_of(b)]
+                            with lock:
+                                pending.append((t, ids, res.accepted))
+                                stats["submitted"] += res.accepted
+                            break
+                        with lock:
+                            stats["busy"] += 1
+                        time.sleep(0.05)
+                    if time.monotonic() >= stop:
+                        return
+
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            t_start = time.time()
+            for th in threads:
+                th.start()
+            committed = 0
+            last_commit = t_start
+            while time.monotonic() < stop + 30 and (
+                any(th.is_alive() for th in threads) or pending
+            ):
+                with lock:
+                    waiting = list(pending)
+                for item in waiting:
+                    at = ray.get(v0.committed_at.remote(item[1]))
+                    if at is None:
+                        continue
+                    hist.record_value(max(1, int((at - item[0]) * 1000)), item[2])
+                    with lock:
+                        pending.remove(item)
+                    if at <= t_start + duration_s:
+                        committed += item[2]
+                    last_commit = max(last_commit, at)
+                time.sleep(0.05)
+            for th in threads:
+                th.join()
+            chains = [net.headers(i) for i in range(validators)]
+            common = min(len(c) for c in chains)
+            agreement = all(c[:common] == chains[0][:common] for c in chains)
+            net.shutdown()
+        finally:
+            ray.shutdown()
+    tps = committed / duration_s
+    return E2EResult(
+        validators=validators,
+        duration_s=duration_s,
+        submitted=stats["submitted"],
+        committed=committed,
+        committed_tps=tps,
+        p50_ms=hist.get_value_at_percentile(50),
+        p95_ms=hist.get_value_at_percentile(95),
+        p99_ms=hist.get_value_at_percentile(99),
+        busy_answers=stats["busy"],
+        one_core_verify_per_s=one_core,
+        cores=cores,
+        verifications_per_tx=per_tx,
+        raw_limit_tps=raw_limit,
+        efficiency=tps / raw_limit,
+        agreement=agreement,
+    )

@@ -331,6 +331,36 @@ def bench_consensus_cmd(
     _print_figures("rayledger bench consensus", bench_consensus(rounds_small, rounds_large))
 
 
+@bench_app.command("e2e")
+def bench_e2e_cmd(
+    validators: Annotated[int, typer.Option(min=1)] = 4,
+    duration: Annotated[float, typer.Option(min=1, help="seconds of load")] = 30.0,
+    config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
+    batch_rows: Annotated[int, typer.Option(min=100)] = 1_000,
+    wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = True,
+    inflight: Annotated[int, typer.Option(min=1, help="batches in flight per mempool")] = 1,
+) -> None:
+    """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
+    from rayledger.cluster.bench import bench_e2e
+
+    r = bench_e2e(config, validators, duration, batch_rows, wan, inflight)
+    table = Table("figure", "value", title=f"rayledger bench e2e ({validators} validators)")
+    table.add_row("committed TPS", f"{r.committed_tps:,.0f}")
+    table.add_row(
+        "commit latency p50 / p95 / p99", f"{r.p50_ms:,.0f} / {r.p95_ms:,.0f} / {r.p99_ms:,.0f} ms"
+    )
+    table.add_row(
+        "raw limit",
+        f"{r.raw_limit_tps:,.0f} tx/s = {r.one_core_verify_per_s:,.0f} "
+        f"verifications/s/core x {r.cores} cores / {r.verifications_per_tx} per tx",
+    )
+    table.add_row("efficiency (committed / raw limit)", f"{r.efficiency:.0%}")
+    table.add_row("busy answers", str(r.busy_answers))
+    table.add_row("validators agree", "yes" if r.agreement else "NO")
+    console.print(table)
+    print(json.dumps({"bench": "e2e", **r.as_dict()}))
+
+
 def main() -> None:
     # Before anything imports Ray (see use_token_auth); kept free of Ray imports itself.
     if (Path.home() / ".ray" / "auth_token").exists():

@@ -194,7 +194,8 @@ class Core:
         self.committed_digests: set[bytes] = set()
         self.tree: dict[bytes, Proposal] = {}
         self.qcs: dict[bytes, QuorumCert] = {}
-        self.available: set[bytes] = set()
+        # Held batches in arrival order: leaders propose the oldest first (fairness, latency).
+        self.available: dict[bytes, None] = {}
         self.waiting_batches: dict[bytes, Proposal] = {}
         self.waiting_parent: dict[bytes, list[Proposal]] = {}
         self.requested: set[bytes] = set()
@@ -292,7 +293,7 @@ class Core:
         """The batch ``digest`` is held locally and its digest checked by the adapter."""
         if digest in self.committed_digests:
             return []
-        self.available.add(digest)
+        self.available.setdefault(digest, None)
         for block_hash, proposal in list(self.waiting_batches.items()):
             if all(d in self.available for d in proposal.block.batch_digests):
                 del self.waiting_batches[block_hash]
@@ -611,7 +612,8 @@ class Core:
             self.committed_log[p.block.height] = p
             self.committed_hashes[p.block.hash] = p.block
             self.committed_digests.update(p.block.batch_digests)
-            self.available.difference_update(p.block.batch_digests)
+            for d in p.block.batch_digests:
+                self.available.pop(d, None)
         self.committed = chain[-1].block
         self._prune()
 
@@ -682,7 +684,7 @@ class Core:
             return
         self.propose_blocked = False
         ordered = self._ordered_digests(parent)
-        digests = tuple(sorted(d for d in self.available if d not in ordered))
+        digests = tuple(d for d in self.available if d not in ordered)
         block = self.builder.build(
             parent,
             self.round,
