@@ -22,7 +22,8 @@ import pyarrow as pa
 from rayledger.codec import Reader, fixed, u8, u16, u32, u64
 from rayledger.errors import InvalidBlock, InvalidQuorumCert, UnknownVersion, WrongLength
 from rayledger.kernels import ed25519_verify_batch, sha256_rows
-from rayledger.merkle import EMPTY_ROOT, merkle_root, merkle_root_of_leaf_hashes
+from rayledger.kernels import merkle_root as kernel_merkle_root
+from rayledger.merkle import EMPTY_ROOT, merkle_root_of_leaf_hashes
 from rayledger.tx import TX_SCHEMA, compute_tx_ids, tx_ids_of
 
 BLOCK_VERSION = 1
@@ -221,8 +222,8 @@ def verify_qc(
 
 
 def compute_tx_root(tx_ids: np.ndarray) -> bytes:
-    """RFC 6962 root over the transaction ids, in block order."""
-    return merkle_root(tx_ids)
+    """RFC 6962 root over the transaction ids, in block order (batch kernel, any backend)."""
+    return kernel_merkle_root(np.asarray(tx_ids, np.uint8).reshape(-1, 32))
 
 
 def compute_result_root(tx_ids: np.ndarray, results: pa.RecordBatch) -> bytes:

@@ -16,13 +16,12 @@ import pyarrow as pa
 
 from rayledger.block import Block, BlockHeader, QuorumCert, compute_result_root, compute_tx_root
 from rayledger.execution import StateView, execute_block
-from rayledger.merkle import merkle_root
 from rayledger.tx import TX_SCHEMA, tx_ids_of
 
 
 def batch_digest(batch: pa.RecordBatch) -> bytes:
     """A batch is named by the RFC 6962 root of its transaction ids, in order."""
-    return merkle_root(tx_ids_of(batch))
+    return compute_tx_root(tx_ids_of(batch))
 
 
 class LedgerBuilder:
