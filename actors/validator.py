@@ -91,6 +91,7 @@ class Validator:
         data_dir = str(root / f"validator-{index}")
         self.network = settings["name"]
         base_timeout_ms = int(settings.get("base_timeout_ms", 1000))
+        idle_block_ms = int(settings.get("idle_block_ms", base_timeout_ms // 4))
         max_batches_per_block = int(settings.get("max_batches_per_block", 64))
         matrix = settings.get("latency_ms")
         latency_ms = list(matrix[index]) if matrix else None
@@ -110,7 +111,6 @@ class Validator:
         self.batches: dict[bytes, pa.RecordBatch] = {}
         self.evidence: list[Evidence] = []
         self.rejected: dict[str, int] = {}
-        self.epoch = 0
         self.started = False
         # Fault injection (chaos and tests): peers cut off by a partition, and a Byzantine
         # strategy from the simulator's catalogue applied to what this validator sends.
@@ -141,7 +141,9 @@ class Validator:
             genesis=self.genesis.header,
             builder=self.builder,
             config=CoreConfig(
-                base_timeout_ms=base_timeout_ms, max_batches_per_block=max_batches_per_block
+                base_timeout_ms=base_timeout_ms,
+                max_batches_per_block=max_batches_per_block,
+                idle_block_ms=idle_block_ms,
             ),
             persisted=persisted,
             committed_head=head,
@@ -284,9 +286,11 @@ class Validator:
             batch = self.store.get_block(height).txs.slice(offset, rows)
         return batch
 
-    def _on_timer(self, round_: int, epoch: int) -> None:
-        if epoch == self.epoch:
-            self.core.tick(int(time.time() * 1000))
+    def _on_timer(self, round_: int, purpose: str) -> None:
+        self.core.tick(int(time.time() * 1000))
+        if purpose == "propose":
+            self._run(self.core.on_propose_timer(round_))
+        else:
             self._run(self.core.on_local_timeout(round_))
 
     # ---- actions -------------------------------------------------------------------------------
@@ -303,9 +307,9 @@ class Validator:
                         outbox.setdefault(peer, []).extend(self._hostile(msg, peer, True))
                 case Send(to=to, message=msg):
                     outbox.setdefault(to, []).extend(self._hostile(msg, to, False))
-                case SetTimer(round=round_, delay_ms=delay):
+                case SetTimer(round=round_, delay_ms=delay, purpose=purpose):
                     loop = asyncio.get_running_loop()
-                    loop.call_later(delay / 1000, self._on_timer, round_, self.epoch)
+                    loop.call_later(delay / 1000, self._on_timer, round_, purpose)
                 case Commit(blocks=blocks):
                     self._commit(blocks)
                 case FetchBatches(digests=digests, source=source):

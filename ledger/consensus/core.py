@@ -127,6 +127,10 @@ class CoreConfig:
     sync_batch: int = 64
     # Rounds of votes/timeouts/proposals remembered for equivocation evidence.
     evidence_window: int = 64
+    # With nothing to order and nothing uncommitted to finish, a leader waits this long for a
+    # batch before proposing an empty block (0: propose at once). Keep it well below the round
+    # timeout. It turns an idle network's stream of empty blocks into a slow heartbeat.
+    idle_block_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,7 @@ class Core:
         self.waiting_parent: dict[bytes, list[Proposal]] = {}
         self.requested: set[bytes] = set()
         self.propose_blocked = False
+        self.idle_round = -1
 
         self.votes: dict[tuple[int, bytes], dict[int, bytes]] = {}
         self.vote_by: dict[tuple[int, int], Vote] = {}
@@ -289,11 +294,22 @@ class Core:
             self._local_timeout()
         return self._flush()
 
+    def on_propose_timer(self, round_: int) -> list[Action]:
+        """The idle wait of ``SetTimer(round_, purpose="propose")`` ended: propose anyway."""
+        if round_ == self.round and self.idle_round == round_:
+            self.idle_round = -1
+            self._propose(wait_if_idle=False)
+        return self._flush()
+
     def on_batch_available(self, digest: bytes) -> list[Action]:
         """The batch ``digest`` is held locally and its digest checked by the adapter."""
         if digest in self.committed_digests:
             return []
         self.available.setdefault(digest, None)
+        if self.idle_round == self.round:
+            # An idle leader was waiting for exactly this
+            self.idle_round = -1
+            self._propose(wait_if_idle=False)
         for block_hash, proposal in list(self.waiting_batches.items()):
             if all(d in self.available for d in proposal.block.batch_digests):
                 del self.waiting_batches[block_hash]
@@ -650,6 +666,7 @@ class Core:
         self.timeouts_in_row = self.timeouts_in_row + 1 if tc is not None else 0
         self.own_timeout = None
         self.propose_blocked = False
+        self.idle_round = -1
         keep = round_ - self.cfg.evidence_window
         for key in [k for k in self.votes if k[0] < round_ - 1]:
             del self.votes[key]
@@ -667,7 +684,7 @@ class Core:
 
     # ---- acting: propose, vote, time out ---------------------------------------------------
 
-    def _propose(self) -> None:
+    def _propose(self, wait_if_idle: bool = True) -> None:
         # A leader proposes once per round, and never after it voted or timed out in it
         if self.highest_vote_round >= self.round:
             return
@@ -685,6 +702,11 @@ class Core:
         self.propose_blocked = False
         ordered = self._ordered_digests(parent)
         digests = tuple(d for d in self.available if d not in ordered)
+        idle = not digests and wait_if_idle and self.cfg.idle_block_ms > 0
+        if idle and not self._uncommitted_payload(parent):
+            self.idle_round = self.round
+            self._out.append(SetTimer(self.round, self.cfg.idle_block_ms, "propose"))
+            return
         block = self.builder.build(
             parent,
             self.round,
@@ -697,6 +719,15 @@ class Core:
         # Our own vote (and the Persist guarding it) precedes the broadcast.
         self._process_proposal(proposal)
         self._out.append(Broadcast(proposal))
+
+    def _uncommitted_payload(self, parent: BlockHeader) -> bool:
+        """Does the branch up to ``parent`` hold batches that still need children to commit?"""
+        cursor = self.tree.get(parent.hash)
+        while cursor is not None:
+            if cursor.block.batch_digests:
+                return True
+            cursor = self.tree.get(cursor.block.parent_hash)
+        return False
 
     def _try_vote(self, p: Proposal) -> None:
         b, qc, tc = p.block, p.qc, p.tc

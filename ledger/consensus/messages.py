@@ -146,10 +146,13 @@ class Send:
 
 @dataclass(frozen=True)
 class SetTimer:
-    """Call ``on_local_timeout(round)`` after ``delay_ms`` unless the round has moved on."""
+    """After ``delay_ms``, call ``on_local_timeout(round)`` (purpose ``"round"``) or
+    ``on_propose_timer(round)`` (purpose ``"propose"``); the core drops it if the round has
+    moved on."""
 
     round: int
     delay_ms: int
+    purpose: str = "round"
 
 
 @dataclass(frozen=True)

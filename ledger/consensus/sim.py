@@ -169,6 +169,7 @@ class SimConfig:
     partitions: tuple[Partition, ...] = ()
     crashes: tuple[Crash, ...] = ()
     base_timeout_ms: int = 400
+    idle_block_ms: int = 0
     batch_interval_ms: float = 25.0
     crypto: str = "ed25519"
     max_time_ms: float = 600_000.0
@@ -293,7 +294,9 @@ class Simulation:
             tuple(Validator(f"v{i}", self.signers[i].public_key) for i in range(n))
         )
         self.genesis = genesis_header(hashlib.sha256(f"sim/{cfg.seed}".encode()).digest(), 1)
-        self.core_cfg = CoreConfig(base_timeout_ms=cfg.base_timeout_ms)
+        self.core_cfg = CoreConfig(
+            base_timeout_ms=cfg.base_timeout_ms, idle_block_ms=cfg.idle_block_ms
+        )
         personas = 2 if cfg.strategy == "equivocate" else 1
         self.nodes = [
             _Node(
@@ -426,11 +429,12 @@ class Simulation:
                     core.tick(int(self.now) + p)
                     self._execute(node, p, core.on_messages([msg]))
             case "timer":
-                round_, epoch, p = ev.data
+                round_, epoch, p, purpose = ev.data
                 if node.up and node.epoch == epoch:
                     core = node.personas[p]
                     core.tick(int(self.now) + p)
-                    self._execute(node, p, core.on_local_timeout(round_))
+                    fire = core.on_propose_timer if purpose == "propose" else core.on_local_timeout
+                    self._execute(node, p, fire(round_))
                     if ev.node in self.byzantine and self.cfg.strategy == "stale-replayer":
                         self._replay(node)
             case "crash":
@@ -497,8 +501,13 @@ class Simulation:
                         self._emit(node, persona, dst, msg, broadcast=True)
                 case Send(to=to, message=msg):
                     self._emit(node, persona, to, msg, broadcast=False)
-                case SetTimer(round=round_, delay_ms=delay):
-                    self._at(self.now + delay, "timer", node.index, (round_, node.epoch, persona))
+                case SetTimer(round=round_, delay_ms=delay, purpose=purpose):
+                    self._at(
+                        self.now + delay,
+                        "timer",
+                        node.index,
+                        (round_, node.epoch, persona, purpose),
+                    )
                 case Commit(blocks=blocks):
                     if persona == 0:
                         node.committed.extend(blocks)
