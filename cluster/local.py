@@ -36,7 +36,7 @@ class NetworkOptions:
     batch_interval_ms: float = 50.0
     mempool_capacity: int = 200_000
     max_batches_per_block: int = 64
-    # An idle leader's wait for a batch before an empty block (None: a quarter of the timeout)
+    # An idle leader's wait for a batch before an empty block (None: a tenth of the timeout)
     idle_block_ms: int | None = None
     # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
@@ -86,7 +86,7 @@ class Network:
         settings = asdict(opts)
         settings["latency_ms"] = opts.latency_ms or spec.latency_matrix()
         if opts.idle_block_ms is None:
-            settings["idle_block_ms"] = opts.base_timeout_ms // 4
+            settings["idle_block_ms"] = opts.base_timeout_ms // 10
         settings["placement"] = spec.placement
         settings["sites"] = [v.site for v in spec.validators]
         settings["clients"] = [c.name for c in spec.clients]
