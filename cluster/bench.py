@@ -327,13 +327,12 @@ def bench_e2e(
     as the mempools admit them; a busy answer makes that client wait 50 ms. Latency is from a
     submission to the commit of its last transaction on validator 0.
     """
-    import logging
     import threading
 
     import ray
     from hdrh.histogram import HdrHistogram
 
-    from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, site_resources
+    from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
     from rayledger.cluster.network import load_network
     from rayledger.tx import TxKind
 
@@ -351,13 +350,7 @@ def bench_e2e(
     per_client = expected // clients
 
     with tempfile.TemporaryDirectory(prefix="rayledger-bench-") as tmp:
-        ray.init(
-            namespace=NAMESPACE,
-            resources=site_resources(spec),
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
+        init_local_ray(spec)
         try:
             opts = NetworkOptions(
                 name="bench",

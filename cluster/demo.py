@@ -225,23 +225,16 @@ def _run(console: Console, config: Path, data: Path, txs: int, block_size: int) 
 def run_network_demo(console: Console, config: Path, txs: int = 20_000) -> DemoResult:
     """The network on Ray: submit from every client, watch commits, kill a validator, keep
     committing, restart it, watch it catch up, stop, and audit a receipt from the disk."""
-    import logging
 
     import ray
 
-    from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, site_resources
+    from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
     from rayledger.tx import TxKind, make_batch
 
     spec = load_network(config)
     with tempfile.TemporaryDirectory(prefix="rayledger-demo-") as tmp:
         t_start = time.perf_counter()
-        ray.init(
-            namespace=NAMESPACE,
-            resources=site_resources(spec),
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
+        init_local_ray(spec)
         try:
             net = Network.create(
                 spec, Path(tmp), NetworkOptions(name="demo", base_timeout_ms=500, batch_rows=2_500)

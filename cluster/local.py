@@ -10,6 +10,7 @@ are named ``<name>-validator-<i>`` and ``<name>-mempool-<i>`` in the Ray namespa
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,17 @@ class NetworkOptions:
 def site_resources(spec: NetworkSpec) -> dict[str, float]:
     """Custom resources that make one machine hold every virtual site of ``spec``."""
     return {f"site:{s}": 1000.0 for s in spec.sites}
+
+
+def init_local_ray(spec: NetworkSpec, *, quiet: bool = True) -> None:
+    """Start a Ray instance on this machine holding every virtual site of ``spec``."""
+    ray.init(
+        namespace=NAMESPACE,
+        resources=site_resources(spec),
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=not quiet,
+    )
 
 
 class Network:
@@ -91,17 +103,11 @@ class Network:
         settings["sites"] = [v.site for v in spec.validators]
         settings["clients"] = [c.name for c in spec.clients]
         (data_dir / "network.json").write_text(json.dumps(settings, indent=2))
-        net = cls(data_dir)
-        for i in range(net.n):
-            net._start_mempool(i)
-        for i in range(net.n):
-            net._start_validator(i)
-        ray.get([net.validator(i).start.remote() for i in range(net.n)])
-        return net
+        return cls.resume(data_dir)
 
     @classmethod
     def resume(cls, data_dir: Path) -> Network:
-        """Start every actor of an existing network again from its data directory."""
+        """Start every actor of a network from its data directory (new or existing)."""
         net = cls(data_dir)
         for i in range(net.n):
             net._start_mempool(i)

@@ -19,7 +19,7 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, site_resources
+from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, init_local_ray
 from rayledger.cluster.network import load_network
 
 
@@ -84,12 +84,7 @@ def up(
     if address:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
     else:
-        ray.init(
-            namespace=NAMESPACE,
-            resources=site_resources(spec),
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-        )
+        init_local_ray(spec, quiet=False)
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address)
     (data_dir / "up.pid").write_text(str(os.getpid()))

@@ -282,21 +282,44 @@ def build_block(
     if txs.num_rows != results.num_rows:
         raise InvalidBlock(f"{txs.num_rows} transactions but {results.num_rows} results")
     body = txs.select([f.name for f in TX_SCHEMA]).cast(TX_SCHEMA)
-    ids = tx_ids_of(body)
-    header = BlockHeader(
+    header = child_header(
+        parent,
+        tx_ids_of(body),
+        results,
+        round_=round_,
+        proposer=proposer,
+        timestamp_ms=timestamp_ms,
+        state_root=state_root,
+        batch_digests=batch_digests,
+    )
+    return Block(header, body, results.cast(RESULT_SCHEMA), parent_qc)
+
+
+def child_header(
+    parent: BlockHeader,
+    tx_ids: np.ndarray,
+    results: pa.RecordBatch,
+    *,
+    round_: int,
+    proposer: bytes,
+    timestamp_ms: int,
+    state_root: bytes,
+    batch_digests: Sequence[bytes],
+) -> BlockHeader:
+    """The header of ``parent``'s child whose rows have these ids and execution results."""
+    return BlockHeader(
         chain_id=parent.chain_id,
         height=parent.height + 1,
         round=round_,
         parent_hash=parent.hash,
         proposer=proposer,
         timestamp_ms=timestamp_ms,
-        tx_count=body.num_rows,
-        tx_root=compute_tx_root(ids),
-        result_root=compute_result_root(ids, results),
+        tx_count=len(tx_ids),
+        tx_root=compute_tx_root(tx_ids),
+        result_root=compute_result_root(tx_ids, results),
         state_root=state_root,
         batch_digests=tuple(batch_digests),
     )
-    return Block(header, body, results.cast(RESULT_SCHEMA), parent_qc)
 
 
 def genesis_header(

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from rayledger.block import Block, BlockHeader, QuorumCert, compute_result_root, compute_tx_root
+from rayledger.block import Block, BlockHeader, QuorumCert, child_header, compute_tx_root
 from rayledger.execution import StateView, execute_block
 from rayledger.tx import TX_SCHEMA, tx_ids_of
 
@@ -68,16 +68,13 @@ class LedgerBuilder:
             parent_view, txs, parent.height + 1, parent.state_root
         )
         ids = tx_ids_of(txs) if txs.num_rows else np.empty((0, 32), np.uint8)
-        header = BlockHeader(
-            chain_id=parent.chain_id,
-            height=parent.height + 1,
-            round=round_,
-            parent_hash=parent.hash,
+        header = child_header(
+            parent,
+            ids,
+            results,
+            round_=round_,
             proposer=proposer,
             timestamp_ms=timestamp_ms,
-            tx_count=txs.num_rows,
-            tx_root=compute_tx_root(ids),
-            result_root=compute_result_root(ids, results),
             state_root=state_root,
             batch_digests=digests,
         )
