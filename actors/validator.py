@@ -30,7 +30,7 @@ import pyarrow as pa
 import ray
 
 from rayledger.actors.storage import BlockStore
-from rayledger.chain import LedgerBuilder, batch_digest
+from rayledger.chain import LedgerBuilder, admit_batch
 from rayledger.config import parse_genesis
 from rayledger.consensus import (
     Action,
@@ -53,7 +53,7 @@ from rayledger.consensus.byzantine import conflicting_proposal, corrupt_signatur
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier
 from rayledger.errors import LedgerError
 from rayledger.execution import execute_block, genesis_state
-from rayledger.tx import tx_ids_of, validate_batch, verify_signatures
+from rayledger.tx import TX_SCHEMA, tx_ids_of
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class Validator:
         self.latency = latency_ms or [0.0] * self.genesis.validators.n
         self.peers: dict[int, Any] = {}
         self.mempool: Any = None
+        self.verifier_actor: Any = None
         self.batches: dict[bytes, pa.RecordBatch] = {}
         self.evidence: list[Evidence] = []
         self.rejected: dict[str, int] = {}
@@ -210,6 +211,10 @@ class Validator:
                 continue
             self.peers[j] = handle
             handle.set_peer.remote(self.index, me)
+        try:
+            self.verifier_actor = self._actor(f"verifier-{self.index}")
+        except ValueError:  # none deployed: verify in this process
+            self.verifier_actor = None
         for j in range(self.genesis.validators.n):
             try:
                 mempool = self._actor(f"mempool-{j}")
@@ -252,32 +257,42 @@ class Validator:
         self._run(self.core.on_messages(messages))
 
     async def batch_ready(self, digest: bytes, refs: list[Any]) -> None:
-        """A mempool sealed a batch: fetch it, check it ourselves, then tell the core."""
+        """A mempool sealed a batch: check it ourselves (in this institution's verifier when
+        there is one, so the event loop stays free), then tell the core."""
         if digest in self.batches:
             return
+        if self.verifier_actor is None:
+            self._admit_batch(digest, await refs[0])
+            return
+        reason = await self.verifier_actor.check.remote(digest, refs)
+        if digest in self.batches:
+            return
+        if reason is not None:
+            self._count(f"batch: {reason}")
+            return
         batch = await refs[0]
-        self._admit_batch(digest, batch)
+        self._hold(
+            digest,
+            batch.select(TX_SCHEMA.names).cast(TX_SCHEMA.with_metadata(batch.schema.metadata)),
+        )
 
     def _admit_batch(self, digest: bytes, batch: pa.RecordBatch) -> bool:
         try:
-            canonical = validate_batch(
+            canonical = admit_batch(
                 batch,
+                digest,
                 chain_id=self.genesis.chain_id,
                 max_payload=self.genesis.limits.max_payload_bytes,
             )
         except LedgerError as exc:
             self._count(f"batch: {exc.code}")
             return False
-        # Trust nobody's verification: the digest and every signature are checked here
-        if batch_digest(canonical) != digest:
-            self._count("batch: digest mismatch")
-            return False
-        if not bool(verify_signatures(canonical, self.genesis.chain_id).all()):
-            self._count("batch: invalid signature")
-            return False
-        self.batches[digest] = canonical
-        self._run(self.core.on_batch_available(digest))
+        self._hold(digest, canonical)
         return True
+
+    def _hold(self, digest: bytes, batch: pa.RecordBatch) -> None:
+        self.batches[digest] = batch
+        self._run(self.core.on_batch_available(digest))
 
     async def get_batch(self, digest: bytes) -> pa.RecordBatch | None:
         batch = self.batches.get(digest)

@@ -21,6 +21,7 @@ import ray
 
 from rayledger.actors.mempool import Admission, Mempool
 from rayledger.actors.validator import Validator
+from rayledger.actors.verifier import Verifier
 from rayledger.cluster.network import NetworkSpec, load_network, make_genesis
 from rayledger.config import Genesis, load_genesis
 from rayledger.crypto import SigningKey, read_key_file
@@ -42,8 +43,15 @@ class NetworkOptions:
     # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
     verifier_backend: str = "auto"
-    validator_cpus: float = 0.25
-    mempool_cpus: float = 0.1
+    # Logical CPUs per actor: an institution's three actors fit in 0.45 of a core, so four
+    # institutions fit a 2-core machine (a site node needs at least half a core).
+    validator_cpus: float = 0.2
+    mempool_cpus: float = 0.05
+    verifier_cpus: float = 0.2
+    # A fraction of a GPU per verifier where the cluster has GPUs (kernels pick CUDA then)
+    verifier_gpus: float = 0.0
+    # How long start-up waits for every actor to be placed before it gives up with an error
+    place_timeout_s: float = 120.0
 
 
 def site_resources(spec: NetworkSpec) -> dict[str, float]:
@@ -73,6 +81,7 @@ class Network:
         self.n = self.genesis.validators.n
         self._validator_cls = ray.remote(Validator)
         self._mempool_cls = ray.remote(Mempool)
+        self._verifier_cls = ray.remote(Verifier)
         # Handles of actors this process created (a name is visible to lookups a moment later)
         self._handles: dict[str, Any] = {}
 
@@ -97,6 +106,10 @@ class Network:
         genesis.save(data_dir / "genesis.toml")
         settings = asdict(opts)
         settings["latency_ms"] = opts.latency_ms or spec.latency_matrix()
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if not opts.verifier_gpus and gpus:
+            # Share the cluster's GPUs among the verifiers (kernels then run on CUDA)
+            settings["verifier_gpus"] = min(1.0, gpus / len(spec.validators))
         if opts.idle_block_ms is None:
             settings["idle_block_ms"] = opts.base_timeout_ms // 10
         settings["placement"] = spec.placement
@@ -111,10 +124,27 @@ class Network:
         net = cls(data_dir)
         for i in range(net.n):
             net._start_mempool(i)
+            net._start_verifier(i)
         for i in range(net.n):
             net._start_validator(i)
+        net._wait_placed(float(net.settings.get("place_timeout_s", 120.0)))
         ray.get([net.validator(i).start.remote() for i in range(net.n)])
         return net
+
+    def _wait_placed(self, timeout_s: float) -> None:
+        """Every actor is running, or a clear error: an actor that cannot be placed (no node
+        of its site, too few resources) would otherwise wait for ever without a word."""
+        roles = [f"{r}-{i}" for i in range(self.n) for r in ("mempool", "verifier", "validator")]
+        refs = {self._actor(role).status.remote(): role for role in roles}
+        ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        if waiting:
+            names = ", ".join(sorted(refs[r] for r in waiting))
+            self.shutdown()
+            raise RuntimeError(
+                f"could not place {names} within {timeout_s:.0f} s: check that every site has a "
+                "node (placement labels) and enough CPUs for the actors' fractions"
+            )
+        ray.get(ready)
 
     def _placement(self, i: int) -> dict[str, Any]:
         site = self.settings["sites"][i]
@@ -139,6 +169,19 @@ class Network:
             **self._placement(i),
         ).remote(str(self.dir), i)
         self._handles[f"validator-{i}"] = handle
+        return handle
+
+    def _start_verifier(self, i: int) -> Any:
+        handle = self._verifier_cls.options(
+            name=f"{self.name}-verifier-{i}",
+            namespace=NAMESPACE,
+            num_cpus=self.settings.get("verifier_cpus", 0.2),
+            num_gpus=self.settings.get("verifier_gpus", 0.0),
+            lifetime="detached",
+            max_concurrency=4,
+            **self._placement(i),
+        ).remote(str(self.dir), i)
+        self._handles[f"verifier-{i}"] = handle
         return handle
 
     def _start_mempool(self, i: int) -> Any:
@@ -264,7 +307,7 @@ class Network:
 
     def shutdown(self) -> None:
         for i in range(self.n):
-            for role in (f"validator-{i}", f"mempool-{i}"):
+            for role in (f"validator-{i}", f"mempool-{i}", f"verifier-{i}"):
                 try:
                     ray.kill(self._actor(role), no_restart=True)
                 except ValueError:  # already gone

@@ -15,13 +15,35 @@ import numpy as np
 import pyarrow as pa
 
 from rayledger.block import Block, BlockHeader, QuorumCert, child_header, compute_tx_root
+from rayledger.errors import InvalidBatch, InvalidSignature
 from rayledger.execution import StateView, execute_block
-from rayledger.tx import TX_SCHEMA, tx_ids_of
+from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
 
 
 def batch_digest(batch: pa.RecordBatch) -> bytes:
     """A batch is named by the RFC 6962 root of its transaction ids, in order."""
     return compute_tx_root(tx_ids_of(batch))
+
+
+def admit_batch(
+    batch: pa.RecordBatch, digest: bytes, *, chain_id: bytes, max_payload: int
+) -> pa.RecordBatch:
+    """Check a batch that another institution's mempool disseminated, as if nobody had.
+
+    Returns the batch in canonical form; raises a ``LedgerError`` naming the first problem:
+    its shape, an id column that is not the ids of its content, a digest that does not name
+    it, or any signature that does not verify.
+    """
+    canonical = validate_batch(batch, chain_id=chain_id, max_payload=max_payload)
+    # Verify a supplied id column is the ids of the content (then the batch can be used as is)
+    if "tx_id" in batch.schema.names and not np.array_equal(tx_ids_of(batch), tx_ids_of(canonical)):
+        raise InvalidBatch("the tx_id column differs from the transactions' content")
+    if batch_digest(canonical) != digest:
+        raise InvalidBatch("the batch does not match its digest")
+    valid = verify_signatures(canonical, chain_id)
+    if not bool(valid.all()):
+        raise InvalidSignature(f"row {int(np.argmin(valid))} of the batch has a bad signature")
+    return canonical
 
 
 class LedgerBuilder:

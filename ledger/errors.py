@@ -64,6 +64,12 @@ class InvalidBlock(LedgerError):
     code = "invalid_block"
 
 
+class InvalidBatch(LedgerError):
+    """A disseminated batch whose content does not match its digest or its id column."""
+
+    code = "invalid_batch"
+
+
 class InvalidQuorumCert(LedgerError):
     code = "invalid_qc"
 

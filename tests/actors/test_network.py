@@ -225,3 +225,12 @@ def test_partitioned_site_under_wan_latency_recovers(tmp_path: Path) -> None:
         assert_agreement(net, [0, 1, 2, 3])
     finally:
         net.shutdown()
+
+
+def test_an_actor_that_cannot_be_placed_is_a_clear_error(tmp_path: Path) -> None:
+    """multisite.toml wants nodes labelled with sites; this single node has none."""
+    spec = load_network(CONFIG.with_name("multisite.toml"))
+    with pytest.raises(RuntimeError, match="could not place .*validator-0"):
+        Network.create(spec, tmp_path, NetworkOptions(name="unplaced", place_timeout_s=3))
+    with pytest.raises(ValueError):
+        ray.get_actor("unplaced-validator-0", namespace="rayledger")

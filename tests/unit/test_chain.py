@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+import pyarrow as pa
 import pytest
 
 from rayledger.block import QuorumCert, check_block, genesis_header
@@ -92,3 +93,27 @@ def test_speculative_branches_then_commit_in_order() -> None:
     assert v.base.get_u64(balance_key(PA)) == 950
     with pytest.raises(KeyError):
         v.commit(fork.hash, QuorumCert.genesis(genesis.hash))
+
+
+def test_admit_batch_accepts_a_sound_batch_and_names_each_problem() -> None:
+    from rayledger.chain import admit_batch
+    from rayledger.errors import InvalidBatch, InvalidSignature, SchemaMismatch
+
+    batches, _, digests = setup()
+    good = batches[digests[0]]
+    kw = {"chain_id": CHAIN, "max_payload": 1024}
+    assert admit_batch(good, digests[0], **kw).equals(good)
+    with pytest.raises(InvalidBatch, match="digest"):
+        admit_batch(good, digests[1], **kw)
+    ids = good.column("tx_id").to_pylist()
+    ids[0], ids[1] = ids[1], ids[0]
+    swapped = good.set_column(5, "tx_id", pa.array(ids, pa.binary(32)))
+    with pytest.raises(InvalidBatch, match="tx_id column"):
+        admit_batch(swapped, digests[0], **kw)
+    sigs = good.column("signature").to_pylist()
+    sigs[2] = bytes([sigs[2][0] ^ 1]) + sigs[2][1:]
+    forged = good.set_column(4, "signature", pa.array(sigs, pa.binary(64)))
+    with pytest.raises(InvalidSignature, match="row 2"):
+        admit_batch(forged, digests[0], **kw)
+    with pytest.raises(SchemaMismatch):
+        admit_batch(good.drop_columns(["nonce"]), digests[0], **kw)

@@ -1,0 +1,44 @@
+"""The verifier actor: one institution's batch checks (ids, digest, every Ed25519 signature)
+off its validator's event loop, through ``rayledger.kernels`` with ``backend="auto"`` (the
+GPU where the actor holds one, else the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rayledger.chain import admit_batch
+from rayledger.config import parse_genesis
+from rayledger.errors import LedgerError
+
+
+class Verifier:
+    def __init__(self, data_dir: str, index: int) -> None:
+        os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
+        root = Path(data_dir)
+        self.genesis = parse_genesis((root / "genesis.toml").read_text())
+        self.settings = json.loads((root / "network.json").read_text())
+        self.index = index
+        self.checked = 0
+        self.refused: dict[str, int] = {}
+
+    async def check(self, digest: bytes, refs: list[Any]) -> str | None:
+        """``None`` if the batch behind ``refs[0]`` is sound, else the error code."""
+        batch = await refs[0]
+        try:
+            admit_batch(
+                batch,
+                digest,
+                chain_id=self.genesis.chain_id,
+                max_payload=self.genesis.limits.max_payload_bytes,
+            )
+        except LedgerError as exc:
+            self.refused[exc.code] = self.refused.get(exc.code, 0) + 1
+            return exc.code
+        self.checked += batch.num_rows
+        return None
+
+    async def status(self) -> dict[str, Any]:
+        return {"index": self.index, "checked_rows": self.checked, "refused": self.refused}
