@@ -50,6 +50,10 @@ class NetworkOptions:
     verifier_cpus: float = 0.2
     # A fraction of a GPU per verifier where the cluster has GPUs (kernels pick CUDA then)
     verifier_gpus: float = 0.0
+    # Verifier actors (None: where the cluster has a GPU or more than 4 CPUs; on a small
+    # machine the extra processes cost more than the free event loop saves, measured with
+    # `rayledger bench e2e`)
+    verifier_actors: bool | None = None
     # How long start-up waits for every actor to be placed before it gives up with an error
     place_timeout_s: float = 120.0
 
@@ -107,6 +111,8 @@ class Network:
         settings = asdict(opts)
         settings["latency_ms"] = opts.latency_ms or spec.latency_matrix()
         gpus = ray.cluster_resources().get("GPU", 0.0)
+        if opts.verifier_actors is None:
+            settings["verifier_actors"] = bool(gpus) or ray.cluster_resources().get("CPU", 0) > 4
         if not opts.verifier_gpus and gpus:
             # Share the cluster's GPUs among the verifiers (kernels then run on CUDA)
             settings["verifier_gpus"] = min(1.0, gpus / len(spec.validators))
@@ -124,7 +130,8 @@ class Network:
         net = cls(data_dir)
         for i in range(net.n):
             net._start_mempool(i)
-            net._start_verifier(i)
+            if net.settings.get("verifier_actors", True):
+                net._start_verifier(i)
         for i in range(net.n):
             net._start_validator(i)
         net._wait_placed(float(net.settings.get("place_timeout_s", 120.0)))
@@ -134,7 +141,12 @@ class Network:
     def _wait_placed(self, timeout_s: float) -> None:
         """Every actor is running, or a clear error: an actor that cannot be placed (no node
         of its site, too few resources) would otherwise wait for ever without a word."""
-        roles = [f"{r}-{i}" for i in range(self.n) for r in ("mempool", "verifier", "validator")]
+        kinds = (
+            ("mempool", "verifier", "validator")
+            if self.settings.get("verifier_actors", True)
+            else ("mempool", "validator")
+        )
+        roles = [f"{r}-{i}" for i in range(self.n) for r in kinds]
         refs = {self._actor(role).status.remote(): role for role in roles}
         ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         if waiting:

@@ -1,9 +1,9 @@
 """The running network on Ray: 4 validators with mempools on one machine (virtual sites).
 
 Scenarios (one Ray instance for the module, 2 CPUs pinned, fractional actors):
-- 20,000 transactions (transfers and anchors from four clients, through all four mempools):
-  every one committed exactly once, and all validators hold identical block hashes and state
-  roots at every height.
+- 20,000 transactions (transfers and anchors from four clients, through all four mempools,
+  checked by each institution's verifier actor): every one committed exactly once, and all
+  validators hold identical block hashes and state roots at every height.
 - kill 1 of 4: commits continue; restart it: it catches up from its disk plus its peers.
 - kill 2 of 4: commits stop and nothing forks; bring one back: commits resume.
 - mempool admission: invalid signatures and duplicates are counted and dropped, a foreign
@@ -77,7 +77,8 @@ def assert_agreement(net: Network, live: list[int]) -> int:
 
 
 def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) -> None:
-    net = start(tmp_path, "e2e", batch_rows=2_500)
+    # The verifier actors are on here (by default only on larger machines): both paths run.
+    net = start(tmp_path, "e2e", batch_rows=2_500, verifier_actors=True)
     try:
         batches = client_batches(net, 20_000)
         for k, b in enumerate(batches):
@@ -94,6 +95,8 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
             assert len(keys) == len(set(keys)), "a transaction was committed twice"
             assert set(keys) == submitted
         assert all(s["evidence"] == 0 for s in net.status())
+        checked = [ray.get(net._actor(f"verifier-{i}").status.remote()) for i in range(4)]
+        assert all(c["checked_rows"] == 20_000 and not c["refused"] for c in checked)
     finally:
         net.shutdown()
 
