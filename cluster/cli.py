@@ -331,6 +331,41 @@ def bench_consensus_cmd(
     _print_figures("rayledger bench consensus", bench_consensus(rounds_small, rounds_large))
 
 
+@bench_app.command("kernels")
+def bench_kernels_cmd(
+    batch_size: Annotated[int, typer.Option(min=1)] = 200_000,
+    merkle_leaves: Annotated[int, typer.Option(min=1)] = 1 << 20,
+) -> None:
+    """Hash and Merkle kernels on every backend here, with GPU/CPU and hashlib ratios."""
+    from rayledger.kernels.bench import bench_kernels
+
+    rows = bench_kernels(batch_size=batch_size, merkle_leaves=merkle_leaves)
+    table = Table(
+        "operation",
+        "backend",
+        "message",
+        "batch",
+        "rate /s",
+        "GPU/CPU",
+        "vs hashlib",
+        title="rayledger bench kernels",
+    )
+    for r in rows:
+        gpu = r.get("ratio_gpu_cpu")
+        hashlib_ratio = r.get("ratio_to_hashlib")
+        table.add_row(
+            str(r["operation"]),
+            str(r["backend"]),
+            str(r["message_size"]),
+            f"{r['batch_size']:,}",
+            f"{r['rate_per_s']:,.0f}",
+            "" if gpu is None else f"{gpu:.1f}x",
+            "" if hashlib_ratio is None else f"{hashlib_ratio:.2f}x",
+        )
+    console.print(table)
+    print(json.dumps({"bench": "kernels", "rows": rows}))
+
+
 @bench_app.command("e2e")
 def bench_e2e_cmd(
     validators: Annotated[int, typer.Option(min=1)] = 4,

@@ -183,3 +183,13 @@ def test_bench_consensus_prints_figures() -> None:
     ops = {f["operation"]: f for f in report["figures"]}
     assert ops["simulate n=64 (mac signatures)"]["items"] >= 5
     assert ops["core: handle one vote, n=64 (no signature check)"]["items"] > 0
+
+
+def test_bench_kernels_prints_rows() -> None:
+    result = runner.invoke(
+        app, ["bench", "kernels", "--batch-size", "2000", "--merkle-leaves", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output.strip().splitlines()[-1])["rows"]
+    cpu = [r for r in rows if r["operation"] == "sha256" and r["backend"] == "cpu"]
+    assert cpu and all(r["ratio_to_hashlib"] > 0 for r in cpu)
