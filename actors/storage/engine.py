@@ -50,6 +50,7 @@ from rayledger.errors import (
     StoreCorruption,
     StoreError,
 )
+from rayledger.execution import Status
 from rayledger.tx import TX_SCHEMA, tx_ids_of
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,6 @@ class BlockStore:
             elif block.header.parent_hash != self._head.hash:
                 raise InvalidBlock(f"height {block.height} does not extend the stored head")
             ids = tx_ids_of(block.txs)
-            self._check_new_ids(ids, block.height)
             frame = encode_frame(block)
             segment, end = self._tail
             if end > 0 and end + len(frame) > self.segment_bytes:
@@ -364,23 +364,6 @@ class BlockStore:
                 self._after_segment_write(block.height)
             self._index(block, segment, end, len(frame), ids)
 
-    def _check_new_ids(self, ids: np.ndarray, height: int) -> None:
-        raw = ids.tobytes()
-        keys = [raw[i * 32 : (i + 1) * 32] for i in range(len(ids))]
-        # Verify no transaction repeats inside the block or replays a stored one
-        if len(set(keys)) != len(keys):
-            raise InvalidBlock(f"height {height}: a transaction id appears twice in the block")
-        for chunk in range(0, len(keys), 500):
-            part = keys[chunk : chunk + 500]
-            marks = ",".join("?" * len(part))
-            hit = self._db.execute(
-                f"SELECT tx_id, height FROM txs WHERE tx_id IN ({marks}) LIMIT 1", part
-            ).fetchone()
-            if hit is not None:
-                raise InvalidBlock(
-                    f"height {height}: transaction {hit[0].hex()} already stored at height {hit[1]}"
-                )
-
     def _index(
         self, block: Block, segment: int, offset: int, length: int, ids: np.ndarray | None = None
     ) -> None:
@@ -396,9 +379,18 @@ class BlockStore:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (h, block.hash, segment, offset, length, block.header.tx_count),
             )
+            # A transaction id can be ordered again (a client replays it through another
+            # mempool): execution gives the copy BAD_NONCE, and the index keeps pointing at
+            # the row that consumed the nonce, which is the one its receipt is about.
+            statuses = block.results.column("status").to_numpy(zero_copy_only=False)
             cur.executemany(
-                "INSERT INTO txs (tx_id, height, idx) VALUES (?, ?, ?)",
-                ((raw[i * 32 : (i + 1) * 32], h, i) for i in range(len(ids))),
+                "INSERT INTO txs (tx_id, height, idx) VALUES (?, ?, ?) "
+                "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, idx = excluded.idx "
+                "WHERE ?",
+                (
+                    (raw[i * 32 : (i + 1) * 32], h, i, int(statuses[i]) != Status.BAD_NONCE)
+                    for i in range(len(ids))
+                ),
             )
             cur.execute("COMMIT")
         except BaseException:

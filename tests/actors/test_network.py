@@ -237,3 +237,23 @@ def test_an_actor_that_cannot_be_placed_is_a_clear_error(tmp_path: Path) -> None
         Network.create(spec, tmp_path, NetworkOptions(name="unplaced", place_timeout_s=3))
     with pytest.raises(ValueError):
         ray.get_actor("unplaced-validator-0", namespace="rayledger")
+
+
+def test_transactions_replayed_through_another_mempool_do_not_stop_the_chain(
+    tmp_path: Path,
+) -> None:
+    """A client sends overlapping batches to two mempools (their dedupe is local): the copies
+    are ordered, executed as BAD_NONCE, stored, and every validator keeps committing."""
+    net = start(tmp_path, "replay", batch_rows=300)
+    try:
+        batch = client_batches(net, 2_400)[2]
+        assert net.submit(batch.slice(0, 400), mempool=0).accepted == 400
+        assert net.submit(batch.slice(200, 400), mempool=1).accepted == 400
+        net.wait_committed(batch)
+        more = client_batches(net, 400, start_nonce=600)[2]
+        net.submit(more, mempool=2)
+        net.wait_committed(more)
+        assert_agreement(net, [0, 1, 2, 3])
+        assert all(s["evidence"] == 0 for s in net.status())
+    finally:
+        net.shutdown()

@@ -2,8 +2,9 @@
 
 Scenarios:
 - append/reopen/read: blocks survive a reopen, reads by height, hash and tx id, columnar scan.
-- rejecting appends: wrong parent, replayed tx, duplicate tx in a block, tampered body; the
-  store is unchanged after each.
+- rejecting appends: wrong parent, tampered body; the store is unchanged after each.
+- a replayed transaction (ordered again, BAD_NONCE) and a duplicate inside one block are stored;
+  the tx index keeps the row that consumed the nonce.
 - crash between segment write and index commit (child process SIGKILLed): nothing
   acknowledged is lost and the complete frame is indexed on reopen.
 - torn write (partial frame at the tail): set aside to a .torn file, reported, acknowledged
@@ -24,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from rayledger.actors.storage import BlockStore
+from rayledger.actors.storage import BlockStore, TxLocation
 from rayledger.actors.storage.engine import encode_frame
 from rayledger.block import (
     Block,
@@ -36,6 +37,7 @@ from rayledger.block import (
 )
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.errors import InvalidBlock, NotFound, StoreCorruption, StoreError
+from rayledger.execution import Status
 from rayledger.tx import make_batch, tx_ids_of
 
 CHAIN = bytes(range(32))
@@ -159,26 +161,34 @@ def test_rejects_block_not_extending_head(tmp_path: Path, chain: list[Block]) ->
         _assert_unchanged(store, 2)
 
 
-def test_rejects_replayed_transaction(tmp_path: Path, chain: list[Block]) -> None:
+def test_replayed_transaction_keeps_its_receipt(tmp_path: Path, chain: list[Block]) -> None:
+    """A transaction ordered again (replayed through another mempool) is stored with the
+    BAD_NONCE that execution gives it; the index keeps the row that consumed the nonce."""
     with filled(tmp_path, chain[:2]) as store:
+        replayed = make_results([Status.BAD_NONCE] * 50, [b""] * 50)
         replay = build_block(
             chain[1].header,
             chain[0].txs,
-            chain[0].results,
+            replayed,
             round_=3,
             proposer=public_bytes(KEYS[0]),
             timestamp_ms=1,
             parent_qc=chain[2].parent_qc,
         )
-        with pytest.raises(InvalidBlock, match="already stored at height 1"):
-            store.append(replay)
-        _assert_unchanged(store, 2)
-
-
-def test_rejects_duplicate_inside_block(tmp_path: Path, chain: list[Block]) -> None:
+        store.append(replay)
+        tx_id = tx_ids_of(chain[0].txs)[4].tobytes()
+        assert store.locate_tx(tx_id) == TxLocation(1, 4)
     with BlockStore(tmp_path, GENESIS) as store:
-        doubled = pa.concat_batches([chain[0].txs, chain[0].txs.slice(0, 1)])
-        results = pa.concat_batches([chain[0].results, chain[0].results.slice(0, 1)])
+        assert store.height == 3 and store.locate_tx(tx_id) == TxLocation(1, 4)
+
+
+def test_duplicate_inside_block_indexes_the_row_that_counted(
+    tmp_path: Path, chain: list[Block]
+) -> None:
+    with BlockStore(tmp_path, GENESIS) as store:
+        first = chain[0].txs.slice(0, 1)
+        doubled = pa.concat_batches([first, chain[0].txs.slice(1, 5), first])
+        results = make_results([Status.BAD_NONCE, 0, 0, 0, 0, 0, Status.OK], [b""] * 7)
         block = build_block(
             GENESIS,
             doubled,
@@ -188,9 +198,8 @@ def test_rejects_duplicate_inside_block(tmp_path: Path, chain: list[Block]) -> N
             timestamp_ms=1,
             parent_qc=QuorumCert.genesis(GENESIS.hash),
         )
-        with pytest.raises(InvalidBlock, match="appears twice"):
-            store.append(block)
-        assert store.height == 0
+        store.append(block)
+        assert store.locate_tx(tx_ids_of(first)[0].tobytes()) == TxLocation(1, 6)
 
 
 def test_rejects_tampered_body(tmp_path: Path, chain: list[Block]) -> None:
@@ -225,7 +234,7 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from unit.test_store import GENESIS, make_chain
-    from rayledger.actors.storage import BlockStore
+    from rayledger.actors.storage import BlockStore, TxLocation
 
     kill_at = int(sys.argv[2])
     def hook(height):
