@@ -11,6 +11,7 @@ the whole submission is answered "busy" and nothing of it is kept (never a silen
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -54,7 +55,10 @@ class Mempool:
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
         self.in_flight: dict[bytes, int] = {}
-        self.seen: set[bytes] = set()
+        # Recently admitted ids, oldest first, bounded: a copy older than the window is still
+        # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
+        self.seen: dict[bytes, None] = {}
+        self.seen_limit = int(settings.get("mempool_seen_ids", 2_000_000))
         self.sealed = 0
         self.counts: dict[str, int] = {}
         self._refs: dict[bytes, Any] = {}
@@ -88,7 +92,7 @@ class Mempool:
         ids = tx_ids_of(canonical)
         keys = [ids[i].tobytes() for i in range(len(ids))]
         fresh = np.zeros(len(keys), np.bool_)
-        batch_seen: set[bytes] = set()
+        batch_seen: dict[bytes, None] = {}
         for i, k in enumerate(keys):
             if not valid[i]:
                 result.rejected["invalid_signature"] = (
@@ -98,11 +102,15 @@ class Mempool:
                 result.rejected["duplicate"] = result.rejected.get("duplicate", 0) + 1
             else:
                 fresh[i] = True
-                batch_seen.add(k)
+                batch_seen[k] = None
         for reason, n in result.rejected.items():
             self._count(reason, n)
         kept = canonical.filter(pa.array(fresh)) if not fresh.all() else canonical
         self.seen.update(batch_seen)
+        excess = len(self.seen) - self.seen_limit
+        if excess > 0:
+            for key in list(itertools.islice(self.seen, excess)):
+                del self.seen[key]
         result.accepted = kept.num_rows
         if kept.num_rows:
             self.pending.append(kept)

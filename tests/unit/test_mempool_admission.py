@@ -1,0 +1,54 @@
+"""Mempool admission without Ray: duplicates are refused within the bounded window of recent
+ids, and ids older than the window are forgotten (execution then refuses the copy)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from rayledger.actors.mempool import Mempool
+from rayledger.config import Validator, new_genesis
+from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.tx import TxKind, make_batch
+
+
+def mempool(tmp_path: Path, seen_limit: int) -> Mempool:
+    keys = [key_from_seed(bytes([i + 1]) * 32) for i in range(4)]
+    genesis = new_genesis("m", [Validator(f"v{i}", public_bytes(k)) for i, k in enumerate(keys)], 5)
+    genesis.save(tmp_path / "genesis.toml")
+    (tmp_path / "network.json").write_text(
+        json.dumps(
+            {"batch_rows": 10**9, "batch_interval_ms": 10**9, "mempool_seen_ids": seen_limit}
+        )
+    )
+    return Mempool(str(tmp_path), 0)
+
+
+def test_duplicates_refused_within_the_window_and_forgotten_after(tmp_path: Path) -> None:
+    m = mempool(tmp_path, seen_limit=10)
+    key = key_from_seed(b"\x09" * 32)
+    batch = make_batch(
+        key, TxKind.ANCHOR, range(8), [bytes([i]) * 32 for i in range(8)], m.genesis.chain_id
+    )
+    more = make_batch(
+        key,
+        TxKind.ANCHOR,
+        range(8, 16),
+        [bytes([i]) * 32 for i in range(8, 16)],
+        m.genesis.chain_id,
+    )
+
+    async def scenario() -> None:
+        first = await m.submit(batch)
+        assert first.accepted == 8
+        again = await m.submit(batch.slice(0, 4))
+        assert again.accepted == 0 and again.rejected == {"duplicate": 4}
+        assert (await m.submit(more)).accepted == 8
+        assert len(m.seen) == 10
+        # The oldest six ids fell out of the window.
+        assert (await m.submit(batch.slice(0, 6))).accepted == 6
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
