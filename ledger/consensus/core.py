@@ -195,7 +195,9 @@ class Core:
         self.committed = head
         self.committed_log: dict[int, Proposal] = {}
         self.committed_hashes: dict[bytes, BlockHeader] = {head.hash: head}
-        self.committed_digests: set[bytes] = set()
+        # Digests committed in the last ``committed_window`` heights -> height. Older repeats
+        # are not refused here; execution gives their rows BAD_NONCE.
+        self.committed_digests: dict[bytes, int] = {}
         self.tree: dict[bytes, Proposal] = {}
         self.qcs: dict[bytes, QuorumCert] = {}
         # Held batches in arrival order: leaders propose the oldest first (fairness, latency).
@@ -226,7 +228,7 @@ class Core:
             if b.height <= self.committed.height:
                 self.committed_log[b.height] = p
                 self.committed_hashes[b.hash] = b
-                self.committed_digests.update(b.batch_digests)
+                self.committed_digests.update(dict.fromkeys(b.batch_digests, b.height))
             elif self._header(b.parent_hash) is not None:
                 self.tree[b.hash] = p
                 self.proposal_at.setdefault(b.round, p)
@@ -303,7 +305,7 @@ class Core:
 
     def on_batch_available(self, digest: bytes) -> list[Action]:
         """The batch ``digest`` is held locally and its digest checked by the adapter."""
-        if digest in self.committed_digests:
+        if self._is_ordered(digest, set()):
             return []
         self.available.setdefault(digest, None)
         if self.idle_round == self.round:
@@ -509,8 +511,9 @@ class Core:
         if b.timestamp_ms <= parent.timestamp_ms:
             return self._reject("proposal timestamp not after its parent's", proposer)
         # Verify no named batch was already ordered on this branch
+        branch = self._branch_digests(parent)
         if len(set(b.batch_digests)) != len(b.batch_digests) or any(
-            d in self._ordered_digests(parent) for d in b.batch_digests
+            self._is_ordered(d, branch) for d in b.batch_digests
         ):
             return self._reject("proposal repeats an ordered batch", proposer)
         missing = tuple(d for d in b.batch_digests if d not in self.available)
@@ -541,9 +544,16 @@ class Core:
             self._propose()
         return None
 
-    def _ordered_digests(self, parent: BlockHeader) -> set[bytes]:
-        """Digests in the uncommitted ancestors of a block, plus everything committed."""
-        seen = set(self.committed_digests)
+    def _is_ordered(self, digest: bytes, branch: set[bytes]) -> bool:
+        """Was this batch ordered on the branch, or committed within the window? (The window is
+        counted in heights from the committed head, so every validator draws the same line.)"""
+        height = self.committed_digests.get(digest)
+        recent = height is not None and height > self.committed.height - self.cfg.committed_window
+        return recent or digest in branch
+
+    def _branch_digests(self, parent: BlockHeader) -> set[bytes]:
+        """Digests in the uncommitted ancestors of a block (``parent`` included)."""
+        seen: set[bytes] = set()
         cursor = self.tree.get(parent.hash)
         while cursor is not None:
             seen.update(cursor.block.batch_digests)
@@ -627,7 +637,7 @@ class Core:
         for p in chain:
             self.committed_log[p.block.height] = p
             self.committed_hashes[p.block.hash] = p.block
-            self.committed_digests.update(p.block.batch_digests)
+            self.committed_digests.update(dict.fromkeys(p.block.batch_digests, p.block.height))
             for d in p.block.batch_digests:
                 self.available.pop(d, None)
         self.committed = chain[-1].block
@@ -646,6 +656,11 @@ class Core:
         old = height - self.cfg.committed_window
         for h in [h for h in self.committed_log if h <= old]:
             del self.committed_hashes[self.committed_log.pop(h).block.hash]
+        if (
+            len(self.committed_digests)
+            > 2 * self.cfg.committed_window * self.cfg.max_batches_per_block
+        ):
+            self.committed_digests = {d: h for d, h in self.committed_digests.items() if h > old}
         for block_hash in [
             h
             for h in self.qcs
@@ -700,8 +715,8 @@ class Core:
                 self._request_sync(qc.block_hash, signers[self.round % len(signers)])
             return
         self.propose_blocked = False
-        ordered = self._ordered_digests(parent)
-        digests = tuple(d for d in self.available if d not in ordered)
+        branch = self._branch_digests(parent)
+        digests = tuple(d for d in self.available if not self._is_ordered(d, branch))
         idle = not digests and wait_if_idle and self.cfg.idle_block_ms > 0
         if idle and not self._uncommitted_payload(parent):
             self.idle_round = self.round
