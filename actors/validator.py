@@ -50,7 +50,7 @@ from rayledger.consensus import (
     Vote,
 )
 from rayledger.consensus.byzantine import conflicting_proposal, corrupt_signature, double_vote
-from rayledger.crypto import Ed25519Signer, Ed25519Verifier
+from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
 from rayledger.errors import LedgerError
 from rayledger.execution import execute_block, genesis_state
 from rayledger.tx import TX_SCHEMA, tx_ids_of
@@ -81,14 +81,11 @@ class Validator:
         """Everything comes from the network's data directory: ``genesis.toml``,
         ``network.json`` (transport and timing settings), ``keys/<name>.key`` and this
         validator's own ``validator-<index>/`` (block store, safety state)."""
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
         root = Path(data_dir)
         settings = json.loads((root / "network.json").read_text())
-        genesis_toml = (root / "genesis.toml").read_text()
-        name = parse_genesis(genesis_toml).validators.validators[index].name
-        key_pem = (root / "keys" / f"{name}.key").read_bytes()
-        data_dir = str(root / f"validator-{index}")
+        self.genesis = parse_genesis((root / "genesis.toml").read_text())
+        name = self.genesis.validators.validators[index].name
+        self.signer = Ed25519Signer(read_key_file(root / "keys" / f"{name}.key"))
         self.network = settings["name"]
         base_timeout_ms = int(settings.get("base_timeout_ms", 1000))
         idle_block_ms = int(settings.get("idle_block_ms", base_timeout_ms // 10))
@@ -98,12 +95,9 @@ class Validator:
         verifier_backend = settings.get("verifier_backend", "auto")
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
         os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
-        self.genesis = parse_genesis(genesis_toml)
         self.index = index
-        key = load_pem_private_key(key_pem, password=None)
-        self.signer = Ed25519Signer(key)  # type: ignore[arg-type]
         self.verifier = Ed25519Verifier(verifier_backend)
-        self.dir = Path(data_dir)
+        self.dir = root / f"validator-{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.latency = latency_ms or [0.0] * self.genesis.validators.n
         self.peers: dict[int, Any] = {}
