@@ -431,10 +431,8 @@ class Validator:
 
     async def headers(self, from_height: int = 1) -> list[tuple[int, bytes, bytes]]:
         """(height, block hash, state root) of every stored block from ``from_height``."""
-        return [
-            (h, self.store.get_header(h).hash, self.store.get_header(h).state_root)
-            for h in range(from_height, self.store.height + 1)
-        ]
+        headers = [self.store.get_header(h) for h in range(from_height, self.store.height + 1)]
+        return [(h.height, h.hash, h.state_root) for h in headers]
 
     async def locate(self, tx_ids: list[bytes]) -> list[int | None]:
         """Height of each committed transaction id (``None`` if not committed here)."""

@@ -22,7 +22,7 @@ import ray
 from rayledger.actors.mempool import Admission, Mempool
 from rayledger.actors.validator import Validator
 from rayledger.actors.verifier import Verifier
-from rayledger.cluster.network import NetworkSpec, load_network, make_genesis
+from rayledger.cluster.network import NetworkSpec, make_genesis
 from rayledger.config import Genesis, load_genesis
 from rayledger.crypto import SigningKey, read_key_file
 from rayledger.tx import tx_ids_of
@@ -325,7 +325,3 @@ class Network:
                 except ValueError:  # already gone
                     continue
         self._handles.clear()
-
-
-def create_local(config: Path, data_dir: Path, options: NetworkOptions | None = None) -> Network:
-    return Network.create(load_network(config), data_dir, options)

@@ -337,7 +337,8 @@ class BlockStore:
         """Store the next block; durable on disk when this returns.
 
         Raises ``InvalidBlock`` (and changes nothing) if the block does not extend the head,
-        fails its roots, or repeats a transaction id already stored.
+        or fails its roots. A transaction id stored before may appear again (a replayed
+        copy, which execution marks BAD_NONCE); the tx index keeps the row that counted.
         """
         with self._lock:
             if verify:
