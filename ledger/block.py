@@ -228,13 +228,18 @@ def compute_tx_root(tx_ids: np.ndarray) -> bytes:
 
 def compute_result_root(tx_ids: np.ndarray, results: pa.RecordBatch) -> bytes:
     """RFC 6962 root over the leaves ``tx_id | status u8 | result``, in block order."""
+    return merkle_root_of_leaf_hashes(result_leaf_hashes(tx_ids, results))
+
+
+def result_leaf_hashes(tx_ids: np.ndarray, results: pa.RecordBatch) -> np.ndarray:
+    """``(n, 32)`` leaf hashes ``SHA-256(0x00 | tx_id | status u8 | result)`` of a block."""
     status = results.column("status").to_numpy(zero_copy_only=False).astype(np.uint8)
     n = len(status)
     # The leaf prefix 0x00 goes into the row head, so one bulk call yields the leaf hashes.
     head = np.concatenate(
         [np.zeros((n, 1), np.uint8), tx_ids.reshape(n, 32), status[:, None]], axis=1
     )
-    return merkle_root_of_leaf_hashes(sha256_rows(head, results.column("result")))
+    return sha256_rows(head, results.column("result"))
 
 
 @dataclass(frozen=True)

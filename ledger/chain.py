@@ -126,6 +126,10 @@ class LedgerBuilder:
         self._bodies.pop(block_hash, None)
         self._headers.pop(block_hash, None)
 
+    def writes_of(self, block_hash: bytes) -> dict[bytes, bytes]:
+        """The state an executed, not yet committed block writes (a copy)."""
+        return dict(self._views[block_hash].writes)
+
     def commit(self, block_hash: bytes, parent_qc: QuorumCert) -> Block:
         """Fold a committed block's writes into the base state; return the block to store.
 

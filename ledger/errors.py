@@ -74,6 +74,12 @@ class InvalidQuorumCert(LedgerError):
     code = "invalid_qc"
 
 
+class InvalidReceipt(LedgerError):
+    """A receipt that does not prove what it claims; the message names the failed check."""
+
+    code = "invalid_receipt"
+
+
 class ConfigError(LedgerError):
     code = "config_error"
 

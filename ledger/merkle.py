@@ -23,6 +23,7 @@ __all__ = [
     "inclusion_proof",
     "inclusion_proof_from_levels",
     "merkle_levels",
+    "merkle_levels_of_leaf_hashes",
     "merkle_root",
     "merkle_root_of_leaf_hashes",
     "root_from_levels",
@@ -90,6 +91,19 @@ def merkle_levels(leaves: Leaves) -> list[list[bytes]]:
     if not level:
         return []
     levels = [level]
+    while len(level) > 1:
+        level = _parent_level(level)
+        levels.append(level)
+    return levels
+
+
+def merkle_levels_of_leaf_hashes(leaf_hashes: NDArray[np.uint8]) -> list[list[bytes]]:
+    """``merkle_levels`` for leaves already hashed (``SHA-256(0x00 || leaf)`` each)."""
+    if leaf_hashes.ndim != 2 or leaf_hashes.shape[1] != HASH_SIZE:
+        raise ValueError(f"leaf hashes must be (n, {HASH_SIZE}), got {leaf_hashes.shape}")
+    raw = np.ascontiguousarray(leaf_hashes, np.uint8).tobytes()
+    level = [raw[i : i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]
+    levels = [level] if level else []
     while len(level) > 1:
         level = _parent_level(level)
         levels.append(level)

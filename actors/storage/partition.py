@@ -1,0 +1,449 @@
+"""One storage shard's partition of a validator's committed ledger (no Ray here).
+
+A validator has ``S`` storage shards. Every committed block reaches every shard once, in
+height order, and each shard keeps its part of it, partitioned by key hash:
+
+- transactions (the signed row, its height and index, status and result) whose id falls in
+  the shard: ``u64_be(tx_id[:8]) % S``;
+- state entries (key -> value, and the height that last wrote it) whose key falls in the
+  shard: ``u64_be(SHA-256(key)[:8]) % S``;
+- the Merkle leaves of the blocks whose height falls in the shard: ``height % S`` (the
+  transaction ids and result leaf hashes a receipt's audit paths are computed from);
+- every block header, the QC that certifies it and the commit proofs: small, kept by all, so
+  any shard can prove a commit.
+
+So reads (receipts, state, transaction lookups) are served by the shard that owns the key,
+never through the validator's event loop. The validator's own block store stays the chain's
+durable record (consensus, sync and restart read it); a shard is derived from it and is brought
+up to date from it after any loss: ``apply`` is idempotent and refuses gaps.
+
+The partition lives in one SQLite database in WAL mode with ``synchronous=FULL``; a block is
+applied in one transaction, with the applied height, so a crash leaves the shard at a block
+boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rayledger.block import BLOCK_ROW_SCHEMA, BlockHeader, QuorumCert, result_leaf_hashes
+from rayledger.errors import InvalidBlock, NotFound, StoreError
+from rayledger.execution import Status
+from rayledger.kernels import sha256_batch
+from rayledger.merkle import (
+    inclusion_proof_from_levels,
+    merkle_levels,
+    merkle_levels_of_leaf_hashes,
+)
+from rayledger.receipt import CommitProof, Receipt
+from rayledger.tx import Transaction, tx_ids_of
+
+WRITES_SCHEMA = pa.schema(
+    [pa.field("key", pa.binary(), nullable=False), pa.field("value", pa.binary(), nullable=False)]
+)
+
+_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS headers (
+    height INTEGER PRIMARY KEY,
+    hash   BLOB NOT NULL,
+    header BLOB NOT NULL,
+    qc     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commits (
+    height   INTEGER PRIMARY KEY,
+    child    BLOB NOT NULL,
+    child_qc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leaves (
+    height  INTEGER PRIMARY KEY,
+    tx_ids  BLOB NOT NULL,
+    results BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS txs (
+    tx_id     BLOB PRIMARY KEY,
+    height    INTEGER NOT NULL,
+    idx       INTEGER NOT NULL,
+    kind      INTEGER NOT NULL,
+    sender    BLOB NOT NULL,
+    nonce     INTEGER NOT NULL,
+    payload   BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    status    INTEGER NOT NULL,
+    result    BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (
+    key    BLOB PRIMARY KEY,
+    value  BLOB NOT NULL,
+    height INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+# SQLite INTEGER is signed 64-bit: nonces are stored as their two's complement
+_I64 = 1 << 63
+
+
+def shard_of_tx_ids(tx_ids: np.ndarray, shards: int) -> np.ndarray:
+    """The shard of each ``(n, 32)`` transaction id: its first 8 bytes, big-endian, mod S."""
+    ids = np.ascontiguousarray(tx_ids, np.uint8).reshape(-1, 32)
+    return (ids[:, :8].copy().view(">u8").ravel() % np.uint64(shards)).astype(np.int64)
+
+
+def shard_of_keys(keys: pa.Array | Sequence[bytes], shards: int) -> np.ndarray:
+    """The shard of each state key: the first 8 bytes of its SHA-256, big-endian, mod S."""
+    arr = keys if isinstance(keys, pa.Array) else pa.array(list(keys), pa.binary())
+    if len(arr) == 0:
+        return np.empty(0, np.int64)
+    return shard_of_tx_ids(sha256_batch(arr), shards)
+
+
+def shard_of_height(height: int, shards: int) -> int:
+    return height % shards
+
+
+@dataclass(frozen=True)
+class CommittedBlock:
+    """What a validator hands its shards for one committed block."""
+
+    header: BlockHeader
+    qc: QuorumCert  # certifies ``header``
+    rows: pa.RecordBatch  # BLOCK_ROW_SCHEMA, block order
+    writes: pa.RecordBatch  # WRITES_SCHEMA: the state the block wrote
+    # When this block is the last of a commit: the child in the next round and its QC
+    commit: tuple[BlockHeader, QuorumCert] | None = None
+
+
+def writes_batch(writes: dict[bytes, bytes]) -> pa.RecordBatch:
+    keys = sorted(writes)
+    return pa.RecordBatch.from_arrays(
+        [pa.array(keys, pa.binary()), pa.array([writes[k] for k in keys], pa.binary())],
+        schema=WRITES_SCHEMA,
+    )
+
+
+class ShardStore:
+    def __init__(
+        self,
+        path: Path,
+        shard: int,
+        shards: int,
+        genesis: BlockHeader,
+        genesis_state: dict[bytes, bytes] | None = None,
+    ) -> None:
+        """``genesis_state`` (the genesis accounts' entries) seeds a new shard's partition."""
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} of {shards}")
+        self.shard, self.shards = shard, shards
+        self.genesis = genesis
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path / "shard.sqlite"
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA_SQL)
+        self._check_meta()
+        row = self._db.execute("SELECT max(height) FROM headers").fetchone()
+        self._height = int(row[0] or 0)
+        self._head_hash = self._hash_at(self._height)
+        if genesis_state and self._height == 0:
+            self._seed(genesis_state)
+        self._levels = functools.lru_cache(maxsize=16)(self._block_levels)
+
+    def _check_meta(self) -> None:
+        want = {
+            "genesis": self.genesis.hash,
+            "partition": f"{self.shard}/{self.shards}".encode(),
+        }
+        for key, value in want.items():
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+            elif bytes(row[0]) != value:
+                raise StoreError(
+                    f"{self.path} holds {key} {bytes(row[0])!r}, not {value!r} of this shard"
+                )
+
+    def _seed(self, state: dict[bytes, bytes]) -> None:
+        keys = sorted(state)
+        owners = shard_of_keys(keys, self.shards)
+        with self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO state (key, value, height) VALUES (?, ?, 0)",
+                ((k, state[k]) for k, o in zip(keys, owners, strict=True) if o == self.shard),
+            )
+
+    def _hash_at(self, height: int) -> bytes:
+        if height == 0:
+            return self.genesis.hash
+        row = self._db.execute("SELECT hash FROM headers WHERE height = ?", (height,)).fetchone()
+        return bytes(row[0])
+
+    @property
+    def height(self) -> int:
+        """The last block applied here."""
+        return self._height
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def apply(self, blocks: Iterable[CommittedBlock]) -> int:
+        """Apply committed blocks in height order; ones already applied are skipped. A block
+        that does not extend the last applied one raises (``StoreError`` for a gap,
+        ``InvalidBlock`` for another parent) and changes nothing. Returns the height."""
+        for block in blocks:
+            h = block.header.height
+            if h <= self._height:
+                continue
+            if h != self._height + 1:
+                raise StoreError(f"shard at height {self._height} cannot apply block {h} (gap)")
+            if block.header.parent_hash != self._head_hash:
+                raise InvalidBlock(f"block {h} does not extend the shard's block {h - 1}")
+            schema = block.rows.schema.remove_metadata()
+            if block.rows.num_rows != block.header.tx_count or schema != BLOCK_ROW_SCHEMA:
+                raise InvalidBlock(f"block {h}: rows do not match the header or the row schema")
+            if block.qc.block_hash != block.header.hash:
+                raise InvalidBlock(f"block {h}: the QC certifies another block")
+            self._apply_one(block)
+            self._height, self._head_hash = h, block.header.hash
+        return self._height
+
+    def _apply_one(self, block: CommittedBlock) -> None:
+        h = block.header.height
+        rows = block.rows
+        ids = tx_ids_of(rows) if rows.num_rows else np.empty((0, 32), np.uint8)
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute(
+                "INSERT INTO headers (height, hash, header, qc) VALUES (?, ?, ?, ?)",
+                (h, block.header.hash, block.header.encode(), block.qc.encode()),
+            )
+            if block.commit is not None:
+                child, child_qc = block.commit
+                cur.execute(
+                    "INSERT INTO commits (height, child, child_qc) VALUES (?, ?, ?)",
+                    (h, child.encode(), child_qc.encode()),
+                )
+            if shard_of_height(h, self.shards) == self.shard:
+                results = rows.select(["status", "result"])
+                cur.execute(
+                    "INSERT INTO leaves (height, tx_ids, results) VALUES (?, ?, ?)",
+                    (h, ids.tobytes(), result_leaf_hashes(ids, results).tobytes()),
+                )
+            mine = np.flatnonzero(shard_of_tx_ids(ids, self.shards) == self.shard)
+            if len(mine):
+                part = rows.take(pa.array(mine))
+                # A replayed id (BAD_NONCE copy) never displaces the row that consumed the
+                # nonce, which is the one its receipt is about (as in the block store).
+                cur.executemany(
+                    "INSERT INTO txs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, "
+                    "idx = excluded.idx, status = excluded.status, result = excluded.result "
+                    "WHERE excluded.status != ?",
+                    (
+                        (
+                            bytes(ids[i]),
+                            h,
+                            int(i),
+                            kind,
+                            sender,
+                            nonce - _I64,
+                            payload,
+                            signature,
+                            status,
+                            result,
+                            int(Status.BAD_NONCE),
+                        )
+                        for i, kind, sender, nonce, payload, signature, status, result in zip(
+                            mine.tolist(),
+                            *(
+                                part.column(c).to_pylist()
+                                for c in (
+                                    "kind",
+                                    "sender",
+                                    "nonce",
+                                    "payload",
+                                    "signature",
+                                    "status",
+                                    "result",
+                                )
+                            ),
+                            strict=True,
+                        )
+                    ),
+                )
+            writes = block.writes
+            if writes.num_rows:
+                keys = writes.column("key")
+                sel = np.flatnonzero(shard_of_keys(keys, self.shards) == self.shard)
+                if len(sel):
+                    part = writes.take(pa.array(sel))
+                    cur.executemany(
+                        "INSERT INTO state (key, value, height) VALUES (?, ?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                        "height = excluded.height",
+                        (
+                            (k, v, h)
+                            for k, v in zip(
+                                part.column("key").to_pylist(),
+                                part.column("value").to_pylist(),
+                                strict=True,
+                            )
+                        ),
+                    )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def owns_tx(self, tx_id: bytes) -> bool:
+        return int(shard_of_tx_ids(np.frombuffer(tx_id, np.uint8), self.shards)[0]) == self.shard
+
+    def owns_key(self, key: bytes) -> bool:
+        return int(shard_of_keys([key], self.shards)[0]) == self.shard
+
+    def _check_tx_id(self, tx_id: bytes) -> None:
+        if not isinstance(tx_id, bytes) or len(tx_id) != 32:
+            raise ValueError("a transaction id is 32 bytes")
+        if not self.owns_tx(tx_id):
+            raise ValueError(f"transaction {tx_id.hex()[:16]}… is not in shard {self.shard}")
+
+    def locate(self, tx_ids: Sequence[bytes]) -> list[int | None]:
+        """The height of each transaction (``None`` if not committed as far as applied)."""
+        for t in tx_ids:
+            self._check_tx_id(t)
+        found: dict[bytes, int] = {}
+        ids = list(tx_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for tx_id, height in self._db.execute(
+                f"SELECT tx_id, height FROM txs WHERE tx_id IN ({marks})", chunk
+            ):
+                found[bytes(tx_id)] = int(height)
+        return [found.get(t) for t in ids]
+
+    def get_tx(self, tx_id: bytes) -> dict[str, Any]:
+        """The committed row of one transaction; ``NotFound`` if it is not committed."""
+        self._check_tx_id(tx_id)
+        row = self._db.execute(
+            "SELECT height, idx, kind, sender, nonce, payload, signature, status, result "
+            "FROM txs WHERE tx_id = ?",
+            (tx_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"transaction {tx_id.hex()[:16]}… is not committed (as of height {self._height})"
+            )
+        height, idx, kind, sender, nonce, payload, signature, status, result = row
+        return {
+            "tx_id": tx_id,
+            "height": int(height),
+            "index": int(idx),
+            "kind": int(kind),
+            "sender": bytes(sender),
+            "nonce": int(nonce) + _I64,
+            "payload": bytes(payload),
+            "signature": bytes(signature),
+            "status": int(status),
+            "result": bytes(result),
+        }
+
+    def get_state(self, key: bytes) -> tuple[bytes, int] | None:
+        """(value, height that wrote it) of a state key, or ``None`` if never written."""
+        if not self.owns_key(key):
+            raise ValueError(f"state key {key.hex()[:16]}… is not in shard {self.shard}")
+        row = self._db.execute("SELECT value, height FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (bytes(row[0]), int(row[1]))
+
+    def header(self, height: int) -> BlockHeader:
+        row = self._db.execute("SELECT header FROM headers WHERE height = ?", (height,)).fetchone()
+        if row is None:
+            raise NotFound(f"no block at height {height} in this shard (at {self._height})")
+        return BlockHeader.decode(bytes(row[0]))
+
+    def _block_levels(self, height: int) -> tuple[list[list[bytes]], list[list[bytes]]]:
+        row = self._db.execute(
+            "SELECT tx_ids, results FROM leaves WHERE height = ?", (height,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no leaves of block {height} in shard {self.shard}")
+        ids = np.frombuffer(bytes(row[0]), np.uint8).reshape(-1, 32)
+        results = np.frombuffer(bytes(row[1]), np.uint8).reshape(-1, 32)
+        return merkle_levels(ids), merkle_levels_of_leaf_hashes(results)
+
+    def proofs(self, height: int, index: int) -> tuple[list[bytes], list[bytes]]:
+        """Audit paths of transaction ``index`` of block ``height`` under its tx root and its
+        result root (this shard must own the height)."""
+        if shard_of_height(height, self.shards) != self.shard:
+            raise ValueError(f"block {height} is not in shard {self.shard}")
+        tx_levels, result_levels = self._levels(height)
+        return (
+            inclusion_proof_from_levels(tx_levels, index),
+            inclusion_proof_from_levels(result_levels, index),
+        )
+
+    def commit_proof(self, height: int) -> tuple[list[BlockHeader], CommitProof]:
+        """Headers ``height+1 .. c`` and the commit proof of ``c``, the first block at or above
+        ``height`` whose commit was proven."""
+        row = self._db.execute(
+            "SELECT height, child, child_qc FROM commits WHERE height >= ? ORDER BY height LIMIT 1",
+            (height,),
+        ).fetchone()
+        if row is None or height < 1:
+            raise NotFound(f"no commit proof for block {height} (applied to {self._height})")
+        top = int(row[0])
+        headers = [self.header(h) for h in range(height, top + 1)]
+        qc = self._db.execute("SELECT qc FROM headers WHERE height = ?", (top,)).fetchone()
+        proof = CommitProof(
+            headers[-1],
+            QuorumCert.decode(bytes(qc[0])),
+            BlockHeader.decode(bytes(row[1])),
+            QuorumCert.decode(bytes(row[2])),
+        )
+        return headers, proof
+
+    def receipt_part(self, tx_id: bytes) -> tuple[dict[str, Any], list[BlockHeader], CommitProof]:
+        """The transaction-owner's half of a receipt: the row, headers and commit proof."""
+        row = self.get_tx(tx_id)
+        headers, proof = self.commit_proof(row["height"])
+        return row, headers, proof
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def assemble_receipt(
+    row: dict[str, Any],
+    headers: list[BlockHeader],
+    commit: CommitProof,
+    proofs: tuple[list[bytes], list[bytes]],
+    chain_id: bytes,
+) -> Receipt:
+    """A ``Receipt`` from the parts two shards hold (see ``ShardStore.receipt_part`` and
+    ``ShardStore.proofs``)."""
+    tx = Transaction(
+        chain_id, row["kind"], row["sender"], row["nonce"], row["payload"], row["signature"]
+    )
+    return Receipt(
+        tx=tx,
+        height=row["height"],
+        index=row["index"],
+        status=row["status"],
+        result=row["result"],
+        tx_proof=tuple(proofs[0]),
+        result_proof=tuple(proofs[1]),
+        header=headers[0],
+        chain=tuple(headers[1:]),
+        commit=commit,
+    )

@@ -1,0 +1,104 @@
+"""The ``StorageShard`` actor: one partition of a validator's committed ledger, served to readers
+directly (see ``partition.py`` for what a shard keeps).
+
+The validator pushes every committed block to each of its shards, in order, as one object in
+the object store shared by all of them; the shard keeps its part. Readers (the client, the
+edge) go to the shard that owns the key: a receipt to the shard of its transaction id (which
+asks the shard of the block's height for the audit paths), state to the shard of the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rayledger.actors.storage.partition import (
+    CommittedBlock,
+    ShardStore,
+    assemble_receipt,
+    shard_of_height,
+)
+from rayledger.config import parse_genesis
+from rayledger.errors import LedgerError
+
+NAMESPACE = "rayledger"
+
+
+def shard_name(network: str, validator: int, shard: int) -> str:
+    return f"{network}-shard-{validator}-{shard}"
+
+
+class StorageShard:
+    def __init__(self, data_dir: str, validator: int, shard: int) -> None:
+        root = Path(data_dir)
+        settings = json.loads((root / "network.json").read_text())
+        genesis = parse_genesis((root / "genesis.toml").read_text())
+        os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
+        self.network = settings["name"]
+        self.validator, self.shard = validator, shard
+        self.shards = int(settings.get("storage_shards", 1))
+        self.chain_id = genesis.chain_id
+        self.store = ShardStore(
+            root / f"validator-{validator}" / f"shard-{shard}", shard, self.shards, genesis.header
+        )
+        self.rejected = 0
+
+    # ---- the validator's side ----------------------------------------------------------------
+
+    async def apply(self, refs: list[Any]) -> int:
+        """Apply committed blocks (object refs of ``CommittedBlock``, in height order) and
+        return the height applied. A gap raises; the validator then resends from ``height``."""
+        blocks: list[CommittedBlock] = list(await asyncio.gather(*refs))
+        try:
+            return self.store.apply(blocks)
+        except LedgerError:
+            self.rejected += 1
+            raise
+
+    async def height(self) -> int:
+        return self.store.height
+
+    # ---- readers -----------------------------------------------------------------------------
+
+    async def locate(self, tx_ids: list[bytes]) -> list[int | None]:
+        return self.store.locate(tx_ids)
+
+    async def get_tx(self, tx_id: bytes) -> dict[str, Any]:
+        return self.store.get_tx(tx_id)
+
+    async def get_state(self, key: bytes) -> tuple[bytes, int] | None:
+        return self.store.get_state(key)
+
+    async def header(self, height: int) -> bytes:
+        return self.store.header(height).encode()
+
+    async def proofs(self, height: int, index: int) -> tuple[list[bytes], list[bytes]]:
+        return self.store.proofs(height, index)
+
+    async def receipt(self, tx_id: bytes) -> bytes:
+        """The encoded ``Receipt`` of a committed transaction owned by this shard (``NotFound``
+        if it is not committed here yet)."""
+        row, headers, commit = self.store.receipt_part(tx_id)
+        owner = shard_of_height(row["height"], self.shards)
+        if owner == self.shard:
+            proofs = self.store.proofs(row["height"], row["index"])
+        else:
+            sibling = ray.get_actor(
+                shard_name(self.network, self.validator, owner), namespace=NAMESPACE
+            )
+            proofs = await sibling.proofs.remote(row["height"], row["index"])
+        return assemble_receipt(row, headers, commit, proofs, self.chain_id).encode()
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            "validator": self.validator,
+            "shard": self.shard,
+            "shards": self.shards,
+            "height": self.store.height,
+            "rejected": self.rejected,
+        }

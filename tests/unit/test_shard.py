@@ -1,0 +1,353 @@
+"""Storage shards and receipts without Ray: a real certified chain is applied to S shards; the
+partitions together hold exactly the ledger; receipts assembled from two shards verify with the
+validator keys alone, and every forged part is refused with its reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rayledger.actors.storage import (
+    CommittedBlock,
+    ShardStore,
+    shard_of_height,
+    shard_of_keys,
+    shard_of_tx_ids,
+    writes_batch,
+)
+from rayledger.actors.storage.partition import assemble_receipt
+from rayledger.block import BlockHeader, QuorumCert, genesis_header, make_bitmap, vote_message
+from rayledger.chain import LedgerBuilder, batch_digest
+from rayledger.config import Validator, ValidatorSet
+from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.errors import (
+    DecodeError,
+    InvalidBlock,
+    InvalidReceipt,
+    NotFound,
+    StoreError,
+    TruncatedInput,
+)
+from rayledger.execution import Account, Status, balance_key, genesis_state
+from rayledger.receipt import Receipt, receipt_ok, verify_receipt
+from rayledger.tx import TxKind, make_batch, tx_ids_of
+
+CHAIN = bytes(range(32))
+VKEYS = [key_from_seed(bytes([0x40 + i]) * 32) for i in range(4)]
+VS = ValidatorSet(tuple(Validator(f"v{i}", public_bytes(k)) for i, k in enumerate(VKEYS)))
+A, B = key_from_seed(b"\x01" * 32), key_from_seed(b"\x02" * 32)
+PA, PB = public_bytes(A), public_bytes(B)
+# An account no block touches: its genesis balance is state all the same
+PC = public_bytes(key_from_seed(b"\x03" * 32))
+ACCOUNTS = [Account(PA, 1_000), Account(PB, 500), Account(PC, 7)]
+SHARDS = 3
+# Rounds of blocks 1..5: block 3 is followed by a round gap, so 1-2 commit through child 3,
+# 3-4 through child 5, and 5 has no commit proof yet.
+ROUNDS = (1, 2, 3, 5, 6)
+COMMITS = {2: 3, 4: 5}
+
+
+def qc_for(header: BlockHeader, signers: tuple[int, ...] = (0, 1, 2)) -> QuorumCert:
+    msg = vote_message(CHAIN, header.hash, header.round)
+    sigs = tuple(VKEYS[i].sign(msg) for i in signers)
+    return QuorumCert(header.hash, header.round, make_bitmap(list(signers), VS.n), sigs)
+
+
+def build_chain() -> tuple[BlockHeader, list[CommittedBlock], LedgerBuilder]:
+    base, root = genesis_state(ACCOUNTS)
+    genesis = genesis_header(CHAIN, 1, root)
+    transfers = make_batch(
+        A, TxKind.TRANSFER, range(0, 40), [PB + struct.pack(">Q", 3)] * 40, CHAIN
+    )
+    anchors = make_batch(
+        B, TxKind.ANCHOR, range(0, 30), [bytes([i]) * 32 for i in range(30)], CHAIN
+    )
+    votes = make_batch(B, TxKind.VOTE, range(30, 35), [b"yes"] * 5, CHAIN)
+    parts = [transfers.slice(0, 25), anchors, transfers.slice(25), votes, transfers.slice(0, 5)]
+    batches = {batch_digest(b): b for b in parts}
+    digests = list(batches)
+    builder = LedgerBuilder(batches, genesis, base)
+    headers, writes = [], []
+    parent = genesis
+    for r, d in zip(ROUNDS, digests, strict=True):
+        h = builder.build(parent, r, VS.validators[r % 4].public_key, 10 + r, (d,))
+        headers.append(h)
+        writes.append(builder.writes_of(h.hash))
+        parent = h
+    blocks = []
+    parent_qc = QuorumCert.genesis(genesis.hash)
+    for i, h in enumerate(headers):
+        qc = qc_for(h)
+        rows = builder.commit(h.hash, parent_qc).rows()
+        parent_qc = qc
+        commit = None
+        if h.height in COMMITS:
+            child = headers[COMMITS[h.height] - 1]
+            commit = (child, qc_for(child, (1, 2, 3)))
+        blocks.append(CommittedBlock(h, qc, rows, writes_batch(writes[i]), commit))
+    return genesis, blocks, builder
+
+
+@pytest.fixture(scope="module")
+def chain() -> tuple[BlockHeader, list[CommittedBlock], LedgerBuilder]:
+    return build_chain()
+
+
+def open_shards(root: Path, genesis: BlockHeader) -> list[ShardStore]:
+    seed = genesis_state(ACCOUNTS)[0].writes
+    return [ShardStore(root / f"s{k}", k, SHARDS, genesis, seed) for k in range(SHARDS)]
+
+
+@pytest.fixture()
+def applied(tmp_path: Path, chain):  # noqa: ANN001, ANN201
+    genesis, blocks, _ = chain
+    shards = open_shards(tmp_path, genesis)
+    for s in shards:
+        assert s.apply(blocks) == 5
+    yield shards
+    for s in shards:
+        s.close()
+
+
+def all_ids(blocks: list[CommittedBlock]) -> list[bytes]:
+    ids = np.concatenate([tx_ids_of(b.rows) for b in blocks])
+    return list(dict.fromkeys(bytes(r) for r in ids))
+
+
+def receipt_from(shards: list[ShardStore], tx_id: bytes) -> Receipt:
+    owner = shards[int(shard_of_tx_ids(np.frombuffer(tx_id, np.uint8), SHARDS)[0])]
+    row, headers, commit = owner.receipt_part(tx_id)
+    proofs = shards[shard_of_height(row["height"], SHARDS)].proofs(row["height"], row["index"])
+    return assemble_receipt(row, headers, commit, proofs, CHAIN)
+
+
+def test_partitions_together_hold_exactly_the_ledger(applied, chain) -> None:  # noqa: ANN001
+    genesis, blocks, builder = chain
+    ids = all_ids(blocks)
+    owners = shard_of_tx_ids(np.frombuffer(b"".join(ids), np.uint8).reshape(-1, 32), SHARDS)
+    assert set(owners.tolist()) == set(range(SHARDS))
+    for k, shard in enumerate(applied):
+        mine = [t for t, o in zip(ids, owners, strict=True) if o == k]
+        assert all(h is not None for h in shard.locate(mine))
+        other = [t for t, o in zip(ids, owners, strict=True) if o != k]
+        with pytest.raises(ValueError, match="not in shard"):
+            shard.locate(other[:1])
+    state = builder.base.writes
+    key_owners = shard_of_keys(list(state), SHARDS)
+    for (key, value), k in zip(state.items(), key_owners, strict=True):
+        got = applied[k].get_state(key)
+        assert got is not None and got[0] == value
+        with pytest.raises(ValueError, match="not in shard"):
+            applied[(k + 1) % SHARDS].get_state(key)
+    # A genesis balance no block wrote is served too, as of height 0
+    owner = applied[int(shard_of_keys([balance_key(PC)], SHARDS)[0])]
+    assert owner.get_state(balance_key(PC)) == (struct.pack(">Q", 7), 0)
+    nobody = balance_key(bytes(32))
+    assert applied[int(shard_of_keys([nobody], SHARDS)[0])].get_state(nobody) is None
+    assert applied[0].header(3) == blocks[2].header
+
+
+def test_replayed_ids_keep_the_row_that_consumed_the_nonce(applied, chain) -> None:  # noqa: ANN001
+    _, blocks, _ = chain
+    replayed = [bytes(r) for r in tx_ids_of(blocks[4].rows)]
+    statuses = blocks[4].rows.column("status").to_pylist()
+    assert statuses == [Status.BAD_NONCE] * 5
+    for t in replayed:
+        owner = applied[int(shard_of_tx_ids(np.frombuffer(t, np.uint8), SHARDS)[0])]
+        row = owner.get_tx(t)
+        assert (row["height"], row["status"]) == (1, Status.OK)
+
+
+def test_every_committed_transaction_has_a_receipt_that_verifies(applied, chain) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    seen_status = set()
+    for t in all_ids(blocks):
+        receipt = receipt_from(applied, t)
+        verify_receipt(receipt, VS, CHAIN, genesis.hash)
+        again = Receipt.decode(receipt.encode())
+        assert again == receipt
+        assert receipt.tx_id == t
+        seen_status.add(receipt.status)
+        assert receipt.commit.header.height in COMMITS
+    assert {Status.OK, Status.UNSUPPORTED_KIND} <= seen_status
+
+
+def test_uncommitted_and_unproven_are_not_found(applied, chain) -> None:  # noqa: ANN001
+    _, blocks, _ = chain
+    with pytest.raises(NotFound, match="no commit proof for block 5"):
+        applied[0].commit_proof(5)
+    stranger = bytes(32)
+    owner = applied[int(shard_of_tx_ids(np.frombuffer(stranger, np.uint8), SHARDS)[0])]
+    with pytest.raises(NotFound, match="not committed"):
+        owner.get_tx(stranger)
+    assert owner.locate([stranger]) == [None]
+    with pytest.raises(ValueError, match="32 bytes"):
+        owner.get_tx(b"short")
+    with pytest.raises(ValueError, match="not in shard"):
+        applied[1].proofs(3, 0)  # height 3 lives in shard 0
+    with pytest.raises(NotFound):
+        applied[0].header(99)
+
+
+def test_apply_is_idempotent_refuses_gaps_and_forks_and_changes_nothing(tmp_path, chain) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    shard = ShardStore(tmp_path / "s", 0, SHARDS, genesis)
+    assert shard.apply(blocks[:2]) == 2
+    assert shard.apply(blocks[:2]) == 2
+    with pytest.raises(StoreError, match="gap"):
+        shard.apply([blocks[3]])
+    forked = dataclasses.replace(blocks[2].header, parent_hash=bytes(32))
+    with pytest.raises(InvalidBlock, match="does not extend"):
+        shard.apply([dataclasses.replace(blocks[2], header=forked, qc=qc_for(forked))])
+    with pytest.raises(InvalidBlock, match="rows do not match"):
+        shard.apply([dataclasses.replace(blocks[2], rows=blocks[2].rows.slice(1))])
+    with pytest.raises(InvalidBlock, match="certifies another block"):
+        shard.apply([dataclasses.replace(blocks[2], qc=blocks[1].qc)])
+    assert shard.height == 2
+    ids3 = [bytes(r) for r in tx_ids_of(blocks[2].rows)]
+    mine = [t for t in ids3 if shard.owns_tx(t)]
+    assert mine and shard.locate(mine) == [None] * len(mine)
+    assert shard.apply(blocks) == 5
+    shard.close()
+
+
+def test_reopen_keeps_the_partition_and_refuses_another(tmp_path, chain) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    shard = ShardStore(tmp_path / "s", 1, SHARDS, genesis)
+    shard.apply(blocks[:3])
+    shard.close()
+    again = ShardStore(tmp_path / "s", 1, SHARDS, genesis)
+    assert again.height == 3 and again.apply(blocks) == 5
+    again.close()
+    with pytest.raises(StoreError, match="partition"):
+        ShardStore(tmp_path / "s", 2, SHARDS, genesis)
+    with pytest.raises(StoreError, match="genesis"):
+        ShardStore(tmp_path / "s", 1, SHARDS, genesis_header(CHAIN, 2))
+    with pytest.raises(ValueError):
+        ShardStore(tmp_path / "t", 3, SHARDS, genesis)
+
+
+# ---- forged receipts ----------------------------------------------------------------------------
+
+
+def _flip(b: bytes) -> bytes:
+    return bytes([b[0] ^ 1]) + b[1:]
+
+
+def _forgeries(r: Receipt, blocks: list[CommittedBlock]) -> dict[str, tuple[Receipt, str]]:
+    h = [b.header for b in blocks]
+    c = r.commit
+    return {
+        "signature": (
+            dataclasses.replace(r, tx=dataclasses.replace(r.tx, signature=_flip(r.tx.signature))),
+            "signature",
+        ),
+        "unsigned": (
+            dataclasses.replace(r, tx=dataclasses.replace(r.tx, signature=b"")),
+            "no signature",
+        ),
+        "height": (dataclasses.replace(r, height=r.height + 1), "height"),
+        "index": (dataclasses.replace(r, index=r.index + 1), "inclusion proof"),
+        "tx proof": (
+            dataclasses.replace(r, tx_proof=(_flip(r.tx_proof[0]), *r.tx_proof[1:])),
+            "inclusion proof",
+        ),
+        "status": (dataclasses.replace(r, status=Status.INSUFFICIENT_FUNDS), "result root"),
+        "result": (dataclasses.replace(r, result=r.result + b"x"), "result root"),
+        "chain dropped": (dataclasses.replace(r, chain=()), "another block"),
+        "chain foreign": (dataclasses.replace(r, chain=(h[2],)), "does not extend"),
+        "child foreign": (
+            dataclasses.replace(
+                r, commit=dataclasses.replace(c, child=h[4], child_qc=qc_for(h[4]))
+            ),
+            "child does not extend",
+        ),
+        "qc foreign": (
+            dataclasses.replace(r, commit=dataclasses.replace(c, qc=qc_for(h[0]))),
+            "names another block",
+        ),
+        "qc short": (
+            dataclasses.replace(r, commit=dataclasses.replace(c, qc=qc_for(c.header, (0, 1)))),
+            "quorum",
+        ),
+        "qc forged vote": (
+            dataclasses.replace(
+                r,
+                commit=dataclasses.replace(
+                    c,
+                    child_qc=dataclasses.replace(
+                        c.child_qc,
+                        signatures=(_flip(c.child_qc.signatures[0]), *c.child_qc.signatures[1:]),
+                    ),
+                ),
+            ),
+            "bad vote signature",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "signature",
+        "unsigned",
+        "height",
+        "index",
+        "tx proof",
+        "status",
+        "result",
+        "chain dropped",
+        "chain foreign",
+        "child foreign",
+        "qc foreign",
+        "qc short",
+        "qc forged vote",
+    ],
+)
+def test_forged_receipt_is_refused_with_its_reason(applied, chain, name: str) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    t = bytes(tx_ids_of(blocks[0].rows)[0])
+    receipt = receipt_from(applied, t)
+    assert len(receipt.chain) == 1  # block 1 is proven through block 2's commit
+    forged, reason = _forgeries(receipt, blocks)[name]
+    with pytest.raises(InvalidReceipt, match=reason):
+        verify_receipt(forged, VS, CHAIN, genesis.hash)
+    assert not receipt_ok(forged, VS, CHAIN, genesis.hash)
+
+
+def test_receipt_refused_on_another_chain_and_without_two_chain(applied, chain) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    t = bytes(tx_ids_of(blocks[2].rows)[0])
+    receipt = receipt_from(applied, t)
+    verify_receipt(receipt, VS, CHAIN, genesis.hash)
+    with pytest.raises(InvalidReceipt, match="another chain"):
+        verify_receipt(receipt, VS, bytes(32), genesis.hash)
+    # Block 3's own child (block 4) is two rounds later: not a commit proof
+    h3, h4 = blocks[2].header, blocks[3].header
+    no_commit = dataclasses.replace(
+        receipt,
+        chain=(),
+        commit=dataclasses.replace(
+            receipt.commit, header=h3, qc=qc_for(h3), child=h4, child_qc=qc_for(h4)
+        ),
+    )
+    with pytest.raises(InvalidReceipt, match="next round"):
+        verify_receipt(no_commit, VS, CHAIN, genesis.hash)
+
+
+def test_receipt_decoding_refuses_malformed_bytes(applied, chain) -> None:  # noqa: ANN001
+    _, blocks, _ = chain
+    raw = receipt_from(applied, bytes(tx_ids_of(blocks[1].rows)[0])).encode()
+    with pytest.raises(TruncatedInput):
+        Receipt.decode(raw[:-1])
+    with pytest.raises(DecodeError, match="trailing"):
+        Receipt.decode(raw + b"\x00")
+    with pytest.raises(DecodeError, match="version"):
+        Receipt.decode(b"\x09" + raw[1:])
+    for cut in range(0, len(raw), 97):
+        with pytest.raises(DecodeError):
+            Receipt.decode(raw[:cut])
