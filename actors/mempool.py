@@ -134,7 +134,7 @@ class Mempool:
         self.in_flight[digest] = batch.num_rows
         self.sealed += 1
         for v in self.validators.values():
-            v.batch_ready.remote(digest, [ref])
+            v.batch_ready.remote(digest, [ref], (self.index, self.sealed))
 
     async def _tick(self) -> None:
         while True:

@@ -29,8 +29,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.storage import BlockStore
+from rayledger.actors.storage import BlockStore, CommittedBlock, writes_batch
+from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
+from rayledger.codec import Reader, u64, var_bytes
 from rayledger.config import parse_genesis
 from rayledger.consensus import (
     Action,
@@ -56,6 +58,15 @@ from rayledger.execution import execute_block, genesis_state
 from rayledger.tx import TX_SCHEMA, tx_ids_of
 
 log = logging.getLogger(__name__)
+
+# Recent blocks whose state writes a (re)started validator keeps for shards that lag behind;
+# a shard further behind is rebuilt by re-executing the stored chain.
+SHARD_REPLAY_KEEP = 64
+# Blocks sent to a shard in one call, and blocks held for shards that do not acknowledge
+SHARD_CHUNK = 32
+SHARD_PENDING_MAX = 1024
+# How long a mempool's batch waits for its predecessor before it is held anyway
+REORDER_WAIT_S = 1.0
 
 ACTOR_STRATEGIES = ("none", "silent", "invalid-signature", "double-voter", "equivocating-leader")
 
@@ -93,6 +104,7 @@ class Validator:
         matrix = settings.get("latency_ms")
         latency_ms = list(matrix[index]) if matrix else None
         verifier_backend = settings.get("verifier_backend", "auto")
+        self.shards = int(settings.get("storage_shards", 0))
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
         os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
         self.index = index
@@ -104,6 +116,9 @@ class Validator:
         self.mempool: Any = None
         self.verifier_actor: Any = None
         self.batches: dict[bytes, pa.RecordBatch] = {}
+        # Per mempool: the next sealing sequence number to hold, and batches waiting for it
+        self.origin_next: dict[int, int] = {}
+        self.origin_waiting: dict[int, dict[int, tuple[bytes, pa.RecordBatch | None]]] = {}
         self.evidence: list[Evidence] = []
         self.rejected: dict[str, int] = {}
         self.started = False
@@ -113,19 +128,21 @@ class Validator:
         self.strategy = "none"
 
         self.store = BlockStore(self.dir / "store", self.genesis.header)
+        # Storage shards: committed blocks waiting to reach every shard (height -> object ref
+        # of a CommittedBlock, shared by all shards), the height each shard has acknowledged,
+        # and the state writes of recent blocks (to rebuild what a shard lost).
+        self.commit_proofs = self._load_commit_proofs()
+        self.shard_pending: dict[int, Any] = {}
+        self.shard_acked: dict[int, int] = {}
+        self.shard_handles: dict[int, Any] = {}
+        self.shard_wake: dict[int, asyncio.Event] = {}
+        self.replayed_writes: dict[int, dict[bytes, bytes]] = {}
+        self._shard_tasks: list[asyncio.Task[None]] = []
         # Wall-clock commit time of each height committed since this process started.
         self.commit_times: dict[int, float] = {}
         self.committed_batches = self._load_batch_index()
-        base, _ = genesis_state(self.genesis.accounts)
-        head = self.genesis.header
-        # Rebuild the committed state by re-executing the stored chain; a stored state root
-        # that differs from re-execution means the store or this code is wrong: refuse.
-        for header, rows in self.store.iter_rows():
-            view, _, root = execute_block(base, rows, header.height, head.state_root)
-            if root != header.state_root:
-                raise LedgerError(f"height {header.height}: re-executed state root differs")
-            base.writes.update(view.writes)
-            head = header
+        keep_from = self.store.height - SHARD_REPLAY_KEEP
+        base, head = self._replay(keep_from)
         self.builder = LedgerBuilder(self.batches, head, base)
         persisted, known = self._load_consensus()
         self.core = Core(
@@ -146,6 +163,43 @@ class Validator:
         )
 
     # ---- persistence -----------------------------------------------------------------------
+
+    def _replay(self, keep_from: int) -> tuple[Any, BlockHeader]:
+        """Rebuild the committed state by re-executing the stored chain; a stored state root
+        that differs from re-execution means the store or this code is wrong: refuse. The
+        writes of blocks above ``keep_from`` are kept for the storage shards."""
+        base, _ = genesis_state(self.genesis.accounts)
+        head = self.genesis.header
+        for header, rows in self.store.iter_rows():
+            view, _, root = execute_block(base, rows, header.height, head.state_root)
+            if root != header.state_root:
+                raise LedgerError(f"height {header.height}: re-executed state root differs")
+            if header.height > keep_from and self.shards:
+                self.replayed_writes[header.height] = dict(view.writes)
+            base.writes.update(view.writes)
+            head = header
+        return base, head
+
+    def _load_commit_proofs(self) -> dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]]:
+        """height -> (QC certifying it, its child in the next round, the child's QC) for the
+        last block of every commit: what proves a commit in a receipt."""
+        path = self.dir / "commits.log"
+        data = path.read_bytes() if path.exists() else b""
+        out = {}
+        pos = 0
+        while pos + 4 <= len(data):
+            size = int.from_bytes(data[pos : pos + 4], "big")
+            if pos + 4 + size > len(data):
+                break
+            r = Reader(data[pos + 4 : pos + 4 + size], "commit proof record")
+            height = r.u64("height")
+            qc = QuorumCert.decode(r.var_bytes("qc"))
+            child = BlockHeader.decode(r.var_bytes("child"))
+            child_qc = QuorumCert.decode(r.var_bytes("child qc"))
+            if height <= self.store.height:
+                out[height] = (qc, child, child_qc)
+            pos += 4 + size
+        return out
 
     def _load_consensus(self) -> tuple[SafetyState | None, list[Proposal]]:
         state = None
@@ -218,6 +272,11 @@ class Validator:
             if j == self.index:
                 self.mempool = mempool
         self.started = True
+        loop = asyncio.get_running_loop()
+        for k in range(self.shards):
+            self.shard_wake[k] = asyncio.Event()
+            self._shard_tasks.append(loop.create_task(self._push_shard(k)))
+        self._wake_shards()
         self._run(self.core.start())
 
     def _actor(self, role: str) -> Any:
@@ -250,29 +309,73 @@ class Validator:
         self.core.tick(int(time.time() * 1000))
         self._run(self.core.on_messages(messages))
 
-    async def batch_ready(self, digest: bytes, refs: list[Any]) -> None:
-        """A mempool sealed a batch: check it ourselves (in this institution's verifier when
-        there is one, so the event loop stays free), then tell the core."""
+    async def batch_ready(
+        self, digest: bytes, refs: list[Any], origin: tuple[int, int] | None = None
+    ) -> None:
+        """A mempool sealed a batch (``origin``: the mempool and its sealing sequence number):
+        check it ourselves (in this institution's verifier when there is one, so the event
+        loop stays free), then tell the core, in the order the mempool sealed its batches."""
         if digest in self.batches:
+            self._in_order(origin, digest, None)
             return
         if self.verifier_actor is None:
-            self._admit_batch(digest, await refs[0])
+            canonical = self._admit(digest, await refs[0])
+            self._in_order(origin, digest, canonical)
             return
         reason = await self.verifier_actor.check.remote(digest, refs)
-        if digest in self.batches:
-            return
-        if reason is not None:
-            self._count(f"batch: {reason}")
+        if digest in self.batches or reason is not None:
+            if reason is not None:
+                self._count(f"batch: {reason}")
+            self._in_order(origin, digest, None)
             return
         batch = await refs[0]
-        self._hold(
+        self._in_order(
+            origin,
             digest,
             batch.select(TX_SCHEMA.names).cast(TX_SCHEMA.with_metadata(batch.schema.metadata)),
         )
 
-    def _admit_batch(self, digest: bytes, batch: pa.RecordBatch) -> bool:
+    def _in_order(
+        self, origin: tuple[int, int] | None, digest: bytes, batch: pa.RecordBatch | None
+    ) -> None:
+        """Hold batches of one mempool in the order it sealed them, so that one sender's
+        nonces, submitted in sequence to one mempool, are proposed in sequence: checks finish
+        out of order. ``batch`` None: the batch is refused or already held (it only takes its
+        turn). A batch waits at most ``REORDER_WAIT_S`` for a missing predecessor."""
+        if origin is None:
+            if batch is not None:
+                self._hold(digest, batch)
+            return
+        mempool, seq = origin
+        expected = self.origin_next.get(mempool)
+        if expected is None or seq < expected:  # first batch seen, or the mempool restarted
+            expected = seq
+        waiting = self.origin_waiting.setdefault(mempool, {})
+        waiting[seq] = (digest, batch)
+        while expected in waiting:
+            d, b = waiting.pop(expected)
+            if b is not None and d not in self.batches:
+                self._hold(d, b)
+            expected += 1
+        self.origin_next[mempool] = expected
+        if waiting:
+            asyncio.get_running_loop().call_later(
+                REORDER_WAIT_S, self._release_waiting, mempool, expected
+            )
+
+    def _release_waiting(self, mempool: int, stalled_at: int) -> None:
+        """A predecessor never came (refused, lost with a crashed mempool): stop waiting."""
+        waiting = self.origin_waiting.get(mempool, {})
+        if self.origin_next.get(mempool) != stalled_at or not waiting:
+            return
+        self.origin_next[mempool] = min(waiting)
+        d, b = waiting[min(waiting)]
+        self._in_order((mempool, min(waiting)), d, b)
+
+    def _admit(self, digest: bytes, batch: pa.RecordBatch) -> pa.RecordBatch | None:
+        """The canonical batch if it passes this validator's own checks, else ``None``."""
         try:
-            canonical = admit_batch(
+            return admit_batch(
                 batch,
                 digest,
                 chain_id=self.genesis.chain_id,
@@ -280,6 +383,11 @@ class Validator:
             )
         except LedgerError as exc:
             self._count(f"batch: {exc.code}")
+            return None
+
+    def _admit_batch(self, digest: bytes, batch: pa.RecordBatch) -> bool:
+        canonical = self._admit(digest, batch)
+        if canonical is None:
             return False
         self._hold(digest, canonical)
         return True
@@ -319,8 +427,8 @@ class Validator:
                 case SetTimer(round=round_, delay_ms=delay, purpose=purpose):
                     loop = asyncio.get_running_loop()
                     loop.call_later(delay / 1000, self._on_timer, round_, purpose)
-                case Commit(blocks=blocks):
-                    self._commit(blocks)
+                case Commit():
+                    self._commit(action)
                 case FetchBatches(digests=digests, source=source):
                     asyncio.get_running_loop().create_task(self._fetch(digests, source))
                 case Evidence():
@@ -365,12 +473,17 @@ class Validator:
                 _send(handle, self.index, list(msgs))
         outbox.clear()
 
-    def _commit(self, proposals: tuple[Proposal, ...]) -> None:
+    def _commit(self, action: Commit) -> None:
+        proposals = action.blocks
         digests = []
         index = bytearray()
-        for p in proposals:
+        shard_blocks = []
+        for p, qc in zip(proposals, action.certifying_qcs, strict=True):
+            writes = self.builder.writes_of(p.block.hash) if self.shards else {}
             block = self.builder.commit(p.block.hash, p.qc)
             self.store.append(block, verify=False)
+            if self.shards:
+                shard_blocks.append((block, qc, writes))
             self.commit_times[block.height] = time.time()
             offset = 0
             for d in p.block.batch_digests:
@@ -380,8 +493,16 @@ class Validator:
                 offset += rows
             digests.extend(p.block.batch_digests)
         # Kept to serve peers that lag behind (after a restart too): the proposals, and where
-        # each committed batch lies in the store.
+        # each committed batch lies in the store; and the commit proof receipts carry.
         self._append_proposals(proposals)
+        top = proposals[-1].block.height
+        proof = (action.certifying_qcs[-1], action.child, action.commit_qc)
+        self.commit_proofs[top] = proof
+        with open(self.dir / "commits.log", "ab") as f:
+            record = u64(top) + b"".join(var_bytes(x.encode()) for x in proof)
+            f.write(len(record).to_bytes(4, "big") + record)
+            f.flush()
+            os.fsync(f.fileno())
         with open(self.dir / "batches.idx", "ab") as f:
             f.write(bytes(index))
             f.flush()
@@ -390,6 +511,89 @@ class Validator:
             self.batches.pop(d, None)
         if self.mempool is not None:
             self.mempool.on_commit.remote(digests)
+        for block, qc, writes in shard_blocks:
+            self._queue_for_shards(block.header, qc, block.rows(), writes)
+        self._wake_shards()
+
+    # ---- storage shards ------------------------------------------------------------------------
+
+    def _queue_for_shards(
+        self, header: BlockHeader, qc: QuorumCert, rows: pa.RecordBatch, writes: dict
+    ) -> None:
+        proof = self.commit_proofs.get(header.height)
+        commit = (proof[1], proof[2]) if proof is not None else None
+        block = CommittedBlock(header, qc, rows, writes_batch(writes), commit)
+        self.shard_pending[header.height] = ray.put(block)
+        if len(self.shard_pending) > SHARD_PENDING_MAX:
+            # A shard that does not acknowledge for this long is rebuilt from the store
+            del self.shard_pending[min(self.shard_pending)]
+
+    def _wake_shards(self) -> None:
+        for event in self.shard_wake.values():
+            event.set()
+
+    def _certifying_qc(self, height: int) -> QuorumCert:
+        if height < self.store.height:
+            return self.store.get_block(height + 1).parent_qc
+        return self.commit_proofs[height][0]
+
+    def _refill_shard_queue(self, after: int) -> None:
+        """Queue stored blocks above ``after`` that are no longer queued (a shard lost them,
+        or this validator restarted): their state writes come from re-execution."""
+        upto = min(self.store.height, after + SHARD_PENDING_MAX // 2)
+        if any(h not in self.replayed_writes for h in range(after + 1, upto + 1)):
+            log.warning("validator %d: re-executing the chain for a storage shard", self.index)
+            self._replay(after)
+        for h in range(after + 1, upto + 1):
+            if h not in self.shard_pending:
+                block = self.store.get_block(h)
+                self._queue_for_shards(
+                    block.header, self._certifying_qc(h), block.rows(), self.replayed_writes[h]
+                )
+        for h in [h for h in self.replayed_writes if h <= upto]:
+            del self.replayed_writes[h]
+
+    def _trim_shard_queue(self) -> None:
+        if len(self.shard_acked) < self.shards:
+            return
+        done = min(self.shard_acked.values())
+        for h in [h for h in self.shard_pending if h <= done]:
+            del self.shard_pending[h]
+
+    async def _push_shard(self, k: int) -> None:
+        """Keep shard ``k`` up to date, in height order, for the life of this validator: a
+        shard that fails or restarts is asked where it stands and sent the rest."""
+        wake = self.shard_wake[k]
+        while True:
+            await wake.wait()
+            wake.clear()
+            while True:
+                try:
+                    handle = self.shard_handles.get(k)
+                    if handle is None:
+                        handle = self._actor(f"shard-{self.index}-{k}")
+                        self.shard_handles[k] = handle
+                    if k not in self.shard_acked:
+                        self.shard_acked[k] = await handle.height.remote()
+                    acked = self.shard_acked[k]
+                    if acked >= self.store.height:
+                        break
+                    if acked + 1 not in self.shard_pending:
+                        self._refill_shard_queue(acked)
+                    refs = [
+                        self.shard_pending[h]
+                        for h in range(acked + 1, acked + 1 + SHARD_CHUNK)
+                        if h in self.shard_pending
+                    ]
+                    if not refs:
+                        break
+                    self.shard_acked[k] = await handle.apply.remote(refs)
+                    self._trim_shard_queue()
+                except Exception as exc:  # the shard is down or refused: ask again later
+                    log.warning("validator %d: storage shard %d: %s", self.index, k, exc)
+                    self.shard_acked.pop(k, None)
+                    self.shard_handles.pop(k, None)
+                    await asyncio.sleep(0.5)
 
     async def _fetch(self, digests: tuple[bytes, ...], source: int) -> None:
         order = [source] + [i for i in self.peers if i != source]
@@ -427,6 +631,7 @@ class Validator:
             "peers": sorted(self.peers),
             "blocked": sorted(self.blocked),
             "strategy": self.strategy,
+            "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},
         }
 
     async def headers(self, from_height: int = 1) -> list[tuple[int, bytes, bytes]]:
@@ -455,6 +660,15 @@ class Validator:
                 return None
             latest = max(latest, self.commit_times.get(height, 0.0))
         return latest
+
+    async def status_counts(self) -> dict[int, int]:
+        """How many committed transactions ended with each status."""
+        counts: dict[int, int] = {}
+        for _, rows in self.store.iter_rows():
+            values, n = np.unique(rows.column("status").to_numpy(), return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist(), strict=True):
+                counts[v] = counts.get(v, 0) + c
+        return counts
 
     async def committed_ids(self) -> np.ndarray:
         return np.concatenate(

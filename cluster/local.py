@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 
 from rayledger.actors.mempool import Admission, Mempool
+from rayledger.actors.storage.shard import StorageShard
 from rayledger.actors.validator import Validator
 from rayledger.actors.verifier import Verifier
 from rayledger.cluster.network import NetworkSpec, make_genesis
@@ -43,11 +44,15 @@ class NetworkOptions:
     # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
     verifier_backend: str = "auto"
+    # Storage shards per validator: the committed ledger partitioned by key hash, serving
+    # receipts, transactions and state without going through the validator (0: none)
+    storage_shards: int = 2
     # Logical CPUs per actor: an institution's three actors fit in 0.45 of a core, so four
     # institutions fit a 2-core machine (a site node needs at least half a core).
     validator_cpus: float = 0.2
     mempool_cpus: float = 0.05
     verifier_cpus: float = 0.2
+    shard_cpus: float = 0.01
     # A fraction of a GPU per verifier where the cluster has GPUs (kernels pick CUDA then)
     verifier_gpus: float = 0.0
     # Verifier actors (None: where the cluster has a GPU or more than 4 CPUs; on a small
@@ -86,6 +91,8 @@ class Network:
         self._validator_cls = ray.remote(Validator)
         self._mempool_cls = ray.remote(Mempool)
         self._verifier_cls = ray.remote(Verifier)
+        self._shard_cls = ray.remote(StorageShard)
+        self.shards = int(self.settings.get("storage_shards", 0))
         # Handles of actors this process created (a name is visible to lookups a moment later)
         self._handles: dict[str, Any] = {}
 
@@ -132,6 +139,8 @@ class Network:
             net._start_mempool(i)
             if net.settings.get("verifier_actors", True):
                 net._start_verifier(i)
+            for k in range(net.shards):
+                net._start_shard(i, k)
         for i in range(net.n):
             net._start_validator(i)
         net._wait_placed(float(net.settings.get("place_timeout_s", 120.0)))
@@ -147,6 +156,7 @@ class Network:
             else ("mempool", "validator")
         )
         roles = [f"{r}-{i}" for i in range(self.n) for r in kinds]
+        roles += [f"shard-{i}-{k}" for i in range(self.n) for k in range(self.shards)]
         refs = {self._actor(role).status.remote(): role for role in roles}
         ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         if waiting:
@@ -196,6 +206,20 @@ class Network:
         self._handles[f"verifier-{i}"] = handle
         return handle
 
+    def _start_shard(self, i: int, k: int) -> Any:
+        handle = self._shard_cls.options(
+            name=f"{self.name}-shard-{i}-{k}",
+            namespace=NAMESPACE,
+            num_cpus=self.settings.get("shard_cpus", 0.01),
+            lifetime="detached",
+            # A crashed shard comes back from its own disk; its validator resends the rest
+            max_restarts=3,
+            max_concurrency=16,
+            **self._placement(i),
+        ).remote(str(self.dir), i, k)
+        self._handles[f"shard-{i}-{k}"] = handle
+        return handle
+
     def _start_mempool(self, i: int) -> Any:
         handle = self._mempool_cls.options(
             name=f"{self.name}-mempool-{i}",
@@ -221,6 +245,10 @@ class Network:
 
     def mempool(self, i: int) -> Any:
         return self._actor(f"mempool-{i}")
+
+    def shard(self, i: int, k: int) -> Any:
+        """Storage shard ``k`` of validator ``i``."""
+        return self._actor(f"shard-{i}-{k}")
 
     def live(self) -> list[int]:
         out = []
@@ -319,7 +347,9 @@ class Network:
 
     def shutdown(self) -> None:
         for i in range(self.n):
-            for role in (f"validator-{i}", f"mempool-{i}", f"verifier-{i}"):
+            roles = [f"validator-{i}", f"mempool-{i}", f"verifier-{i}"]
+            roles += [f"shard-{i}-{k}" for k in range(self.shards)]
+            for role in roles:
                 try:
                     ray.kill(self._actor(role), no_restart=True)
                 except ValueError:  # already gone

@@ -25,6 +25,7 @@ from rayledger.actors.storage.partition import (
 )
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
+from rayledger.execution import genesis_state
 
 NAMESPACE = "rayledger"
 
@@ -44,7 +45,11 @@ class StorageShard:
         self.shards = int(settings.get("storage_shards", 1))
         self.chain_id = genesis.chain_id
         self.store = ShardStore(
-            root / f"validator-{validator}" / f"shard-{shard}", shard, self.shards, genesis.header
+            root / f"validator-{validator}" / f"shard-{shard}",
+            shard,
+            self.shards,
+            genesis.header,
+            genesis_state(genesis.accounts)[0].writes,
         )
         self.rejected = 0
 

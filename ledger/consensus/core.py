@@ -633,7 +633,7 @@ class Core:
             return
         chain.reverse()
         certifying = tuple(self.qcs[p.block.hash] for p in chain)
-        self._out.append(Commit(tuple(chain), certifying, qc))
+        self._out.append(Commit(tuple(chain), certifying, qc, child.block))
         for p in chain:
             self.committed_log[p.block.height] = p
             self.committed_hashes[p.block.hash] = p.block

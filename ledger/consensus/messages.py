@@ -158,11 +158,13 @@ class SetTimer:
 @dataclass(frozen=True)
 class Commit:
     """Blocks committed, oldest first, each with the QC that certifies it. The last block's
-    commit is proven by ``commit_qc`` (a QC for its child in the next round)."""
+    commit is proven by ``child`` (its child in the next round) and ``commit_qc`` (a QC for
+    that child): with them a receipt proves the commit to anyone holding the validator keys."""
 
     blocks: tuple[Proposal, ...]
     certifying_qcs: tuple[QuorumCert, ...]
     commit_qc: QuorumCert
+    child: BlockHeader
 
 
 @dataclass(frozen=True)

@@ -300,7 +300,11 @@ class Net:
                     self._post(i, to, msg)
                 case SetTimer(round=r):
                     self.timers[i].add(r)
-                case Commit(blocks=blocks):
+                case Commit(blocks=blocks, child=child, commit_qc=cqc):
+                    # The commit proof a receipt carries: the child in the next round, certified
+                    top = blocks[-1].block
+                    assert child.parent_hash == top.hash and child.round == top.round + 1
+                    assert cqc.block_hash == child.hash and cqc.round == child.round
                     self.commits[i].append(a)
                     self.committed[i].extend(blocks)
                     self.stored[i].update((p.block.hash, p) for p in blocks)

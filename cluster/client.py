@@ -1,0 +1,248 @@
+"""The Python client: submit TxBatches to a running network and read what it committed.
+
+A client needs a Ray connection to the cluster and the network's public description (its data
+directory's ``genesis.toml`` and ``network.json``; no private key but the client's own). It
+
+- submits whole Arrow batches to the mempools, spreading them round-robin and waiting out a
+  "busy" answer with backoff (the mempool kept nothing), never dropping rows silently;
+- waits for commits and reads transactions, receipts and state from one validator's storage
+  shards, each read going straight to the shard that owns the key, not through the validator;
+- verifies every receipt it hands out against the genesis validator set's keys, so a lying
+  node cannot make it accept a transaction that was not committed.
+
+Usage::
+
+    client = Client.connect("/path/to/network")      # ray.init(address=...) done by the caller
+    client.submit(batch)
+    client.wait_committed(batch)
+    receipt = client.receipt(tx_id)                  # verified
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from rayledger.actors.storage import shard_of_keys, shard_of_tx_ids
+from rayledger.config import Genesis, load_genesis
+from rayledger.errors import LedgerError, NotFound
+from rayledger.execution import anchor_key, balance_key, nonce_key
+from rayledger.receipt import Receipt, verify_receipt
+from rayledger.tx import tx_ids_of
+
+NAMESPACE = "rayledger"
+
+
+class SubmitError(LedgerError):
+    """A mempool refused a batch outright (schema, chain, limits) or stayed busy too long."""
+
+    code = "submit_failed"
+
+
+@dataclass
+class SubmitResult:
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    busy_retries: int = 0
+
+
+class Client:
+    def __init__(self, data_dir: Path, *, validator: int = 0) -> None:
+        """``validator``: whose storage shards answer reads (any one; receipts are verified
+        against the whole validator set, so trusting it is not needed)."""
+        self.dir = Path(data_dir)
+        settings: dict[str, Any] = json.loads((self.dir / "network.json").read_text())
+        self.name: str = settings["name"]
+        self.genesis: Genesis = load_genesis(self.dir / "genesis.toml")
+        self.n = self.genesis.validators.n
+        self.shards = int(settings.get("storage_shards", 0))
+        if self.shards < 1:
+            raise ValueError("this network has no storage shards to read from")
+        self.validator = validator
+        self._next_mempool = itertools.cycle(range(self.n))
+
+    @classmethod
+    def connect(cls, data_dir: Path | str, *, validator: int = 0) -> Client:
+        if not ray.is_initialized():
+            raise RuntimeError("connect to the Ray cluster first (ray.init(address=...))")
+        return cls(Path(data_dir), validator=validator)
+
+    @property
+    def chain_id(self) -> bytes:
+        return self.genesis.chain_id
+
+    def _actor(self, role: str) -> Any:
+        return ray.get_actor(f"{self.name}-{role}", namespace=NAMESPACE)
+
+    def _shard(self, k: int, validator: int | None = None) -> Any:
+        v = self.validator if validator is None else validator
+        return self._actor(f"shard-{v}-{k}")
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        batch: pa.RecordBatch,
+        *,
+        mempool: int | None = None,
+        chunk_rows: int = 5_000,
+        busy_timeout_s: float = 60.0,
+    ) -> SubmitResult:
+        """Submit ``batch`` in chunks to ``mempool``, or by default each sender's rows to one
+        mempool chosen by its key (so one sender's nonces reach the ordering in sequence,
+        while different senders spread over all mempools). Rows refused (bad signature,
+        duplicate) are counted in the result; a chunk refused whole raises ``SubmitError``; a
+        mempool still busy after ``busy_timeout_s`` raises."""
+        out = SubmitResult()
+        refs = []
+        for target, part in self._route(batch, mempool):
+            for start in range(0, part.num_rows, chunk_rows):
+                chunk = part.slice(start, chunk_rows)
+                ref = self._actor(f"mempool-{target}").submit.remote(chunk)
+                refs.append((target, chunk, ref))
+        for target, chunk, ref in refs:
+            admission = ray.get(ref)
+            delay, deadline = 0.05, time.monotonic() + busy_timeout_s
+            while admission.busy:
+                if time.monotonic() > deadline:
+                    raise SubmitError(f"mempool {target} stayed busy for {busy_timeout_s} s")
+                out.busy_retries += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                admission = ray.get(self._actor(f"mempool-{target}").submit.remote(chunk))
+            if admission.error is not None:
+                raise SubmitError(f"mempool {target}: {admission.error}")
+            out.accepted += admission.accepted
+            for reason, count in admission.rejected.items():
+                out.rejected[reason] = out.rejected.get(reason, 0) + count
+        return out
+
+    def _route(
+        self, batch: pa.RecordBatch, mempool: int | None
+    ) -> list[tuple[int, pa.RecordBatch]]:
+        if mempool is not None:
+            if not 0 <= mempool < self.n:
+                raise ValueError(f"mempool {mempool} of {self.n}")
+            return [(mempool, batch)]
+        if batch.num_rows == 0 or "sender" not in batch.schema.names:
+            return [(next(self._next_mempool), batch)]
+        senders = batch.column("sender")
+        raw = np.frombuffer(senders.buffers()[1], np.uint8)
+        raw = raw[senders.offset * 32 : (senders.offset + len(senders)) * 32].reshape(-1, 32)
+        targets = shard_of_tx_ids(raw, self.n)
+        return [(int(t), batch.filter(pa.array(targets == t))) for t in np.unique(targets).tolist()]
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _group(self, ids: np.ndarray) -> dict[int, list[int]]:
+        owners = shard_of_tx_ids(ids, self.shards)
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(owners.tolist()):
+            groups.setdefault(k, []).append(i)
+        return groups
+
+    def locate(
+        self, tx_ids: np.ndarray | pa.RecordBatch, validator: int | None = None
+    ) -> list[int | None]:
+        """The committed height of each transaction (``None`` where not committed yet)."""
+        ids = tx_ids_of(tx_ids) if isinstance(tx_ids, pa.RecordBatch) else np.asarray(tx_ids)
+        ids = ids.reshape(-1, 32)
+        out: list[int | None] = [None] * len(ids)
+        groups = self._group(ids)
+        refs = {
+            k: self._shard(k, validator).locate.remote([ids[i].tobytes() for i in rows])
+            for k, rows in groups.items()
+        }
+        for k, ref in refs.items():
+            try:
+                heights = ray.get(ref)
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
+                # A shard restarting from its disk: its rows read as not yet committed
+                continue
+            for i, h in zip(groups[k], heights, strict=True):
+                out[i] = h
+        return out
+
+    def wait_committed(
+        self,
+        tx_ids: np.ndarray | pa.RecordBatch,
+        *,
+        timeout_s: float = 120.0,
+        validators: list[int] | None = None,
+        poll_s: float = 0.1,
+    ) -> float:
+        """Wait until every transaction is committed and readable on the given validators'
+        shards (default: the client's validator); return the seconds waited."""
+        ids = tx_ids_of(tx_ids) if isinstance(tx_ids, pa.RecordBatch) else np.asarray(tx_ids)
+        targets = [self.validator] if validators is None else validators
+        t0 = time.monotonic()
+        remaining = {v: ids.reshape(-1, 32) for v in targets}
+        while remaining:
+            for v in list(remaining):
+                heights = self.locate(remaining[v], validator=v)
+                missing = np.array([h is None for h in heights], np.bool_)
+                remaining[v] = remaining[v][missing]
+                if not missing.any():
+                    del remaining[v]
+            if not remaining:
+                break
+            if time.monotonic() - t0 > timeout_s:
+                left = sum(len(r) for r in remaining.values())
+                raise TimeoutError(f"{left} transactions not committed within {timeout_s} s")
+            time.sleep(poll_s)
+        return time.monotonic() - t0
+
+    def transaction(self, tx_id: bytes) -> dict[str, Any]:
+        """The committed row of a transaction (unverified; use ``receipt`` for proof)."""
+        k = int(shard_of_tx_ids(np.frombuffer(tx_id, np.uint8), self.shards)[0])
+        return ray.get(self._shard(k).get_tx.remote(tx_id))
+
+    def receipt(self, tx_id: bytes, *, verify: bool = True) -> Receipt:
+        """The receipt of a committed transaction, checked against the validator keys
+        (``InvalidReceipt`` if it does not prove the commit, ``NotFound`` if not committed)."""
+        if len(tx_id) != 32:
+            raise ValueError("a transaction id is 32 bytes")
+        k = int(shard_of_tx_ids(np.frombuffer(tx_id, np.uint8), self.shards)[0])
+        try:
+            raw = ray.get(self._shard(k).receipt.remote(tx_id))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, NotFound):
+                raise exc.cause from None
+            raise
+        receipt = Receipt.decode(raw, max_payload=self.genesis.limits.max_payload_bytes)
+        if receipt.tx_id != tx_id:
+            raise NotFound("the shard answered with another transaction's receipt")
+        if verify:
+            verify_receipt(
+                receipt, self.genesis.validators, self.chain_id, self.genesis.header.hash
+            )
+        return receipt
+
+    def state(self, key: bytes) -> tuple[bytes, int] | None:
+        """(value, height that last wrote it) of a state key, or ``None``."""
+        k = int(shard_of_keys([key], self.shards)[0])
+        return ray.get(self._shard(k).get_state.remote(key))
+
+    def _u64(self, key: bytes) -> int:
+        got = self.state(key)
+        return int.from_bytes(got[0], "big") if got else 0
+
+    def balance(self, account: bytes) -> int:
+        return self._u64(balance_key(account))
+
+    def next_nonce(self, account: bytes) -> int:
+        """The nonce the account's next transaction must carry."""
+        return self._u64(nonce_key(account))
+
+    def anchor(self, digest: bytes) -> bytes | None:
+        """What the ledger recorded for an anchored digest, or ``None``."""
+        got = self.state(anchor_key(digest))
+        return got[0] if got else None
