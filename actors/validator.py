@@ -138,6 +138,8 @@ class Validator:
         self.shard_wake: dict[int, asyncio.Event] = {}
         self.replayed_writes: dict[int, dict[bytes, bytes]] = {}
         self._shard_tasks: list[asyncio.Task[None]] = []
+        # Seconds this validator's event loop spent committing (and handing blocks to shards)
+        self.timings: dict[str, float] = {}
         # Wall-clock commit time of each height committed since this process started.
         self.commit_times: dict[int, float] = {}
         self.committed_batches = self._load_batch_index()
@@ -474,6 +476,12 @@ class Validator:
         outbox.clear()
 
     def _commit(self, action: Commit) -> None:
+        t0 = time.perf_counter()
+        self._commit_blocks(action)
+        self.timings["commit_s"] = self.timings.get("commit_s", 0.0) + time.perf_counter() - t0
+        self.timings["blocks"] = self.timings.get("blocks", 0) + len(action.blocks)
+
+    def _commit_blocks(self, action: Commit) -> None:
         proposals = action.blocks
         digests = []
         index = bytearray()
@@ -511,9 +519,11 @@ class Validator:
             self.batches.pop(d, None)
         if self.mempool is not None:
             self.mempool.on_commit.remote(digests)
+        t0 = time.perf_counter()
         for block, qc, writes in shard_blocks:
             self._queue_for_shards(block.header, qc, block.rows(), writes)
         self._wake_shards()
+        self.timings["shards_s"] = self.timings.get("shards_s", 0.0) + time.perf_counter() - t0
 
     # ---- storage shards ------------------------------------------------------------------------
 
@@ -632,6 +642,8 @@ class Validator:
             "blocked": sorted(self.blocked),
             "strategy": self.strategy,
             "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "cpu_s": round(time.process_time(), 3),
         }
 
     async def headers(self, from_height: int = 1) -> list[tuple[int, bytes, bytes]]:

@@ -320,6 +320,7 @@ def bench_e2e(
     batch_rows: int = 1_000,
     wan: bool = True,
     inflight_batches: int = 1,
+    storage_shards: int = 2,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -360,6 +361,7 @@ def bench_e2e(
                 # flight divided by the throughput (backpressure answers busy beyond it).
                 mempool_capacity=batch_rows * inflight_batches,
                 latency_ms=None if wan else [[0.0] * validators] * validators,
+                storage_shards=storage_shards,
             )
             net = Network.create(spec, Path(tmp), opts)
             work: list[list[pa.RecordBatch]] = []

@@ -374,11 +374,12 @@ def bench_e2e_cmd(
     batch_rows: Annotated[int, typer.Option(min=100)] = 1_000,
     wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = True,
     inflight: Annotated[int, typer.Option(min=1, help="batches in flight per mempool")] = 1,
+    shards: Annotated[int, typer.Option(min=0, help="storage shards per validator (0: none)")] = 2,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
 
-    r = bench_e2e(config, validators, duration, batch_rows, wan, inflight)
+    r = bench_e2e(config, validators, duration, batch_rows, wan, inflight, shards)
     table = Table("figure", "value", title=f"rayledger bench e2e ({validators} validators)")
     table.add_row("committed TPS", f"{r.committed_tps:,.0f}")
     table.add_row(

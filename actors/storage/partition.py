@@ -17,14 +17,17 @@ never through the validator's event loop. The validator's own block store stays 
 durable record (consensus, sync and restart read it); a shard is derived from it and is brought
 up to date from it after any loss: ``apply`` is idempotent and refuses gaps.
 
-The partition lives in one SQLite database in WAL mode with ``synchronous=FULL``; a block is
-applied in one transaction, with the applied height, so a crash leaves the shard at a block
-boundary.
+A shard's rows of each block are appended to ``rows.seg`` as one Arrow IPC stream (a frame);
+the SQLite database (WAL mode) indexes them (tx id -> height, index, frame, position) and holds
+the headers, proofs' leaves and the state partition. A block is indexed in one SQLite
+transaction with the applied height, after its frame is written, so a crash leaves the shard at
+a block boundary; bytes after the last indexed frame are cut off on open.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -45,6 +48,8 @@ from rayledger.merkle import (
 )
 from rayledger.receipt import CommitProof, Receipt
 from rayledger.tx import Transaction, tx_ids_of
+
+_BAD_NONCE = int(Status.BAD_NONCE)
 
 WRITES_SCHEMA = pa.schema(
     [pa.field("key", pa.binary(), nullable=False), pa.field("value", pa.binary(), nullable=False)]
@@ -68,17 +73,17 @@ CREATE TABLE IF NOT EXISTS leaves (
     tx_ids  BLOB NOT NULL,
     results BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS frames (
+    height INTEGER PRIMARY KEY,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS txs (
-    tx_id     BLOB PRIMARY KEY,
-    height    INTEGER NOT NULL,
-    idx       INTEGER NOT NULL,
-    kind      INTEGER NOT NULL,
-    sender    BLOB NOT NULL,
-    nonce     INTEGER NOT NULL,
-    payload   BLOB NOT NULL,
-    signature BLOB NOT NULL,
-    status    INTEGER NOT NULL,
-    result    BLOB NOT NULL
+    tx_id  BLOB PRIMARY KEY,
+    height INTEGER NOT NULL,
+    idx    INTEGER NOT NULL,
+    pos    INTEGER NOT NULL,
+    status INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (
     key    BLOB PRIMARY KEY,
@@ -86,9 +91,6 @@ CREATE TABLE IF NOT EXISTS state (
     height INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
-
-# SQLite INTEGER is signed 64-bit: nonces are stored as their two's complement
-_I64 = 1 << 63
 
 
 def shard_of_tx_ids(tx_ids: np.ndarray, shards: int) -> np.ndarray:
@@ -148,11 +150,20 @@ class ShardStore:
         self.path = path / "shard.sqlite"
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: a process crash loses nothing; a power loss may lose the last blocks, and
+        # the shard then reports the lower height and its validator sends them again.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA_SQL)
         self._check_meta()
         row = self._db.execute("SELECT max(height) FROM headers").fetchone()
         self._height = int(row[0] or 0)
+        self._seg_path = path / "rows.seg"
+        end = self._db.execute("SELECT max(offset + length) FROM frames").fetchone()[0] or 0
+        self._seg = open(self._seg_path, "a+b")  # noqa: SIM115 (held open for the shard's life)
+        if self._seg.seek(0, os.SEEK_END) > end:
+            # A frame written by an apply that never committed its index: not part of the shard
+            self._seg.truncate(end)
+        self._seg_end = end
         self._head_hash = self._hash_at(self._height)
         if genesis_state and self._height == 0:
             self._seed(genesis_state)
@@ -238,54 +249,40 @@ class ShardStore:
                     "INSERT INTO leaves (height, tx_ids, results) VALUES (?, ?, ?)",
                     (h, ids.tobytes(), result_leaf_hashes(ids, results).tobytes()),
                 )
-            mine = np.flatnonzero(shard_of_tx_ids(ids, self.shards) == self.shard)
-            if len(mine):
+            if self.shards == 1:
+                mine, part = np.arange(len(ids)), rows
+            else:
+                mine = np.flatnonzero(shard_of_tx_ids(ids, self.shards) == self.shard)
                 part = rows.take(pa.array(mine))
+            if len(mine):
+                offset, length = self._append_frame(part)
+                cur.execute(
+                    "INSERT INTO frames (height, offset, length) VALUES (?, ?, ?)",
+                    (h, offset, length),
+                )
+                statuses = part.column("status").to_numpy(zero_copy_only=False).tolist()
+                raw = ids.tobytes()
                 # A replayed id (BAD_NONCE copy) never displaces the row that consumed the
                 # nonce, which is the one its receipt is about (as in the block store).
                 cur.executemany(
-                    "INSERT INTO txs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "INSERT INTO txs (tx_id, height, idx, pos, status) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, "
-                    "idx = excluded.idx, status = excluded.status, result = excluded.result "
+                    "idx = excluded.idx, pos = excluded.pos, status = excluded.status "
                     "WHERE excluded.status != ?",
                     (
-                        (
-                            bytes(ids[i]),
-                            h,
-                            int(i),
-                            kind,
-                            sender,
-                            nonce - _I64,
-                            payload,
-                            signature,
-                            status,
-                            result,
-                            int(Status.BAD_NONCE),
-                        )
-                        for i, kind, sender, nonce, payload, signature, status, result in zip(
-                            mine.tolist(),
-                            *(
-                                part.column(c).to_pylist()
-                                for c in (
-                                    "kind",
-                                    "sender",
-                                    "nonce",
-                                    "payload",
-                                    "signature",
-                                    "status",
-                                    "result",
-                                )
-                            ),
-                            strict=True,
-                        )
+                        (raw[i * 32 : i * 32 + 32], h, i, pos, status, _BAD_NONCE)
+                        for pos, (i, status) in enumerate(zip(mine.tolist(), statuses, strict=True))
                     ),
                 )
             writes = block.writes
             if writes.num_rows:
-                keys = writes.column("key")
-                sel = np.flatnonzero(shard_of_keys(keys, self.shards) == self.shard)
-                if len(sel):
+                if self.shards == 1:
+                    sel, part = np.arange(writes.num_rows), writes
+                else:
+                    owners = shard_of_keys(writes.column("key"), self.shards)
+                    sel = np.flatnonzero(owners == self.shard)
                     part = writes.take(pa.array(sel))
+                if len(sel):
                     cur.executemany(
                         "INSERT INTO state (key, value, height) VALUES (?, ?, ?) "
                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
@@ -303,6 +300,29 @@ class ShardStore:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+
+    def _append_frame(self, rows: pa.RecordBatch) -> tuple[int, int]:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, rows.schema) as writer:
+            writer.write_batch(rows)
+        data = sink.getvalue()
+        offset = self._seg_end
+        self._seg.seek(offset)
+        self._seg.write(data)
+        self._seg.flush()
+        self._seg_end = offset + data.size
+        return offset, data.size
+
+    def _frame(self, height: int) -> pa.RecordBatch:
+        row = self._db.execute(
+            "SELECT offset, length FROM frames WHERE height = ?", (height,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no rows of block {height} in shard {self.shard}")
+        with open(self._seg_path, "rb") as f:
+            f.seek(int(row[0]))
+            data = f.read(int(row[1]))
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -337,27 +357,18 @@ class ShardStore:
         """The committed row of one transaction; ``NotFound`` if it is not committed."""
         self._check_tx_id(tx_id)
         row = self._db.execute(
-            "SELECT height, idx, kind, sender, nonce, payload, signature, status, result "
-            "FROM txs WHERE tx_id = ?",
-            (tx_id,),
+            "SELECT height, idx, pos FROM txs WHERE tx_id = ?", (tx_id,)
         ).fetchone()
         if row is None:
             raise NotFound(
                 f"transaction {tx_id.hex()[:16]}… is not committed (as of height {self._height})"
             )
-        height, idx, kind, sender, nonce, payload, signature, status, result = row
-        return {
-            "tx_id": tx_id,
-            "height": int(height),
-            "index": int(idx),
-            "kind": int(kind),
-            "sender": bytes(sender),
-            "nonce": int(nonce) + _I64,
-            "payload": bytes(payload),
-            "signature": bytes(signature),
-            "status": int(status),
-            "result": bytes(result),
-        }
+        height, idx, pos = (int(x) for x in row)
+        found = self._frame(height).slice(pos, 1).to_pylist()[0]
+        if found["tx_id"] != tx_id:
+            raise StoreError(f"shard {self.shard}: block {height} row {pos} is another transaction")
+        found.update(height=height, index=idx)
+        return found
 
     def get_state(self, key: bytes) -> tuple[bytes, int] | None:
         """(value, height that wrote it) of a state key, or ``None`` if never written."""
@@ -421,6 +432,7 @@ class ShardStore:
 
     def close(self) -> None:
         self._db.close()
+        self._seg.close()
 
 
 def assemble_receipt(

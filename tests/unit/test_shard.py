@@ -351,3 +351,21 @@ def test_receipt_decoding_refuses_malformed_bytes(applied, chain) -> None:  # no
     for cut in range(0, len(raw), 97):
         with pytest.raises(DecodeError):
             Receipt.decode(raw[:cut])
+
+
+def test_bytes_after_the_last_indexed_frame_are_cut_on_open(tmp_path, chain) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    shard = ShardStore(tmp_path / "s", 0, 1, genesis)
+    shard.apply(blocks[:2])
+    shard.close()
+    seg = tmp_path / "s" / "rows.seg"
+    size = seg.stat().st_size
+    with open(seg, "ab") as f:  # a frame whose index never committed (crash in between)
+        f.write(b"\xff" * 1000)
+    again = ShardStore(tmp_path / "s", 0, 1, genesis)
+    assert seg.stat().st_size == size and again.height == 2
+    assert again.apply(blocks) == 5
+    t = bytes(tx_ids_of(blocks[3].rows)[2])
+    row = again.get_tx(t)
+    assert (row["height"], row["index"], row["tx_id"]) == (4, 2, t)
+    again.close()
