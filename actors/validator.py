@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.storage import BlockStore, CommittedBlock, writes_batch
+from rayledger.actors.storage import BlockStore, CommittedBlock, shard_of_tx_ids, writes_batch
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
 from rayledger.codec import Reader, u64, var_bytes
@@ -127,7 +127,8 @@ class Validator:
         self.blocked: set[int] = set()
         self.strategy = "none"
 
-        self.store = BlockStore(self.dir / "store", self.genesis.header)
+        # With storage shards the (partitioned) transaction index is theirs, not the store's
+        self.store = BlockStore(self.dir / "store", self.genesis.header, index_txs=not self.shards)
         # Storage shards: committed blocks waiting to reach every shard (height -> object ref
         # of a CommittedBlock, shared by all shards), the height each shard has acknowledged,
         # and the state writes of recent blocks (to rebuild what a shard lost).
@@ -652,26 +653,50 @@ class Validator:
         return [(h.height, h.hash, h.state_root) for h in headers]
 
     async def locate(self, tx_ids: list[bytes]) -> list[int | None]:
-        """Height of each committed transaction id (``None`` if not committed here)."""
-        out: list[int | None] = []
-        for t in tx_ids:
+        """Height of each committed transaction id (``None`` if not committed here, or not
+        yet in this validator's storage shards, which keep the transaction index)."""
+        if not self.shards:
+            out: list[int | None] = []
+            for t in tx_ids:
+                try:
+                    out.append(self.store.locate_tx(t).height)
+                except LedgerError:
+                    out.append(None)
+            return out
+        if not tx_ids:
+            return []
+        ids = np.frombuffer(b"".join(tx_ids), np.uint8).reshape(-1, 32)
+        owners = shard_of_tx_ids(ids, self.shards).tolist()
+        found: list[int | None] = [None] * len(tx_ids)
+        for k in sorted(set(owners)):
+            rows = [i for i, o in enumerate(owners) if o == k]
             try:
-                out.append(self.store.locate_tx(t).height)
-            except LedgerError:
-                out.append(None)
-        return out
+                handle = self.shard_handles.get(k) or self._actor(f"shard-{self.index}-{k}")
+                heights = await handle.locate.remote([tx_ids[i] for i in rows])
+            except Exception:  # a shard restarting: its rows read as not committed yet
+                continue
+            for i, h in zip(rows, heights, strict=True):
+                found[i] = h
+        return found
 
     async def committed_at(self, tx_ids: list[bytes]) -> float | None:
         """When the last of these transactions was committed here (wall clock), or ``None``
         while any of them is not."""
-        latest = 0.0
-        for t in tx_ids:
-            try:
-                height = self.store.locate_tx(t).height
-            except LedgerError:
-                return None
-            latest = max(latest, self.commit_times.get(height, 0.0))
-        return latest
+        heights = await self.locate(tx_ids)
+        if any(h is None for h in heights):
+            return None
+        return max((self.commit_times.get(h, 0.0) for h in heights if h is not None), default=0.0)
+
+    async def committed_since(
+        self, height: int, limit: int = 256
+    ) -> list[tuple[int, float, np.ndarray]]:
+        """(height, wall-clock commit time, ``(n, 32)`` tx ids) of blocks committed above
+        ``height`` since this process started: one call per poll for a load generator."""
+        out = []
+        for h in range(height + 1, min(self.store.height, height + limit) + 1):
+            if h in self.commit_times:
+                out.append((h, self.commit_times[h], tx_ids_of(self.store.get_block(h).txs)))
+        return out
 
     async def status_counts(self) -> dict[int, int]:
         """How many committed transactions ended with each status."""

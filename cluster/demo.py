@@ -8,18 +8,20 @@ transaction's Merkle inclusion proof and commit certificate are checked.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from rayledger.actors.storage import BlockStore
+from rayledger.actors.storage import BlockStore, TxLocation
 from rayledger.block import (
     Block,
     BlockHeader,
@@ -81,6 +83,7 @@ def check_receipt(
     genesis: Genesis,
     tx_id: bytes,
     head_qc: QuorumCert | None = None,
+    height: int | None = None,
 ) -> tuple[bool, bool, bool]:
     """Check one transaction the way an auditor holding only the validator keys would: its
     signature, its inclusion proof against the block's tx root, and the QC certifying the
@@ -88,7 +91,12 @@ def check_receipt(
 
     Returns (signature and proof verify, a forged id is refused, the QC is valid for it)."""
     vs = genesis.validators
-    loc, row = store.get_tx(tx_id)
+    if height is None:
+        loc, row = store.get_tx(tx_id)
+    else:  # a store without a transaction index (its shards keep it): the height is known
+        ids = tx_ids_of(store.get_block(height).txs)
+        index = int(np.flatnonzero((ids == np.frombuffer(tx_id, np.uint8)).all(axis=1))[0])
+        loc, row = TxLocation(height, index), store.get_block(height).rows().slice(index, 1)
     block = store.get_block(loc.height)
     proof = inclusion_proof(tx_ids_of(block.txs), loc.index)
     proof_ok = verify_inclusion(
@@ -306,9 +314,43 @@ def run_network_demo(console: Console, config: Path, txs: int = 20_000) -> DemoR
                 f"{common}: {'yes' if agree else 'NO'}"
             )
             tx_id = tx_ids_of(last[2])[7].tobytes()
+            receipt_ok = show_receipt(console, net, tx_id)
         finally:
             ray.shutdown()
         console.print("network stopped; auditing validator 0's store from disk")
         with BlockStore(Path(tmp) / "validator-0" / "store", net.genesis.header) as store:
-            proof_ok, tamper_rejected, qc_ok = check_receipt(console, store, net.genesis, tx_id)
-            return DemoResult(store.height, txs, proof_ok and agree, tamper_rejected, qc_ok)
+            proof_ok, tamper_rejected, qc_ok = check_receipt(
+                console, store, net.genesis, tx_id, height=receipt_ok
+            )
+            return DemoResult(
+                store.height, txs, proof_ok and agree and bool(receipt_ok), tamper_rejected, qc_ok
+            )
+
+
+def show_receipt(console: Console, net: Any, tx_id: bytes) -> int:
+    """Fetch a receipt from a storage shard (not through any validator), verify it with the
+    validator keys alone, and show that a forged one is refused. Returns its height."""
+    from rayledger.cluster.client import Client
+    from rayledger.errors import InvalidReceipt
+    from rayledger.receipt import verify_receipt
+
+    client = Client(net.dir, validator=2)
+    receipt = client.receipt(tx_id)  # verified, or it raises
+    c = receipt.commit
+    console.print(
+        f"[bold]receipt[/] from validator 2's storage shards: tx {tx_id.hex()[:16]}… at height "
+        f"{receipt.height} index {receipt.index}, status {Status(receipt.status).name}; audit "
+        f"paths of {len(receipt.tx_proof)} and {len(receipt.result_proof)} hashes; committed "
+        f"through block {c.header.height} (round {c.header.round}) and its child in round "
+        f"{c.child.round}, certified by {len(c.qc.signer_indices())} and "
+        f"{len(c.child_qc.signer_indices())} of {net.n} validators: verified with the validator "
+        "keys alone"
+    )
+    forged = dataclasses.replace(receipt, status=Status.INSUFFICIENT_FUNDS)
+    try:
+        verify_receipt(forged, net.genesis.validators, net.chain_id, net.genesis.header.hash)
+        console.print("[red]a forged receipt was ACCEPTED[/]")
+        return 0
+    except InvalidReceipt as exc:
+        console.print(f"a receipt with a forged status is refused: {exc.message}")
+    return receipt.height

@@ -148,8 +148,12 @@ class BlockStore:
         *,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         verify_on_open: bool = True,
+        index_txs: bool = True,
         _after_segment_write: Callable[[int], None] | None = None,
     ) -> None:
+        """``index_txs``: keep the tx id -> (height, index) index here. A validator whose
+        storage shards keep the (partitioned) transaction index creates its store without it;
+        the choice is fixed when the store is created."""
         self.path = Path(path)
         self.genesis = genesis
         self.segment_bytes = segment_bytes
@@ -165,6 +169,7 @@ class BlockStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA_SQL)
         self._check_genesis()
+        self.index_txs = self._tx_index_setting(index_txs)
         self._head = genesis
         self._tail: tuple[int, int] = (0, 0)  # (segment, end offset) of the last indexed frame
         self._open_chain(verify_on_open)
@@ -186,6 +191,15 @@ class BlockStore:
                 f"{self.path} holds chain {stored.chain_id.hex()[:16]}..., "
                 f"not {self.genesis.chain_id.hex()[:16]}..."
             )
+
+    def _tx_index_setting(self, wanted: bool) -> bool:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'tx_index'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('tx_index', ?)", (b"1" if wanted else b"0",)
+            )
+            return wanted
+        return bytes(row[0]) == b"1"
 
     def _segment_path(self, segment: int) -> Path:
         return self.path / "segments" / f"{segment:08d}.seg"
@@ -383,16 +397,17 @@ class BlockStore:
             # A transaction id can be ordered again (a client replays it through another
             # mempool): execution gives the copy BAD_NONCE, and the index keeps pointing at
             # the row that consumed the nonce, which is the one its receipt is about.
-            statuses = block.results.column("status").to_numpy(zero_copy_only=False)
-            cur.executemany(
-                "INSERT INTO txs (tx_id, height, idx) VALUES (?, ?, ?) "
-                "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, idx = excluded.idx "
-                "WHERE ?",
-                (
-                    (raw[i * 32 : (i + 1) * 32], h, i, int(statuses[i]) != Status.BAD_NONCE)
-                    for i in range(len(ids))
-                ),
-            )
+            if self.index_txs:
+                statuses = block.results.column("status").to_numpy(zero_copy_only=False)
+                cur.executemany(
+                    "INSERT INTO txs (tx_id, height, idx) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, "
+                    "idx = excluded.idx WHERE ?",
+                    (
+                        (raw[i * 32 : (i + 1) * 32], h, i, int(statuses[i]) != Status.BAD_NONCE)
+                        for i in range(len(ids))
+                    ),
+                )
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
@@ -440,6 +455,8 @@ class BlockStore:
         return int(row[0])
 
     def locate_tx(self, tx_id: bytes) -> TxLocation:
+        if not self.index_txs:
+            raise StoreError(f"{self.path} keeps no transaction index (its storage shards do)")
         row = self._db.execute("SELECT height, idx FROM txs WHERE tx_id = ?", (tx_id,)).fetchone()
         if row is None:
             raise NotFound(f"no committed transaction {tx_id.hex()}")

@@ -121,6 +121,20 @@ def test_missing_reads_raise_not_found(tmp_path: Path, chain: list[Block]) -> No
             store.height_of(bytes(32))
 
 
+def test_store_without_tx_index_says_so_and_keeps_the_choice(
+    tmp_path: Path, chain: list[Block]
+) -> None:
+    with filled(tmp_path, chain[:2], index_txs=False) as store:
+        assert store.get_block(2).header == chain[1].header
+        with pytest.raises(StoreError, match="no transaction index"):
+            store.locate_tx(tx_ids_of(chain[0].txs)[0].tobytes())
+    # The choice was fixed at creation: reopening does not pretend to have an index
+    with BlockStore(tmp_path, GENESIS, index_txs=True) as store:
+        assert store.height == 2 and not store.index_txs
+        with pytest.raises(StoreError, match="no transaction index"):
+            store.get_tx(tx_ids_of(chain[0].txs)[0].tobytes())
+
+
 def test_scan_is_columnar_history(tmp_path: Path, chain: list[Block]) -> None:
     with filled(tmp_path, chain) as store:
         table = store.scan(["nonce", "status"], from_height=2, to_height=4)
