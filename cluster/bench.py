@@ -308,6 +308,8 @@ class E2EResult:
     raw_limit_tps: float
     efficiency: float
     agreement: bool
+    # Open loop: the offered rate (None: closed loop)
+    offered_tps: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -321,11 +323,15 @@ def bench_e2e(
     wan: bool = True,
     inflight_batches: int = 1,
     storage_shards: int = 2,
+    rate: float | None = None,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
-    Clients pre-sign their transactions (signing is the client's cost) and submit them as fast
-    as the mempools admit them; a busy answer makes that client wait 50 ms. Latency is from a
+    Clients pre-sign their transactions (signing is the client's cost). Closed loop (``rate``
+    None): they submit as fast as the mempools admit them, ``inflight_batches`` per mempool; a
+    busy answer makes that client wait 50 ms. Open loop (``rate`` tx/s offered in total): each
+    client submits one ``batch_rows`` chunk on a fixed schedule whatever happened before, and
+    latency counts from the scheduled time (no coordinated omission). Latency is from a
     submission to the commit of its last transaction on validator 0.
     """
     import threading
@@ -346,7 +352,8 @@ def bench_e2e(
     # validator (no validator trusts another's verification).
     per_tx = 1 + validators
     raw_limit = one_core * cores / per_tx
-    expected = int(min(raw_limit, 20_000) * duration_s * 1.5) + batch_rows * 4
+    offered = min(raw_limit, 20_000) if rate is None else rate
+    expected = int(offered * duration_s * 1.5) + batch_rows * 4
     clients = len(spec.clients)
     per_client = expected // clients
 
@@ -359,7 +366,7 @@ def bench_e2e(
                 batch_rows=batch_rows,
                 # Work in flight per mempool: under saturation, latency is about the rows in
                 # flight divided by the throughput (backpressure answers busy beyond it).
-                mempool_capacity=batch_rows * inflight_batches,
+                mempool_capacity=batch_rows * inflight_batches if rate is None else 200_000,
                 latency_ms=None if wan else [[0.0] * validators] * validators,
                 storage_shards=storage_shards,
             )
@@ -382,11 +389,19 @@ def bench_e2e(
             stats = {"submitted": 0, "busy": 0}
             stop = time.monotonic() + duration_s
 
+            interval = None if rate is None else batch_rows * clients / rate
+
             def client(k: int) -> None:
                 mempool = net.mempool(k % validators)
-                for b in work[k]:
+                start = time.time() + (0 if interval is None else interval * k / clients)
+                for n, b in enumerate(work[k]):
+                    if interval is not None:
+                        # Open loop: the chunk is due at its scheduled time, and its latency
+                        # counts from then even if the client falls behind
+                        due = start + n * interval
+                        time.sleep(max(0.0, due - time.time()))
                     while time.monotonic() < stop:
-                        t = time.time()
+                        t = time.time() if interval is None else due
                         res = ray.get(mempool.submit.remote(b))
                         if not res.busy:
                             ids = [r.tobytes() for r in tx_ids_of(b)]
@@ -454,4 +469,5 @@ def bench_e2e(
         raw_limit_tps=raw_limit,
         efficiency=tps / raw_limit,
         agreement=agreement,
+        offered_tps=rate,
     )

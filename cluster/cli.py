@@ -375,12 +375,18 @@ def bench_e2e_cmd(
     wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = True,
     inflight: Annotated[int, typer.Option(min=1, help="batches in flight per mempool")] = 1,
     shards: Annotated[int, typer.Option(min=0, help="storage shards per validator (0: none)")] = 2,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=1, help="open loop: offered tx/s in total (default: closed loop)"),
+    ] = None,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
 
-    r = bench_e2e(config, validators, duration, batch_rows, wan, inflight, shards)
+    r = bench_e2e(config, validators, duration, batch_rows, wan, inflight, shards, rate)
     table = Table("figure", "value", title=f"rayledger bench e2e ({validators} validators)")
+    if r.offered_tps is not None:
+        table.add_row("offered TPS (open loop)", f"{r.offered_tps:,.0f}")
     table.add_row("committed TPS", f"{r.committed_tps:,.0f}")
     table.add_row(
         "commit latency p50 / p95 / p99", f"{r.p50_ms:,.0f} / {r.p95_ms:,.0f} / {r.p99_ms:,.0f} ms"
