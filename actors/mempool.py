@@ -1,11 +1,15 @@
 """The mempool actor: admission of TxBatches, batching, dissemination and backpressure.
 
 Admission checks a submitted batch's schema, chain and sizes, verifies every signature,
-and drops transactions it has already seen; the accepted rows wait in a bounded buffer and are
-sealed into a batch when enough rows are pending or the batch interval passes. A sealed batch
-goes to the Ray object store once and its digest and reference to every validator. Capacity
-counts rows pending and rows sealed but not yet committed: when a submission would exceed it,
-the whole submission is answered "busy" and nothing of it is kept (never a silent drop).
+drops transactions it has already seen, and refuses nonces that could only fail execution: a
+row whose nonce is below the sender's committed next nonce (read from the institution's storage
+shards) is stale, and one not above the same sender's previous row in the submission is out of
+order (a later submission may still fill a gap: a row refused for its signature and sent
+again). The accepted rows wait in a bounded buffer and are sealed into a batch when enough
+rows are pending or the batch interval passes. A sealed batch goes to the Ray object store
+once and its digest and reference to every validator. Capacity counts rows pending and rows
+sealed but not yet committed: when a submission would exceed it, the whole submission is
+answered "busy" and nothing of it is kept (never a silent drop).
 """
 
 from __future__ import annotations
@@ -22,10 +26,18 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from rayledger.actors.storage.partition import shard_of_keys
 from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
+from rayledger.execution import nonce_key
 from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
+
+
+def _fixed_width(col: pa.Array, width: int) -> bytes:
+    """The values of a fixed-size binary column as one bytes object (offset respected)."""
+    buf = col.buffers()[1]
+    return buf.to_pybytes()[col.offset * width : (col.offset + len(col)) * width]
 
 
 @dataclass
@@ -59,6 +71,9 @@ class Mempool:
         # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
         self.seen: dict[bytes, None] = {}
         self.seen_limit = int(settings.get("mempool_seen_ids", 2_000_000))
+        self.network = settings.get("name", "")
+        self.shards = int(settings.get("storage_shards", 0))
+        self._shard_handles: dict[int, Any] = {}
         self.sealed = 0
         self.counts: dict[str, int] = {}
         self._refs: dict[bytes, Any] = {}
@@ -91,18 +106,29 @@ class Mempool:
         valid = verify_signatures(canonical, self.genesis.chain_id)
         ids = tx_ids_of(canonical)
         keys = [ids[i].tobytes() for i in range(len(ids))]
+        raw_senders = _fixed_width(canonical.column("sender"), 32)
+        senders = [raw_senders[i : i + 32] for i in range(0, len(raw_senders), 32)]
+        nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
+        committed = await self._committed_nonces(list(dict.fromkeys(senders)))
         fresh = np.zeros(len(keys), np.bool_)
         batch_seen: dict[bytes, None] = {}
+        last: dict[bytes, int] = {}  # each sender's last nonce admitted from this submission
         for i, k in enumerate(keys):
+            sender, nonce = senders[i], nonces[i]
             if not valid[i]:
-                result.rejected["invalid_signature"] = (
-                    result.rejected.get("invalid_signature", 0) + 1
-                )
+                reason = "invalid_signature"
             elif k in self.seen or k in batch_seen:
-                result.rejected["duplicate"] = result.rejected.get("duplicate", 0) + 1
+                reason = "duplicate"
+            elif nonce < committed.get(sender, 0):
+                reason = "stale_nonce"
+            elif nonce <= last.get(sender, -1):
+                reason = "nonce_order"
             else:
                 fresh[i] = True
                 batch_seen[k] = None
+                last[sender] = nonce
+                continue
+            result.rejected[reason] = result.rejected.get(reason, 0) + 1
         for reason, n in result.rejected.items():
             self._count(reason, n)
         kept = canonical.filter(pa.array(fresh)) if not fresh.all() else canonical
@@ -119,6 +145,32 @@ class Mempool:
         while self.pending_rows >= self.batch_rows:
             self._seal(self.batch_rows)
         return result
+
+    async def _committed_nonces(self, senders: list[bytes]) -> dict[bytes, int]:
+        """Each sender's next nonce as committed, from this institution's storage shards
+        (empty where there are none or they do not answer: the order check still applies)."""
+        if not self.shards or not senders:
+            return {}
+        keys = [nonce_key(s) for s in senders]
+        owners = shard_of_keys(keys, self.shards).tolist()
+        out: dict[bytes, int] = {}
+        for k in sorted(set(owners)):
+            rows = [i for i, o in enumerate(owners) if o == k]
+            try:
+                handle = self._shard_handles.get(k)
+                if handle is None:
+                    handle = ray.get_actor(
+                        f"{self.network}-shard-{self.index}-{k}", namespace="rayledger"
+                    )
+                    self._shard_handles[k] = handle
+                values = await handle.get_states.remote([keys[i] for i in rows])
+            except Exception:  # a shard down or restarting: no stale check for these senders
+                self._shard_handles.pop(k, None)
+                continue
+            for i, v in zip(rows, values, strict=True):
+                if v is not None:
+                    out[senders[i]] = int.from_bytes(v, "big")
+        return out
 
     def _seal(self, limit: int) -> None:
         table = pa.Table.from_batches(self.pending, schema=self.pending[0].schema)

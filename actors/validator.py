@@ -16,6 +16,7 @@ latency between the two sites.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -147,6 +148,10 @@ class Validator:
         keep_from = self.store.height - SHARD_REPLAY_KEEP
         base, head = self._replay(keep_from)
         self.builder = LedgerBuilder(self.batches, head, base)
+        self._recent_proposals: collections.deque[bytes] = collections.deque(
+            maxlen=CoreConfig().committed_window
+        )
+        self._proposal_log_count = 0
         persisted, known = self._load_consensus()
         self.core = Core(
             validators=self.genesis.validators,
@@ -186,22 +191,15 @@ class Validator:
     def _load_commit_proofs(self) -> dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]]:
         """height -> (QC certifying it, its child in the next round, the child's QC) for the
         last block of every commit: what proves a commit in a receipt."""
-        path = self.dir / "commits.log"
-        data = path.read_bytes() if path.exists() else b""
         out = {}
-        pos = 0
-        while pos + 4 <= len(data):
-            size = int.from_bytes(data[pos : pos + 4], "big")
-            if pos + 4 + size > len(data):
-                break
-            r = Reader(data[pos + 4 : pos + 4 + size], "commit proof record")
+        for record in _read_records(self.dir / "commits.log"):
+            r = Reader(record, "commit proof record")
             height = r.u64("height")
             qc = QuorumCert.decode(r.var_bytes("qc"))
             child = BlockHeader.decode(r.var_bytes("child"))
             child_qc = QuorumCert.decode(r.var_bytes("child qc"))
             if height <= self.store.height:
                 out[height] = (qc, child, child_qc)
-            pos += 4 + size
         return out
 
     def _load_consensus(self) -> tuple[SafetyState | None, list[Proposal]]:
@@ -209,22 +207,19 @@ class Validator:
         path = self.dir / "safety.pkl"
         if path.exists():
             state = pickle.loads(path.read_bytes())
-        known: list[Proposal] = []
-        log_path = self.dir / "proposals.log"
-        if log_path.exists():
-            data = log_path.read_bytes()
-            pos = 0
-            while pos + 4 <= len(data):
-                size = int.from_bytes(data[pos : pos + 4], "big")
-                if pos + 4 + size > len(data):
-                    break
-                known.append(pickle.loads(data[pos + 4 : pos + 4 + size]))
-                pos += 4 + size
-        return state, known[-CoreConfig().committed_window :]
+        window = CoreConfig().committed_window
+        records = _read_records(self.dir / "proposals.log")
+        self._proposal_log_count = len(records)
+        self._recent_proposals.extend(records[-window:])
+        return state, [pickle.loads(r) for r in records[-window:]]
 
     def _load_batch_index(self) -> dict[bytes, tuple[int, int, int]]:
         path = self.dir / "batches.idx"
         data = path.read_bytes() if path.exists() else b""
+        if len(data) % 48:  # a torn entry (crash during its append): cut so appends align
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(data) % 48)
+                os.fsync(f.fileno())
         out = {}
         for pos in range(0, len(data) - len(data) % 48, 48):
             height, offset, rows = struct.unpack(">QII", data[pos + 32 : pos + 48])
@@ -233,10 +228,18 @@ class Validator:
         return out
 
     def _append_proposals(self, proposals: tuple[Proposal, ...]) -> None:
-        with open(self.dir / "proposals.log", "ab") as f:
-            for p in proposals:
-                raw = pickle.dumps(p)
-                f.write(len(raw).to_bytes(4, "big") + raw)
+        """Append committed proposals (a restart reloads the last window of them). The log is
+        rewritten with only that window once it holds twice as many, so it stays bounded."""
+        raws = [pickle.dumps(p) for p in proposals]
+        self._recent_proposals.extend(raws)
+        self._proposal_log_count += len(raws)
+        path = self.dir / "proposals.log"
+        if self._proposal_log_count > 2 * (self._recent_proposals.maxlen or 0):
+            _fsync_write(path, b"".join(_record(r) for r in self._recent_proposals))
+            self._proposal_log_count = len(self._recent_proposals)
+            return
+        with open(path, "ab") as f:
+            f.write(b"".join(_record(r) for r in raws))
             f.flush()
             os.fsync(f.fileno())
 
@@ -508,8 +511,7 @@ class Validator:
         proof = (action.certifying_qcs[-1], action.child, action.commit_qc)
         self.commit_proofs[top] = proof
         with open(self.dir / "commits.log", "ab") as f:
-            record = u64(top) + b"".join(var_bytes(x.encode()) for x in proof)
-            f.write(len(record).to_bytes(4, "big") + record)
+            f.write(_record(u64(top) + b"".join(var_bytes(x.encode()) for x in proof)))
             f.flush()
             os.fsync(f.fileno())
         with open(self.dir / "batches.idx", "ab") as f:
@@ -711,6 +713,30 @@ class Validator:
         return np.concatenate(
             [tx_ids_of(rows) for _, rows in self.store.iter_rows()] or [np.empty((0, 32), np.uint8)]
         )
+
+
+def _record(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def _read_records(path: Path) -> list[bytes]:
+    """The complete length-prefixed records of a log. A torn last record (a crash during its
+    append, so never acknowledged) is cut off, so that later appends follow whole records."""
+    data = path.read_bytes() if path.exists() else b""
+    out = []
+    pos = 0
+    while pos + 4 <= len(data):
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if pos + 4 + size > len(data):
+            break
+        out.append(data[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+    if pos < len(data):
+        log.warning("%s: cutting a torn record of %d bytes", path, len(data) - pos)
+        with open(path, "r+b") as f:
+            f.truncate(pos)
+            os.fsync(f.fileno())
+    return out
 
 
 def _send(handle: Any, sender: int, messages: list[Message]) -> None:

@@ -377,6 +377,21 @@ class ShardStore:
         row = self._db.execute("SELECT value, height FROM state WHERE key = ?", (key,)).fetchone()
         return None if row is None else (bytes(row[0]), int(row[1]))
 
+    def get_states(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values of many state keys of this shard (``None`` where never written)."""
+        found: dict[bytes, bytes] = {}
+        for k in keys:
+            if not self.owns_key(k):
+                raise ValueError(f"state key {k.hex()[:16]}… is not in shard {self.shard}")
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for key, value in self._db.execute(
+                f"SELECT key, value FROM state WHERE key IN ({marks})", chunk
+            ):
+                found[bytes(key)] = bytes(value)
+        return [found.get(k) for k in keys]
+
     def header(self, height: int) -> BlockHeader:
         row = self._db.execute("SELECT header FROM headers WHERE height = ?", (height,)).fetchone()
         if row is None:

@@ -80,6 +80,9 @@ class StorageShard:
     async def get_state(self, key: bytes) -> tuple[bytes, int] | None:
         return self.store.get_state(key)
 
+    async def get_states(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.store.get_states(keys)
+
     async def header(self, height: int) -> bytes:
         return self.store.header(height).encode()
 

@@ -255,8 +255,13 @@ def test_transactions_replayed_through_another_mempool_do_not_stop_the_chain(
     net = start(tmp_path, "replay", batch_rows=300)
     try:
         batch = client_batches(net, 2_400)[2]
-        assert net.submit(batch.slice(0, 400), mempool=0).accepted == 400
-        assert net.submit(batch.slice(200, 400), mempool=1).accepted == 400
+        # Both submitted at once, before either is committed (else the second mempool would
+        # refuse the copies as stale, from its shards' committed nonces)
+        refs = [
+            net.mempool(0).submit.remote(batch.slice(0, 400)),
+            net.mempool(1).submit.remote(batch.slice(200, 400)),
+        ]
+        assert [r.accepted for r in ray.get(refs)] == [400, 400]
         net.wait_committed(batch)
         more = client_batches(net, 400, start_nonce=600)[2]
         net.submit(more, mempool=2)
@@ -294,6 +299,10 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
             assert receipt.status == Status.OK and receipt.tx_id == t
         with pytest.raises(NotFound):
             client.receipt(bytes(32))
+        # A committed transaction replayed through another mempool (whose dedupe never saw it)
+        # is refused as stale: that mempool reads the sender's committed nonce from its shards
+        replay = Client(net.dir).submit(batches[2].slice(0, 10), mempool=3)
+        assert replay.accepted == 0 and replay.rejected == {"stale_nonce": 10}
 
         # Validator 1 down: its shards still answer, and the receipts still verify
         net.kill(1)

@@ -19,7 +19,11 @@ def mempool(tmp_path: Path, seen_limit: int) -> Mempool:
     genesis.save(tmp_path / "genesis.toml")
     (tmp_path / "network.json").write_text(
         json.dumps(
-            {"batch_rows": 10**9, "batch_interval_ms": 10**9, "mempool_seen_ids": seen_limit}
+            {
+                "batch_rows": 10**9,
+                "batch_interval_ms": 10**9,
+                "mempool_seen_ids": seen_limit,
+            }
         )
     )
     return Mempool(str(tmp_path), 0)
@@ -48,6 +52,37 @@ def test_duplicates_refused_within_the_window_and_forgotten_after(tmp_path: Path
         assert len(m.seen) == 10
         # The oldest six ids fell out of the window.
         assert (await m.submit(batch.slice(0, 6))).accepted == 6
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_nonces_out_of_order_or_below_the_committed_one_are_refused(tmp_path: Path) -> None:
+    m = mempool(tmp_path, seen_limit=100)
+    a, b = key_from_seed(b"\x0b" * 32), key_from_seed(b"\x0c" * 32)
+    chain = m.genesis.chain_id
+
+    async def committed(senders: list[bytes]) -> dict[bytes, int]:
+        # What the storage shards would answer: sender a has committed nonces 0..4
+        return {public_bytes(a): 5} if public_bytes(a) in senders else {}
+
+    m._committed_nonces = committed  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        stale = make_batch(a, TxKind.ANCHOR, [3, 5, 6], [bytes([i]) * 32 for i in range(3)], chain)
+        res = await m.submit(stale)
+        assert res.accepted == 2 and res.rejected == {"stale_nonce": 1}
+        # Within one submission each sender's nonces must rise; a later submission may fill
+        # a gap (a row refused for its signature, sent again)
+        mixed = make_batch(
+            [a, b, b, a], TxKind.ANCHOR, [8, 9, 8, 7], [bytes([i]) * 32 for i in range(4, 8)], chain
+        )
+        res = await m.submit(mixed)
+        assert res.accepted == 2 and res.rejected == {"nonce_order": 2}
+        gap = make_batch(a, TxKind.ANCHOR, [7], [b"g" * 32], chain)
+        assert (await m.submit(gap)).accepted == 1
+        assert m.pending_rows == 5
         assert m._ticker is not None
         m._ticker.cancel()
 

@@ -1,0 +1,34 @@
+"""The validator's append-only logs: a torn record from a crash is cut so later appends stay
+readable, and the proposals log is compacted to its window (no Ray needed)."""
+
+from __future__ import annotations
+
+import collections
+import pickle
+from pathlib import Path
+
+from rayledger.actors.validator import Validator, _read_records, _record
+
+
+def test_torn_record_is_cut_and_later_appends_parse(tmp_path: Path) -> None:
+    log = tmp_path / "x.log"
+    log.write_bytes(_record(b"one") + _record(b"two") + _record(b"three")[:5])
+    assert _read_records(log) == [b"one", b"two"]
+    with open(log, "ab") as f:
+        f.write(_record(b"four"))
+    assert _read_records(log) == [b"one", b"two", b"four"]
+    assert _read_records(tmp_path / "missing.log") == []
+
+
+def test_proposals_log_is_compacted_to_its_window(tmp_path: Path) -> None:
+    v = Validator.__new__(Validator)
+    v.dir = tmp_path
+    v._recent_proposals = collections.deque(maxlen=3)
+    v._proposal_log_count = 0
+    sizes = []
+    for i in range(20):
+        v._append_proposals((("proposal", i),))
+        sizes.append(len(_read_records(tmp_path / "proposals.log")))
+    assert max(sizes) <= 7
+    kept = [pickle.loads(r) for r in _read_records(tmp_path / "proposals.log")]
+    assert kept[-3:] == [("proposal", 17), ("proposal", 18), ("proposal", 19)]
