@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rayledger.errors import LedgerError
+from rayledger.execution import Status
 
 if TYPE_CHECKING:
     from rayledger.cluster.bench import Figure
@@ -196,6 +197,52 @@ def status(
         console.print(status_table(connect(data_dir)))
     except (LedgerError, OSError) as exc:
         raise _fail(exc) from None
+
+
+@app.command()
+def receipt(
+    tx_id: Annotated[str, typer.Argument(help="the transaction id, hex")],
+    data_dir: Annotated[Path, typer.Option(help="the network's data directory")] = DEFAULT_DATA,
+    validator: Annotated[int, typer.Option(min=0, help="whose storage shards to ask")] = 0,
+) -> None:
+    """Fetch a committed transaction's receipt from a storage shard and verify it with the
+    validator keys alone; prints it as JSON (exit 1 if not committed or not valid)."""
+    from rayledger.cluster.client import Client
+    from rayledger.cluster.ops import connect
+
+    try:
+        raw = bytes.fromhex(tx_id)
+        net = connect(data_dir)
+        r = Client(net.dir, validator=validator).receipt(raw)
+    except (LedgerError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+    c = r.commit
+    print(
+        json.dumps(
+            {
+                "tx_id": r.tx_id.hex(),
+                "height": r.height,
+                "index": r.index,
+                "status": Status(r.status).name,
+                "result": r.result.hex(),
+                "sender": r.tx.sender.hex(),
+                "nonce": r.tx.nonce,
+                "kind": r.tx.kind,
+                "block_hash": r.header.hash.hex(),
+                "tx_root": r.header.tx_root.hex(),
+                "committed_by": {
+                    "height": c.header.height,
+                    "round": c.header.round,
+                    "child_round": c.child.round,
+                    "signers": c.qc.signer_indices(),
+                    "child_signers": c.child_qc.signer_indices(),
+                },
+                "verified": True,
+                "receipt": r.encode().hex(),
+            },
+            indent=2,
+        )
+    )
 
 
 @app.command()

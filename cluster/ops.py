@@ -47,6 +47,8 @@ def status_table(net: Network) -> Table:
         "leader",
         "head",
         "mempool rows",
+        "peers",
+        "shards at",
         "evidence",
         "rejected",
         title=f"network {net.name} ({net.genesis.chain_name})",
@@ -54,7 +56,7 @@ def status_table(net: Network) -> Table:
     for st in net.status():
         if "down" in st:
             table.add_row(
-                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", "-", "-", "-"
+                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 5
             )
             continue
         mp = st["mempool"]
@@ -66,6 +68,9 @@ def status_table(net: Network) -> Table:
             str(st["leader"]),
             st["head"][:16],
             f"{mp['pending_rows']}+{mp['in_flight_rows']}",
+            ",".join(str(p) for p in st["peers"]),
+            # Height each storage shard has applied ("?" while it is being reached)
+            " ".join("?" if h is None else str(h) for h in st.get("shards", {}).values()) or "-",
             str(st["evidence"]),
             str(sum(st["rejected"].values())),
         )

@@ -193,3 +193,10 @@ def test_bench_kernels_prints_rows() -> None:
     rows = json.loads(result.output.strip().splitlines()[-1])["rows"]
     cpu = [r for r in rows if r["operation"] == "sha256" and r["backend"] == "cpu"]
     assert cpu and all(r["ratio_to_hashlib"] > 0 for r in cpu)
+
+
+def test_receipt_refuses_bad_ids_and_a_missing_network(tmp_path: Path) -> None:
+    bad_hex = runner.invoke(app, ["receipt", "zz", "--data-dir", str(tmp_path)])
+    assert bad_hex.exit_code == 2 and "hex" in bad_hex.output.lower()
+    no_net = runner.invoke(app, ["receipt", "ab" * 32, "--data-dir", str(tmp_path)])
+    assert no_net.exit_code == 2 and "no running network" in no_net.output
