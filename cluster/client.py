@@ -102,28 +102,36 @@ class Client:
         duplicate) are counted in the result; a chunk refused whole raises ``SubmitError``; a
         mempool still busy after ``busy_timeout_s`` raises."""
         out = SubmitResult()
-        refs = []
-        for target, part in self._route(batch, mempool):
-            for start in range(0, part.num_rows, chunk_rows):
-                chunk = part.slice(start, chunk_rows)
-                ref = self._actor(f"mempool-{target}").submit.remote(chunk)
-                refs.append((target, chunk, ref))
-        for target, chunk, ref in refs:
-            admission = ray.get(ref)
-            delay, deadline = 0.05, time.monotonic() + busy_timeout_s
-            while admission.busy:
-                if time.monotonic() > deadline:
-                    raise SubmitError(f"mempool {target} stayed busy for {busy_timeout_s} s")
-                out.busy_retries += 1
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                admission = ray.get(self._actor(f"mempool-{target}").submit.remote(chunk))
-            if admission.error is not None:
-                raise SubmitError(f"mempool {target}: {admission.error}")
-            out.accepted += admission.accepted
-            for reason, count in admission.rejected.items():
-                out.rejected[reason] = out.rejected.get(reason, 0) + count
+        # Chunks for one mempool go one after another (an async actor does not keep the order
+        # of concurrent calls, and one sender's nonces must arrive in order); different
+        # mempools take theirs in parallel.
+        queues = [
+            (target, [part.slice(s, chunk_rows) for s in range(0, part.num_rows, chunk_rows)])
+            for target, part in self._route(batch, mempool)
+        ]
+        while any(chunks for _, chunks in queues):
+            round_ = [(target, chunks.pop(0)) for target, chunks in queues if chunks]
+            refs = [(t, c, self._actor(f"mempool-{t}").submit.remote(c)) for t, c in round_]
+            for target, chunk, ref in refs:
+                self._settle(out, target, chunk, ray.get(ref), busy_timeout_s)
         return out
+
+    def _settle(
+        self, out: SubmitResult, target: int, chunk: pa.RecordBatch, admission: Any, timeout: float
+    ) -> None:
+        delay, deadline = 0.05, time.monotonic() + timeout
+        while admission.busy:
+            if time.monotonic() > deadline:
+                raise SubmitError(f"mempool {target} stayed busy for {timeout} s")
+            out.busy_retries += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            admission = ray.get(self._actor(f"mempool-{target}").submit.remote(chunk))
+        if admission.error is not None:
+            raise SubmitError(f"mempool {target}: {admission.error}")
+        out.accepted += admission.accepted
+        for reason, count in admission.rejected.items():
+            out.rejected[reason] = out.rejected.get(reason, 0) + count
 
     def _route(
         self, batch: pa.RecordBatch, mempool: int | None

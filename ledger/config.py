@@ -16,6 +16,7 @@ import tomli_w
 
 from rayledger.block import BlockHeader, genesis_header
 from rayledger.codec import u32, u64
+from rayledger.crypto import small_order_mask
 from rayledger.errors import ConfigError
 from rayledger.execution import Account, genesis_state
 from rayledger.tx import DEFAULT_MAX_PAYLOAD
@@ -41,6 +42,10 @@ class ValidatorSet:
         keys = [v.public_key for v in self.validators]
         if any(len(k) != 32 for k in keys):
             raise ConfigError("validator public keys must be 32 bytes")
+        weak = small_order_mask(np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 32))
+        if weak.any():
+            name = self.validators[int(np.argmax(weak))].name
+            raise ConfigError(f"validator {name}'s public key is a point of small order")
         if len(set(keys)) != len(keys):
             raise ConfigError("a public key appears twice in the validator set")
         names = [v.name for v in self.validators]

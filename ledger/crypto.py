@@ -17,6 +17,43 @@ from rayledger.kernels import ed25519_verify_batch
 
 SigningKey = Ed25519PrivateKey
 
+# Encodings of the eight points of small order (8P = identity), canonical and not. A signature
+# "by" such a key can be made without any secret (with A the identity, R = [S]B verifies for any
+# message), so the ledger refuses them as keys; the signature rule itself stays OpenSSL's.
+SMALL_ORDER_KEYS = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000080",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    )
+)
+
+
+def small_order_mask(public_keys: np.ndarray) -> np.ndarray:
+    """Boolean mask of the ``(n, 32)`` keys that encode a point of small order."""
+    keys = np.ascontiguousarray(public_keys, np.uint8).reshape(-1, 32)
+    # Every such encoding has bytes 9..30 all 0x00 or all 0xff, or is one of the four order-8
+    # points: a cheap filter first, exact membership for the few candidates
+    middle = keys[:, 9:31]
+    candidates = (middle == 0).all(axis=1) | (middle == 0xFF).all(axis=1)
+    candidates |= np.isin(keys[:, 0], (0x26, 0xC7))
+    out = np.zeros(len(keys), np.bool_)
+    for i in np.flatnonzero(candidates).tolist():
+        out[i] = keys[i].tobytes() in SMALL_ORDER_KEYS
+    return out
+
 
 def generate_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()

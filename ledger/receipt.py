@@ -18,6 +18,7 @@ import numpy as np
 from rayledger.block import BlockHeader, QuorumCert, verify_qc
 from rayledger.codec import Reader, u8, u16, u32, u64, var_bytes
 from rayledger.config import ValidatorSet
+from rayledger.crypto import small_order_mask
 from rayledger.errors import (
     InvalidQuorumCert,
     InvalidReceipt,
@@ -155,6 +156,8 @@ def verify_receipt(
         np.frombuffer(tx.signature, np.uint8).reshape(1, 64),
         np.frombuffer(tx.tx_id, np.uint8).reshape(1, 32),
     )
+    if small_order_mask(np.frombuffer(tx.sender, np.uint8))[0]:
+        raise InvalidReceipt("the sender's key is a point of small order")
     if not bool(ok[0]):
         raise InvalidReceipt("the sender's signature over the transaction id does not verify")
     if receipt.height != header.height or receipt.height < 1:

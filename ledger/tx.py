@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayledger.codec import Reader, fixed, pack_rows
-from rayledger.crypto import SigningKey, public_bytes
+from rayledger.crypto import SigningKey, public_bytes, small_order_mask
 from rayledger.errors import (
     DecodeError,
     PayloadTooLarge,
@@ -325,11 +325,12 @@ def validate_batch(
 
 
 def verify_signatures(batch: pa.RecordBatch, chain_id: bytes | None = None) -> np.ndarray:
-    """Boolean mask of rows whose signature verifies over their recomputed tx id."""
+    """Boolean mask of rows whose signature verifies over their recomputed tx id, by a sender
+    key that is not of small order (see ``crypto.SMALL_ORDER_KEYS``)."""
     ids = compute_tx_ids(batch, chain_id)
-    return ed25519_verify_batch(
-        _fixed_rows(batch.column("sender"), 32), _fixed_rows(batch.column("signature"), 64), ids
-    )
+    senders = _fixed_rows(batch.column("sender"), 32)
+    ok = ed25519_verify_batch(senders, _fixed_rows(batch.column("signature"), 64), ids)
+    return ok & ~small_order_mask(senders)
 
 
 def tx_ids_of(batch: pa.RecordBatch) -> np.ndarray:

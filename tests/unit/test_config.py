@@ -28,6 +28,7 @@ from rayledger.config import (
     parse_genesis,
 )
 from rayledger.crypto import (
+    SMALL_ORDER_KEYS,
     generate_key,
     key_from_seed,
     public_bytes,
@@ -196,7 +197,8 @@ _names = st.text(max_size=12)
 def _genesis_docs(draw: st.DrawFn) -> Genesis:
     n = draw(st.integers(1, 6))
     names = draw(st.lists(_names, min_size=n, max_size=n, unique=True))
-    keys = draw(st.lists(st.binary(min_size=32, max_size=32), min_size=n, max_size=n, unique=True))
+    key = st.binary(min_size=32, max_size=32).filter(lambda k: k not in SMALL_ORDER_KEYS)
+    keys = draw(st.lists(key, min_size=n, max_size=n, unique=True))
     vals = [Validator(nm, k, draw(_names), draw(_names)) for nm, k in zip(names, keys, strict=True)]
     orgs = draw(
         st.lists(
@@ -426,3 +428,10 @@ def test_read_key_file_not_ed25519(tmp_path: Path) -> None:
     path = tmp_path / "k.pem"
     path.write_bytes(pem)
     _assert_config_error(read_key_file, path)
+
+
+def test_a_small_order_validator_key_is_refused() -> None:
+    good = [Validator(f"v{i}", bytes([i + 7]) * 32) for i in range(3)]
+    weak = Validator("weak", bytes.fromhex("01" + "00" * 31))
+    with pytest.raises(ConfigError, match="weak's public key is a point of small order"):
+        ValidatorSet((*good, weak))

@@ -369,3 +369,12 @@ def test_bytes_after_the_last_indexed_frame_are_cut_on_open(tmp_path, chain) -> 
     row = again.get_tx(t)
     assert (row["height"], row["index"], row["tx_id"]) == (4, 2, t)
     again.close()
+
+
+def test_receipt_from_a_small_order_sender_is_refused(applied, chain) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    receipt = receipt_from(applied, bytes(tx_ids_of(blocks[0].rows)[0]))
+    identity = bytes.fromhex("01" + "00" * 31)
+    tx = dataclasses.replace(receipt.tx, sender=identity, signature=identity + bytes(32))
+    with pytest.raises(InvalidReceipt, match="small order"):
+        verify_receipt(dataclasses.replace(receipt, tx=tx), VS, CHAIN, genesis.hash)

@@ -685,3 +685,76 @@ def test_ipc_fuzz_only_ledger_errors() -> None:
             name = type(exc).__name__
             escaped[name] = escaped.get(name, 0) + 1
     assert not escaped, escaped
+
+
+def test_small_order_sender_keys_are_refused_though_openssl_accepts_their_forgeries() -> None:
+    import numpy as np
+
+    from rayledger.crypto import SMALL_ORDER_KEYS, small_order_mask
+    from rayledger.kernels import ed25519_verify_batch
+    from rayledger.tx import TX_SCHEMA, compute_tx_ids, verify_signatures
+
+    identity = bytes.fromhex("01" + "00" * 31)
+    # With A the identity point, R = [S]B verifies for any message: S = 0, R = identity
+    forged_sig = identity + bytes(32)
+    chain = bytes(range(32))
+    body = pa.RecordBatch.from_pydict(
+        {
+            "kind": [2],
+            "sender": [identity],
+            "nonce": [0],
+            "payload": [b"x" * 32],
+            "signature": [forged_sig],
+        },
+        schema=pa.schema(list(TX_SCHEMA)[:5]),
+    )
+    ids = compute_tx_ids(body, chain)
+    openssl = ed25519_verify_batch(
+        np.frombuffer(identity, np.uint8).reshape(1, 32),
+        np.frombuffer(forged_sig, np.uint8).reshape(1, 64),
+        ids,
+    )
+    assert openssl.tolist() == [True]  # the acceptance rule itself takes it
+    assert verify_signatures(body, chain).tolist() == [False]  # the ledger refuses the key
+    keys = np.frombuffer(b"".join(sorted(SMALL_ORDER_KEYS)), np.uint8).reshape(-1, 32)
+    assert small_order_mask(keys).all()
+    normal = np.frombuffer(bytes(range(32)) * 3, np.uint8).reshape(3, 32)
+    assert not small_order_mask(normal).any()
+
+
+def test_every_listed_small_order_key_is_a_point_of_order_dividing_8() -> None:
+    """Recomputed from the curve: decode each listed encoding (reducing y mod p, as a lenient
+    decoder would) and check 8P is the identity; the canonical ones are the whole subgroup."""
+    from rayledger.crypto import SMALL_ORDER_KEYS
+
+    p = 2**255 - 19
+    d = -121665 * pow(121666, p - 2, p) % p
+    sqrt_m1 = pow(2, (p - 1) // 4, p)
+
+    def decode(enc: bytes) -> tuple[int, int]:
+        y = int.from_bytes(enc, "little") & ((1 << 255) - 1)
+        sign = enc[31] >> 7
+        y %= p
+        x2 = (y * y - 1) * pow(d * y * y + 1, p - 2, p) % p
+        x = pow(x2, (p + 3) // 8, p)
+        if (x * x - x2) % p:
+            x = x * sqrt_m1 % p
+        assert (x * x - x2) % p == 0, enc.hex()
+        return ((p - x) % p if x & 1 != sign else x), y
+
+    def add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        (x1, y1), (x2, y2) = a, b
+        t = d * x1 * x2 * y1 * y2
+        return (
+            (x1 * y2 + x2 * y1) * pow(1 + t, p - 2, p) % p,
+            (y1 * y2 + x1 * x2) * pow(1 - t, p - 2, p) % p,
+        )
+
+    points = set()
+    for enc in SMALL_ORDER_KEYS:
+        pt = decode(enc)
+        points.add(pt)
+        for _ in range(3):
+            pt = add(pt, pt)
+        assert pt == (0, 1), enc.hex()
+    assert len(points) == 8
