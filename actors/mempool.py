@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,4 +212,5 @@ class Mempool:
             "sealed_batches": self.sealed,
             "capacity_rows": self.capacity,
             "counts": dict(self.counts),
+            "cpu_s": round(time.process_time(), 3),
         }

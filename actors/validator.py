@@ -66,6 +66,7 @@ SHARD_REPLAY_KEEP = 64
 # Blocks sent to a shard in one call, and blocks held for shards that do not acknowledge
 SHARD_CHUNK = 32
 SHARD_PENDING_MAX = 1024
+SHARD_PUSH_DELAY_S = 0.1
 # How long a mempool's batch waits for its predecessor before it is held anyway
 REORDER_WAIT_S = 1.0
 
@@ -579,6 +580,8 @@ class Validator:
         wake = self.shard_wake[k]
         while True:
             await wake.wait()
+            # Let a few commits gather: one call and one shard transaction carry them all
+            await asyncio.sleep(SHARD_PUSH_DELAY_S)
             wake.clear()
             while True:
                 try:

@@ -310,6 +310,7 @@ class E2EResult:
     agreement: bool
     # Open loop: the offered rate (None: closed loop)
     offered_tps: float | None = None
+    storage_shards: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -322,7 +323,7 @@ def bench_e2e(
     batch_rows: int = 1_000,
     wan: bool = True,
     inflight_batches: int = 1,
-    storage_shards: int = 2,
+    storage_shards: int | None = None,
     rate: float | None = None,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
@@ -371,6 +372,7 @@ def bench_e2e(
                 storage_shards=storage_shards,
             )
             net = Network.create(spec, Path(tmp), opts)
+            shards_used = net.shards
             work: list[list[pa.RecordBatch]] = []
             for k, name in enumerate(net.clients):
                 key = net.client_key(name)
@@ -470,4 +472,5 @@ def bench_e2e(
         efficiency=tps / raw_limit,
         agreement=agreement,
         offered_tps=rate,
+        storage_shards=shards_used,
     )

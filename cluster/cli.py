@@ -421,7 +421,10 @@ def bench_e2e_cmd(
     batch_rows: Annotated[int, typer.Option(min=100)] = 1_000,
     wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = True,
     inflight: Annotated[int, typer.Option(min=1, help="batches in flight per mempool")] = 1,
-    shards: Annotated[int, typer.Option(min=0, help="storage shards per validator (0: none)")] = 2,
+    shards: Annotated[
+        int | None,
+        typer.Option(min=0, help="storage shards per validator (default: by cluster size)"),
+    ] = None,
     rate: Annotated[
         float | None,
         typer.Option(min=1, help="open loop: offered tx/s in total (default: closed loop)"),
@@ -445,6 +448,7 @@ def bench_e2e_cmd(
     )
     table.add_row("efficiency (committed / raw limit)", f"{r.efficiency:.0%}")
     table.add_row("busy answers", str(r.busy_answers))
+    table.add_row("storage shards per validator", str(r.storage_shards))
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)
     print(json.dumps({"bench": "e2e", **r.as_dict()}))

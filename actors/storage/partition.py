@@ -206,100 +206,110 @@ class ShardStore:
     # ---- writing -----------------------------------------------------------------------------
 
     def apply(self, blocks: Iterable[CommittedBlock]) -> int:
-        """Apply committed blocks in height order; ones already applied are skipped. A block
-        that does not extend the last applied one raises (``StoreError`` for a gap,
-        ``InvalidBlock`` for another parent) and changes nothing. Returns the height."""
+        """Apply committed blocks in height order, in one transaction; ones already applied
+        are skipped. If any block does not extend the one before it (``StoreError`` for a gap,
+        ``InvalidBlock`` for another parent or rows that do not match), nothing is applied.
+        Returns the height."""
+        todo: list[CommittedBlock] = []
+        height, head = self._height, self._head_hash
         for block in blocks:
             h = block.header.height
-            if h <= self._height:
+            if h <= height:
                 continue
-            if h != self._height + 1:
-                raise StoreError(f"shard at height {self._height} cannot apply block {h} (gap)")
-            if block.header.parent_hash != self._head_hash:
+            if h != height + 1:
+                raise StoreError(f"shard at height {height} cannot apply block {h} (gap)")
+            if block.header.parent_hash != head:
                 raise InvalidBlock(f"block {h} does not extend the shard's block {h - 1}")
             schema = block.rows.schema.remove_metadata()
             if block.rows.num_rows != block.header.tx_count or schema != BLOCK_ROW_SCHEMA:
                 raise InvalidBlock(f"block {h}: rows do not match the header or the row schema")
             if block.qc.block_hash != block.header.hash:
                 raise InvalidBlock(f"block {h}: the QC certifies another block")
-            self._apply_one(block)
-            self._height, self._head_hash = h, block.header.hash
-        return self._height
-
-    def _apply_one(self, block: CommittedBlock) -> None:
-        h = block.header.height
-        rows = block.rows
-        ids = tx_ids_of(rows) if rows.num_rows else np.empty((0, 32), np.uint8)
+            todo.append(block)
+            height, head = h, block.header.hash
+        if not todo:
+            return self._height
+        seg_end = self._seg_end
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            cur.execute(
-                "INSERT INTO headers (height, hash, header, qc) VALUES (?, ?, ?, ?)",
-                (h, block.header.hash, block.header.encode(), block.qc.encode()),
-            )
-            if block.commit is not None:
-                child, child_qc = block.commit
-                cur.execute(
-                    "INSERT INTO commits (height, child, child_qc) VALUES (?, ?, ?)",
-                    (h, child.encode(), child_qc.encode()),
-                )
-            if shard_of_height(h, self.shards) == self.shard:
-                results = rows.select(["status", "result"])
-                cur.execute(
-                    "INSERT INTO leaves (height, tx_ids, results) VALUES (?, ?, ?)",
-                    (h, ids.tobytes(), result_leaf_hashes(ids, results).tobytes()),
-                )
-            if self.shards == 1:
-                mine, part = np.arange(len(ids)), rows
-            else:
-                mine = np.flatnonzero(shard_of_tx_ids(ids, self.shards) == self.shard)
-                part = rows.take(pa.array(mine))
-            if len(mine):
-                offset, length = self._append_frame(part)
-                cur.execute(
-                    "INSERT INTO frames (height, offset, length) VALUES (?, ?, ?)",
-                    (h, offset, length),
-                )
-                statuses = part.column("status").to_numpy(zero_copy_only=False).tolist()
-                raw = ids.tobytes()
-                # A replayed id (BAD_NONCE copy) never displaces the row that consumed the
-                # nonce, which is the one its receipt is about (as in the block store).
-                cur.executemany(
-                    "INSERT INTO txs (tx_id, height, idx, pos, status) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, "
-                    "idx = excluded.idx, pos = excluded.pos, status = excluded.status "
-                    "WHERE excluded.status != ?",
-                    (
-                        (raw[i * 32 : i * 32 + 32], h, i, pos, status, _BAD_NONCE)
-                        for pos, (i, status) in enumerate(zip(mine.tolist(), statuses, strict=True))
-                    ),
-                )
-            writes = block.writes
-            if writes.num_rows:
-                if self.shards == 1:
-                    sel, part = np.arange(writes.num_rows), writes
-                else:
-                    owners = shard_of_keys(writes.column("key"), self.shards)
-                    sel = np.flatnonzero(owners == self.shard)
-                    part = writes.take(pa.array(sel))
-                if len(sel):
-                    cur.executemany(
-                        "INSERT INTO state (key, value, height) VALUES (?, ?, ?) "
-                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                        "height = excluded.height",
-                        (
-                            (k, v, h)
-                            for k, v in zip(
-                                part.column("key").to_pylist(),
-                                part.column("value").to_pylist(),
-                                strict=True,
-                            )
-                        ),
-                    )
+            for block in todo:
+                self._apply_one(cur, block)
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
+            self._seg_end = seg_end  # frames of the rolled-back blocks are overwritten next
             raise
+        self._height, self._head_hash = height, head
+        return self._height
+
+    def _apply_one(self, cur: sqlite3.Cursor, block: CommittedBlock) -> None:
+        h = block.header.height
+        rows = block.rows
+        ids = tx_ids_of(rows) if rows.num_rows else np.empty((0, 32), np.uint8)
+        cur.execute(
+            "INSERT INTO headers (height, hash, header, qc) VALUES (?, ?, ?, ?)",
+            (h, block.header.hash, block.header.encode(), block.qc.encode()),
+        )
+        if block.commit is not None:
+            child, child_qc = block.commit
+            cur.execute(
+                "INSERT INTO commits (height, child, child_qc) VALUES (?, ?, ?)",
+                (h, child.encode(), child_qc.encode()),
+            )
+        if shard_of_height(h, self.shards) == self.shard:
+            results = rows.select(["status", "result"])
+            cur.execute(
+                "INSERT INTO leaves (height, tx_ids, results) VALUES (?, ?, ?)",
+                (h, ids.tobytes(), result_leaf_hashes(ids, results).tobytes()),
+            )
+        if self.shards == 1:
+            mine, part = np.arange(len(ids)), rows
+        else:
+            mine = np.flatnonzero(shard_of_tx_ids(ids, self.shards) == self.shard)
+            part = rows.take(pa.array(mine))
+        if len(mine):
+            offset, length = self._append_frame(part)
+            cur.execute(
+                "INSERT INTO frames (height, offset, length) VALUES (?, ?, ?)",
+                (h, offset, length),
+            )
+            statuses = part.column("status").to_numpy(zero_copy_only=False).tolist()
+            raw = ids.tobytes()
+            # A replayed id (BAD_NONCE copy) never displaces the row that consumed the
+            # nonce, which is the one its receipt is about (as in the block store).
+            cur.executemany(
+                "INSERT INTO txs (tx_id, height, idx, pos, status) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, "
+                "idx = excluded.idx, pos = excluded.pos, status = excluded.status "
+                "WHERE excluded.status != ?",
+                (
+                    (raw[i * 32 : i * 32 + 32], h, i, pos, status, _BAD_NONCE)
+                    for pos, (i, status) in enumerate(zip(mine.tolist(), statuses, strict=True))
+                ),
+            )
+        writes = block.writes
+        if writes.num_rows:
+            if self.shards == 1:
+                sel, part = np.arange(writes.num_rows), writes
+            else:
+                owners = shard_of_keys(writes.column("key"), self.shards)
+                sel = np.flatnonzero(owners == self.shard)
+                part = writes.take(pa.array(sel))
+            if len(sel):
+                cur.executemany(
+                    "INSERT INTO state (key, value, height) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                    "height = excluded.height",
+                    (
+                        (k, v, h)
+                        for k, v in zip(
+                            part.column("key").to_pylist(),
+                            part.column("value").to_pylist(),
+                            strict=True,
+                        )
+                    ),
+                )
 
     def _append_frame(self, rows: pa.RecordBatch) -> tuple[int, int]:
         sink = pa.BufferOutputStream()

@@ -207,6 +207,9 @@ def test_apply_is_idempotent_refuses_gaps_and_forks_and_changes_nothing(tmp_path
         shard.apply([dataclasses.replace(blocks[2], rows=blocks[2].rows.slice(1))])
     with pytest.raises(InvalidBlock, match="certifies another block"):
         shard.apply([dataclasses.replace(blocks[2], qc=blocks[1].qc)])
+    # Several blocks go in one transaction: a bad one after good ones applies none of them
+    with pytest.raises(InvalidBlock, match="rows do not match"):
+        shard.apply([blocks[2], dataclasses.replace(blocks[3], rows=blocks[3].rows.slice(1))])
     assert shard.height == 2
     ids3 = [bytes(r) for r in tx_ids_of(blocks[2].rows)]
     mine = [t for t in ids3 if shard.owns_tx(t)]
