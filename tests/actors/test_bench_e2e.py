@@ -23,3 +23,17 @@ def test_bench_e2e_reports_measured_figures() -> None:
     assert r["verifications_per_tx"] == 5
     assert abs(r["raw_limit_tps"] - r["one_core_verify_per_s"] * r["cores"] / 5) < 1
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+
+
+def test_bench_e2e_open_loop_offers_its_rate() -> None:
+    result = CliRunner().invoke(
+        app,
+        ["bench", "e2e", "--duration", "4", "--config", str(CONFIG), "--rate", "400"]
+        + ["--batch-rows", "200", "--shards", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["offered_tps"] == 400 and r["storage_shards"] == 2
+    # On schedule: about the offered rows were submitted, none answered busy
+    assert 0.8 * 400 * 4 <= r["submitted"] <= 400 * 4 + 4 * 200 and r["busy_answers"] == 0
+    assert 0 < r["committed"] <= r["submitted"] and r["agreement"] is True
