@@ -20,7 +20,6 @@ import collections
 import json
 import logging
 import os
-import pickle
 import struct
 import time
 from pathlib import Path
@@ -53,6 +52,14 @@ from rayledger.consensus import (
     Vote,
 )
 from rayledger.consensus.byzantine import conflicting_proposal, corrupt_signature, double_vote
+from rayledger.consensus.wire import (
+    decode_messages,
+    decode_proposal,
+    decode_safety,
+    encode_messages,
+    encode_proposal,
+    encode_safety,
+)
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
 from rayledger.errors import LedgerError
 from rayledger.execution import execute_block, genesis_state
@@ -205,14 +212,14 @@ class Validator:
 
     def _load_consensus(self) -> tuple[SafetyState | None, list[Proposal]]:
         state = None
-        path = self.dir / "safety.pkl"
+        path = self.dir / "safety.bin"
         if path.exists():
-            state = pickle.loads(path.read_bytes())
+            state = decode_safety(path.read_bytes())
         window = CoreConfig().committed_window
         records = _read_records(self.dir / "proposals.log")
         self._proposal_log_count = len(records)
         self._recent_proposals.extend(records[-window:])
-        return state, [pickle.loads(r) for r in records[-window:]]
+        return state, [decode_proposal(r) for r in records[-window:]]
 
     def _load_batch_index(self) -> dict[bytes, tuple[int, int, int]]:
         path = self.dir / "batches.idx"
@@ -231,7 +238,7 @@ class Validator:
     def _append_proposals(self, proposals: tuple[Proposal, ...]) -> None:
         """Append committed proposals (a restart reloads the last window of them). The log is
         rewritten with only that window once it holds twice as many, so it stays bounded."""
-        raws = [pickle.dumps(p) for p in proposals]
+        raws = [encode_proposal(p) for p in proposals]
         self._recent_proposals.extend(raws)
         self._proposal_log_count += len(raws)
         path = self.dir / "proposals.log"
@@ -310,8 +317,16 @@ class Validator:
             raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(ACTOR_STRATEGIES)}")
         self.strategy = strategy
 
-    async def deliver(self, sender: int, messages: list[Message]) -> None:
+    async def deliver(self, sender: int, data: bytes) -> None:
+        """Messages from peer ``sender`` in their canonical wire form (``consensus.wire``):
+        bytes that do not parse are counted and dropped; the core checks the rest."""
         if sender in self.blocked:
+            return
+        try:
+            messages = decode_messages(data)
+        except (LedgerError, TypeError) as exc:
+            code = exc.code if isinstance(exc, LedgerError) else "not_bytes"
+            self._count(f"wire: {code}")
             return
         self.core.tick(int(time.time() * 1000))
         self._run(self.core.on_messages(messages))
@@ -425,7 +440,7 @@ class Validator:
             match action:
                 case Persist(state=state):
                     self._flush(outbox)
-                    _fsync_write(self.dir / "safety.pkl", pickle.dumps(state))
+                    _fsync_write(self.dir / "safety.bin", encode_safety(state))
                 case Broadcast(message=msg):
                     for peer in self.peers:
                         outbox.setdefault(peer, []).extend(self._hostile(msg, peer, True))
@@ -743,4 +758,4 @@ def _read_records(path: Path) -> list[bytes]:
 
 
 def _send(handle: Any, sender: int, messages: list[Message]) -> None:
-    handle.deliver.remote(sender, messages)
+    handle.deliver.remote(sender, encode_messages(messages))

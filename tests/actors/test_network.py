@@ -178,6 +178,11 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
             ],
             schema=good.schema,
         )
+        # Bytes from a peer that are not consensus messages are counted and dropped
+        ray.get(net.validator(0).deliver.remote(1, b"\x00\x00\x00\x01garbage"))
+        ray.get(net.validator(0).deliver.remote(1, ["a", "list"]))
+        rejected = ray.get(net.validator(0).status.remote())["rejected"]
+        assert rejected["wire: wrong_length"] == 1 and rejected["wire: not_bytes"] == 1
         res = net.submit(forged.slice(0, 100), mempool=0)
         assert res.accepted == 99 and res.rejected == {"invalid_signature": 1}
         res = net.submit(good.slice(0, 100), mempool=0)

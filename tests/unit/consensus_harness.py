@@ -38,6 +38,12 @@ from rayledger.consensus import (
 )
 from rayledger.consensus.messages import proposal_message, timeout_message
 from rayledger.consensus.sim import MacSigner, MacVerifier
+from rayledger.consensus.wire import (
+    decode_messages,
+    decode_safety,
+    encode_messages,
+    encode_safety,
+)
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, Signer, Verifier, key_from_seed
 
 GENESIS_MS = 1_000
@@ -289,6 +295,7 @@ class Net:
         for a in actions:
             match a:
                 case Persist(state=state, proposal=proposal):
+                    assert decode_safety(encode_safety(state)) == state
                     self.persisted[i] = state
                     if proposal is not None:
                         self.stored[i][proposal.block.hash] = proposal
@@ -321,7 +328,10 @@ class Net:
     def _post(self, src: int, dst: int, msg: Message) -> None:
         if src in self.isolated or dst in self.isolated:
             return
-        self.queue.append(Envelope(src, dst, msg))
+        # Every message crosses the canonical wire form, as between real validators
+        wired = decode_messages(encode_messages([msg]))
+        assert wired == [msg], f"wire form changed {type(msg).__name__}"
+        self.queue.append(Envelope(src, dst, wired[0]))
 
     # ---- driving -----------------------------------------------------------------------------
 

@@ -4,10 +4,12 @@ readable, and the proposals log is compacted to its window (no Ray needed)."""
 from __future__ import annotations
 
 import collections
-import pickle
 from pathlib import Path
 
 from rayledger.actors.validator import Validator, _read_records, _record
+from rayledger.consensus.wire import decode_proposal
+
+from .consensus_harness import Keyring
 
 
 def test_torn_record_is_cut_and_later_appends_parse(tmp_path: Path) -> None:
@@ -25,10 +27,11 @@ def test_proposals_log_is_compacted_to_its_window(tmp_path: Path) -> None:
     v.dir = tmp_path
     v._recent_proposals = collections.deque(maxlen=3)
     v._proposal_log_count = 0
+    proposals = Keyring.make(4).chain(20)
     sizes = []
-    for i in range(20):
-        v._append_proposals((("proposal", i),))
+    for p in proposals:
+        v._append_proposals((p,))
         sizes.append(len(_read_records(tmp_path / "proposals.log")))
     assert max(sizes) <= 7
-    kept = [pickle.loads(r) for r in _read_records(tmp_path / "proposals.log")]
-    assert kept[-3:] == [("proposal", 17), ("proposal", 18), ("proposal", 19)]
+    kept = [decode_proposal(r) for r in _read_records(tmp_path / "proposals.log")]
+    assert kept[-3:] == proposals[-3:]
