@@ -30,6 +30,7 @@ import pyarrow as pa
 import ray
 
 from rayledger.actors.storage import BlockStore, CommittedBlock, shard_of_tx_ids, writes_batch
+from rayledger.actors.storage.snapshot import load_snapshot, save_snapshot
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
 from rayledger.codec import Reader, u64, var_bytes
@@ -114,6 +115,9 @@ class Validator:
         latency_ms = list(matrix[index]) if matrix else None
         verifier_backend = settings.get("verifier_backend", "auto")
         self.shards = int(settings.get("storage_shards", 0))
+        self.snapshot_every = int(settings.get("snapshot_every_blocks", 1000))
+        self._snapshot_task: asyncio.Future[None] | None = None
+        self.restored_from = 0  # the snapshot height a (re)start began from (0: genesis)
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
         os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
         self.index = index
@@ -155,6 +159,7 @@ class Validator:
         self.committed_batches = self._load_batch_index()
         keep_from = self.store.height - SHARD_REPLAY_KEEP
         base, head = self._replay(keep_from)
+        self._last_snapshot = head.height
         self.builder = LedgerBuilder(self.batches, head, base)
         self._recent_proposals: collections.deque[bytes] = collections.deque(
             maxlen=CoreConfig().committed_window
@@ -180,13 +185,24 @@ class Validator:
 
     # ---- persistence -----------------------------------------------------------------------
 
-    def _replay(self, keep_from: int) -> tuple[Any, BlockHeader]:
-        """Rebuild the committed state by re-executing the stored chain; a stored state root
-        that differs from re-execution means the store or this code is wrong: refuse. The
-        writes of blocks above ``keep_from`` are kept for the storage shards."""
+    def _replay(self, keep_from: int, *, need_all: bool = False) -> tuple[Any, BlockHeader]:
+        """Rebuild the committed state by re-executing the stored chain, from the state
+        snapshot when there is a usable one; a stored state root that differs from
+        re-execution means the store or this code is wrong: refuse. The writes of re-executed
+        blocks above ``keep_from`` are kept for the storage shards; ``need_all``: all of those
+        are needed, so a snapshot above ``keep_from`` does not serve."""
         base, _ = genesis_state(self.genesis.accounts)
         head = self.genesis.header
-        for header, rows in self.store.iter_rows():
+        snap = load_snapshot(self.dir / "state.snap")
+        if snap is not None:
+            height, block_hash, state = snap
+            if height > self.store.height or self.store.get_header(height).hash != block_hash:
+                log.warning("validator %d: state snapshot is not of this chain", self.index)
+            elif height <= keep_from or not need_all:
+                base.writes = state
+                head = self.store.get_header(height)
+                self.restored_from = height
+        for header, rows in self.store.iter_rows(head.height + 1):
             view, _, root = execute_block(base, rows, header.height, head.state_root)
             if root != header.state_root:
                 raise LedgerError(f"height {header.height}: re-executed state root differs")
@@ -195,6 +211,20 @@ class Validator:
             base.writes.update(view.writes)
             head = header
         return base, head
+
+    def _maybe_snapshot(self) -> None:
+        """Every ``snapshot_every`` blocks, save the committed state (copied here, written by
+        a thread so that the event loop goes on)."""
+        head = self.builder.head
+        if not self.snapshot_every or head.height - self._last_snapshot < self.snapshot_every:
+            return
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return
+        self._last_snapshot = head.height
+        state = dict(self.builder.base.writes)
+        self._snapshot_task = asyncio.get_running_loop().run_in_executor(
+            None, save_snapshot, self.dir / "state.snap", head.height, head.hash, state
+        )
 
     def _load_commit_proofs(self) -> dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]]:
         """height -> (QC certifying it, its child in the next round, the child's QC) for the
@@ -542,6 +572,7 @@ class Validator:
         for block, qc, writes in shard_blocks:
             self._queue_for_shards(block.header, qc, block.rows(), writes)
         self._wake_shards()
+        self._maybe_snapshot()
         self.timings["shards_s"] = self.timings.get("shards_s", 0.0) + time.perf_counter() - t0
 
     # ---- storage shards ------------------------------------------------------------------------
@@ -572,7 +603,7 @@ class Validator:
         upto = min(self.store.height, after + SHARD_PENDING_MAX // 2)
         if any(h not in self.replayed_writes for h in range(after + 1, upto + 1)):
             log.warning("validator %d: re-executing the chain for a storage shard", self.index)
-            self._replay(after)
+            self._replay(after, need_all=True)
         for h in range(after + 1, upto + 1):
             if h not in self.shard_pending:
                 block = self.store.get_block(h)
@@ -665,6 +696,7 @@ class Validator:
             "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "cpu_s": round(time.process_time(), 3),
+            "restored_from_snapshot": self.restored_from,
         }
 
     async def headers(self, from_height: int = 1) -> list[tuple[int, bytes, bytes]]:
