@@ -30,6 +30,7 @@ import pyarrow as pa
 import ray
 
 from rayledger.actors.storage import BlockStore, CommittedBlock, shard_of_tx_ids, writes_batch
+from rayledger.actors.storage.engine import fsync_write
 from rayledger.actors.storage.snapshot import load_snapshot, save_snapshot
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
@@ -79,20 +80,6 @@ SHARD_PUSH_DELAY_S = 0.1
 REORDER_WAIT_S = 1.0
 
 ACTOR_STRATEGIES = ("none", "silent", "invalid-signature", "double-voter", "equivocating-leader")
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Validator:
@@ -273,7 +260,7 @@ class Validator:
         self._proposal_log_count += len(raws)
         path = self.dir / "proposals.log"
         if self._proposal_log_count > 2 * (self._recent_proposals.maxlen or 0):
-            _fsync_write(path, b"".join(_record(r) for r in self._recent_proposals))
+            fsync_write(path, b"".join(_record(r) for r in self._recent_proposals))
             self._proposal_log_count = len(self._recent_proposals)
             return
         with open(path, "ab") as f:
@@ -470,7 +457,7 @@ class Validator:
             match action:
                 case Persist(state=state):
                     self._flush(outbox)
-                    _fsync_write(self.dir / "safety.bin", encode_safety(state))
+                    fsync_write(self.dir / "safety.bin", encode_safety(state))
                 case Broadcast(message=msg):
                     for peer in self.peers:
                         outbox.setdefault(peer, []).extend(self._hostile(msg, peer, True))

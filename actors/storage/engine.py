@@ -135,6 +135,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably: a temporary file, fsync, rename, fsync of the
+    directory. A crash leaves the old content or the new one, never a mix."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class BlockStore:
     """Durable, verified storage of one chain's committed blocks (single writer, thread-safe).
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import struct
 from pathlib import Path
 
 import pyarrow as pa
 
+from rayledger.actors.storage.engine import fsync_write
 from rayledger.actors.storage.partition import WRITES_SCHEMA, writes_batch
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,7 @@ def save_snapshot(path: Path, height: int, block_hash: bytes, state: dict[bytes,
     with pa.ipc.new_stream(sink, WRITES_SCHEMA) as writer:
         writer.write_batch(writes_batch(state))
     body = _HEAD.pack(height, block_hash) + sink.getvalue().to_pybytes()
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + body + hashlib.sha256(body).digest())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_write(path, MAGIC + body + hashlib.sha256(body).digest())
 
 
 def load_snapshot(path: Path) -> tuple[int, bytes, dict[bytes, bytes]] | None:
