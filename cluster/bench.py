@@ -28,6 +28,7 @@ from rayledger.block import (
     make_results,
 )
 from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.kernels.bench import best_seconds
 from rayledger.merkle import merkle_root
 from rayledger.tx import (
     canonical_buffer,
@@ -70,13 +71,7 @@ class Figure:
 
 
 def _timed(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Best of ``repeat`` wall times: the least disturbed run on a shared machine."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(fn, repeat, warm_up=False)
 
 
 def bench_core(

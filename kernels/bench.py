@@ -24,8 +24,11 @@ from rayledger.kernels.sha import sha256_batch, sha256_rows, sha512_batch
 Row = dict[str, Any]
 
 
-def _best_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm up: module compilation, worker start, staging buffers
+def best_seconds(fn: Callable[[], object], repeat: int = 3, *, warm_up: bool = True) -> float:
+    """Best of ``repeat`` wall times (the least disturbed run on a shared machine), after one
+    warm-up call (module compilation, worker start, staging buffers) unless told not to."""
+    if warm_up:
+        fn()
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
@@ -101,9 +104,9 @@ def bench_kernels(
     ]
     for operation, size, fn in cases:
         arr = _fixed_messages(size, batch_size, seed=size)
-        loop_s = _best_seconds(_hashlib_loop(operation, arr), repeat)
+        loop_s = best_seconds(_hashlib_loop(operation, arr), repeat)
         rows.append(_row(operation, "hashlib-loop", size, batch_size, loop_s))
-        cpu_s = _best_seconds(partial(fn, arr, backend="cpu"), repeat)
+        cpu_s = best_seconds(partial(fn, arr, backend="cpu"), repeat)
         rows.append(
             _row(
                 operation,
@@ -116,28 +119,28 @@ def bench_kernels(
         )
         if gpu:
             big = _fixed_messages(size, gpu_batch_size, seed=size)
-            gpu_s = _best_seconds(partial(fn, big, backend="cuda"), repeat)
+            gpu_s = best_seconds(partial(fn, big, backend="cuda"), repeat)
             rows.append(_row(operation, "cuda", size, gpu_batch_size, gpu_s))
             rows.append(_resident_row(operation, size, big, repeat))
 
     # Transaction ids: a 79-byte header per row, then a variable payload (about 150 bytes).
     head = np.random.default_rng(79).integers(0, 256, (batch_size, 79), dtype=np.uint8)
     payload = _payloads(batch_size)
-    tx_s = _best_seconds(lambda: sha256_rows(head, payload, backend="cpu"), repeat)
+    tx_s = best_seconds(lambda: sha256_rows(head, payload, backend="cpu"), repeat)
     rows.append(_row("sha256_rows (tx ids)", "cpu", 150, batch_size, tx_s))
     if gpu:
         big_head = np.random.default_rng(80).integers(0, 256, (gpu_batch_size, 79), np.uint8)
         big_payload = _payloads(gpu_batch_size)
-        gpu_s = _best_seconds(lambda: sha256_rows(big_head, big_payload, backend="cuda"), repeat)
+        gpu_s = best_seconds(lambda: sha256_rows(big_head, big_payload, backend="cuda"), repeat)
         rows.append(_row("sha256_rows (tx ids)", "cuda", 150, gpu_batch_size, gpu_s))
 
     leaves = np.random.default_rng(6962).integers(0, 256, (merkle_leaves, 32), dtype=np.uint8)
-    cpu_s = _best_seconds(lambda: merkle_root(leaves, backend="cpu"), repeat)
+    cpu_s = best_seconds(lambda: merkle_root(leaves, backend="cpu"), repeat)
     rows.append(_row("merkle_root", "cpu", 32, merkle_leaves, cpu_s))
     if gpu:
         for n in gpu_merkle_leaves:
             many = np.random.default_rng(n).integers(0, 256, (n, 32), dtype=np.uint8)
-            gpu_s = _best_seconds(partial(merkle_root, many, backend="cuda"), repeat)
+            gpu_s = best_seconds(partial(merkle_root, many, backend="cuda"), repeat)
             rows.append(_row("merkle_root", "cuda", 32, n, gpu_s))
             rows.append(_resident_merkle_row(many, repeat))
     return _with_gpu_ratio(rows)
@@ -162,7 +165,7 @@ def _resident_row(operation: str, size: int, arr: pa.FixedSizeBinaryArray, repea
     raw = np.frombuffer(arr.buffers()[1], np.uint8)[: n * size]
     with dev.lock:
         d_values = dev.cp.asarray(raw)
-        seconds = _best_seconds(
+        seconds = best_seconds(
             lambda: dev.hash_fixed_on_device(operation, d_values, size, n), repeat
         )
     return _row(operation, "cuda-resident", size, n, seconds)
@@ -174,7 +177,7 @@ def _resident_merkle_row(leaves: np.ndarray, repeat: int) -> Row:
     dev = _cuda.device()
     with dev.lock:
         d_leaves = dev.cp.asarray(leaves).reshape(-1)
-        seconds = _best_seconds(lambda: dev.merkle_root_on_device(d_leaves, len(leaves)), repeat)
+        seconds = best_seconds(lambda: dev.merkle_root_on_device(d_leaves, len(leaves)), repeat)
     return _row("merkle_root", "cuda-resident", 32, len(leaves), seconds)
 
 
@@ -196,7 +199,7 @@ def bench_cpu_workers(
                 arr = _fixed_messages(size, n, seed=n)
                 for backend, threshold in (("cpu-1proc", 1 << 62), ("cpu", 1)):
                     _cpu.PARALLEL_MIN_ROWS = threshold
-                    seconds = _best_seconds(partial(sha256_batch, arr, "cpu"), repeat)
+                    seconds = best_seconds(partial(sha256_batch, arr, "cpu"), repeat)
                     rows.append(_row("sha256", backend, size, n, seconds))
     finally:
         _cpu.PARALLEL_MIN_ROWS = saved
