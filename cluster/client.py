@@ -12,7 +12,7 @@ directory's ``genesis.toml`` and ``network.json``; no private key but the client
 
 Usage::
 
-    client = Client.connect("/path/to/network")      # ray.init(address=...) done by the caller
+    client = Client.connect("/path/to/network")      # joins the cluster `rayledger up` recorded
     client.submit(batch)
     client.wait_committed(batch)
     receipt = client.receipt(tx_id)                  # verified
@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
+
+# Ray reads its authentication mode when it is imported: a program whose first Ray import
+# comes through this module talks to clusters the way `rayledger up` starts them (token
+# authentication where ~/.ray/auth_token exists), unless RAY_AUTH_MODE says otherwise.
+if "ray" not in sys.modules and (Path.home() / ".ray" / "auth_token").exists():
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import ray  # noqa: E402
 
 from rayledger.actors.storage import shard_of_keys, shard_of_tx_ids
 from rayledger.config import Genesis, load_genesis
@@ -70,10 +80,27 @@ class Client:
         self._next_mempool = itertools.cycle(range(self.n))
 
     @classmethod
-    def connect(cls, data_dir: Path | str, *, validator: int = 0) -> Client:
+    def connect(
+        cls, data_dir: Path | str, *, validator: int = 0, address: str | None = None
+    ) -> Client:
+        """A client of the network in ``data_dir``, joining its Ray cluster first unless this
+        process already has: at ``address``, or the one ``rayledger up`` recorded there."""
+        data_dir = Path(data_dir)
         if not ray.is_initialized():
-            raise RuntimeError("connect to the Ray cluster first (ray.init(address=...))")
-        return cls(Path(data_dir), validator=validator)
+            if address is None:
+                recorded = data_dir / "ray_address"
+                if not recorded.exists():
+                    raise FileNotFoundError(
+                        f"no running network recorded in {data_dir}: pass the Ray address"
+                    )
+                address = recorded.read_text().strip()
+            ray.init(
+                address=address,
+                namespace=NAMESPACE,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+        return cls(data_dir, validator=validator)
 
     @property
     def chain_id(self) -> bytes:
