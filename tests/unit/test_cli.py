@@ -200,3 +200,12 @@ def test_receipt_refuses_bad_ids_and_a_missing_network(tmp_path: Path) -> None:
     assert bad_hex.exit_code == 2 and "hex" in bad_hex.output.lower()
     no_net = runner.invoke(app, ["receipt", "ab" * 32, "--data-dir", str(tmp_path)])
     assert no_net.exit_code == 2 and "no running network" in no_net.output
+
+
+def test_client_connect_needs_a_recorded_network(tmp_path: Path) -> None:
+    import pytest
+
+    from rayledger.cluster.client import Client
+
+    with pytest.raises(FileNotFoundError, match="no running network recorded"):
+        Client.connect(tmp_path)
