@@ -260,9 +260,11 @@ def down(
 
 @app.command()
 def chaos(
-    action: Annotated[str, typer.Argument(help="kill | restart | partition | heal | byzantine")],
+    action: Annotated[
+        str, typer.Argument(help="kill | restart | partition | heal | byzantine | crash-shard")
+    ],
     args: Annotated[
-        list[str] | None, typer.Argument(help="N, groups '0,1|2,3', or N STRATEGY")
+        list[str] | None, typer.Argument(help="N, groups '0,1|2,3', N STRATEGY, or N K")
     ] = None,
     data_dir: Annotated[Path, typer.Option(help="the network's data directory")] = DEFAULT_DATA,
 ) -> None:

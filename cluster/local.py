@@ -335,6 +335,13 @@ class Network:
         handle = self._start_validator(i)
         ray.get(handle.start.remote())
 
+    def crash_shard(self, i: int, k: int) -> None:
+        """Crash storage shard ``k`` of validator ``i``: Ray restarts its process, which
+        reopens its disk; the validator then sends it what it missed."""
+        if not 0 <= k < self.shards:
+            raise ValueError(f"validator {i} has {self.shards} storage shards, not {k + 1}")
+        ray.kill(self.shard(i, k), no_restart=False)
+
     def partition(self, groups: list[list[int]]) -> None:
         """Cut traffic between the groups (validators not listed form one more group)."""
         listed = {i for g in groups for i in g}

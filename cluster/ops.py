@@ -166,4 +166,10 @@ def chaos(data_dir: Path, action: str, args: list[str]) -> str:
         case "byzantine", [i, strategy]:
             net.set_strategy(int(i), strategy)
             return f"validator {i} now runs {strategy}"
-    raise ValueError("chaos: kill N | restart N | partition 0,1|2,3 | heal | byzantine N STRATEGY")
+        case "crash-shard", [i, k]:
+            net.crash_shard(int(i), int(k))
+            return f"storage shard {k} of validator {i} crashed; Ray restarts it from its disk"
+    raise ValueError(
+        "chaos: kill N | restart N | partition 0,1|2,3 | heal | byzantine N STRATEGY "
+        "| crash-shard N K"
+    )

@@ -318,7 +318,8 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
             client.receipt(bytes(32))
         # A committed transaction replayed through another mempool (whose dedupe never saw it)
         # is refused as stale: that mempool reads the sender's committed nonce from its shards
-        replay = Client(net.dir).submit(batches[2].slice(0, 10), mempool=3)
+        routed = client._route(batches[2], None)[0][0]  # the mempool that admitted them
+        replay = Client(net.dir).submit(batches[2].slice(0, 10), mempool=(routed + 1) % 4)
         assert replay.accepted == 0 and replay.rejected == {"stale_nonce": 10}
 
         # Validator 1 down: its shards still answer, and the receipts still verify
@@ -326,7 +327,9 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         assert client.receipt(sample[0]).height >= 1
         more = client_batches(net, 400, start_nonce=paid)
         # A shard of validator 0 crashes and comes back from its disk; its validator resends
-        ray.kill(net.shard(0, 0), no_restart=False)
+        net.crash_shard(0, 0)
+        with pytest.raises(ValueError, match="3 storage shards"):
+            net.crash_shard(0, 3)
         for b in more:
             Client(net.dir, validator=0).submit(b, mempool=0)
         Client(net.dir, validator=0).wait_committed(
