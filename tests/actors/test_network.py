@@ -347,6 +347,13 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         # A shard that lost its disk starts empty: its validator rebuilds it from the block
         # store, re-executing the chain for the state it needs
         ray.kill(net.shard(2, 1), no_restart=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the name is free once the actor is gone
+            try:
+                ray.get_actor("shards-shard-2-1", namespace="rayledger")
+            except ValueError:
+                break
+            time.sleep(0.1)
         shutil.rmtree(net.dir / "validator-2" / "shard-1")
         net._start_shard(2, 1)
         last = client_batches(net, 200, start_nonce=paid + 100)
