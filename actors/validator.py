@@ -104,7 +104,6 @@ class Validator:
         self.shards = int(settings.get("storage_shards", 0))
         self.snapshot_every = int(settings.get("snapshot_every_blocks", 1000))
         self._snapshot_task: asyncio.Future[None] | None = None
-        self.restored_from = 0  # the snapshot height a (re)start began from (0: genesis)
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
         os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
         self.index = index
@@ -137,15 +136,15 @@ class Validator:
         self.shard_acked: dict[int, int] = {}
         self.shard_handles: dict[int, Any] = {}
         self.shard_wake: dict[int, asyncio.Event] = {}
-        self.replayed_writes: dict[int, dict[bytes, bytes]] = {}
         self._shard_tasks: list[asyncio.Task[None]] = []
+        self._refill_lock = asyncio.Lock()
         # Seconds this validator's event loop spent committing (and handing blocks to shards)
         self.timings: dict[str, float] = {}
         # Wall-clock commit time of each height committed since this process started.
         self.commit_times: dict[int, float] = {}
         self.committed_batches = self._load_batch_index()
         keep_from = self.store.height - SHARD_REPLAY_KEEP
-        base, head = self._replay(keep_from)
+        base, head, self.restored_from, self.replayed_writes = self._replay(keep_from)
         self._last_snapshot = head.height
         self.builder = LedgerBuilder(self.batches, head, base)
         self._recent_proposals: collections.deque[bytes] = collections.deque(
@@ -172,14 +171,19 @@ class Validator:
 
     # ---- persistence -----------------------------------------------------------------------
 
-    def _replay(self, keep_from: int, *, need_all: bool = False) -> tuple[Any, BlockHeader]:
+    def _replay(
+        self, keep_from: int, *, need_all: bool = False
+    ) -> tuple[Any, BlockHeader, int, dict[int, dict[bytes, bytes]]]:
         """Rebuild the committed state by re-executing the stored chain, from the state
         snapshot when there is a usable one; a stored state root that differs from
-        re-execution means the store or this code is wrong: refuse. The writes of re-executed
-        blocks above ``keep_from`` are kept for the storage shards; ``need_all``: all of those
-        are needed, so a snapshot above ``keep_from`` does not serve."""
+        re-execution means the store or this code is wrong: refuse. Returns the state, its
+        head, the snapshot height it began from (0: genesis) and the writes of re-executed
+        blocks above ``keep_from`` (for the storage shards; ``need_all``: all of those are
+        needed, so a snapshot above ``keep_from`` does not serve). Reads only the store and
+        the snapshot file, so it may run in a thread."""
         base, _ = genesis_state(self.genesis.accounts)
         head = self.genesis.header
+        start = 0
         snap = load_snapshot(self.dir / "state.snap")
         if snap is not None:
             height, block_hash, state = snap
@@ -188,16 +192,17 @@ class Validator:
             elif height <= keep_from or not need_all:
                 base.writes = state
                 head = self.store.get_header(height)
-                self.restored_from = height
-        for header, rows in self.store.iter_rows(head.height + 1):
+                start = height
+        writes: dict[int, dict[bytes, bytes]] = {}
+        for header, rows in self.store.iter_rows(head.height + 1, self.store.height):
             view, _, root = execute_block(base, rows, header.height, head.state_root)
             if root != header.state_root:
                 raise LedgerError(f"height {header.height}: re-executed state root differs")
             if header.height > keep_from and self.shards:
-                self.replayed_writes[header.height] = dict(view.writes)
+                writes[header.height] = dict(view.writes)
             base.writes.update(view.writes)
             head = header
-        return base, head
+        return base, head, start, writes
 
     def _maybe_snapshot(self) -> None:
         """Every ``snapshot_every`` blocks, save the committed state (copied here, written by
@@ -584,21 +589,24 @@ class Validator:
             return self.store.get_block(height + 1).parent_qc
         return self.commit_proofs[height][0]
 
-    def _refill_shard_queue(self, after: int) -> None:
+    async def _refill_shard_queue(self, after: int) -> None:
         """Queue stored blocks above ``after`` that are no longer queued (a shard lost them,
-        or this validator restarted): their state writes come from re-execution."""
-        upto = min(self.store.height, after + SHARD_PENDING_MAX // 2)
-        if any(h not in self.replayed_writes for h in range(after + 1, upto + 1)):
-            log.warning("validator %d: re-executing the chain for a storage shard", self.index)
-            self._replay(after, need_all=True)
-        for h in range(after + 1, upto + 1):
-            if h not in self.shard_pending:
-                block = self.store.get_block(h)
-                self._queue_for_shards(
-                    block.header, self._certifying_qc(h), block.rows(), self.replayed_writes[h]
-                )
-        for h in [h for h in self.replayed_writes if h <= upto]:
-            del self.replayed_writes[h]
+        or this validator restarted): their state writes come from re-execution, in a thread
+        so that consensus goes on meanwhile."""
+        async with self._refill_lock:
+            upto = min(self.store.height, after + SHARD_PENDING_MAX // 2)
+            if any(h not in self.replayed_writes for h in range(after + 1, upto + 1)):
+                log.warning("validator %d: re-executing the chain for a storage shard", self.index)
+                *_, writes = await asyncio.to_thread(self._replay, after, need_all=True)
+                self.replayed_writes.update(writes)
+            for h in range(after + 1, upto + 1):
+                if h not in self.shard_pending:
+                    block = self.store.get_block(h)
+                    self._queue_for_shards(
+                        block.header, self._certifying_qc(h), block.rows(), self.replayed_writes[h]
+                    )
+            for h in [h for h in self.replayed_writes if h <= upto]:
+                del self.replayed_writes[h]
 
     def _trim_shard_queue(self) -> None:
         if len(self.shard_acked) < self.shards:
@@ -628,7 +636,7 @@ class Validator:
                     if acked >= self.store.height:
                         break
                     if acked + 1 not in self.shard_pending:
-                        self._refill_shard_queue(acked)
+                        await self._refill_shard_queue(acked)
                     refs = [
                         self.shard_pending[h]
                         for h in range(acked + 1, acked + 1 + SHARD_CHUNK)
