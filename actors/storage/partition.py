@@ -350,10 +350,15 @@ class ShardStore:
 
     def locate(self, tx_ids: Sequence[bytes]) -> list[int | None]:
         """The height of each transaction (``None`` if not committed as far as applied)."""
-        for t in tx_ids:
-            self._check_tx_id(t)
-        found: dict[bytes, int] = {}
         ids = list(tx_ids)
+        if not all(isinstance(t, bytes) and len(t) == 32 for t in ids):
+            raise ValueError("a transaction id is 32 bytes")
+        if ids and self.shards > 1:
+            owners = shard_of_tx_ids(np.frombuffer(b"".join(ids), np.uint8), self.shards)
+            if (owners != self.shard).any():
+                t = ids[int(np.argmax(owners != self.shard))]
+                raise ValueError(f"transaction {t.hex()[:16]}… is not in shard {self.shard}")
+        found: dict[bytes, int] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
@@ -390,8 +395,10 @@ class ShardStore:
     def get_states(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The values of many state keys of this shard (``None`` where never written)."""
         found: dict[bytes, bytes] = {}
-        for k in keys:
-            if not self.owns_key(k):
+        if keys and self.shards > 1:
+            foreign = shard_of_keys(list(keys), self.shards) != self.shard
+            if foreign.any():
+                k = keys[int(np.argmax(foreign))]
                 raise ValueError(f"state key {k.hex()[:16]}… is not in shard {self.shard}")
         for start in range(0, len(keys), 500):
             chunk = list(keys[start : start + 500])

@@ -381,3 +381,20 @@ def test_receipt_from_a_small_order_sender_is_refused(applied, chain) -> None:  
     tx = dataclasses.replace(receipt.tx, sender=identity, signature=identity + bytes(32))
     with pytest.raises(InvalidReceipt, match="small order"):
         verify_receipt(dataclasses.replace(receipt, tx=tx), VS, CHAIN, genesis.hash)
+
+
+def test_get_states_reads_many_keys_and_refuses_foreign_ones(applied, chain) -> None:  # noqa: ANN001
+    _, _, builder = chain
+    state = builder.base.writes
+    owners = shard_of_keys(list(state), SHARDS)
+    mine = [k for k, o in zip(state, owners, strict=True) if o == 0]
+    nobody = next(
+        k
+        for k in (balance_key(bytes([i]) * 32) for i in range(50))
+        if shard_of_keys([k], SHARDS)[0] == 0
+    )
+    assert applied[0].get_states([*mine, nobody]) == [*(state[k] for k in mine), None]
+    assert applied[0].get_states([]) == []
+    foreign = next(k for k, o in zip(state, owners, strict=True) if o != 0)
+    with pytest.raises(ValueError, match="not in shard 0"):
+        applied[0].get_states([*mine, foreign])
