@@ -206,7 +206,9 @@ def receipt(
     validator: Annotated[int, typer.Option(min=0, help="whose storage shards to ask")] = 0,
 ) -> None:
     """Fetch a committed transaction's receipt from a storage shard and verify it with the
-    validator keys alone; prints it as JSON (exit 1 if not committed or not valid)."""
+    validator keys alone; prints it as JSON (exit 2 if not committed or not valid)."""
+    import ray
+
     from rayledger.cluster.client import Client
     from rayledger.cluster.ops import connect
 
@@ -214,7 +216,7 @@ def receipt(
         raw = bytes.fromhex(tx_id)
         net = connect(data_dir)
         r = Client(net.dir, validator=validator).receipt(raw)
-    except (LedgerError, OSError, ValueError) as exc:
+    except (LedgerError, OSError, ValueError, ray.exceptions.RayError) as exc:
         raise _fail(exc) from None
     c = r.commit
     print(
