@@ -1,15 +1,16 @@
 """The mempool actor: admission of TxBatches, batching, dissemination and backpressure.
 
-Admission checks a submitted batch's schema, chain and sizes, verifies every signature,
-drops transactions it has already seen, and refuses nonces that could only fail execution: a
-row whose nonce is below the sender's committed next nonce (read from the institution's storage
-shards) is stale, and one not above the same sender's previous row in the submission is out of
-order (a later submission may still fill a gap: a row refused for its signature and sent
-again). The accepted rows wait in a bounded buffer and are sealed into a batch when enough
-rows are pending or the batch interval passes. A sealed batch goes to the Ray object store
-once and its digest and reference to every validator. Capacity counts rows pending and rows
-sealed but not yet committed: when a submission would exceed it, the whole submission is
-answered "busy" and nothing of it is kept (never a silent drop).
+Admission checks a submitted batch's schema, chain and sizes, verifies every signature
+(through the institution's verifier actor, on its GPU, where it has one), drops transactions
+it has already seen, and refuses nonces that could only fail execution: a row whose nonce is
+below the sender's committed next nonce (read from the institution's storage shards) is
+stale, and one not above the same sender's previous row in the submission is out of order (a
+later submission may still fill a gap: a row refused for its signature and sent again). The
+accepted rows wait in a bounded buffer and are sealed into a batch when enough rows are
+pending or the batch interval passes. A sealed batch goes to the Ray object store once and
+its digest and reference to every validator. Capacity counts rows pending and rows sealed but
+not yet committed: when a submission would exceed it, the whole submission is answered "busy"
+and nothing of it is kept (never a silent drop).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class Mempool:
         self.network = settings.get("name", "")
         self.shards = int(settings.get("storage_shards", 0))
         self._shard_handles: dict[int, Any] = {}
+        self.use_verifier = bool(settings.get("verifier_actors", False))
+        self._verifier: Any = None
         self.sealed = 0
         self.counts: dict[str, int] = {}
         self._refs: dict[bytes, Any] = {}
@@ -104,7 +107,7 @@ class Mempool:
             self._count(exc.code, batch.num_rows)
             return Admission(error=str(exc), rejected={exc.code: batch.num_rows})
         result = Admission()
-        valid = verify_signatures(canonical, self.genesis.chain_id)
+        valid = await self._verify(canonical)
         ids = tx_ids_of(canonical)
         keys = [ids[i].tobytes() for i in range(len(ids))]
         raw_senders = _fixed_width(canonical.column("sender"), 32)
@@ -146,6 +149,21 @@ class Mempool:
         while self.pending_rows >= self.batch_rows:
             self._seal(self.batch_rows)
         return result
+
+    async def _verify(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Signature checks through the institution's verifier actor where it has one (the
+        GPU there), else here."""
+        if self.use_verifier:
+            try:
+                if self._verifier is None:
+                    self._verifier = ray.get_actor(
+                        f"{self.network}-verifier-{self.index}", namespace="rayledger"
+                    )
+                mask: np.ndarray = await self._verifier.verify_rows.remote(batch)
+                return mask
+            except Exception:  # the verifier is down or restarting: check here meanwhile
+                self._verifier = None
+        return verify_signatures(batch, self.genesis.chain_id)
 
     async def _committed_nonces(self, senders: list[bytes]) -> dict[bytes, int]:
         """Each sender's next nonce as committed, from this institution's storage shards

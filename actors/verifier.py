@@ -1,6 +1,7 @@
 """The verifier actor: one institution's batch checks (ids, digest, every Ed25519 signature)
-off its validator's event loop, through ``rayledger.kernels`` with ``backend="auto"`` (the
-GPU where the actor holds one, else the CPU)."""
+off its validator's event loop, and its mempool's admission signature checks, through
+``rayledger.kernels`` with ``backend="auto"`` (the GPU where the actor holds one, else the
+CPU)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from rayledger.chain import admit_batch
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
+from rayledger.tx import verify_signatures
 
 
 class Verifier:
@@ -22,6 +27,7 @@ class Verifier:
         self.settings = json.loads((root / "network.json").read_text())
         self.index = index
         self.checked = 0
+        self.admission_rows = 0
         self.refused: dict[str, int] = {}
 
     async def check(self, digest: bytes, refs: list[Any]) -> str | None:
@@ -40,5 +46,16 @@ class Verifier:
         self.checked += batch.num_rows
         return None
 
+    async def verify_rows(self, batch: pa.RecordBatch) -> np.ndarray:
+        """The mempool's admission check: which rows' signatures verify (and by keys that are
+        not of small order) over their recomputed ids."""
+        self.admission_rows += batch.num_rows
+        return verify_signatures(batch, self.genesis.chain_id)
+
     async def status(self) -> dict[str, Any]:
-        return {"index": self.index, "checked_rows": self.checked, "refused": self.refused}
+        return {
+            "index": self.index,
+            "checked_rows": self.checked,
+            "admission_rows": self.admission_rows,
+            "refused": self.refused,
+        }

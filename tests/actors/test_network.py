@@ -106,6 +106,8 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         assert all(s["evidence"] == 0 for s in net.status())
         checked = [ray.get(net._actor(f"verifier-{i}").status.remote()) for i in range(4)]
         assert all(c["checked_rows"] == 20_000 and not c["refused"] for c in checked)
+        # Each mempool's admission checks went through its institution's verifier
+        assert sum(c["admission_rows"] for c in checked) == 20_000
     finally:
         net.shutdown()
 
