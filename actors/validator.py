@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import os
@@ -102,6 +103,7 @@ class Validator:
         latency_ms = list(matrix[index]) if matrix else None
         verifier_backend = settings.get("verifier_backend", "auto")
         self.shards = int(settings.get("storage_shards", 0))
+        self.shard_pending_max = int(settings.get("shard_pending_blocks", SHARD_PENDING_MAX))
         self.snapshot_every = int(settings.get("snapshot_every_blocks", 1000))
         self._snapshot_task: asyncio.Future[None] | None = None
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
@@ -569,15 +571,20 @@ class Validator:
 
     # ---- storage shards ------------------------------------------------------------------------
 
+    def _committed_block(
+        self, header: BlockHeader, qc: QuorumCert, rows: pa.RecordBatch, writes: dict
+    ) -> Any:
+        """The object every shard of this validator reads for one block (put once)."""
+        proof = self.commit_proofs.get(header.height)
+        commit = (proof[1], proof[2]) if proof is not None else None
+        return ray.put(CommittedBlock(header, qc, rows, writes_batch(writes), commit))
+
     def _queue_for_shards(
         self, header: BlockHeader, qc: QuorumCert, rows: pa.RecordBatch, writes: dict
     ) -> None:
-        proof = self.commit_proofs.get(header.height)
-        commit = (proof[1], proof[2]) if proof is not None else None
-        block = CommittedBlock(header, qc, rows, writes_batch(writes), commit)
-        self.shard_pending[header.height] = ray.put(block)
-        if len(self.shard_pending) > SHARD_PENDING_MAX:
-            # A shard that does not acknowledge for this long is rebuilt from the store
+        self.shard_pending[header.height] = self._committed_block(header, qc, rows, writes)
+        if len(self.shard_pending) > self.shard_pending_max:
+            # A shard that does not acknowledge for this long catches up from the store
             del self.shard_pending[min(self.shard_pending)]
 
     def _wake_shards(self) -> None:
@@ -589,24 +596,26 @@ class Validator:
             return self.store.get_block(height + 1).parent_qc
         return self.commit_proofs[height][0]
 
-    async def _refill_shard_queue(self, after: int) -> None:
-        """Queue stored blocks above ``after`` that are no longer queued (a shard lost them,
-        or this validator restarted): their state writes come from re-execution, in a thread
-        so that consensus goes on meanwhile."""
+    async def _catch_up(self, acked: int) -> list[Any]:
+        """Blocks above ``acked`` for a shard that fell behind what is queued (it lost its
+        disk, was down for long, or this validator restarted), built from the block store;
+        their state writes come from re-execution, in a thread so that consensus goes on."""
         async with self._refill_lock:
-            upto = min(self.store.height, after + SHARD_PENDING_MAX // 2)
-            if any(h not in self.replayed_writes for h in range(after + 1, upto + 1)):
+            first_queued = min(self.shard_pending, default=self.store.height + 1)
+            upto = min(self.store.height, acked + SHARD_CHUNK, first_queued - 1)
+            if any(h not in self.replayed_writes for h in range(acked + 1, upto + 1)):
                 log.warning("validator %d: re-executing the chain for a storage shard", self.index)
-                *_, writes = await asyncio.to_thread(self._replay, after, need_all=True)
+                *_, writes = await asyncio.to_thread(self._replay, acked, need_all=True)
                 self.replayed_writes.update(writes)
-            for h in range(after + 1, upto + 1):
-                if h not in self.shard_pending:
-                    block = self.store.get_block(h)
-                    self._queue_for_shards(
+            refs = []
+            for h in range(acked + 1, upto + 1):
+                block = self.store.get_block(h)
+                refs.append(
+                    self._committed_block(
                         block.header, self._certifying_qc(h), block.rows(), self.replayed_writes[h]
                     )
-            for h in [h for h in self.replayed_writes if h <= upto]:
-                del self.replayed_writes[h]
+                )
+            return refs
 
     def _trim_shard_queue(self) -> None:
         if len(self.shard_acked) < self.shards:
@@ -614,6 +623,8 @@ class Validator:
         done = min(self.shard_acked.values())
         for h in [h for h in self.shard_pending if h <= done]:
             del self.shard_pending[h]
+        for h in [h for h in self.replayed_writes if h <= done]:
+            del self.replayed_writes[h]
 
     async def _push_shard(self, k: int) -> None:
         """Keep shard ``k`` up to date, in height order, for the life of this validator: a
@@ -635,13 +646,19 @@ class Validator:
                     acked = self.shard_acked[k]
                     if acked >= self.store.height:
                         break
-                    if acked + 1 not in self.shard_pending:
-                        await self._refill_shard_queue(acked)
-                    refs = [
-                        self.shard_pending[h]
-                        for h in range(acked + 1, acked + 1 + SHARD_CHUNK)
-                        if h in self.shard_pending
-                    ]
+                    if acked + 1 in self.shard_pending:
+                        # Contiguous heights only: a shard refuses a gap
+                        refs = list(
+                            itertools.takewhile(
+                                lambda ref: ref is not None,
+                                (
+                                    self.shard_pending.get(h)
+                                    for h in range(acked + 1, acked + 1 + SHARD_CHUNK)
+                                ),
+                            )
+                        )
+                    else:
+                        refs = await self._catch_up(acked)
                     if not refs:
                         break
                     self.shard_acked[k] = await handle.apply.remote(refs)

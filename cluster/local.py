@@ -47,6 +47,9 @@ class NetworkOptions:
     # Save each validator's committed state every this many blocks (0: never), so that a
     # restart re-executes only the blocks after the last snapshot
     snapshot_every_blocks: int = 1000
+    # Committed blocks a validator holds for a storage shard that does not acknowledge them;
+    # a shard further behind is rebuilt from the validator's block store
+    shard_pending_blocks: int = 1024
     # Storage shards per validator: the committed ledger partitioned by key hash, serving
     # receipts, transactions and state without going through the validator (0: none; None:
     # 2, or 1 on a cluster of at most 4 CPUs, where every extra actor process costs about 2%

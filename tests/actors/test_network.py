@@ -294,7 +294,8 @@ def test_transactions_replayed_through_another_mempool_do_not_stop_the_chain(
 def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
     tmp_path: Path,
 ) -> None:
-    net = start(tmp_path, "shards", storage_shards=3)
+    # A validator holds at most 8 blocks for a shard that does not acknowledge them
+    net = start(tmp_path, "shards", storage_shards=3, shard_pending_blocks=8)
     try:
         client = Client(net.dir, validator=1)
         batches = client_batches(net, 2_000)
@@ -357,6 +358,10 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
                 break
             time.sleep(0.1)
         shutil.rmtree(net.dir / "validator-2" / "shard-1")
+        # Down long enough for far more than 8 blocks (idle ones included) to commit
+        height = net.height(2)
+        while net.height(2) < height + 30:
+            time.sleep(0.1)
         net._start_shard(2, 1)
         last = client_batches(net, 200, start_nonce=paid + 100)
         for b in last:
