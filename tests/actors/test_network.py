@@ -26,6 +26,7 @@ import pyarrow as pa
 import pytest
 import ray
 
+from rayledger.actors.storage import shard_of_tx_ids
 from rayledger.cluster.client import Client
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
@@ -291,6 +292,18 @@ def test_transactions_replayed_through_another_mempool_do_not_stop_the_chain(
         net.shutdown()
 
 
+def wait_gone(name: str) -> None:
+    """Until a killed actor's name is free (it is, once the actor is gone)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace="rayledger")
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} still registered")
+
+
 def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
     tmp_path: Path,
 ) -> None:
@@ -328,6 +341,13 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         # Validator 1 down: its shards still answer, and the receipts still verify
         net.kill(1)
         assert client.receipt(sample[0]).height >= 1
+        # A shard gone for good: the client asks the same shard of another validator (the
+        # receipt is verified, so whoever serves it needs no trust)
+        owner = int(shard_of_tx_ids(np.frombuffer(sample[1], np.uint8), 3)[0])
+        ray.kill(net.shard(3, owner), no_restart=True)
+        assert Client(net.dir, validator=3).receipt(sample[1]).tx_id == sample[1]
+        wait_gone(f"shards-shard-3-{owner}")
+        net._start_shard(3, owner)
         more = client_batches(net, 400, start_nonce=paid)
         # A shard of validator 0 crashes and comes back from its disk; its validator resends
         net.crash_shard(0, 0)
@@ -350,13 +370,7 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         # A shard that lost its disk starts empty: its validator rebuilds it from the block
         # store, re-executing the chain for the state it needs
         ray.kill(net.shard(2, 1), no_restart=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the name is free once the actor is gone
-            try:
-                ray.get_actor("shards-shard-2-1", namespace="rayledger")
-            except ValueError:
-                break
-            time.sleep(0.1)
+        wait_gone("shards-shard-2-1")
         shutil.rmtree(net.dir / "validator-2" / "shard-1")
         # Down long enough for far more than 8 blocks (idle ones included) to commit
         height = net.height(2)
