@@ -33,13 +33,7 @@ from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
 from rayledger.execution import nonce_key
-from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
-
-
-def _fixed_width(col: pa.Array, width: int) -> bytes:
-    """The values of a fixed-size binary column as one bytes object (offset respected)."""
-    buf = col.buffers()[1]
-    return buf.to_pybytes()[col.offset * width : (col.offset + len(col)) * width]
+from rayledger.tx import TX_SCHEMA, fixed_rows, tx_ids_of, validate_batch, verify_signatures
 
 
 @dataclass
@@ -110,7 +104,7 @@ class Mempool:
         valid = await self._verify(canonical)
         ids = tx_ids_of(canonical)
         keys = [ids[i].tobytes() for i in range(len(ids))]
-        raw_senders = _fixed_width(canonical.column("sender"), 32)
+        raw_senders = fixed_rows(canonical.column("sender"), 32).tobytes()
         senders = [raw_senders[i : i + 32] for i in range(0, len(raw_senders), 32)]
         nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
         committed = await self._committed_nonces(list(dict.fromkeys(senders)))

@@ -46,7 +46,7 @@ from rayledger.config import Genesis, load_genesis
 from rayledger.errors import LedgerError, NotFound
 from rayledger.execution import anchor_key, balance_key, nonce_key
 from rayledger.receipt import Receipt, verify_receipt
-from rayledger.tx import tx_ids_of
+from rayledger.tx import fixed_rows, tx_ids_of
 
 NAMESPACE = "rayledger"
 
@@ -169,10 +169,7 @@ class Client:
             return [(mempool, batch)]
         if batch.num_rows == 0 or "sender" not in batch.schema.names:
             return [(next(self._next_mempool), batch)]
-        senders = batch.column("sender")
-        raw = np.frombuffer(senders.buffers()[1], np.uint8)
-        raw = raw[senders.offset * 32 : (senders.offset + len(senders)) * 32].reshape(-1, 32)
-        targets = shard_of_tx_ids(raw, self.n)
+        targets = shard_of_tx_ids(fixed_rows(batch.column("sender"), 32), self.n)
         return [(int(t), batch.filter(pa.array(targets == t))) for t in np.unique(targets).tolist()]
 
     # ---- reading -----------------------------------------------------------------------------

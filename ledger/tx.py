@@ -147,7 +147,8 @@ def decode_tx(
 # ---- TxBatch ---------------------------------------------------------------------------------
 
 
-def _fixed_rows(col: pa.Array, width: int) -> np.ndarray:
+def fixed_rows(col: pa.Array, width: int) -> np.ndarray:
+    """A zero-copy ``(n, width)`` view of a fixed-size binary column (its offset respected)."""
     values, _ = as_offsets_and_values(col)
     return values.reshape(-1, width) if len(values) else np.empty((0, width), np.uint8)
 
@@ -192,7 +193,7 @@ def _canonical_headers(
     header[:, 0] = TX_VERSION
     header[:, 1:33] = np.frombuffer(chain_id, np.uint8)
     header[:, 33:35] = kinds.view(np.uint8).reshape(n, 2)
-    header[:, 35:67] = _fixed_rows(batch.column("sender"), 32)
+    header[:, 35:67] = fixed_rows(batch.column("sender"), 32)
     header[:, 67:75] = nonces.view(np.uint8).reshape(n, 8)
     header[:, 75:79] = np.diff(poffsets).astype(">u4").view(np.uint8).reshape(n, 4)
     return header, pvalues, poffsets
@@ -328,14 +329,14 @@ def verify_signatures(batch: pa.RecordBatch, chain_id: bytes | None = None) -> n
     """Boolean mask of rows whose signature verifies over their recomputed tx id, by a sender
     key that is not of small order (see ``crypto.SMALL_ORDER_KEYS``)."""
     ids = compute_tx_ids(batch, chain_id)
-    senders = _fixed_rows(batch.column("sender"), 32)
-    ok = ed25519_verify_batch(senders, _fixed_rows(batch.column("signature"), 64), ids)
+    senders = fixed_rows(batch.column("sender"), 32)
+    ok = ed25519_verify_batch(senders, fixed_rows(batch.column("signature"), 64), ids)
     return ok & ~small_order_mask(senders)
 
 
 def tx_ids_of(batch: pa.RecordBatch) -> np.ndarray:
     """A zero-copy ``(n, 32)`` view of a canonical batch's ``tx_id`` column."""
-    return _fixed_rows(batch.column("tx_id"), 32)
+    return fixed_rows(batch.column("tx_id"), 32)
 
 
 def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
