@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.storage.partition import shard_of_keys
+from rayledger.actors.storage.partition import rows_by_shard, shard_of_keys
 from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
@@ -165,10 +165,8 @@ class Mempool:
         if not self.shards or not senders:
             return {}
         keys = [nonce_key(s) for s in senders]
-        owners = shard_of_keys(keys, self.shards).tolist()
         out: dict[bytes, int] = {}
-        for k in sorted(set(owners)):
-            rows = [i for i, o in enumerate(owners) if o == k]
+        for k, rows in rows_by_shard(shard_of_keys(keys, self.shards)).items():
             try:
                 handle = self._shard_handles.get(k)
                 if handle is None:

@@ -30,7 +30,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.storage import BlockStore, CommittedBlock, shard_of_tx_ids, writes_batch
+from rayledger.actors.storage import (
+    BlockStore,
+    CommittedBlock,
+    rows_by_shard,
+    shard_of_tx_ids,
+    writes_batch,
+)
 from rayledger.actors.storage.engine import fsync_write
 from rayledger.actors.storage.snapshot import load_snapshot, save_snapshot
 from rayledger.block import BlockHeader, QuorumCert
@@ -730,10 +736,8 @@ class Validator:
         if not tx_ids:
             return []
         ids = np.frombuffer(b"".join(tx_ids), np.uint8).reshape(-1, 32)
-        owners = shard_of_tx_ids(ids, self.shards).tolist()
         found: list[int | None] = [None] * len(tx_ids)
-        for k in sorted(set(owners)):
-            rows = [i for i, o in enumerate(owners) if o == k]
+        for k, rows in rows_by_shard(shard_of_tx_ids(ids, self.shards)).items():
             try:
                 handle = self.shard_handles.get(k) or self._actor(f"shard-{self.index}-{k}")
                 heights = await handle.locate.remote([tx_ids[i] for i in rows])

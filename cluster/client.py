@@ -41,7 +41,7 @@ if "ray" not in sys.modules and (Path.home() / ".ray" / "auth_token").exists():
 
 import ray  # noqa: E402
 
-from rayledger.actors.storage import shard_of_keys, shard_of_tx_ids
+from rayledger.actors.storage import rows_by_shard, shard_of_keys, shard_of_tx_ids
 from rayledger.config import Genesis, load_genesis
 from rayledger.errors import LedgerError, NotFound
 from rayledger.execution import anchor_key, balance_key, nonce_key
@@ -174,13 +174,6 @@ class Client:
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def _group(self, ids: np.ndarray) -> dict[int, list[int]]:
-        owners = shard_of_tx_ids(ids, self.shards)
-        groups: dict[int, list[int]] = {}
-        for i, k in enumerate(owners.tolist()):
-            groups.setdefault(k, []).append(i)
-        return groups
-
     def locate(
         self, tx_ids: np.ndarray | pa.RecordBatch, validator: int | None = None
     ) -> list[int | None]:
@@ -188,7 +181,7 @@ class Client:
         ids = tx_ids_of(tx_ids) if isinstance(tx_ids, pa.RecordBatch) else np.asarray(tx_ids)
         ids = ids.reshape(-1, 32)
         out: list[int | None] = [None] * len(ids)
-        groups = self._group(ids)
+        groups = rows_by_shard(shard_of_tx_ids(ids, self.shards))
         refs = {
             k: self._shard(k, validator).locate.remote([ids[i].tobytes() for i in rows])
             for k, rows in groups.items()

@@ -5,6 +5,7 @@ from rayledger.actors.storage.engine import BlockStore, TxLocation
 from rayledger.actors.storage.partition import (
     CommittedBlock,
     ShardStore,
+    rows_by_shard,
     shard_of_height,
     shard_of_keys,
     shard_of_tx_ids,
@@ -16,6 +17,7 @@ __all__ = [
     "CommittedBlock",
     "ShardStore",
     "TxLocation",
+    "rows_by_shard",
     "shard_of_height",
     "shard_of_keys",
     "shard_of_tx_ids",

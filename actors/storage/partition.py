@@ -107,6 +107,15 @@ def shard_of_keys(keys: pa.Array | Sequence[bytes], shards: int) -> np.ndarray:
     return shard_of_tx_ids(sha256_batch(arr), shards)
 
 
+def rows_by_shard(owners: np.ndarray) -> dict[int, list[int]]:
+    """Row indices grouped by owning shard (``owners`` from ``shard_of_tx_ids`` or
+    ``shard_of_keys``), in row order within each group."""
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(np.asarray(owners).tolist()):
+        groups.setdefault(k, []).append(i)
+    return groups
+
+
 def shard_of_height(height: int, shards: int) -> int:
     return height % shards
 
@@ -358,15 +367,8 @@ class ShardStore:
             if (owners != self.shard).any():
                 t = ids[int(np.argmax(owners != self.shard))]
                 raise ValueError(f"transaction {t.hex()[:16]}… is not in shard {self.shard}")
-        found: dict[bytes, int] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for tx_id, height in self._db.execute(
-                f"SELECT tx_id, height FROM txs WHERE tx_id IN ({marks})", chunk
-            ):
-                found[bytes(tx_id)] = int(height)
-        return [found.get(t) for t in ids]
+        found = self._select_in("SELECT tx_id, height FROM txs WHERE tx_id IN ({})", ids)
+        return [None if (h := found.get(t)) is None else int(h) for t in ids]
 
     def get_tx(self, tx_id: bytes) -> dict[str, Any]:
         """The committed row of one transaction; ``NotFound`` if it is not committed."""
@@ -394,20 +396,23 @@ class ShardStore:
 
     def get_states(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The values of many state keys of this shard (``None`` where never written)."""
-        found: dict[bytes, bytes] = {}
         if keys and self.shards > 1:
             foreign = shard_of_keys(list(keys), self.shards) != self.shard
             if foreign.any():
                 k = keys[int(np.argmax(foreign))]
                 raise ValueError(f"state key {k.hex()[:16]}… is not in shard {self.shard}")
+        found = self._select_in("SELECT key, value FROM state WHERE key IN ({})", keys)
+        return [None if (v := found.get(k)) is None else bytes(v) for k in keys]
+
+    def _select_in(self, sql: str, keys: Sequence[bytes]) -> dict[bytes, Any]:
+        """``key -> value`` of the rows a two-column ``... IN ({})`` query finds for ``keys``,
+        asked 500 keys at a time (SQLite's bound on parameters)."""
+        found: dict[bytes, Any] = {}
         for start in range(0, len(keys), 500):
             chunk = list(keys[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            for key, value in self._db.execute(
-                f"SELECT key, value FROM state WHERE key IN ({marks})", chunk
-            ):
-                found[bytes(key)] = bytes(value)
-        return [found.get(k) for k in keys]
+            for key, value in self._db.execute(sql.format(",".join("?" * len(chunk))), chunk):
+                found[bytes(key)] = value
+        return found
 
     def header(self, height: int) -> BlockHeader:
         row = self._db.execute("SELECT header FROM headers WHERE height = ?", (height,)).fetchone()
