@@ -255,9 +255,7 @@ class Validator:
         path = self.dir / "batches.idx"
         data = path.read_bytes() if path.exists() else b""
         if len(data) % 48:  # a torn entry (crash during its append): cut so appends align
-            with open(path, "r+b") as f:
-                f.truncate(len(data) - len(data) % 48)
-                os.fsync(f.fileno())
+            _cut(path, len(data) - len(data) % 48)
         out = {}
         for pos in range(0, len(data) - len(data) % 48, 48):
             height, offset, rows = struct.unpack(">QII", data[pos + 32 : pos + 48])
@@ -613,12 +611,18 @@ class Validator:
                 log.warning("validator %d: re-executing the chain for a storage shard", self.index)
                 *_, writes = await asyncio.to_thread(self._replay, acked, need_all=True)
                 self.replayed_writes.update(writes)
+            blocks = [self.store.get_block(h) for h in range(acked + 1, upto + 1)]
             refs = []
-            for h in range(acked + 1, upto + 1):
-                block = self.store.get_block(h)
+            for i, block in enumerate(blocks):
+                # The QC certifying a block is its child's parent QC: read each block once
+                qc = blocks[i + 1].parent_qc if i + 1 < len(blocks) else None
+                h = block.height
                 refs.append(
                     self._committed_block(
-                        block.header, self._certifying_qc(h), block.rows(), self.replayed_writes[h]
+                        block.header,
+                        qc or self._certifying_qc(h),
+                        block.rows(),
+                        self.replayed_writes[h],
                     )
                 )
             return refs
@@ -799,10 +803,15 @@ def _read_records(path: Path) -> list[bytes]:
         pos += 4 + size
     if pos < len(data):
         log.warning("%s: cutting a torn record of %d bytes", path, len(data) - pos)
-        with open(path, "r+b") as f:
-            f.truncate(pos)
-            os.fsync(f.fileno())
+        _cut(path, pos)
     return out
+
+
+def _cut(path: Path, size: int) -> None:
+    """Truncate a log to its last whole record, durably."""
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
 
 
 def _send(handle: Any, sender: int, messages: list[Message]) -> None:

@@ -35,3 +35,16 @@ def test_proposals_log_is_compacted_to_its_window(tmp_path: Path) -> None:
     assert max(sizes) <= 7
     kept = [decode_proposal(r) for r in _read_records(tmp_path / "proposals.log")]
     assert kept[-3:] == proposals[-3:]
+
+
+def test_torn_batch_index_entry_is_cut(tmp_path: Path) -> None:
+    import struct
+    from types import SimpleNamespace
+
+    v = Validator.__new__(Validator)
+    v.dir = tmp_path
+    v.store = SimpleNamespace(height=5)
+    entry = b"\x01" * 32 + struct.pack(">QII", 3, 0, 10)
+    (tmp_path / "batches.idx").write_bytes(entry + entry[:20])
+    assert v._load_batch_index() == {b"\x01" * 32: (3, 0, 10)}
+    assert (tmp_path / "batches.idx").stat().st_size == 48
