@@ -189,57 +189,55 @@ class Network:
             return {"resources": {resource: 0.001}}
         return {}
 
-    def _start_validator(self, i: int) -> Any:
-        handle = self._validator_cls.options(
-            name=f"{self.name}-validator-{i}",
+    def _start(self, cls: Any, role: str, i: int, *args: Any, **options: Any) -> Any:
+        """Start ``role`` (an actor of institution ``i``, on its site) by name. Detached: it
+        outlives the process that started it (`rayledger chaos restart` exits at once);
+        `down` and `shutdown` stop it."""
+        handle = cls.options(
+            name=f"{self.name}-{role}",
             namespace=NAMESPACE,
+            lifetime="detached",
+            **options,
+            **self._placement(i),
+        ).remote(str(self.dir), i, *args)
+        self._handles[role] = handle
+        return handle
+
+    def _start_validator(self, i: int) -> Any:
+        return self._start(
+            self._validator_cls,
+            f"validator-{i}",
+            i,
             num_cpus=self.settings["validator_cpus"],
             max_concurrency=1000,
-            # Outlives the process that started it (`rayledger chaos restart` exits at once);
-            # `down` and `shutdown` stop it.
-            lifetime="detached",
-            **self._placement(i),
-        ).remote(str(self.dir), i)
-        self._handles[f"validator-{i}"] = handle
-        return handle
+        )
 
     def _start_verifier(self, i: int) -> Any:
-        handle = self._verifier_cls.options(
-            name=f"{self.name}-verifier-{i}",
-            namespace=NAMESPACE,
+        return self._start(
+            self._verifier_cls,
+            f"verifier-{i}",
+            i,
             num_cpus=self.settings.get("verifier_cpus", 0.2),
             num_gpus=self.settings.get("verifier_gpus", 0.0),
-            lifetime="detached",
             max_concurrency=4,
-            **self._placement(i),
-        ).remote(str(self.dir), i)
-        self._handles[f"verifier-{i}"] = handle
-        return handle
+        )
 
     def _start_shard(self, i: int, k: int) -> Any:
-        handle = self._shard_cls.options(
-            name=f"{self.name}-shard-{i}-{k}",
-            namespace=NAMESPACE,
+        return self._start(
+            self._shard_cls,
+            f"shard-{i}-{k}",
+            i,
+            k,
             num_cpus=self.settings.get("shard_cpus", 0.01),
-            lifetime="detached",
             # A crashed shard comes back from its own disk; its validator resends the rest
             max_restarts=3,
             max_concurrency=16,
-            **self._placement(i),
-        ).remote(str(self.dir), i, k)
-        self._handles[f"shard-{i}-{k}"] = handle
-        return handle
+        )
 
     def _start_mempool(self, i: int) -> Any:
-        handle = self._mempool_cls.options(
-            name=f"{self.name}-mempool-{i}",
-            namespace=NAMESPACE,
-            num_cpus=self.settings["mempool_cpus"],
-            lifetime="detached",
-            **self._placement(i),
-        ).remote(str(self.dir), i)
-        self._handles[f"mempool-{i}"] = handle
-        return handle
+        return self._start(
+            self._mempool_cls, f"mempool-{i}", i, num_cpus=self.settings["mempool_cpus"]
+        )
 
     # ---- handles -------------------------------------------------------------------------------
 
