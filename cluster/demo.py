@@ -93,11 +93,12 @@ def check_receipt(
     vs = genesis.validators
     if height is None:
         loc, row = store.get_tx(tx_id)
+        block = store.get_block(loc.height)
     else:  # a store without a transaction index (its shards keep it): the height is known
-        ids = tx_ids_of(store.get_block(height).txs)
+        block = store.get_block(height)
+        ids = tx_ids_of(block.txs)
         index = int(np.flatnonzero((ids == np.frombuffer(tx_id, np.uint8)).all(axis=1))[0])
-        loc, row = TxLocation(height, index), store.get_block(height).rows().slice(index, 1)
-    block = store.get_block(loc.height)
+        loc, row = TxLocation(height, index), block.rows().slice(index, 1)
     proof = inclusion_proof(tx_ids_of(block.txs), loc.index)
     proof_ok = verify_inclusion(
         tx_id, loc.index, block.header.tx_count, proof, block.header.tx_root
