@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,7 +255,7 @@ class ShardStore:
     def _apply_one(self, cur: sqlite3.Cursor, block: CommittedBlock) -> None:
         h = block.header.height
         rows = block.rows
-        ids = tx_ids_of(rows) if rows.num_rows else np.empty((0, 32), np.uint8)
+        ids = tx_ids_of(rows)
         cur.execute(
             "INSERT INTO headers (height, hash, header, qc) VALUES (?, ?, ?, ?)",
             (h, block.header.hash, block.header.encode(), block.qc.encode()),
@@ -272,11 +272,7 @@ class ShardStore:
                 "INSERT INTO leaves (height, tx_ids, results) VALUES (?, ?, ?)",
                 (h, ids.tobytes(), result_leaf_hashes(ids, results).tobytes()),
             )
-        if self.shards == 1:
-            mine, part = np.arange(len(ids)), rows
-        else:
-            mine = np.flatnonzero(shard_of_tx_ids(ids, self.shards) == self.shard)
-            part = rows.take(pa.array(mine))
+        mine, part = self._mine(rows, lambda: shard_of_tx_ids(ids, self.shards))
         if len(mine):
             offset, length = self._append_frame(part)
             cur.execute(
@@ -299,12 +295,7 @@ class ShardStore:
             )
         writes = block.writes
         if writes.num_rows:
-            if self.shards == 1:
-                sel, part = np.arange(writes.num_rows), writes
-            else:
-                owners = shard_of_keys(writes.column("key"), self.shards)
-                sel = np.flatnonzero(owners == self.shard)
-                part = writes.take(pa.array(sel))
+            sel, part = self._mine(writes, lambda: shard_of_keys(writes.column("key"), self.shards))
             if len(sel):
                 cur.executemany(
                     "INSERT INTO state (key, value, height) VALUES (?, ?, ?) "
@@ -319,6 +310,16 @@ class ShardStore:
                         )
                     ),
                 )
+
+    def _mine(
+        self, batch: pa.RecordBatch, owners: Callable[[], np.ndarray]
+    ) -> tuple[np.ndarray, pa.RecordBatch]:
+        """The indices and rows of ``batch`` this shard owns (``owners()`` gives each row's
+        shard; not computed when there is only one)."""
+        if self.shards == 1:
+            return np.arange(batch.num_rows), batch
+        sel = np.flatnonzero(owners() == self.shard)
+        return sel, batch.take(pa.array(sel))
 
     def _append_frame(self, rows: pa.RecordBatch) -> tuple[int, int]:
         sink = pa.BufferOutputStream()
