@@ -27,7 +27,7 @@ import pytest
 import ray
 
 from rayledger.actors.storage import shard_of_tx_ids
-from rayledger.cluster.client import Client
+from rayledger.cluster.client import Client, SubmitError
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
 from rayledger.crypto import public_bytes
@@ -334,6 +334,14 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
             client.receipt(bytes(32))
         # A committed transaction replayed through another mempool (whose dedupe never saw it)
         # is refused as stale: that mempool reads the sender's committed nonce from its shards
+        # Refused whole (another chain's batch) and a mempool that does not exist: errors
+        foreign = make_batch(
+            net.client_key(net.clients[1]), TxKind.ANCHOR, [0], [b"f" * 32], bytes(32)
+        )
+        with pytest.raises(SubmitError, match="wrong_chain"):
+            client.submit(foreign)
+        with pytest.raises(ValueError, match="mempool 9 of 4"):
+            client.submit(batches[2], mempool=9)
         routed = client._route(batches[2], None)[0][0]  # the mempool that admitted them
         replay = Client(net.dir).submit(batches[2].slice(0, 10), mempool=(routed + 1) % 4)
         assert replay.accepted == 0 and replay.rejected == {"stale_nonce": 10}

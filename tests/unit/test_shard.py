@@ -187,6 +187,8 @@ def test_uncommitted_and_unproven_are_not_found(applied, chain) -> None:  # noqa
     assert owner.locate([stranger]) == [None]
     with pytest.raises(ValueError, match="32 bytes"):
         owner.get_tx(b"short")
+    with pytest.raises(ValueError, match="32 bytes"):
+        owner.locate([stranger, b"short"])
     with pytest.raises(ValueError, match="not in shard"):
         applied[1].proofs(3, 0)  # height 3 lives in shard 0
     with pytest.raises(NotFound):
