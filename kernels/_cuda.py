@@ -1,10 +1,11 @@
 """CUDA backend: the kernels of ``kernels/cuda/*.cu`` launched through CuPy.
 
-CuPy is imported on first use only. The three sources are compiled once per process into one
-``cupy.RawModule`` (CuPy also caches the binary on disk). Host batches travel through pinned
-staging buffers that are reused across calls: a batch is cut into chunks of about
-``CHUNK_BYTES`` that alternate between two streams and two staging slots, so that packing one
-chunk on the host, copying another to the device and hashing a third overlap. Kernel arguments
+CuPy is imported on first use only. The sources (hashes, Merkle trees, Ed25519) are compiled
+once per process into one ``cupy.RawModule`` (CuPy also caches the binary on disk). Host
+batches travel through pinned staging buffers that are reused across calls: a batch is cut into
+chunks of about ``CHUNK_BYTES`` that alternate between two streams and two staging slots, so
+that packing one chunk on the host, copying another to the device and hashing (or verifying) a
+third overlap. Kernel arguments
 are numpy scalars of exactly the C parameter types (RawKernel does not check them).
 
 Inputs arrive validated (``_inputs``); the kernels check every row's offsets again and flag a
@@ -25,8 +26,8 @@ from rayledger.kernels._backend import load_cupy
 from rayledger.kernels._inputs import fixed_width
 
 CUDA_DIR = Path(__file__).with_name("cuda")
-# sha256.cu first: it holds the prelude the other two include when compiled on their own.
-SOURCES = ("sha256.cu", "sha512.cu", "merkle.cu")
+# sha256.cu first: it holds the prelude the others include when compiled on their own.
+SOURCES = ("sha256.cu", "sha512.cu", "merkle.cu", "ed25519.cu")
 KERNELS = (
     "sha256_var",
     "sha256_var32",
@@ -38,8 +39,12 @@ KERNELS = (
     "sha512_fixed",
     "merkle_leaves",
     "merkle_level",
+    "ed25519_verify",
 )
 BLOCK = 256
+# An Ed25519 thread holds two 9-point tables and many field elements: smaller blocks let more
+# of them stay resident on an SM (capped by what the compiled kernel allows).
+ED25519_BLOCK = 128
 # Input bytes per pipelined chunk: large enough that each copy runs near full bandwidth,
 # small enough that the first kernel starts early and the staging slots stay modest.
 CHUNK_BYTES = 32 << 20
@@ -227,6 +232,35 @@ class _Device:
         stream.synchronize()
         return out
 
+    # ---- Ed25519 --------------------------------------------------------------------------
+
+    def ed25519_verify(self, keys: np.ndarray, sigs: np.ndarray, msgs: np.ndarray) -> np.ndarray:
+        """Row i: does ``sigs[i]`` verify over ``msgs[i]`` under ``keys[i]``? (checked shapes)"""
+        n = len(keys)
+        fn = self.fn["ed25519_verify"]
+        block = min(ED25519_BLOCK, int(getattr(fn, "max_threads_per_block", ED25519_BLOCK)))
+        ok_dev = self.cp.empty(n, dtype=self.cp.uint8)
+        self.pinned_out = self._pinned(self.pinned_out, n)
+        bounds = _chunk_bounds(n, None, 32 + 64 + 32)
+        for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            slot, stream = c % 2, self.streams[c % 2]
+            d_keys, d_sigs, d_msgs = self._to_device(slot, [keys[lo:hi], sigs[lo:hi], msgs[lo:hi]])
+            rows = hi - lo
+            ok_view = ok_dev[lo:hi]
+            with stream:
+                fn(
+                    (max(1, -(-rows // block)),),
+                    (block,),
+                    (d_keys, d_sigs, d_msgs, np.uint64(rows), ok_view),
+                )
+            ok_view.data.copy_to_host_async(
+                ctypes.c_void_p(self.pinned_out.ctypes.data + lo), rows, stream
+            )
+            self.events[slot] = stream.record()
+        for stream in self.streams:
+            stream.synchronize()
+        return self.pinned_out[:n].astype(np.bool_)
+
     # ---- Merkle trees ---------------------------------------------------------------------
 
     def build_tree(self, d_leaves: Any, n: int) -> tuple[Any, list[int]]:
@@ -298,6 +332,15 @@ def hash_rows(
     dev = device()
     with dev.lock:
         return dev.hash_rows(algorithm, head, values, offsets)
+
+
+def ed25519_verify(keys: np.ndarray, sigs: np.ndarray, msgs: np.ndarray) -> np.ndarray:
+    """Boolean mask: row i's signature over its 32-byte message verifies under its key."""
+    if len(keys) == 0:
+        return np.zeros(0, np.bool_)
+    dev = device()
+    with dev.lock:
+        return dev.ed25519_verify(keys, sigs, msgs)
 
 
 def merkle_levels(leaves: np.ndarray) -> list[np.ndarray]:

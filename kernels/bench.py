@@ -1,5 +1,5 @@
 """Kernel benchmarks: every backend present on the same inputs in one run, reported as rates
-and ratios (GPU / CPU, and ``sha256_batch`` / a bare ``hashlib`` loop, the raw CPU limit).
+and ratios (GPU / CPU, and the batch call / a bare one-core loop, the raw CPU limit).
 
 ``bench_kernels`` is what ``rayledger bench kernels`` prints; ``bench_cpu_workers`` measured the
 break-even of the CPU worker processes (``_cpu.PARALLEL_MIN_ROWS``).
@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from rayledger.kernels import _cpu
 from rayledger.kernels._backend import available_backends
+from rayledger.kernels.ed25519 import ed25519_verify_batch
 from rayledger.kernels.merkle import merkle_root
 from rayledger.kernels.sha import sha256_batch, sha256_rows, sha512_batch
 
@@ -47,7 +49,7 @@ def _row(
         "batch_size": batch,
         "rate_per_s": batch / seconds,
         "ratio_gpu_cpu": ratios.get("ratio_gpu_cpu"),
-        "ratio_to_hashlib": ratios.get("ratio_to_hashlib"),
+        "ratio_to_raw_loop": ratios.get("ratio_to_raw_loop"),
     }
 
 
@@ -85,12 +87,15 @@ def bench_kernels(
     merkle_leaves: int = 1 << 20,
     gpu_merkle_leaves: tuple[int, ...] = (1 << 20, 1 << 24),
     repeat: int = 3,
+    ed25519_batch_size: int = 20_000,
+    gpu_ed25519_batch_size: int = 1 << 20,
 ) -> list[Row]:
     """Rates of every kernel on every backend here, with ratios measured in this run.
 
     Rows: ``operation, backend, message_size, batch_size, rate_per_s, ratio_gpu_cpu`` (None
-    without a GPU) and ``ratio_to_hashlib`` (cpu sha256 rows: ``sha256_batch`` over a bare
-    ``hashlib`` loop on the same bytes). Backends: ``hashlib-loop`` (the raw CPU limit), ``cpu``,
+    without a GPU) and ``ratio_to_raw_loop`` (cpu rows: the batch call over a bare one-core loop
+    on the same inputs, ``hashlib`` for hashes and OpenSSL for Ed25519). Backends:
+    ``hashlib-loop`` and ``openssl-loop`` (the raw one-core limits), ``cpu``,
     and with a GPU ``cuda`` (host buffers in, digests out, copies included) and
     ``cuda-resident`` (inputs already on the device, digests left there).
     """
@@ -114,7 +119,7 @@ def bench_kernels(
                 size,
                 batch_size,
                 cpu_s,
-                ratio_to_hashlib=loop_s / cpu_s,
+                ratio_to_raw_loop=loop_s / cpu_s,
             )
         )
         if gpu:
@@ -143,7 +148,54 @@ def bench_kernels(
             gpu_s = best_seconds(partial(merkle_root, many, backend="cuda"), repeat)
             rows.append(_row("merkle_root", "cuda", 32, n, gpu_s))
             rows.append(_resident_merkle_row(many, repeat))
+    rows += _ed25519_rows(ed25519_batch_size, gpu_ed25519_batch_size if gpu else 0, repeat)
     return _with_gpu_ratio(rows)
+
+
+def _signed_rows(n: int, pool: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` valid (key, signature, 32-byte message) rows drawn from ``pool`` signed ones."""
+    rng = np.random.default_rng(25519)
+    seeds = rng.integers(0, 256, (pool, 32), dtype=np.uint8)
+    msgs = rng.integers(0, 256, (pool, 32), dtype=np.uint8)
+    keys = np.empty((pool, 32), np.uint8)
+    sigs = np.empty((pool, 64), np.uint8)
+    for i in range(pool):
+        key = Ed25519PrivateKey.from_private_bytes(seeds[i].tobytes())
+        keys[i] = np.frombuffer(key.public_key().public_bytes_raw(), np.uint8)
+        sigs[i] = np.frombuffer(key.sign(msgs[i].tobytes()), np.uint8)
+    pick = rng.integers(0, pool, n)
+    return keys[pick], sigs[pick], msgs[pick]
+
+
+def _ed25519_rows(batch: int, gpu_batch: int, repeat: int) -> list[Row]:
+    """Ed25519 verification: a bare one-core OpenSSL loop, the cpu batch call, the GPU."""
+    keys, sigs, msgs = _signed_rows(batch)
+    sample = min(batch, 4_000)
+    public = [Ed25519PublicKey.from_public_bytes(k.tobytes()) for k in keys[:sample]]
+    pairs = [(s.tobytes(), m.tobytes()) for s, m in zip(sigs[:sample], msgs[:sample], strict=True)]
+
+    def loop() -> None:
+        for key, (sig, msg) in zip(public, pairs, strict=True):
+            key.verify(sig, msg)
+
+    loop_s = best_seconds(loop, repeat)
+    cpu_s = best_seconds(partial(ed25519_verify_batch, keys, sigs, msgs, "cpu"), repeat)
+    rows = [
+        _row("ed25519_verify", "openssl-loop", 32, sample, loop_s),
+        _row(
+            "ed25519_verify",
+            "cpu",
+            32,
+            batch,
+            cpu_s,
+            ratio_to_raw_loop=(batch / cpu_s) / (sample / loop_s),
+        ),
+    ]
+    if gpu_batch:
+        big = _signed_rows(gpu_batch)
+        gpu_s = best_seconds(partial(ed25519_verify_batch, *big, "cuda"), repeat)
+        rows.append(_row("ed25519_verify", "cuda", 32, gpu_batch, gpu_s))
+    return rows
 
 
 def _payloads(n: int) -> pa.BinaryArray:
@@ -189,7 +241,7 @@ def bench_cpu_workers(
     """SHA-256 on the CPU with and without worker processes, for the split's break-even.
 
     Rows as in ``bench_kernels`` with backends ``cpu-1proc`` (the caller alone) and ``cpu``
-    (caller plus workers); ``ratio_to_hashlib`` is unused and ``ratio_gpu_cpu`` None.
+    (caller plus workers); ``ratio_to_raw_loop`` is unused and ``ratio_gpu_cpu`` None.
     """
     rows: list[Row] = []
     saved = _cpu.PARALLEL_MIN_ROWS

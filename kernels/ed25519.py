@@ -1,4 +1,10 @@
-"""Batch Ed25519 verification with OpenSSL's acceptance rule (through ``cryptography``)."""
+"""Batch Ed25519 verification with OpenSSL's acceptance rule.
+
+Two backends answer identically for every row: ``cpu`` calls OpenSSL through ``cryptography``
+(one thread per core for large batches), and ``cuda`` runs ``kernels/cuda/ed25519.cu``, which
+implements OpenSSL's rule (S < L, its lenient key decoding, the cofactorless equation compared
+byte for byte) one signature per GPU thread.
+"""
 
 from __future__ import annotations
 
@@ -70,11 +76,15 @@ def ed25519_verify_batch(
     The answer for every row is exactly what OpenSSL's ``EVP_DigestVerify`` gives, which
     is the acceptance rule every validator must share.
     """
-    resolve_backend(backend)
+    chosen = resolve_backend(backend)
     n = len(public_keys) if isinstance(public_keys, np.ndarray) else -1
     _check("public_keys", public_keys, 32, n)
     _check("signatures", signatures, 64, n)
     _check("messages", messages, 32, n)
+    if chosen == "cuda":
+        from rayledger.kernels import _cuda
+
+        return _cuda.ed25519_verify(public_keys, signatures, messages)
     out = np.zeros(n, dtype=np.bool_)
     workers = _workers()
     if n < _PARALLEL_MIN_ROWS or workers == 1:

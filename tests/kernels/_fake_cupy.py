@@ -116,6 +116,8 @@ class FakeKernel:
     def __init__(self, name: str, params: list[tuple[str, str, bool]], lib: ctypes.CDLL) -> None:
         self.name, self.params, self.fn = name, params, getattr(lib, f"h_{name}")
         self.launches = 0
+        self.max_threads_per_block = 1024
+        self.blocks: list[int] = []
 
     def __call__(
         self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]
@@ -139,7 +141,9 @@ class FakeKernel:
         rows_param, per_thread = _ROWS.get(self.name, ("n", 1))
         needed = -(-values[rows_param] // per_thread)
         assert grid[0] * block[0] >= needed, f"{self.name}: grid covers {grid[0] * block[0]}"
+        assert 0 < block[0] <= self.max_threads_per_block, f"{self.name}: block {block[0]}"
         self.launches += 1
+        self.blocks.append(block[0])
         self.fn(*cargs)
 
 

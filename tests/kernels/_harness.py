@@ -19,6 +19,7 @@ HARNESS = r"""
 #include "sha256.cu"
 #include "sha512.cu"
 #include "merkle.cu"
+#include "ed25519.cu"
 
 #define RL_GRID(n) for (rl_u64 i = 0; i < (rl_u64)(n) + 3; ++i)
 
@@ -58,6 +59,10 @@ void h_merkle_leaves(const rl_u8* leaves, rl_u64 n, rl_u8* out) {
 }
 void h_merkle_level(const rl_u8* children, rl_u64 m, rl_u8* parents) {
     RL_GRID((m + 1) / 2) rl_merkle_level_body(i, children, m, parents);
+}
+void h_ed25519_verify(const rl_u8* keys, const rl_u8* sigs, const rl_u8* msgs, rl_u64 n,
+                      rl_u8* ok) {
+    RL_GRID(n) rl_ed25519_verify_body(i, keys, sigs, msgs, n, ok);
 }
 }
 """

@@ -14,13 +14,13 @@ KEYS = {
     "batch_size",
     "rate_per_s",
     "ratio_gpu_cpu",
-    "ratio_to_hashlib",
+    "ratio_to_raw_loop",
 }
 
 
 @pytest.mark.skipif("cuda" in available_backends(), reason="small CPU-only run")
 def test_bench_kernels_cpu_rows() -> None:
-    rows = bench_kernels(batch_size=500, merkle_leaves=300, repeat=1)
+    rows = bench_kernels(batch_size=500, merkle_leaves=300, repeat=1, ed25519_batch_size=300)
     assert all(set(r) == KEYS for r in rows)
     assert all(r["rate_per_s"] > 0 and r["ratio_gpu_cpu"] is None for r in rows)
     seen = {(r["operation"], r["backend"], r["message_size"]) for r in rows}
@@ -29,10 +29,10 @@ def test_bench_kernels_cpu_rows() -> None:
         assert ("sha256", "hashlib-loop", size) in seen
     assert ("sha512", "cpu", 96) in seen
     assert ("merkle_root", "cpu", 32) in seen
-    cpu_sha = [r for r in rows if r["backend"] == "cpu" and r["operation"].startswith("sha")]
-    assert all(
-        r["ratio_to_hashlib"] > 0 for r in cpu_sha if r["operation"] != "sha256_rows (tx ids)"
-    )
+    assert ("ed25519_verify", "openssl-loop", 32) in seen
+    assert ("ed25519_verify", "cpu", 32) in seen
+    cpu = [r for r in rows if r["backend"] == "cpu" and r["operation"] != "merkle_root"]
+    assert all(r["ratio_to_raw_loop"] > 0 for r in cpu if r["operation"] != "sha256_rows (tx ids)")
 
 
 def test_bench_cpu_workers_restores_the_threshold() -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from rayledger.kernels import _backend, _cuda, merkle_root, sha256_batch
 from rayledger.kernels.bench import bench_kernels
+from tests.kernels import test_ed25519_gpu as ed
 from tests.kernels import test_hash_gpu as gpu
 from tests.kernels._fake_cupy import make_cupy
 from tests.kernels._harness import build_harness
@@ -112,12 +113,45 @@ def test_bench_reports_gpu_rows_and_ratios() -> None:
         merkle_leaves=64,
         gpu_merkle_leaves=(64,),
         repeat=1,
+        ed25519_batch_size=200,
+        gpu_ed25519_batch_size=300,
     )
     backends = {(r["operation"], r["backend"]) for r in rows}
     assert ("sha256", "cuda-resident") in backends
     assert ("sha512", "cuda") in backends
     assert ("merkle_root", "cuda-resident") in backends
     assert ("sha256_rows (tx ids)", "cuda") in backends
+    assert ("ed25519_verify", "cuda") in backends
     for r in rows:
         if r["backend"] in ("cpu", "cuda", "cuda-resident"):
             assert r["ratio_gpu_cpu"] is not None and r["ratio_gpu_cpu"] > 0, r
+
+
+def test_ed25519_rows() -> None:
+    ed.test_hostile_and_honest_rows(honest_rows=16)
+    assert _cuda.device().fn["ed25519_verify"].launches == 1  # type: ignore[attr-defined]
+
+
+def test_ed25519_pipelined_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    ed.test_many_pipelined_chunks(monkeypatch, rows=300)
+    kernel = _cuda.device().fn["ed25519_verify"]
+    rows = len(ed.ref.build(seed=97, honest_rows=150).keys)
+    assert kernel.launches == -(-rows // 97) > 4  # type: ignore[attr-defined]
+    assert set(kernel.blocks) == {_cuda.ED25519_BLOCK}  # type: ignore[attr-defined]
+
+
+def test_ed25519_block_capped_by_the_compiled_kernel() -> None:
+    kernel = _cuda.device().fn["ed25519_verify"]
+    kernel.max_threads_per_block = 64  # type: ignore[attr-defined]
+    ed.test_column_slices_and_empty_batch()
+    assert set(kernel.blocks) == {64}  # type: ignore[attr-defined]
+
+
+def test_ed25519_large_batch() -> None:
+    ed.test_large_batch(n=3000)
+
+
+@pytest.mark.parametrize("shapes", [((4, 31), (4, 64), (4, 32)), ((4, 32), (3, 64), (4, 32))])
+def test_ed25519_bad_shapes_refused_before_launch(shapes: tuple[tuple[int, int], ...]) -> None:
+    ed.test_bad_shapes_refused_before_launch(*shapes)
+    assert _cuda._device is None

@@ -4,7 +4,8 @@ kernels/_cuda.py hands to cupy.RawModule, with ``nvcc -arch=sm_90`` (no device n
 Scenarios:
 - every .cu file compiles on its own, warnings as errors;
 - the concatenated module source compiles, every kernel _cuda.py launches is defined there as
-  an extern "C" __global__ function, and ptxas reports no stack frame or register spills;
+  an extern "C" __global__ function, and ptxas reports no register spills (and no stack frame
+  but Ed25519's point tables);
 - the sources ship as package data.
 
 Skipped when nvcc is not on PATH.
@@ -70,10 +71,20 @@ def test_module_source_compiles_without_spills(
     assert done.returncode == 0, done.stderr
     entries = re.findall(r"Compiling entry function '(\w+)'", done.stderr)
     assert sorted(entries) == sorted(_cuda.KERNELS)
-    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", done.stderr)
-    assert len(frames) == len(_cuda.KERNELS)
+    frames = dict(
+        zip(
+            entries,
+            re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", done.stderr),
+            strict=True,
+        )
+    )
     # A spill puts the hash state in local memory: a large, silent slowdown.
-    assert all(frame == ("0", "0") for frame in frames), done.stderr
+    hashes = [name for name in _cuda.KERNELS if not name.startswith("ed25519")]
+    assert all(frames[name] == ("0", "0") for name in hashes), done.stderr
+    # Ed25519 keeps its two point tables (indexed by the scalar's digits, so not registers)
+    # in local memory on purpose, 2 x 9 x 128 bytes; anything beyond that would be spilling.
+    stack, spills = frames["ed25519_verify"]
+    assert spills == "0" and int(stack) <= 2 * 9 * 128 + 256, frames["ed25519_verify"]
 
 
 def test_every_launched_kernel_is_defined() -> None:

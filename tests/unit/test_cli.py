@@ -187,12 +187,24 @@ def test_bench_consensus_prints_figures() -> None:
 
 def test_bench_kernels_prints_rows() -> None:
     result = runner.invoke(
-        app, ["bench", "kernels", "--batch-size", "2000", "--merkle-leaves", "64"]
+        app,
+        [
+            "bench",
+            "kernels",
+            "--batch-size",
+            "2000",
+            "--merkle-leaves",
+            "64",
+            "--ed25519-batch-size",
+            "200",
+        ],
     )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output.strip().splitlines()[-1])["rows"]
     cpu = [r for r in rows if r["operation"] == "sha256" and r["backend"] == "cpu"]
-    assert cpu and all(r["ratio_to_hashlib"] > 0 for r in cpu)
+    assert cpu and all(r["ratio_to_raw_loop"] > 0 for r in cpu)
+    ed = [r for r in rows if r["operation"] == "ed25519_verify" and r["backend"] == "cpu"]
+    assert ed and ed[0]["batch_size"] == 200 and ed[0]["ratio_to_raw_loop"] > 0
 
 
 def test_receipt_refuses_bad_ids_and_a_missing_network(tmp_path: Path) -> None:
