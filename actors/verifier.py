@@ -16,6 +16,7 @@ import pyarrow as pa
 from rayledger.chain import admit_batch
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
+from rayledger.kernels import prepare
 from rayledger.tx import verify_signatures
 
 
@@ -29,6 +30,9 @@ class Verifier:
         self.checked = 0
         self.admission_rows = 0
         self.refused: dict[str, int] = {}
+        # On a GPU, compile the kernels now: a cold compile takes seconds that would otherwise
+        # fall on the first batch, with consensus waiting for its check.
+        self.backend = prepare()
 
     async def check(self, digest: bytes, refs: list[Any]) -> str | None:
         """``None`` if the batch behind ``refs[0]`` is sound, else the error code."""
@@ -55,6 +59,7 @@ class Verifier:
     async def status(self) -> dict[str, Any]:
         return {
             "index": self.index,
+            "backend": self.backend,
             "checked_rows": self.checked,
             "admission_rows": self.admission_rows,
             "refused": self.refused,

@@ -9,7 +9,7 @@ zero-copy views, worker processes for large batches) and ``cuda`` (CuPy kernels 
 
 from __future__ import annotations
 
-from rayledger.kernels._backend import available_backends, resolve_backend
+from rayledger.kernels._backend import available_backends, prepare, resolve_backend
 from rayledger.kernels.ed25519 import ed25519_verify_batch
 from rayledger.kernels.merkle import merkle_levels, merkle_root
 from rayledger.kernels.sha import (
@@ -27,6 +27,7 @@ __all__ = [
     "ed25519_verify_batch",
     "merkle_levels",
     "merkle_root",
+    "prepare",
     "resolve_backend",
     "sha256_batch",
     "sha256_rows",

@@ -64,3 +64,15 @@ def resolve_backend(requested: str = "auto") -> str:
                 f"{reason}"
             )
     return requested
+
+
+def prepare(backend: str = "auto") -> str:
+    """Resolve ``backend`` and make it ready to serve: for ``cuda``, compile the kernel module
+    and set up the device now (seconds on a cold compiler cache) rather than under the first
+    batch. Returns the backend that will serve ``backend`` requests."""
+    chosen = resolve_backend(backend)
+    if chosen == "cuda":
+        from rayledger.kernels import _cuda
+
+        _cuda.device()
+    return chosen

@@ -33,6 +33,7 @@ from rayledger.cluster.network import load_network
 from rayledger.crypto import public_bytes
 from rayledger.errors import NotFound
 from rayledger.execution import Status
+from rayledger.kernels import available_backends
 from rayledger.tx import TxKind, make_batch, tx_ids_of
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.toml"
@@ -107,6 +108,7 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         assert all(s["evidence"] == 0 for s in net.status())
         checked = [ray.get(net._actor(f"verifier-{i}").status.remote()) for i in range(4)]
         assert all(c["checked_rows"] == 20_000 and not c["refused"] for c in checked)
+        assert {c["backend"] for c in checked} == {available_backends()[0]}
         # Each mempool's admission checks went through its institution's verifier
         assert sum(c["admission_rows"] for c in checked) == 20_000
     finally:

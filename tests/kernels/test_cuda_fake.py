@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from rayledger.kernels import _backend, _cuda, merkle_root, sha256_batch
+from rayledger.kernels import _backend, _cuda, merkle_root, prepare, sha256_batch
 from rayledger.kernels.bench import bench_kernels
 from tests.kernels import test_ed25519_gpu as ed
 from tests.kernels import test_hash_gpu as gpu
@@ -125,6 +125,14 @@ def test_bench_reports_gpu_rows_and_ratios() -> None:
     for r in rows:
         if r["backend"] in ("cpu", "cuda", "cuda-resident"):
             assert r["ratio_gpu_cpu"] is not None and r["ratio_gpu_cpu"] > 0, r
+
+
+def test_prepare_compiles_the_module_and_launches_nothing() -> None:
+    assert _cuda._device is None
+    assert prepare() == "cuda"
+    dev = _cuda.device()
+    assert set(dev.fn) == set(_cuda.KERNELS)
+    assert not any(k.launches for k in dev.fn.values())  # type: ignore[attr-defined]
 
 
 def test_ed25519_rows() -> None:

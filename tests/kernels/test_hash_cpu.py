@@ -29,8 +29,10 @@ from rayledger.kernels import (
     _cpu,
     as_offsets_and_values,
     available_backends,
+    ed25519_verify_batch,
     merkle_levels,
     merkle_root,
+    prepare,
     resolve_backend,
     sha256_batch,
     sha256_rows,
@@ -405,6 +407,13 @@ def test_env_var_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend("cpu") == "cpu"
 
 
+def test_prepare_resolves_without_touching_a_device_on_cpu() -> None:
+    assert prepare("cpu") == "cpu"
+    assert prepare() == available_backends()[0]
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        prepare("gpu")
+
+
 def test_unknown_backend_argument() -> None:
     with pytest.raises(ValueError, match="unknown kernel backend 'bogus'"):
         sha512_batch(pa.array([b"x"]), backend="bogus")
@@ -420,6 +429,13 @@ def test_explicit_cuda_without_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPa
         lambda: sha256_rows(np.zeros((1, 2), np.uint8), backend="cuda"),
         lambda: merkle_root(LEAVES[:2], backend="cuda"),
         lambda: merkle_levels(LEAVES[:2], backend="cuda"),
+        lambda: ed25519_verify_batch(
+            np.zeros((1, 32), np.uint8),
+            np.zeros((1, 64), np.uint8),
+            np.zeros((1, 32), np.uint8),
+            backend="cuda",
+        ),
+        lambda: prepare("cuda"),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match="'cuda' was requested .* cannot run here: "):

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Everything the open GPU work needs from a lent GPU machine, in as few device calls as possible.
+#
+# On this machine, once:   ../shared/tools/device-pack.sh        (builds .device/, git-ignored)
+# Then one device call per part, with carry [".device"]:
+#   bash .device/setup.sh && bash tests/gpu_check.sh kernels    (about 5 minutes)
+#   bash .device/setup.sh && bash tests/gpu_check.sh e2e        (about 3 minutes)
+# Part "kernels": the gpu-marked tests, the same tests under compute-sanitizer (memcheck), and
+# `rayledger bench kernels`. Part "e2e": `rayledger bench e2e` with 4 validators at 50,000
+# offered tx/s, and closed loop. Each step's full output goes to $OUT/<step>.log; a summary of
+# exit codes and times, then the tail of each log, is printed last (the reply keeps the tail).
+set -uo pipefail
+part=${1:-kernels}
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+summary="$out/summary.txt"
+: >"$summary"
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    printf '%-22s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$summary"
+}
+
+if command -v rayledger >/dev/null; then
+    rl=(rayledger)
+else
+    rl=(python3 -c 'from rayledger.cluster.cli import main; main()')
+fi
+
+{ nvidia-smi -L; python3 -c 'import cupy; print("cupy", cupy.__version__)'; } >"$out/device.txt" 2>&1
+
+case "$part" in
+kernels)
+    # Fails unless CuPy sees the device; times the cold compile of the kernel module.
+    step compile 240 python3 -c 'import time; t = time.time(); from rayledger.kernels import prepare
+print(prepare("cuda"), "module compiled and loaded in %.1f s" % (time.time() - t))'
+    step gpu-tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
+    step sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 99 \
+        python3 -m pytest -q -p no:cacheprovider -m gpu -k "not large" \
+        tests/kernels/test_hash_gpu.py tests/kernels/test_ed25519_gpu.py
+    step bench-kernels 240 "${rl[@]}" bench kernels
+    ;;
+e2e)
+    step bench-e2e-open 240 "${rl[@]}" bench e2e --validators 4 --duration 30 \
+        --rate 50000 --batch-rows 5000
+    step bench-e2e-closed 200 "${rl[@]}" bench e2e --validators 4 --duration 30
+    ;;
+*)
+    echo "unknown part $part (kernels or e2e)" >&2
+    exit 2
+    ;;
+esac
+
+for log in "$out"/*.log; do
+    echo "=== $(basename "$log") (last lines)"
+    tail -n 25 "$log"
+done
+cat "$out/device.txt"
+echo "=== summary"
+cat "$summary"
