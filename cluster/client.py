@@ -43,7 +43,7 @@ import ray  # noqa: E402
 
 from rayledger.actors.storage import rows_by_shard, shard_of_keys, shard_of_tx_ids
 from rayledger.config import Genesis, load_genesis
-from rayledger.errors import LedgerError, NotFound
+from rayledger.errors import DecodeError, InvalidReceipt, LedgerError, NotFound, StoreError
 from rayledger.execution import anchor_key, balance_key, nonce_key
 from rayledger.receipt import Receipt, verify_receipt
 from rayledger.tx import fixed_rows, tx_ids_of
@@ -234,31 +234,46 @@ class Client:
         """The receipt of a committed transaction, checked against the validator keys
         (``InvalidReceipt`` if it does not prove the commit, ``NotFound`` if not committed).
 
-        Asked of this client's validator's shard first; if that shard is down, of the other
-        validators' in turn: a verified receipt needs no trust in whoever served it."""
+        Asked of this client's validator's shard first; if that shard is down, reports its
+        rows damaged (``StoreError``) or serves bytes that are not a receipt of ``tx_id`` that
+        verifies, of the other validators' in turn: a verified receipt needs no trust in
+        whoever served it. When no shard serves one, the first specific refusal is raised (a
+        ``ConnectionError`` if none answered at all)."""
         if len(tx_id) != 32:
             raise ValueError("a transaction id is 32 bytes")
         k = int(shard_of_tx_ids(np.frombuffer(tx_id, np.uint8), self.shards)[0])
         order = [self.validator] + [v for v in range(self.n) if v != self.validator]
         unavailable: Exception | None = None
+        refused: LedgerError | None = None
         for v in order:
             try:
                 raw = ray.get(self._shard(k, v).receipt.remote(tx_id))
             except ray.exceptions.RayTaskError as exc:
                 if isinstance(exc.cause, NotFound):
                     raise exc.cause from None
-                raise
+                if not isinstance(exc.cause, StoreError):
+                    raise
+                refused = refused or exc.cause
+                continue
             except (ValueError, ray.exceptions.RayActorError) as exc:  # gone or restarting
                 unavailable = exc
                 continue
-            receipt = Receipt.decode(raw, max_payload=self.genesis.limits.max_payload_bytes)
-            if receipt.tx_id != tx_id:
-                raise NotFound("the shard answered with another transaction's receipt")
-            if verify:
-                verify_receipt(
-                    receipt, self.genesis.validators, self.chain_id, self.genesis.header.hash
-                )
+            try:
+                receipt = Receipt.decode(raw, max_payload=self.genesis.limits.max_payload_bytes)
+                if receipt.tx_id != tx_id:
+                    raise InvalidReceipt(
+                        f"validator {v}'s shard {k} answered with another transaction's receipt"
+                    )
+                if verify:
+                    verify_receipt(
+                        receipt, self.genesis.validators, self.chain_id, self.genesis.header.hash
+                    )
+            except (DecodeError, InvalidReceipt) as exc:
+                refused = refused or exc
+                continue
             return receipt
+        if refused is not None:
+            raise refused
         raise ConnectionError(f"no validator's storage shard {k} answers: {unavailable}")
 
     def state(self, key: bytes) -> tuple[bytes, int] | None:

@@ -21,7 +21,8 @@ A shard's rows of each block are appended to ``rows.seg`` as one Arrow IPC strea
 the SQLite database (WAL mode) indexes them (tx id -> height, index, frame, position) and holds
 the headers, proofs' leaves and the state partition. A block is indexed in one SQLite
 transaction with the applied height, after its frame is written, so a crash leaves the shard at
-a block boundary; bytes after the last indexed frame are cut off on open.
+a block boundary; bytes after the last indexed frame are cut off on open. Each frame's CRC-32
+is indexed with it, so a frame damaged on disk reads as ``StoreError``, never as other rows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +78,8 @@ CREATE TABLE IF NOT EXISTS leaves (
 CREATE TABLE IF NOT EXISTS frames (
     height INTEGER PRIMARY KEY,
     offset INTEGER NOT NULL,
-    length INTEGER NOT NULL
+    length INTEGER NOT NULL,
+    crc    INTEGER
 );
 CREATE TABLE IF NOT EXISTS txs (
     tx_id  BLOB PRIMARY KEY,
@@ -164,6 +167,9 @@ class ShardStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA_SQL)
         self._check_meta()
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(frames)")}
+        if "crc" not in columns:  # a shard written before frames carried checksums
+            self._db.execute("ALTER TABLE frames ADD COLUMN crc INTEGER")
         row = self._db.execute("SELECT max(height) FROM headers").fetchone()
         self._height = int(row[0] or 0)
         self._seg_path = path / "rows.seg"
@@ -274,10 +280,10 @@ class ShardStore:
             )
         mine, part = self._mine(rows, lambda: shard_of_tx_ids(ids, self.shards))
         if len(mine):
-            offset, length = self._append_frame(part)
+            offset, length, crc = self._append_frame(part)
             cur.execute(
-                "INSERT INTO frames (height, offset, length) VALUES (?, ?, ?)",
-                (h, offset, length),
+                "INSERT INTO frames (height, offset, length, crc) VALUES (?, ?, ?, ?)",
+                (h, offset, length, crc),
             )
             statuses = part.column("status").to_numpy(zero_copy_only=False).tolist()
             raw = ids.tobytes()
@@ -321,7 +327,8 @@ class ShardStore:
         sel = np.flatnonzero(owners() == self.shard)
         return sel, batch.take(pa.array(sel))
 
-    def _append_frame(self, rows: pa.RecordBatch) -> tuple[int, int]:
+    def _append_frame(self, rows: pa.RecordBatch) -> tuple[int, int, int]:
+        """Append one block's rows; (offset, length, CRC-32 of the frame's bytes)."""
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rows.schema) as writer:
             writer.write_batch(rows)
@@ -331,18 +338,29 @@ class ShardStore:
         self._seg.write(data)
         self._seg.flush()
         self._seg_end = offset + data.size
-        return offset, data.size
+        return offset, data.size, zlib.crc32(data)
 
     def _frame(self, height: int) -> pa.RecordBatch:
+        """The rows of block ``height`` in this shard; ``StoreError`` if their bytes on disk
+        are not the ones written (short, or failing the frame's CRC-32), never other rows."""
         row = self._db.execute(
-            "SELECT offset, length FROM frames WHERE height = ?", (height,)
+            "SELECT offset, length, crc FROM frames WHERE height = ?", (height,)
         ).fetchone()
         if row is None:
             raise NotFound(f"no rows of block {height} in shard {self.shard}")
+        offset, length, crc = int(row[0]), int(row[1]), row[2]
         with open(self._seg_path, "rb") as f:
-            f.seek(int(row[0]))
-            data = f.read(int(row[1]))
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
+            f.seek(offset)
+            data = f.read(length)
+        damaged = f"shard {self.shard}: the rows of block {height} in {self._seg_path} are damaged"
+        if len(data) != length:
+            raise StoreError(f"{damaged} (short read: {len(data)} of {length} bytes)")
+        if crc is not None and zlib.crc32(data) != int(crc):
+            raise StoreError(f"{damaged} (checksum mismatch)")
+        try:
+            return pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
+        except (pa.ArrowException, StopIteration) as exc:
+            raise StoreError(f"{damaged} ({exc})") from None
 
     # ---- reading -----------------------------------------------------------------------------
 

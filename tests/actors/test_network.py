@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import struct
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from rayledger.cluster.client import Client, SubmitError
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
 from rayledger.crypto import public_bytes
-from rayledger.errors import NotFound
+from rayledger.errors import NotFound, StoreError
 from rayledger.execution import Status
 from rayledger.kernels import available_backends
 from rayledger.tx import TxKind, make_batch, tx_ids_of
@@ -358,6 +359,27 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         assert Client(net.dir, validator=3).receipt(sample[1]).tx_id == sample[1]
         wait_gone(f"shards-shard-3-{owner}")
         net._start_shard(3, owner)
+        # A shard whose rows file was damaged on disk: reading the rows is a StoreError, and
+        # the client's receipt comes from another validator's copy
+        t = sample[2]
+        owner = int(shard_of_tx_ids(np.frombuffer(t, np.uint8), 3)[0])
+        folder = net.dir / "validator-2" / f"shard-{owner}"
+        db = sqlite3.connect(folder / "shard.sqlite")
+        offset, length = db.execute(
+            "SELECT offset, length FROM frames WHERE height = ?", (client.receipt(t).height,)
+        ).fetchone()
+        db.close()
+        with open(folder / "rows.seg", "r+b") as f:
+            f.seek(offset + length - 40)
+            good = f.read(1)
+            f.seek(offset + length - 40)
+            f.write(bytes([good[0] ^ 1]))
+        with pytest.raises(StoreError, match="damaged"):
+            Client(net.dir, validator=2).transaction(t)
+        assert Client(net.dir, validator=2).receipt(t).tx_id == t
+        with open(folder / "rows.seg", "r+b") as f:
+            f.seek(offset + length - 40)
+            f.write(good)
         more = client_batches(net, 400, start_nonce=paid)
         # A shard of validator 0 crashes and comes back from its disk; its validator resends
         net.crash_shard(0, 0)
