@@ -85,6 +85,8 @@ SHARD_PENDING_MAX = 1024
 SHARD_PUSH_DELAY_S = 0.1
 # How long a mempool's batch waits for its predecessor before it is held anyway
 REORDER_WAIT_S = 1.0
+# Wall-clock commit times kept in memory (for load generators polling ``committed_since``).
+COMMIT_TIMES_KEEP = 65_536
 
 ACTOR_STRATEGIES = ("none", "silent", "invalid-signature", "double-voter", "equivocating-leader")
 
@@ -110,6 +112,9 @@ class Validator:
         verifier_backend = settings.get("verifier_backend", "auto")
         self.shards = int(settings.get("storage_shards", 0))
         self.shard_pending_max = int(settings.get("shard_pending_blocks", SHARD_PENDING_MAX))
+        # Heights of committed batches kept servable to peers from memory (the core refuses
+        # a repeat within its committed window; older repeats come with their batch again)
+        self.batch_window = int(settings.get("batch_window_heights", CoreConfig().committed_window))
         self.snapshot_every = int(settings.get("snapshot_every_blocks", 1000))
         self._snapshot_task: asyncio.Future[None] | None = None
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
@@ -139,7 +144,13 @@ class Validator:
         # Storage shards: committed blocks waiting to reach every shard (height -> object ref
         # of a CommittedBlock, shared by all shards), the height each shard has acknowledged,
         # and the state writes of recent blocks (to rebuild what a shard lost).
-        self.commit_proofs = self._load_commit_proofs()
+        # Commit proofs (what receipts carry) of the last ``shard_pending_max`` heights stay
+        # in memory; older ones are read back from commits.log when a shard needs rebuilding
+        # (``replayed_proofs``, dropped again as the shards acknowledge).
+        self.proofs_from = max(0, self.store.height - self.shard_pending_max)
+        self.commit_proofs = self._load_commit_proofs(self.proofs_from, self.store.height)
+        self.replayed_proofs: dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]] = {}
+        self.replayed_proofs_from: int | None = None
         self.shard_pending: dict[int, Any] = {}
         self.shard_acked: dict[int, int] = {}
         self.shard_handles: dict[int, Any] = {}
@@ -226,18 +237,23 @@ class Validator:
             None, save_snapshot, self.dir / "state.snap", head.height, head.hash, state
         )
 
-    def _load_commit_proofs(self) -> dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]]:
+    def _load_commit_proofs(
+        self, lo: int, hi: int
+    ) -> dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]]:
         """height -> (QC certifying it, its child in the next round, the child's QC) for the
-        last block of every commit: what proves a commit in a receipt."""
+        last block of every commit with ``lo <= height <= hi`` (and in the store), in height
+        order: what proves a commit in a receipt. Reads only commits.log (a thread may)."""
         out = {}
         for record in _read_records(self.dir / "commits.log"):
+            height = int.from_bytes(record[:8], "big")
+            if not lo <= height <= min(hi, self.store.height):
+                continue
             r = Reader(record, "commit proof record")
-            height = r.u64("height")
+            r.u64("height")
             qc = QuorumCert.decode(r.var_bytes("qc"))
             child = BlockHeader.decode(r.var_bytes("child"))
             child_qc = QuorumCert.decode(r.var_bytes("child qc"))
-            if height <= self.store.height:
-                out[height] = (qc, child, child_qc)
+            out[height] = (qc, child, child_qc)
         return out
 
     def _load_consensus(self) -> tuple[SafetyState | None, list[Proposal]]:
@@ -252,16 +268,46 @@ class Validator:
         return state, [decode_proposal(r) for r in records[-window:]]
 
     def _load_batch_index(self) -> dict[bytes, tuple[int, int, int]]:
+        """digest -> (height, first row, rows) of the batches committed in the last
+        ``batch_window`` heights (what peers may still ask for), in height order."""
         path = self.dir / "batches.idx"
         data = path.read_bytes() if path.exists() else b""
         if len(data) % 48:  # a torn entry (crash during its append): cut so appends align
             _cut(path, len(data) - len(data) % 48)
+        self._batch_index_entries = len(data) // 48
+        low = self.store.height - self.batch_window
         out = {}
         for pos in range(0, len(data) - len(data) % 48, 48):
             height, offset, rows = struct.unpack(">QII", data[pos + 32 : pos + 48])
-            if height <= self.store.height:
+            if low < height <= self.store.height:
                 out[data[pos : pos + 32]] = (height, offset, rows)
         return out
+
+    def _bound_memory(self) -> None:
+        """Keep what this validator holds per height bounded (it commits for ever): commit
+        proofs beyond the shard queue's depth, batches beyond ``batch_window`` heights and
+        old commit times leave memory; the logs on disk keep what a restart, a lagging
+        peer or a shard rebuild needs, and batches.idx is rewritten once it holds twice the
+        window."""
+        head = self.store.height
+        floor = head - self.shard_pending_max
+        if floor > self.proofs_from:
+            while self.commit_proofs and next(iter(self.commit_proofs)) < floor:
+                h, proof = _pop_first(self.commit_proofs)
+                if self.replayed_proofs_from is not None:  # a rebuild reads these: keep
+                    self.replayed_proofs[h] = proof
+            self.proofs_from = floor
+        low = head - self.batch_window
+        while self.committed_batches and next(iter(self.committed_batches.values()))[0] <= low:
+            _pop_first(self.committed_batches)
+        while len(self.commit_times) > COMMIT_TIMES_KEEP:
+            _pop_first(self.commit_times)
+        if self._batch_index_entries > 2 * len(self.committed_batches) + 1024:
+            fsync_write(
+                self.dir / "batches.idx",
+                b"".join(d + struct.pack(">QII", *at) for d, at in self.committed_batches.items()),
+            )
+            self._batch_index_entries = len(self.committed_batches)
 
     def _append_proposals(self, proposals: tuple[Proposal, ...]) -> None:
         """Append committed proposals (a restart reloads the last window of them). The log is
@@ -562,6 +608,7 @@ class Validator:
             f.write(bytes(index))
             f.flush()
             os.fsync(f.fileno())
+        self._batch_index_entries += len(index) // 48
         for d in digests:
             self.batches.pop(d, None)
         if self.mempool is not None:
@@ -571,6 +618,7 @@ class Validator:
             self._queue_for_shards(block.header, qc, block.rows(), writes)
         self._wake_shards()
         self._maybe_snapshot()
+        self._bound_memory()
         self.timings["shards_s"] = self.timings.get("shards_s", 0.0) + time.perf_counter() - t0
 
     # ---- storage shards ------------------------------------------------------------------------
@@ -579,7 +627,7 @@ class Validator:
         self, header: BlockHeader, qc: QuorumCert, rows: pa.RecordBatch, writes: dict
     ) -> Any:
         """The object every shard of this validator reads for one block (put once)."""
-        proof = self.commit_proofs.get(header.height)
+        proof = self.commit_proofs.get(header.height) or self.replayed_proofs.get(header.height)
         commit = (proof[1], proof[2]) if proof is not None else None
         return ray.put(CommittedBlock(header, qc, rows, writes_batch(writes), commit))
 
@@ -611,6 +659,13 @@ class Validator:
                 log.warning("validator %d: re-executing the chain for a storage shard", self.index)
                 *_, writes = await asyncio.to_thread(self._replay, acked, need_all=True)
                 self.replayed_writes.update(writes)
+            covered = self.replayed_proofs_from
+            if acked + 1 < self.proofs_from and (covered is None or acked + 1 < covered):
+                # Commit proofs older than those in memory: read them back, all at once
+                upper = self.proofs_from - 1 if covered is None else covered - 1
+                older = await asyncio.to_thread(self._load_commit_proofs, acked + 1, upper)
+                self.replayed_proofs.update(older)
+                self.replayed_proofs_from = acked + 1
             blocks = [self.store.get_block(h) for h in range(acked + 1, upto + 1)]
             refs = []
             for i, block in enumerate(blocks):
@@ -635,6 +690,13 @@ class Validator:
             del self.shard_pending[h]
         for h in [h for h in self.replayed_writes if h <= done]:
             del self.replayed_writes[h]
+        if self.replayed_proofs_from is not None and self.replayed_proofs_from <= done:
+            for h in [h for h in self.replayed_proofs if h <= done]:
+                del self.replayed_proofs[h]
+            if done + 1 >= self.proofs_from:
+                self.replayed_proofs_from = None  # every shard is past what was read back
+            else:
+                self.replayed_proofs_from = done + 1
 
     async def _push_shard(self, k: int) -> None:
         """Keep shard ``k`` up to date, in height order, for the life of this validator: a
@@ -717,6 +779,13 @@ class Validator:
             "strategy": self.strategy,
             "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            # Entries held in memory per height (bounded; see _bound_memory)
+            "held": {
+                "commit_proofs": len(self.commit_proofs),
+                "replayed_proofs": len(self.replayed_proofs),
+                "committed_batches": len(self.committed_batches),
+                "commit_times": len(self.commit_times),
+            },
             "cpu_s": round(time.process_time(), 3),
             "restored_from_snapshot": self.restored_from,
         }
@@ -783,6 +852,12 @@ class Validator:
         return np.concatenate(
             [tx_ids_of(rows) for _, rows in self.store.iter_rows()] or [np.empty((0, 32), np.uint8)]
         )
+
+
+def _pop_first(d: dict[Any, Any]) -> tuple[Any, Any]:
+    """Remove and return the oldest entry of an insertion-ordered dict."""
+    key = next(iter(d))
+    return key, d.pop(key)
 
 
 def _record(data: bytes) -> bytes:

@@ -44,7 +44,54 @@ def test_torn_batch_index_entry_is_cut(tmp_path: Path) -> None:
     v = Validator.__new__(Validator)
     v.dir = tmp_path
     v.store = SimpleNamespace(height=5)
+    v.batch_window = 4096
     entry = b"\x01" * 32 + struct.pack(">QII", 3, 0, 10)
     (tmp_path / "batches.idx").write_bytes(entry + entry[:20])
     assert v._load_batch_index() == {b"\x01" * 32: (3, 0, 10)}
     assert (tmp_path / "batches.idx").stat().st_size == 48
+
+
+def test_memory_held_per_height_stays_bounded_and_the_batch_index_compacts(
+    tmp_path: Path,
+) -> None:
+    import struct
+    from types import SimpleNamespace
+
+    from rayledger.actors import validator as vmod
+
+    v = Validator.__new__(Validator)
+    v.dir = tmp_path
+    v.store = SimpleNamespace(height=0)
+    v.shard_pending_max = 10
+    v.batch_window = 50
+    v.proofs_from = 0
+    v.commit_proofs, v.replayed_proofs, v.replayed_proofs_from = {}, {}, None
+    v.commit_times = {}
+    v.committed_batches = v._load_batch_index()
+    saved = vmod.COMMIT_TIMES_KEEP
+    vmod.COMMIT_TIMES_KEEP = 30
+    try:
+        sizes = []
+        for h in range(1, 3001):
+            v.store.height = h
+            v.commit_proofs[h] = ("proof", h)  # type: ignore[assignment]
+            v.commit_times[h] = float(h)
+            digest = h.to_bytes(32, "big")
+            v.committed_batches[digest] = (h, 0, 7)
+            with open(tmp_path / "batches.idx", "ab") as f:
+                f.write(digest + struct.pack(">QII", h, 0, 7))
+            v._batch_index_entries += 1
+            if h == 2000:  # a shard rebuild begins: proofs leaving memory are kept for it
+                v.replayed_proofs_from = v.proofs_from - 5
+            v._bound_memory()
+            sizes.append((tmp_path / "batches.idx").stat().st_size // 48)
+    finally:
+        vmod.COMMIT_TIMES_KEEP = saved
+    assert sorted(v.commit_proofs) == list(range(2990, 3001)) and v.proofs_from == 2990
+    assert sorted(v.replayed_proofs) == list(range(1989, 2990))  # contiguous, nothing lost
+    assert sorted(h for h, _, _ in v.committed_batches.values()) == list(range(2951, 3001))
+    assert sorted(v.commit_times) == list(range(2971, 3001))
+    assert max(sizes) <= 2 * 50 + 1024 + 1  # the file is rewritten, not grown for ever
+    # A restart reads back exactly the window, from the compacted file
+    v.committed_batches = {}
+    assert v._load_batch_index() == {h.to_bytes(32, "big"): (h, 0, 7) for h in range(2951, 3001)}
