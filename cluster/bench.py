@@ -348,9 +348,11 @@ def bench_e2e(
     # validator (no validator trusts another's verification).
     per_tx = 1 + validators
     raw_limit = one_core * cores / per_tx
-    offered = min(raw_limit, 20_000) if rate is None else rate
-    expected = int(offered * duration_s * 1.5) + batch_rows * 4
     clients = len(spec.clients)
+    if rate is None:  # closed loop: enough for half again the raw limit's pace
+        expected = int(min(raw_limit, 20_000) * duration_s * 1.5) + batch_rows * 4
+    else:  # open loop: the schedule submits rate x duration rows, and a chunk more each
+        expected = int(rate * duration_s) + batch_rows * 2 * clients
     per_client = expected // clients
 
     with tempfile.TemporaryDirectory(prefix="rayledger-bench-") as tmp:
