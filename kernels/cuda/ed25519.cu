@@ -119,6 +119,18 @@ RL_HD void rl_fe_sub(rl_fe* r, const rl_fe* a, const rl_fe* b) {
     r->v[0] -= (rl_u32)(borrow * 38);
 }
 
+// r = t mod (2^256 - 38) for a 512-bit t (16 limbs), since 2^256 = 38 (mod p).
+RL_HD void rl_fe_reduce512(rl_fe* r, const rl_u32 t[16]) {
+    rl_u64 c = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        c += (rl_u64)t[i + 8] * 38 + t[i];
+        r->v[i] = (rl_u32)c;
+        c >>= 32;
+    }
+    rl_fe_fold(r, c);
+}
+
 RL_HD void rl_fe_mul(rl_fe* r, const rl_fe* a, const rl_fe* b) {
     rl_u32 t[16];
 #pragma unroll
@@ -134,18 +146,43 @@ RL_HD void rl_fe_mul(rl_fe* r, const rl_fe* a, const rl_fe* b) {
         }
         t[i + 8] = (rl_u32)c;
     }
-    // 2^256 = 38 (mod p)
+    rl_fe_reduce512(r, t);
+}
+
+// r = a^2 with 36 limb products instead of 64: the cross products once, doubled, plus the
+// squares on the diagonal. Doublings and the square root's exponentiation are mostly these.
+RL_HD void rl_fe_sq(rl_fe* r, const rl_fe* a) {
+    rl_u32 t[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) t[i] = 0;
+#pragma unroll
+    for (int i = 0; i < 7; ++i) {
+        rl_u64 c = 0;
+#pragma unroll
+        for (int j = i + 1; j < 8; ++j) {
+            c += (rl_u64)a->v[i] * a->v[j] + t[i + j];
+            t[i + j] = (rl_u32)c;
+            c >>= 32;
+        }
+        t[i + 8] = (rl_u32)c;
+    }
+    // The cross sum is below a^2 / 2 < 2^511: doubling it cannot overflow 16 limbs.
+#pragma unroll
+    for (int i = 15; i > 0; --i) t[i] = (t[i] << 1) | (t[i - 1] >> 31);
+    t[0] <<= 1;
     rl_u64 c = 0;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        c += (rl_u64)t[i + 8] * 38 + t[i];
-        r->v[i] = (rl_u32)c;
+        rl_u64 d = (rl_u64)a->v[i] * a->v[i];
+        c += (rl_u64)t[2 * i] + (rl_u32)d;
+        t[2 * i] = (rl_u32)c;
+        c >>= 32;
+        c += (rl_u64)t[2 * i + 1] + (d >> 32);
+        t[2 * i + 1] = (rl_u32)c;
         c >>= 32;
     }
-    rl_fe_fold(r, c);
+    rl_fe_reduce512(r, t);
 }
-
-RL_HD void rl_fe_sq(rl_fe* r, const rl_fe* a) { rl_fe_mul(r, a, a); }
 
 RL_HD void rl_fe_sqn(rl_fe* r, const rl_fe* a, int n) {
     rl_fe_sq(r, a);

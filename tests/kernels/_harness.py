@@ -60,6 +60,23 @@ void h_merkle_leaves(const rl_u8* leaves, rl_u64 n, rl_u8* out) {
 void h_merkle_level(const rl_u8* children, rl_u64 m, rl_u8* parents) {
     RL_GRID((m + 1) / 2) rl_merkle_level_body(i, children, m, parents);
 }
+void h_fe_op(int op, const rl_u32* a, const rl_u32* b, rl_u32* out, rl_u64 n) {
+    for (rl_u64 i = 0; i < n; ++i) {
+        const rl_fe* x = (const rl_fe*)(a + 8 * i);
+        const rl_fe* y = (const rl_fe*)(b + 8 * i);
+        rl_fe* r = (rl_fe*)(out + 8 * i);
+        switch (op) {
+            case 0: rl_fe_add(r, x, y); break;
+            case 1: rl_fe_sub(r, x, y); break;
+            case 2: rl_fe_mul(r, x, y); break;
+            case 3: rl_fe_sq(r, x); break;
+            case 4: rl_fe_canonical(r, x); break;
+            case 5: rl_fe_invert(r, x); break;
+            case 6: rl_fe_pow22523(r, x); break;
+            default: rl_sc_reduce512(r->v, (const rl_u8*)(a + 16 * i)); break;
+        }
+    }
+}
 void h_ed25519_verify(const rl_u8* keys, const rl_u8* sigs, const rl_u8* msgs, rl_u64 n,
                       rl_u8* ok) {
     RL_GRID(n) rl_ed25519_verify_body(i, keys, sigs, msgs, n, ok);
