@@ -21,8 +21,9 @@ A shard's rows of each block are appended to ``rows.seg`` as one Arrow IPC strea
 the SQLite database (WAL mode) indexes them (tx id -> height, index, frame, position) and holds
 the headers, proofs' leaves and the state partition. A block is indexed in one SQLite
 transaction with the applied height, after its frame is written, so a crash leaves the shard at
-a block boundary; bytes after the last indexed frame are cut off on open. Each frame's CRC-32
-is indexed with it, so a frame damaged on disk reads as ``StoreError``, never as other rows.
+a block boundary; bytes after the last indexed frame are cut off on open, and a rows file
+shorter than its index refuses to open (``StoreCorruption``). Each frame's CRC-32 is indexed
+with it, so a frame damaged on disk reads as ``StoreError``, never as other rows.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayledger.block import BLOCK_ROW_SCHEMA, BlockHeader, QuorumCert, result_leaf_hashes
-from rayledger.errors import InvalidBlock, NotFound, StoreError
+from rayledger.errors import InvalidBlock, NotFound, StoreCorruption, StoreError
 from rayledger.execution import Status
 from rayledger.kernels import sha256_batch
 from rayledger.merkle import (
@@ -175,9 +176,17 @@ class ShardStore:
         self._seg_path = path / "rows.seg"
         end = self._db.execute("SELECT max(offset + length) FROM frames").fetchone()[0] or 0
         self._seg = open(self._seg_path, "a+b")  # noqa: SIM115 (held open for the shard's life)
-        if self._seg.seek(0, os.SEEK_END) > end:
+        size = self._seg.seek(0, os.SEEK_END)
+        if size > end:
             # A frame written by an apply that never committed its index: not part of the shard
             self._seg.truncate(end)
+        elif size < end:
+            self.close()
+            raise StoreCorruption(
+                f"shard {shard}: the rows file has {size} bytes, its index needs {end}",
+                height=self._height,
+                path=str(self._seg_path),
+            )
         self._seg_end = end
         self._head_hash = self._hash_at(self._height)
         if genesis_state and self._height == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -25,10 +26,11 @@ from rayledger.actors.storage.partition import (
     shard_of_height,
 )
 from rayledger.config import parse_genesis
-from rayledger.errors import LedgerError
+from rayledger.errors import LedgerError, StoreCorruption
 from rayledger.execution import genesis_state
 
 NAMESPACE = "rayledger"
+log = logging.getLogger(__name__)
 
 
 def shard_name(network: str, validator: int, shard: int) -> str:
@@ -45,13 +47,22 @@ class StorageShard:
         self.validator, self.shard = validator, shard
         self.shards = int(settings.get("storage_shards", 1))
         self.chain_id = genesis.chain_id
-        self.store = ShardStore(
-            root / f"validator-{validator}" / f"shard-{shard}",
-            shard,
-            self.shards,
-            genesis.header,
-            genesis_state(genesis.accounts)[0].writes,
-        )
+        folder = root / f"validator-{validator}" / f"shard-{shard}"
+        seed = genesis_state(genesis.accounts)[0].writes
+        # Where damaged files were moved before this shard started afresh (None: never)
+        self.set_aside: str | None = None
+        try:
+            self.store = ShardStore(folder, shard, self.shards, genesis.header, seed)
+        except StoreCorruption as exc:
+            # A shard is derived data: set the damaged files aside (never delete them) and
+            # start empty; the validator then rebuilds this shard from its block store.
+            aside = folder.with_name(f"{folder.name}.damaged-{int(time.time())}")
+            folder.rename(aside)
+            self.set_aside = str(aside)
+            log.error(
+                "storage shard %d-%d: %s; moved to %s, rebuilding", validator, shard, exc, aside
+            )
+            self.store = ShardStore(folder, shard, self.shards, genesis.header, seed)
         self.rejected = 0
 
     # ---- the validator's side ----------------------------------------------------------------
@@ -110,5 +121,6 @@ class StorageShard:
             "shards": self.shards,
             "height": self.store.height,
             "rejected": self.rejected,
+            "set_aside": self.set_aside,
             "cpu_s": round(time.process_time(), 3),
         }

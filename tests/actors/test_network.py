@@ -420,6 +420,21 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         for b in [*batches, *last]:
             reader.wait_committed(b, timeout_s=120)
         assert early and all(reader.receipt(t).encode() == before[t] for t in early)
+        # A shard whose rows file lost its tail (its index says more): it sets the damaged
+        # files aside, starts empty, and its validator rebuilds it; receipts are as before
+        ray.kill(net.shard(2, 1), no_restart=True)
+        wait_gone("shards-shard-2-1")
+        seg = net.dir / "validator-2" / "shard-1" / "rows.seg"
+        with open(seg, "r+b") as f:
+            f.truncate(seg.stat().st_size // 2)
+        net._start_shard(2, 1)
+        status = ray.get(net.shard(2, 1).status.remote())
+        assert status["set_aside"] and Path(status["set_aside"]).is_dir(), status
+        target, deadline = net.height(2), time.monotonic() + 120
+        while ray.get(net.shard(2, 1).height.remote()) < target:
+            assert time.monotonic() < deadline, "the shard was not rebuilt"
+            time.sleep(0.2)
+        assert all(reader.receipt(t).encode() == before[t] for t in early)
         assert reader.balance(payee.public_key) == client.balance(payee.public_key)
         assert reader.next_nonce(public_bytes(payer)) == paid + 150
         # Proofs older than the shard queue (8 here) left memory, and the rebuild read them

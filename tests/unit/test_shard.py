@@ -30,6 +30,7 @@ from rayledger.errors import (
     InvalidBlock,
     InvalidReceipt,
     NotFound,
+    StoreCorruption,
     StoreError,
     TruncatedInput,
 )
@@ -434,6 +435,18 @@ def test_a_damaged_frame_reads_as_store_error_never_as_other_rows(
     if damage == "flip":  # the other blocks' rows are intact and still served
         assert again.get_tx(t4)["height"] == 4
     again.close()
+
+
+def test_a_rows_file_shorter_than_its_index_refuses_to_open(tmp_path: Path, chain) -> None:  # noqa: ANN001
+    genesis, blocks, _ = chain
+    shard = ShardStore(tmp_path / "s", 0, 1, genesis)
+    shard.apply(blocks)
+    shard.close()
+    seg = tmp_path / "s" / "rows.seg"
+    with open(seg, "r+b") as f:
+        f.truncate(seg.stat().st_size - 1)
+    with pytest.raises(StoreCorruption, match=r"rows file has \d+ bytes, its index needs"):
+        ShardStore(tmp_path / "s", 0, 1, genesis)
 
 
 def test_frames_of_a_shard_from_before_checksums_still_read(tmp_path: Path, chain) -> None:  # noqa: ANN001
