@@ -140,7 +140,14 @@ class Validator:
         self.strategy = "none"
 
         # With storage shards the (partitioned) transaction index is theirs, not the store's
-        self.store = BlockStore(self.dir / "store", self.genesis.header, index_txs=not self.shards)
+        # Opened from its verified mark: a restart re-reads what was appended since, not the
+        # whole chain (reads check every frame's checksum; an audit opens it in full)
+        self.store = BlockStore(
+            self.dir / "store",
+            self.genesis.header,
+            verify_from_mark=True,
+            index_txs=not self.shards,
+        )
         # Storage shards: committed blocks waiting to reach every shard (height -> object ref
         # of a CommittedBlock, shared by all shards), the height each shard has acknowledged,
         # and the state writes of recent blocks (to rebuild what a shard lost).

@@ -13,7 +13,9 @@ Durability order for ``append``: the frame is written and fsynced, then the inde
 committed (SQLite ``synchronous=FULL``), and only then does ``append`` return. So every
 acknowledged block is in both places. On open every indexed frame is re-read and verified
 (checksum, header hash, hash chain, tx and result roots); any mismatch raises
-``StoreCorruption`` naming the height and file. Bytes after the last indexed frame were never
+``StoreCorruption`` naming the height and file. A store opened ``verify_from_mark`` (a validator
+restarting) verifies only the frames above its verified mark, which every append moves; every
+read still checks its frame's checksum. Bytes after the last indexed frame were never
 acknowledged: a complete, valid next block there is indexed (its append was interrupted between
 the two steps), anything else is moved aside to a ``.torn`` file and listed in ``recovery``,
 never deleted.
@@ -160,12 +162,19 @@ class BlockStore:
         *,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         verify_on_open: bool = True,
+        verify_from_mark: bool = False,
         index_txs: bool = True,
         _after_segment_write: Callable[[int], None] | None = None,
     ) -> None:
         """``index_txs``: keep the tx id -> (height, index) index here. A validator whose
         storage shards keep the (partitioned) transaction index creates its store without it;
-        the choice is fixed when the store is created."""
+        the choice is fixed when the store is created.
+
+        ``verify_from_mark``: re-verify on open only the frames above the verified mark (the
+        last block appended or verified at an open), so that opening a long chain costs what
+        was written since, not the whole chain; the index is still checked for gaps, and every
+        frame read later is checked against its checksum. A store whose mark does not match
+        its index is verified in full."""
         self.path = Path(path)
         self.genesis = genesis
         self.segment_bytes = segment_bytes
@@ -184,7 +193,7 @@ class BlockStore:
         self.index_txs = self._tx_index_setting(index_txs)
         self._head = genesis
         self._tail: tuple[int, int] = (0, 0)  # (segment, end offset) of the last indexed frame
-        self._open_chain(verify_on_open)
+        self._open_chain(verify_on_open, verify_from_mark)
         self._recover_tail()
 
     # ---- opening ---------------------------------------------------------------------------
@@ -266,11 +275,50 @@ class BlockStore:
             raise StoreCorruption(str(exc), height=height, path=str(path)) from exc
         return block
 
-    def _open_chain(self, verify: bool) -> None:
+    def _mark(self) -> BlockHeader | None:
+        """The verified mark's block when it is one the index holds without gaps below it (its
+        frame checked against its checksum), else ``None``. Sets the tail to its frame."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'verified'").fetchone()
+        if row is None or len(row[0]) != 40:
+            return None
+        height, block_hash = struct.unpack(">Q32s", row[0])
+        count, low, high = self._db.execute(
+            "SELECT count(*), min(height), max(height) FROM blocks WHERE height <= ?", (height,)
+        ).fetchone()
+        if height == 0 or count != height or low != 1 or high != height:
+            return None  # a full verification names what is wrong
+        segment, offset, length = self._location(height)
+        header = self._decode_checked_header(segment, offset, length, height)
+        if header.hash != block_hash:
+            return None
+        self._tail = (segment, offset + length)
+        return header
+
+    def _decode_checked_header(
+        self, segment: int, offset: int, length: int, height: int
+    ) -> BlockHeader:
+        body = self._read_frame(segment, offset, length, height)
+        try:
+            return decode_frame_body(body)[1]
+        except (LedgerError, pa.ArrowException) as exc:
+            raise StoreCorruption(
+                str(exc), height=height, path=str(self._segment_path(segment))
+            ) from exc
+
+    def _set_mark(self, header: BlockHeader, cur: sqlite3.Cursor | None = None) -> None:
+        (cur or self._db).execute(
+            "INSERT INTO meta (key, value) VALUES ('verified', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (struct.pack(">Q32s", header.height, header.hash),),
+        )
+
+    def _open_chain(self, verify: bool, from_mark: bool = False) -> None:
+        parent = (self._mark() if from_mark else None) or self.genesis
         rows = self._db.execute(
-            "SELECT height, hash, segment, offset, length FROM blocks ORDER BY height"
+            "SELECT height, hash, segment, offset, length FROM blocks WHERE height > ? "
+            "ORDER BY height",
+            (parent.height,),
         ).fetchall()
-        parent = self.genesis
         for height, block_hash, segment, offset, length in rows:
             path = self._segment_path(segment)
             if height != parent.height + 1:
@@ -292,6 +340,8 @@ class BlockStore:
             parent = header
             self._tail = (segment, offset + length)
         self._head = parent
+        if verify and parent.height:
+            self._set_mark(parent)
 
     def _recover_tail(self) -> None:
         """Index complete next blocks left by an interrupted append; set torn bytes aside."""
@@ -420,6 +470,8 @@ class BlockStore:
                         for i in range(len(ids))
                     ),
                 )
+            # Appended blocks were checked (or built) by the writer: the mark moves with them
+            self._set_mark(block.header, cur)
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")

@@ -381,3 +381,86 @@ def test_unverified_open_still_checks_checksums(tmp_path: Path, chain: list[Bloc
         BlockStore(tmp_path, GENESIS, verify_on_open=False)
     assert err.value.height == 3
     assert os.path.exists(seg)
+
+
+# ---- opening from the verified mark (a long chain opens in the time of its recent blocks) ----
+
+
+def _flip(seg: Path, at: int) -> None:
+    data = bytearray(seg.read_bytes())
+    data[at] ^= 0x01
+    seg.write_bytes(bytes(data))
+
+
+def test_open_from_the_mark_reads_one_frame_and_reads_still_check(
+    tmp_path: Path, chain: list[Block], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    filled(tmp_path, chain).close()
+    reads: list[int | None] = []
+    original = BlockStore._read_frame
+
+    def counting(self: BlockStore, segment: int, offset: int, length: int, height: int | None):  # type: ignore[no-untyped-def]
+        reads.append(height)
+        return original(self, segment, offset, length, height)
+
+    monkeypatch.setattr(BlockStore, "_read_frame", counting)
+    with BlockStore(tmp_path, GENESIS, verify_from_mark=True) as store:
+        assert store.head == chain[-1].header and reads == [6]
+    monkeypatch.undo()
+    # Damage below the mark is not looked for at such an open, but found by any read of it
+    # (and by a full open, the default)
+    seg = tmp_path / "segments" / "00000000.seg"
+    _flip(seg, _frame_spans(chain)[1][0] + 50)
+    with BlockStore(tmp_path, GENESIS, verify_from_mark=True) as store:
+        assert store.height == 6
+        with pytest.raises(StoreCorruption) as err:
+            store.get_block(2)
+        assert err.value.height == 2
+        store.append(make_chain(7)[6])  # the store goes on; the mark moves with appends
+    with pytest.raises(StoreCorruption) as err:
+        BlockStore(tmp_path, GENESIS)
+    assert err.value.height == 2
+
+
+def test_blocks_above_a_lagging_mark_are_verified(tmp_path: Path, chain: list[Block]) -> None:
+    store = filled(tmp_path, chain)
+    store._set_mark(chain[2].header)  # as if blocks 4.. were indexed by another writer
+    store.close()
+    _flip(tmp_path / "segments" / "00000000.seg", _frame_spans(chain)[4][0] + 60)
+    with pytest.raises(StoreCorruption) as err:
+        BlockStore(tmp_path, GENESIS, verify_from_mark=True)
+    assert err.value.height == 5
+
+
+@pytest.mark.parametrize("damage", ["gap below", "foreign mark", "mark above the head"])
+def test_a_mark_the_index_does_not_bear_out_means_a_full_verification(
+    tmp_path: Path, chain: list[Block], damage: str
+) -> None:
+    import sqlite3
+    import struct
+
+    store = filled(tmp_path, chain)
+    store.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    if damage == "gap below":
+        db.execute("DELETE FROM blocks WHERE height = 2")
+    elif damage == "foreign mark":
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'verified'",
+            (struct.pack(">Q32s", 6, b"x" * 32),),
+        )
+    else:
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'verified'",
+            (struct.pack(">Q32s", 9, b"x" * 32),),
+        )
+    db.commit()
+    db.close()
+    if damage == "gap below":
+        with pytest.raises(StoreCorruption, match="skips from height 1 to 3"):
+            BlockStore(tmp_path, GENESIS, verify_from_mark=True)
+        return
+    _flip(tmp_path / "segments" / "00000000.seg", _frame_spans(chain)[0][0] + 70)
+    with pytest.raises(StoreCorruption) as err:  # found: the open started from genesis
+        BlockStore(tmp_path, GENESIS, verify_from_mark=True)
+    assert err.value.height == 1
