@@ -152,8 +152,9 @@ class Validator:
         # of a CommittedBlock, shared by all shards), the height each shard has acknowledged,
         # and the state writes of recent blocks (to rebuild what a shard lost).
         # Commit proofs (what receipts carry) of the last ``shard_pending_max`` heights stay
-        # in memory; older ones are read back from commits.log when a shard needs rebuilding
+        # in memory; older ones are read back from the store when a shard needs rebuilding
         # (``replayed_proofs``, dropped again as the shards acknowledge).
+        self._import_commit_log()
         self.proofs_from = max(0, self.store.height - self.shard_pending_max)
         self.commit_proofs = self._load_commit_proofs(self.proofs_from, self.store.height)
         self.replayed_proofs: dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]] = {}
@@ -249,12 +250,9 @@ class Validator:
     ) -> dict[int, tuple[QuorumCert, BlockHeader, QuorumCert]]:
         """height -> (QC certifying it, its child in the next round, the child's QC) for the
         last block of every commit with ``lo <= height <= hi`` (and in the store), in height
-        order: what proves a commit in a receipt. Reads only commits.log (a thread may)."""
+        order: what proves a commit in a receipt. Reads only the store (a thread may)."""
         out = {}
-        for record in _read_records(self.dir / "commits.log"):
-            height = int.from_bytes(record[:8], "big")
-            if not lo <= height <= min(hi, self.store.height):
-                continue
+        for height, record in self.store.commit_proofs(lo, min(hi, self.store.height)):
             r = Reader(record, "commit proof record")
             r.u64("height")
             qc = QuorumCert.decode(r.var_bytes("qc"))
@@ -273,6 +271,15 @@ class Validator:
         self._proposal_log_count = len(records)
         self._recent_proposals.extend(records[-window:])
         return state, [decode_proposal(r) for r in records[-window:]]
+
+    def _import_commit_log(self) -> None:
+        """Move the proofs of a commits.log (where earlier versions kept them) into the store."""
+        path = self.dir / "commits.log"
+        if not path.exists():
+            return
+        proofs = [(int.from_bytes(r[:8], "big"), r) for r in _read_records(path)]
+        self.store.put_commit_proofs([(h, r) for h, r in proofs if h <= self.store.height])
+        path.rename(path.with_name("commits.log.imported"))
 
     def _load_batch_index(self) -> dict[bytes, tuple[int, int, int]]:
         """digest -> (height, first row, rows) of the batches committed in the last
@@ -607,10 +614,9 @@ class Validator:
         top = proposals[-1].block.height
         proof = (action.certifying_qcs[-1], action.child, action.commit_qc)
         self.commit_proofs[top] = proof
-        with open(self.dir / "commits.log", "ab") as f:
-            f.write(_record(u64(top) + b"".join(var_bytes(x.encode()) for x in proof)))
-            f.flush()
-            os.fsync(f.fileno())
+        self.store.put_commit_proofs(
+            [(top, u64(top) + b"".join(var_bytes(x.encode()) for x in proof))]
+        )
         with open(self.dir / "batches.idx", "ab") as f:
             f.write(bytes(index))
             f.flush()

@@ -77,6 +77,10 @@ CREATE TABLE IF NOT EXISTS txs (
     height INTEGER NOT NULL,
     idx    INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commit_proofs (
+    height INTEGER PRIMARY KEY,
+    proof  BLOB NOT NULL
+);
 """
 
 
@@ -478,6 +482,35 @@ class BlockStore:
             raise
         self._head = block.header
         self._tail = (segment, offset + length)
+
+    # ---- commit proofs ---------------------------------------------------------------------
+
+    def put_commit_proofs(self, proofs: Sequence[tuple[int, bytes]]) -> None:
+        """Keep the encoded proofs that blocks at these (stored) heights are committed, in one
+        durable transaction; a height already holding one keeps it."""
+        with self._lock:
+            if any(not 0 < h <= self._head.height for h, _ in proofs):
+                raise InvalidBlock(f"commit proof for a height not stored (head {self.height})")
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany(
+                    "INSERT OR IGNORE INTO commit_proofs (height, proof) VALUES (?, ?)", proofs
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def commit_proofs(self, low: int, high: int) -> list[tuple[int, bytes]]:
+        """The stored commit proofs with ``low <= height <= high``, in height order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT height, proof FROM commit_proofs WHERE height BETWEEN ? AND ? "
+                "ORDER BY height",
+                (low, high),
+            ).fetchall()
+        return [(int(h), bytes(p)) for h, p in rows]
 
     # ---- reading ---------------------------------------------------------------------------
 

@@ -401,7 +401,7 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
 
         # A shard that lost its disk starts empty: its validator rebuilds it from the block
         # store, re-executing the chain for the state it needs, and reading the commit proofs
-        # older than its queue back from commits.log: the same receipts as before the loss
+        # older than its queue back from the block store: the same receipts as before the loss
         ids = np.concatenate([tx_ids_of(b)[:50] for b in batches])
         early = [bytes(t) for t in ids[shard_of_tx_ids(ids, 3) == 1]]  # in the lost shard
         reader = Client(net.dir, validator=2)
@@ -438,7 +438,7 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         assert reader.balance(payee.public_key) == client.balance(payee.public_key)
         assert reader.next_nonce(public_bytes(payer)) == paid + 150
         # Proofs older than the shard queue (8 here) left memory, and the rebuild read them
-        # back from commits.log (the early receipts above carry them)
+        # back from the block store (the early receipts above carry them)
         for v in range(4):
             status = ray.get(net.validator(v).status.remote())
             assert status["height"] > 40 and status["held"]["commit_proofs"] <= 9, status

@@ -464,3 +464,18 @@ def test_a_mark_the_index_does_not_bear_out_means_a_full_verification(
     with pytest.raises(StoreCorruption) as err:  # found: the open started from genesis
         BlockStore(tmp_path, GENESIS, verify_from_mark=True)
     assert err.value.height == 1
+
+
+def test_commit_proofs_are_kept_by_height_durably(tmp_path: Path, chain: list[Block]) -> None:
+    store = filled(tmp_path, chain)
+    store.put_commit_proofs([(2, b"two"), (5, b"five")])
+    store.put_commit_proofs([(5, b"other"), (6, b"six")])  # a height keeps its first proof
+    with pytest.raises(InvalidBlock, match="not stored"):
+        store.put_commit_proofs([(7, b"seven")])
+    with pytest.raises(InvalidBlock, match="not stored"):
+        store.put_commit_proofs([(0, b"genesis")])
+    store.close()
+    with BlockStore(tmp_path, GENESIS, verify_from_mark=True) as again:
+        assert again.commit_proofs(0, 10) == [(2, b"two"), (5, b"five"), (6, b"six")]
+        assert again.commit_proofs(3, 5) == [(5, b"five")]
+        assert again.commit_proofs(7, 9) == []

@@ -95,3 +95,24 @@ def test_memory_held_per_height_stays_bounded_and_the_batch_index_compacts(
     # A restart reads back exactly the window, from the compacted file
     v.committed_batches = {}
     assert v._load_batch_index() == {h.to_bytes(32, "big"): (h, 0, 7) for h in range(2951, 3001)}
+
+
+def test_an_earlier_commits_log_moves_into_the_store(tmp_path: Path) -> None:
+    from rayledger.actors.storage import BlockStore
+
+    from .test_store import GENESIS, make_chain
+
+    store = BlockStore(tmp_path / "store", GENESIS)
+    for b in make_chain(3):
+        store.append(b)
+    v = Validator.__new__(Validator)
+    v.dir = tmp_path
+    v.store = store
+    records = [(h).to_bytes(8, "big") + b"proof %d" % h for h in (1, 3, 9)]  # 9: not stored
+    (tmp_path / "commits.log").write_bytes(b"".join(_record(r) for r in records) + b"\x00\x00")
+    v._import_commit_log()
+    assert store.commit_proofs(0, 100) == [(1, records[0]), (3, records[1])]
+    assert not (tmp_path / "commits.log").exists()
+    assert (tmp_path / "commits.log.imported").exists()
+    v._import_commit_log()  # nothing left to import
+    store.close()
