@@ -87,6 +87,8 @@ SHARD_PUSH_DELAY_S = 0.1
 REORDER_WAIT_S = 1.0
 # Wall-clock commit times kept in memory (for load generators polling ``committed_since``).
 COMMIT_TIMES_KEEP = 65_536
+# Pieces of evidence kept in memory (all are counted)
+EVIDENCE_KEEP = 1024
 
 ACTOR_STRATEGIES = ("none", "silent", "invalid-signature", "double-voter", "equivocating-leader")
 
@@ -131,7 +133,10 @@ class Validator:
         # Per mempool: the next sealing sequence number to hold, and batches waiting for it
         self.origin_next: dict[int, int] = {}
         self.origin_waiting: dict[int, dict[int, tuple[bytes, pa.RecordBatch | None]]] = {}
-        self.evidence: list[Evidence] = []
+        # The latest evidence of misbehaviour (a Byzantine peer can produce it every round:
+        # kept bounded), with counts of all of it by kind
+        self.evidence: collections.deque[Evidence] = collections.deque(maxlen=EVIDENCE_KEEP)
+        self.evidence_counts: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.started = False
         # Fault injection (chaos and tests): peers cut off by a partition, and a Byzantine
@@ -543,6 +548,7 @@ class Validator:
                     asyncio.get_running_loop().create_task(self._fetch(digests, source))
                 case Evidence():
                     self.evidence.append(action)
+                    self.evidence_counts[action.kind] = self.evidence_counts.get(action.kind, 0) + 1
                     log.warning(
                         "evidence: %s by validator %d in round %d",
                         action.kind,
@@ -784,9 +790,9 @@ class Validator:
             "state_root": self.store.head.state_root.hex(),
             "highest_vote_round": s.highest_vote_round,
             "batches_held": len(self.batches),
-            "evidence": len(self.evidence),
+            "evidence": sum(self.evidence_counts.values()),
             "rejected": dict(self.rejected),
-            "evidence_kinds": sorted({e.kind for e in self.evidence}),
+            "evidence_kinds": sorted(self.evidence_counts),
             "peers": sorted(self.peers),
             "blocked": sorted(self.blocked),
             "strategy": self.strategy,
