@@ -4,6 +4,12 @@
 ``RAYLEDGER_KERNELS`` environment variable (``cpu``, ``cuda`` or ``auto``) decides what ``auto``
 means for the whole process. An explicit request, by argument or by that variable, never falls
 back: ``cuda`` on a machine without a usable GPU raises ``RuntimeError`` saying why.
+
+``auto`` also leaves small batches on the CPU (``AUTO_CUDA_MIN_ROWS``: a launch, two copies and
+the first use's compilation cost more than hashing a few hundred messages or checking a few
+signatures on a core; a client verifying one receipt never starts CUDA). The
+``RAYLEDGER_CUDA_MIN_ROWS`` environment variable sets one threshold for every operation (0: the
+GPU for every batch). Explicit requests ignore it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ import os
 from types import ModuleType
 
 ENV_VAR = "RAYLEDGER_KERNELS"
+MIN_ROWS_VAR = "RAYLEDGER_CUDA_MIN_ROWS"
 _KNOWN = ("cpu", "cuda")
+# Smallest batch that ``auto`` sends to the GPU, per kind of work. First estimates, to be set
+# from `rayledger bench kernels` on a GPU machine (its small-batch rows give the crossover).
+AUTO_CUDA_MIN_ROWS = {"hash": 1024, "ed25519": 64}
 
 
 def load_cupy() -> ModuleType:
@@ -64,6 +74,21 @@ def resolve_backend(requested: str = "auto") -> str:
                 f"{reason}"
             )
     return requested
+
+
+def for_batch(requested: str, chosen: str, rows: int, kind: str) -> str:
+    """The backend for one batch of ``rows``: ``chosen`` (what ``resolve_backend(requested)``
+    gave), except that ``auto`` keeps a batch smaller than the kind's threshold on the CPU."""
+    if chosen != "cuda" or requested != "auto":
+        return chosen
+    if os.environ.get(ENV_VAR, "").strip().lower() == "cuda":
+        return chosen  # forced for the whole process
+    raw = os.environ.get(MIN_ROWS_VAR, "").strip()
+    try:
+        least = int(raw) if raw else AUTO_CUDA_MIN_ROWS[kind]
+    except ValueError:
+        raise ValueError(f"{MIN_ROWS_VAR} must be a whole number of rows, not {raw!r}") from None
+    return "cuda" if rows >= least else "cpu"
 
 
 def prepare(backend: str = "auto") -> str:

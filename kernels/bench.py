@@ -149,7 +149,27 @@ def bench_kernels(
             rows.append(_row("merkle_root", "cuda", 32, n, gpu_s))
             rows.append(_resident_merkle_row(many, repeat))
     rows += _ed25519_rows(ed25519_batch_size, gpu_ed25519_batch_size if gpu else 0, repeat)
+    if gpu:
+        rows += _crossover_rows(repeat)
     return _with_gpu_ratio(rows)
+
+
+def _crossover_rows(repeat: int) -> list[Row]:
+    """Small batches on both backends, explicitly: where the GPU starts to pay, which is what
+    ``_backend.AUTO_CUDA_MIN_ROWS`` should say (``rate_per_s`` x batch gives the latency)."""
+    rows: list[Row] = []
+    for n in (64, 1024, 16_384):
+        arr = _fixed_messages(32, n, seed=n)
+        for backend in ("cpu", "cuda"):
+            seconds = best_seconds(partial(sha256_batch, arr, backend=backend), max(repeat, 5))
+            rows.append(_row(f"sha256 (batch of {n:,})", backend, 32, n, seconds))
+    keys, sigs, msgs = _signed_rows(1024)
+    for n in (16, 64, 256, 1024):
+        part = (keys[:n], sigs[:n], msgs[:n])
+        for backend in ("cpu", "cuda"):
+            seconds = best_seconds(partial(ed25519_verify_batch, *part, backend), max(repeat, 5))
+            rows.append(_row(f"ed25519_verify (batch of {n:,})", backend, 32, n, seconds))
+    return rows
 
 
 def _signed_rows(n: int, pool: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

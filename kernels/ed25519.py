@@ -15,7 +15,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from rayledger.kernels._backend import resolve_backend
+from rayledger.kernels._backend import for_batch, resolve_backend
 
 # Below this many rows a thread hand-off costs more than it saves.
 _PARALLEL_MIN_ROWS = 512
@@ -81,7 +81,7 @@ def ed25519_verify_batch(
     _check("public_keys", public_keys, 32, n)
     _check("signatures", signatures, 64, n)
     _check("messages", messages, 32, n)
-    if chosen == "cuda":
+    if for_batch(backend, chosen, n, "ed25519") == "cuda":
         from rayledger.kernels import _cuda
 
         return _cuda.ed25519_verify(public_keys, signatures, messages)

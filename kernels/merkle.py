@@ -12,7 +12,7 @@ import hashlib
 
 import numpy as np
 
-from rayledger.kernels._backend import resolve_backend
+from rayledger.kernels._backend import for_batch, resolve_backend
 from rayledger.kernels._cpu import hash_batch
 from rayledger.kernels._inputs import check_rows
 
@@ -50,7 +50,7 @@ def merkle_levels(leaves: np.ndarray, backend: str = "auto") -> list[np.ndarray]
     leaves = check_rows(leaves, "leaves", 32)
     if len(leaves) == 0:
         return []
-    if chosen == "cuda":
+    if for_batch(backend, chosen, len(leaves), "hash") == "cuda":
         from rayledger.kernels import _cuda
 
         return _cuda.merkle_levels(leaves)
@@ -66,7 +66,7 @@ def merkle_root(leaves: np.ndarray, backend: str = "auto") -> bytes:
     leaves = check_rows(leaves, "leaves", 32)
     if len(leaves) == 0:
         return EMPTY_ROOT
-    if chosen == "cuda":
+    if for_batch(backend, chosen, len(leaves), "hash") == "cuda":
         from rayledger.kernels import _cuda
 
         return _cuda.merkle_root(leaves)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rayledger.kernels._backend import resolve_backend
+from rayledger.kernels._backend import for_batch, resolve_backend
 from rayledger.kernels._cpu import hash_batch
 from rayledger.kernels._hashproc import DIGEST_SIZES
 from rayledger.kernels._inputs import (
@@ -23,7 +23,7 @@ def _hash_messages(algorithm: str, messages: Messages, backend: str) -> np.ndarr
     n = len(offsets) - 1
     if n == 0:
         return np.empty((0, DIGEST_SIZES[algorithm]), np.uint8)
-    if chosen == "cuda":
+    if for_batch(backend, chosen, n, "hash") == "cuda":
         from rayledger.kernels import _cuda
 
         return _cuda.hash_rows(algorithm, None, values, offsets)
@@ -64,7 +64,7 @@ def sha256_rows(
             raise ValueError(f"head has {n} rows but tail has {len(offsets) - 1} messages")
     if n == 0:
         return np.empty((0, 32), np.uint8)
-    if chosen == "cuda":
+    if for_batch(backend, chosen, n, "hash") == "cuda":
         from rayledger.kernels import _cuda
 
         return _cuda.hash_rows("sha256", head, values, offsets)

@@ -15,9 +15,17 @@ import sys
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from rayledger.kernels import _backend, _cuda, merkle_root, prepare, sha256_batch
+from rayledger.kernels import (
+    _backend,
+    _cuda,
+    ed25519_verify_batch,
+    merkle_root,
+    prepare,
+    sha256_batch,
+)
 from rayledger.kernels.bench import bench_kernels
 from tests.kernels import test_ed25519_gpu as ed
 from tests.kernels import test_hash_gpu as gpu
@@ -34,6 +42,8 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 def fake_gpu(lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     cp, cupyx = make_cupy(lib)
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    # The shared scenarios are small: let ``auto`` send every batch to the (fake) device
+    monkeypatch.setenv(_backend.MIN_ROWS_VAR, "0")
     monkeypatch.setattr(_cuda, "load_cupy", lambda: cp)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     monkeypatch.setattr(_backend, "cuda_unavailable_reason", lambda: None)
@@ -47,6 +57,43 @@ def test_auto_uses_the_fake_device() -> None:
     assert _backend.resolve_backend() == "cuda"
     sha256_batch((np.zeros(3, np.uint8), np.array([0, 1, 3], np.int64)))
     assert _cuda.device().fn["sha256_var"].launches == 1  # type: ignore[attr-defined]
+
+
+def test_auto_keeps_small_batches_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_backend.MIN_ROWS_VAR)
+    least = _backend.AUTO_CUDA_MIN_ROWS
+    rows = np.random.default_rng(0).integers(0, 256, (least["hash"], 32), dtype=np.uint8)
+    vec = ed.ref.build(seed=4, honest_rows=least["ed25519"])
+    keys, sigs, msgs = vec.arrays()
+    small = [
+        lambda: sha256_batch(pa.array([r.tobytes() for r in rows[:-1]], pa.binary(32))),
+        lambda: merkle_root(rows[:-1]),
+        lambda: ed25519_verify_batch(*(a[: least["ed25519"] - 1] for a in (keys, sigs, msgs))),
+    ]
+    for call in small:
+        call()
+    assert _cuda._device is None  # CUDA never started for them
+    sha256_batch(pa.array([r.tobytes() for r in rows], pa.binary(32)))
+    merkle_root(rows)
+    n = least["ed25519"]
+    assert (
+        ed25519_verify_batch(keys[:n], sigs[:n], msgs[:n]).tolist()
+        == ed25519_verify_batch(keys[:n], sigs[:n], msgs[:n], "cpu").tolist()
+    )
+    launches = {k: f.launches for k, f in _cuda.device().fn.items()}  # type: ignore[attr-defined]
+    assert launches["sha256_fixed"] == 1 and launches["merkle_leaves"] == 1
+    assert launches["ed25519_verify"] == 1
+    # Explicit requests (argument or environment) are served as asked, whatever the size
+    before = sum(launches.values())
+    sha256_batch(pa.array([b"x"]), backend="cuda")
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")
+    ed25519_verify_batch(keys[:1], sigs[:1], msgs[:1])
+    launches = {k: f.launches for k, f in _cuda.device().fn.items()}  # type: ignore[attr-defined]
+    assert sum(launches.values()) == before + 2 and launches["ed25519_verify"] == 2
+    monkeypatch.setenv(_backend.MIN_ROWS_VAR, "many")
+    monkeypatch.delenv(_backend.ENV_VAR)
+    with pytest.raises(ValueError, match="RAYLEDGER_CUDA_MIN_ROWS"):
+        merkle_root(rows)
 
 
 @pytest.mark.parametrize("algorithm", gpu.ALGORITHMS)
@@ -122,6 +169,8 @@ def test_bench_reports_gpu_rows_and_ratios() -> None:
     assert ("merkle_root", "cuda-resident") in backends
     assert ("sha256_rows (tx ids)", "cuda") in backends
     assert ("ed25519_verify", "cuda") in backends
+    assert ("ed25519_verify (batch of 64)", "cuda") in backends
+    assert ("sha256 (batch of 1,024)", "cpu") in backends
     for r in rows:
         if r["backend"] in ("cpu", "cuda", "cuda-resident"):
             assert r["ratio_gpu_cpu"] is not None and r["ratio_gpu_cpu"] > 0, r
