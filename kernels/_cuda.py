@@ -40,6 +40,7 @@ KERNELS = (
     "merkle_leaves",
     "merkle_level",
     "ed25519_verify",
+    "ed25519_verify_var",
 )
 BLOCK = 256
 # An Ed25519 thread holds two 9-point tables and many field elements: smaller blocks let more
@@ -261,6 +262,53 @@ class _Device:
             stream.synchronize()
         return self.pinned_out[:n].astype(np.bool_)
 
+    def ed25519_verify_var(
+        self, keys: np.ndarray, sigs: np.ndarray, values: np.ndarray, offsets: np.ndarray
+    ) -> np.ndarray:
+        """As ``ed25519_verify`` with messages ``values[offsets[i]:offsets[i + 1]]``."""
+        cp = self.cp
+        n = len(keys)
+        fn = self.fn["ed25519_verify_var"]
+        block = min(ED25519_BLOCK, int(getattr(fn, "max_threads_per_block", ED25519_BLOCK)))
+        offsets = offsets.astype(np.int64, copy=False)
+        cost = offsets - int(offsets[0]) + np.arange(n + 1, dtype=np.int64) * (32 + 64 + 8)
+        bounds = _chunk_bounds(n, cost, 0)
+        ok_dev = cp.empty(n, dtype=cp.uint8)
+        self.pinned_out = self._pinned(self.pinned_out, n)
+        for slot, stream in enumerate(self.streams):
+            with stream:
+                self.err[slot : slot + 1].fill(0)
+        for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            slot, stream = c % 2, self.streams[c % 2]
+            rows = hi - lo
+            chunk_offsets = offsets[lo : hi + 1]
+            base = int(chunk_offsets[0])
+            parts = [keys[lo:hi], sigs[lo:hi], chunk_offsets, values[base : int(chunk_offsets[-1])]]
+            d_keys, d_sigs, d_offsets, d_values = self._to_device(slot, parts)
+            ok_view = ok_dev[lo:hi]
+            args = (
+                d_keys,
+                d_sigs,
+                d_values,
+                np.uint64(d_values.size),
+                d_offsets.view(cp.int64),
+                np.int64(base),
+                np.uint64(rows),
+                ok_view,
+                self.err[slot : slot + 1],
+            )
+            with stream:
+                fn((max(1, -(-rows // block)),), (block,), args)
+            ok_view.data.copy_to_host_async(
+                ctypes.c_void_p(self.pinned_out.ctypes.data + lo), rows, stream
+            )
+            self.events[slot] = stream.record()
+        for stream in self.streams:
+            stream.synchronize()
+        if int(self.err.sum().get()):
+            raise ValueError("offsets point outside the values buffer (flagged on the device)")
+        return self.pinned_out[:n].astype(np.bool_)
+
     # ---- Merkle trees ---------------------------------------------------------------------
 
     def build_tree(self, d_leaves: Any, n: int) -> tuple[Any, list[int]]:
@@ -341,6 +389,15 @@ def ed25519_verify(keys: np.ndarray, sigs: np.ndarray, msgs: np.ndarray) -> np.n
     dev = device()
     with dev.lock:
         return dev.ed25519_verify(keys, sigs, msgs)
+
+
+def ed25519_verify_var(
+    keys: np.ndarray, sigs: np.ndarray, values: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
+    """As ``ed25519_verify`` for messages of any length (``values``, checked ``offsets``)."""
+    dev = device()
+    with dev.lock:
+        return dev.ed25519_verify_var(keys, sigs, values, offsets)
 
 
 def merkle_levels(leaves: np.ndarray) -> list[np.ndarray]:

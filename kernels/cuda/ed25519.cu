@@ -1,7 +1,10 @@
 // Batch Ed25519 verification (RFC 8032) with OpenSSL's acceptance rule: one thread per signature.
 //
-// Kernel (extern "C", launched by rayledger/kernels/_cuda.py through cupy.RawModule):
-//   ed25519_verify  keys (n x 32), sigs (n x 64), msgs (n x 32) laid end to end -> ok[i] in {0, 1}
+// Kernels (extern "C", launched by rayledger/kernels/_cuda.py through cupy.RawModule):
+//   ed25519_verify      keys (n x 32), sigs (n x 64), msgs (n x 32) end to end -> ok[i] in {0, 1}
+//   ed25519_verify_var  the same with messages of any length, as (values, int64 offsets)
+//                       rebased by `base`; a row whose offsets fall outside the buffer reads
+//                       nothing, is answered 0 and sets *err (as the hash kernels do)
 //
 // The rule, row by row, is the one every validator must share, and the one ossl_ed25519_verify
 // applies (so the cpu backend, which calls OpenSSL through `cryptography`, agrees on every row):
@@ -494,7 +497,38 @@ RL_HD void rl_ed25519_challenge(rl_u8 k[64], const rl_u8* r, const rl_u8* a, con
         for (int t = 0; t < 8; ++t) k[8 * j + t] = (rl_u8)(s[j] >> (56 - 8 * t));
 }
 
-RL_HD bool rl_ed25519_verify_one(const rl_u8* key, const rl_u8* sig, const rl_u8* msg) {
+// k = SHA-512(R || A || M) for a message of any length, assembled byte by byte.
+RL_HD void rl_ed25519_challenge_var(rl_u8 k[64], const rl_u8* r, const rl_u8* a, const rl_u8* m,
+                                    rl_u64 mlen) {
+    rl_u64 len = 64 + mlen, s[8];
+    rl_u64 blocks = (len + 17 + 127) / 128;
+    rl_sha512_init(s);
+    for (rl_u64 blk = 0; blk < blocks; ++blk) {
+        rl_u64 w[16];
+        for (int j = 0; j < 16; ++j) {
+            rl_u64 word = 0;
+            for (int t = 0; t < 8; ++t) {
+                rl_u64 q = blk * 128 + 8 * j + t;
+                rl_u64 c = q < 32 ? r[q]
+                           : q < 64 ? a[q - 32]
+                           : q < len ? m[q - 64]
+                           : (q == len ? 0x80u : 0u);
+                word = (word << 8) | c;
+            }
+            w[j] = word;
+        }
+        if (blk == blocks - 1) rl_sha512_length(w, len);
+        rl_sha512_compress(s, w);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int t = 0; t < 8; ++t) k[8 * j + t] = (rl_u8)(s[j] >> (56 - 8 * t));
+}
+
+// msg of mlen bytes; mlen < 0 means the fixed 32-byte layout (one SHA-512 block, word loads).
+RL_HD bool rl_ed25519_verify_one(const rl_u8* key, const rl_u8* sig, const rl_u8* msg,
+                                 rl_i64 mlen) {
     const rl_u32 l[8] = RL_ED_L;
     rl_u32 s[8];
 #pragma unroll
@@ -510,7 +544,10 @@ RL_HD bool rl_ed25519_verify_one(const rl_u8* key, const rl_u8* sig, const rl_u8
 
     rl_u8 kbytes[64];
     rl_u32 k[8];
-    rl_ed25519_challenge(kbytes, sig, key, msg);
+    if (mlen < 0)
+        rl_ed25519_challenge(kbytes, sig, key, msg);
+    else
+        rl_ed25519_challenge_var(kbytes, sig, key, msg, (rl_u64)mlen);
     rl_sc_reduce512(k, kbytes);
 
     signed char es[64], ek[64];
@@ -553,13 +590,36 @@ RL_HD bool rl_ed25519_verify_one(const rl_u8* key, const rl_u8* sig, const rl_u8
 RL_HD void rl_ed25519_verify_body(rl_u64 i, const rl_u8* keys, const rl_u8* sigs,
                                   const rl_u8* msgs, rl_u64 n, rl_u8* ok) {
     if (i >= n) return;
-    ok[i] = rl_ed25519_verify_one(keys + 32 * i, sigs + 64 * i, msgs + 32 * i) ? 1 : 0;
+    ok[i] = rl_ed25519_verify_one(keys + 32 * i, sigs + 64 * i, msgs + 32 * i, -1) ? 1 : 0;
+}
+
+RL_HD void rl_ed25519_verify_var_body(rl_u64 i, const rl_u8* keys, const rl_u8* sigs,
+                                      const rl_u8* values, rl_u64 size, const rl_i64* offsets,
+                                      rl_i64 base, rl_u64 n, rl_u8* ok, rl_i32* err) {
+    if (i >= n) return;
+    rl_u64 start, end;
+    if (!rl_bounds(offsets, base, size, i, &start, &end)) {
+        ok[i] = 0;
+        *err = 1;
+        return;
+    }
+    bool good = rl_ed25519_verify_one(keys + 32 * i, sigs + 64 * i, values + start,
+                                      (rl_i64)(end - start));
+    ok[i] = good ? 1 : 0;
 }
 
 #ifdef __CUDACC__
 extern "C" __global__ void ed25519_verify(const rl_u8* keys, const rl_u8* sigs,
                                           const rl_u8* msgs, rl_u64 n, rl_u8* ok) {
     rl_ed25519_verify_body(RL_THREAD_INDEX, keys, sigs, msgs, n, ok);
+}
+
+extern "C" __global__ void ed25519_verify_var(const rl_u8* keys, const rl_u8* sigs,
+                                              const rl_u8* values, rl_u64 size,
+                                              const rl_i64* offsets, rl_i64 base, rl_u64 n,
+                                              rl_u8* ok, rl_i32* err) {
+    rl_ed25519_verify_var_body(RL_THREAD_INDEX, keys, sigs, values, size, offsets, base, n, ok,
+                               err);
 }
 #endif  // __CUDACC__
 

@@ -225,3 +225,37 @@ def build(seed: int, honest_rows: int = 64) -> Vectors:
     honest(rng, honest_rows, vec)
     hostile(rng, vec)
     return vec
+
+
+def variable_length(
+    rng: random.Random, lengths: list[int]
+) -> tuple[np.ndarray, np.ndarray, list[bytes], np.ndarray]:
+    """Keys, signatures and messages of the given lengths: valid ones, and every third row
+    with one bit flipped in its message (or, for an empty message, in its signature); the
+    last array says which rows are valid."""
+    keys, sigs, msgs, valid = [], [], [], []
+    for i, n in enumerate(lengths):
+        key = Ed25519PrivateKey.from_private_bytes(rng.randbytes(32))
+        msg = rng.randbytes(n)
+        sig = key.sign(msg)
+        if i % 3 == 2:
+            if n:
+                bad = bytearray(msg)
+                bad[rng.randrange(n)] ^= 1 << rng.randrange(8)
+                msg = bytes(bad)
+            else:
+                sig = sig[:40] + bytes([sig[40] ^ 1]) + sig[41:]
+        keys.append(key.public_key().public_bytes_raw())
+        sigs.append(sig)
+        msgs.append(msg)
+        valid.append(i % 3 != 2)
+    k = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 32).copy()
+    s = np.frombuffer(b"".join(sigs), np.uint8).reshape(-1, 64).copy()
+    return k, s, msgs, np.array(valid)
+
+
+def lengths_around_blocks(limit: int = 1200) -> list[int]:
+    """Every message length 0..200, and those near a SHA-512 block boundary of R || A || M up
+    to ``limit`` (the padding needs 17 bytes: 64 + n = 111, 112, 128 (mod 128) turn)."""
+    near = {46, 47, 48, 49, 63, 64, 65}
+    return list(range(201)) + [n for n in range(201, limit) if n % 128 in near]

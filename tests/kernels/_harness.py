@@ -77,6 +77,10 @@ void h_fe_op(int op, const rl_u32* a, const rl_u32* b, rl_u32* out, rl_u64 n) {
         }
     }
 }
+void h_ed25519_verify_var(const rl_u8* keys, const rl_u8* sigs, const rl_u8* v, rl_u64 size,
+                          const rl_i64* o, rl_i64 base, rl_u64 n, rl_u8* ok, rl_i32* err) {
+    RL_GRID(n) rl_ed25519_verify_var_body(i, keys, sigs, v, size, o, base, n, ok, err);
+}
 void h_ed25519_verify(const rl_u8* keys, const rl_u8* sigs, const rl_u8* msgs, rl_u64 n,
                       rl_u8* ok) {
     RL_GRID(n) rl_ed25519_verify_body(i, keys, sigs, msgs, n, ok);

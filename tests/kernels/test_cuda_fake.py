@@ -212,3 +212,19 @@ def test_ed25519_large_batch() -> None:
 def test_ed25519_bad_shapes_refused_before_launch(shapes: tuple[tuple[int, int], ...]) -> None:
     ed.test_bad_shapes_refused_before_launch(*shapes)
     assert _cuda._device is None
+
+
+def test_ed25519_messages_of_any_length() -> None:
+    ed.test_messages_of_any_length(limit=400)
+    kernel = _cuda.device().fn["ed25519_verify_var"]
+    assert kernel.launches == 3  # type: ignore[attr-defined]
+
+
+def test_ed25519_messages_of_any_length_in_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    ed.test_messages_of_any_length_in_many_chunks(monkeypatch)
+    assert _cuda.device().fn["ed25519_verify_var"].launches > 20  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bad", [[0, 5, 3], [0, 4, 11], [0, 2, 1 << 40]])
+def test_ed25519_offsets_leaving_the_buffer_are_flagged_on_the_device(bad: list[int]) -> None:
+    ed.test_offsets_leaving_the_buffer_are_flagged_on_the_device(bad)

@@ -5,13 +5,20 @@ runs the same scenarios at smaller sizes through the host-compiled kernel. Scena
 - honest, bit-flipped and hostile rows (tests/kernels/_ed25519_vectors.py), one batch;
 - a batch cut into many pipelined chunks (both streams and staging slots in turn);
 - a large batch at the default chunk size, rows repeated from a signed pool;
-- column slices (non-contiguous inputs), and shapes refused before any launch.
+- column slices (non-contiguous inputs), and shapes refused before any launch;
+- messages of every length around the SHA-512 block boundaries (Arrow binary and large
+  binary, fixed rows of another width), in one batch and cut into many chunks; offsets that
+  leave the buffer flagged by the device-side bounds check, nothing read.
 Run once under ``compute-sanitizer --tool memcheck`` on the GPU machine as well.
 """
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from rayledger.kernels import _cuda, available_backends, ed25519_verify_batch
@@ -23,7 +30,7 @@ pytestmark = [
 ]
 
 
-def _same(keys: np.ndarray, sigs: np.ndarray, msgs: np.ndarray) -> np.ndarray:
+def _same(keys: np.ndarray, sigs: np.ndarray, msgs: Any) -> np.ndarray:
     want = ed25519_verify_batch(keys, sigs, msgs, backend="cpu")
     got = ed25519_verify_batch(keys, sigs, msgs, backend="cuda")
     assert got.dtype == np.bool_ and got.shape == want.shape
@@ -76,3 +83,29 @@ def test_bad_shapes_refused_before_launch(
         ed25519_verify_batch(
             np.zeros(keys, np.uint8), np.zeros(sigs, np.uint8), np.zeros(msgs, np.uint8), "cuda"
         )
+
+
+def test_messages_of_any_length(limit: int = 1200) -> None:
+    keys, sigs, msgs, valid = ref.variable_length(
+        random.Random(9), ref.lengths_around_blocks(limit)
+    )
+    assert (_same(keys, sigs, pa.array(msgs, pa.binary())) == valid).all()
+    assert (_same(keys, sigs, pa.array(msgs, pa.large_binary())) == valid).all()
+    k, s, m, ok = ref.variable_length(random.Random(10), [48] * 40)
+    assert (_same(k, s, np.frombuffer(b"".join(m), np.uint8).reshape(40, 48)) == ok).all()
+
+
+def test_messages_of_any_length_in_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cuda, "CHUNK_BYTES", 4096)
+    lengths = [random.Random(11).randrange(0, 700) for _ in range(400)] + [9000]  # > a chunk
+    keys, sigs, msgs, valid = ref.variable_length(random.Random(12), lengths)
+    assert (_same(keys, sigs, pa.array(msgs, pa.binary())) == valid).all()
+
+
+@pytest.mark.parametrize("bad", [[0, 5, 3], [0, 4, 11], [0, 2, 1 << 40]])
+def test_offsets_leaving_the_buffer_are_flagged_on_the_device(bad: list[int]) -> None:
+    keys, sigs, msgs = ref.build(seed=5, honest_rows=2).arrays()
+    values = np.arange(10, dtype=np.uint8)
+    with pytest.raises(ValueError, match="flagged on the device"):
+        _cuda.ed25519_verify_var(keys[:2], sigs[:2], values, np.array(bad, np.int64))
+    _same(keys, sigs, msgs)  # the device is still usable afterwards
