@@ -268,3 +268,49 @@ def test_the_api_takes_messages_of_any_length_and_refuses_mismatches() -> None:
         ed25519_verify_batch(keys, sigs, np.zeros((9, 32), np.int8), "cpu")
     with pytest.raises(ValueError, match="nulls"):
         ed25519_verify_batch(keys, sigs, pa.array([b"x"] * 8 + [None], pa.binary()), "cpu")
+
+
+# RFC 8032, section 7.1, tests 1-3: secret key, public key, message (hex).
+RFC8032 = [
+    (
+        "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+        "",
+    ),
+    (
+        "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+        "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+        "72",
+    ),
+    (
+        "c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7",
+        "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+        "af82",
+    ),
+]
+RFC8032_TEST1_SIGNATURE = (
+    "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+    "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+)
+
+
+def test_rfc8032_vectors(lib: ctypes.CDLL) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    keys, sigs, msgs = [], [], []
+    for secret, public, message in RFC8032:
+        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(secret))
+        assert key.public_key().public_bytes_raw().hex() == public
+        keys.append(bytes.fromhex(public))
+        sigs.append(key.sign(bytes.fromhex(message)))  # deterministic: the RFC's signature
+        msgs.append(bytes.fromhex(message))
+    assert sigs[0].hex() == RFC8032_TEST1_SIGNATURE
+    k = np.frombuffer(b"".join(keys), np.uint8).reshape(3, 32).copy()
+    s = np.frombuffer(b"".join(sigs), np.uint8).reshape(3, 64).copy()
+    values = np.frombuffer(b"".join(msgs), np.uint8).copy()
+    offsets = np.array([0, 0, 1, 3], np.int64)
+    got, err = _var_kernel(lib, k, s, values, offsets)
+    assert got.tolist() == [True, True, True] and err == 0
+    # Each signature under another vector's key or message fails
+    got, _ = _var_kernel(lib, k[[1, 2, 0]], s, values, offsets)
+    assert got.tolist() == [False, False, False]
