@@ -107,7 +107,7 @@ class Validator:
         self.signer = Ed25519Signer(read_key_file(root / "keys" / f"{name}.key"))
         self.network = settings["name"]
         base_timeout_ms = int(settings.get("base_timeout_ms", 1000))
-        idle_block_ms = int(settings.get("idle_block_ms", base_timeout_ms // 10))
+        idle_block_ms = int(settings.get("idle_block_ms", base_timeout_ms // 2))
         max_batches_per_block = int(settings.get("max_batches_per_block", 64))
         matrix = settings.get("latency_ms")
         latency_ms = list(matrix[index]) if matrix else None
