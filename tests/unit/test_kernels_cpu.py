@@ -404,8 +404,8 @@ def _good() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         "sigs-width",
         "sigs-rows",
         "sigs-uint16",
-        "msgs-width",
         "msgs-rows",
+        "msgs-int8",
         "msgs-3d",
     ],
 )
@@ -426,14 +426,24 @@ def test_ed25519_shape_and_dtype_errors(which: str) -> None:
             sigs = sigs[:2]
         case "sigs-uint16":
             sigs = sigs.astype(np.uint16)
-        case "msgs-width":
-            msgs = np.concatenate([msgs, msgs[:, :1]], axis=1)
+        case "msgs-int8":
+            msgs = msgs.astype(np.int8)
         case "msgs-rows":
             msgs = np.concatenate([msgs, msgs[:1]])
         case "msgs-3d":
             msgs = msgs.reshape(3, 32, 1)
     with pytest.raises(ValueError):
         ed25519_verify_batch(keys, sigs, msgs)
+
+
+def test_ed25519_messages_of_another_width_are_those_bytes() -> None:
+    keys, sigs, msgs = _good()
+    assert ed25519_verify_batch(keys, sigs, msgs).all()
+    # 33-byte rows are 33-byte messages: not what was signed
+    longer = np.concatenate([msgs, msgs[:, :1]], axis=1)
+    assert not ed25519_verify_batch(keys, sigs, longer).any()
+    values = np.ascontiguousarray(msgs).reshape(-1)
+    assert ed25519_verify_batch(keys, sigs, (values, np.arange(4, dtype=np.int64) * 32)).all()
 
 
 def _mixed_rows(n: int, seed: int) -> list[Row]:
