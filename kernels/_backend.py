@@ -5,11 +5,12 @@
 means for the whole process. An explicit request, by argument or by that variable, never falls
 back: ``cuda`` on a machine without a usable GPU raises ``RuntimeError`` saying why.
 
-``auto`` also leaves small batches on the CPU (``AUTO_CUDA_MIN_ROWS``: a launch, two copies and
-the first use's compilation cost more than hashing a few hundred messages or checking a few
-signatures on a core; a client verifying one receipt never starts CUDA). The
-``RAYLEDGER_CUDA_MIN_ROWS`` environment variable sets one threshold for every operation (0: the
-GPU for every batch). Explicit requests ignore it.
+The ``RAYLEDGER_CUDA_MIN_ROWS`` environment variable makes ``auto`` leave batches of fewer rows
+on the CPU: a launch, two copies and the first use's compilation cost more than hashing a few
+hundred messages or checking a few signatures on a core, so a process that only verifies a
+receipt now and then need never start CUDA. Unset (the default), ``auto`` sends every batch to
+the GPU, as documented above. Explicit requests ignore it. ``rayledger bench kernels`` on a GPU
+prints small batches on both backends: the crossover to set it from.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from types import ModuleType
 ENV_VAR = "RAYLEDGER_KERNELS"
 MIN_ROWS_VAR = "RAYLEDGER_CUDA_MIN_ROWS"
 _KNOWN = ("cpu", "cuda")
-# Smallest batch that ``auto`` sends to the GPU, per kind of work. First estimates, to be set
-# from `rayledger bench kernels` on a GPU machine (its small-batch rows give the crossover).
-AUTO_CUDA_MIN_ROWS = {"hash": 1024, "ed25519": 64}
+# Smallest batch that ``auto`` sends to the GPU, per kind of work, unless MIN_ROWS_VAR says
+# otherwise: every batch, as the backend choice is documented.
+AUTO_CUDA_MIN_ROWS = {"hash": 0, "ed25519": 0}
 
 
 def load_cupy() -> ModuleType:

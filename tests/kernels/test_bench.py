@@ -15,6 +15,7 @@ KEYS = {
     "rate_per_s",
     "ratio_gpu_cpu",
     "ratio_to_raw_loop",
+    "ratio_to_hashlib",
 }
 
 
@@ -33,6 +34,8 @@ def test_bench_kernels_cpu_rows() -> None:
     assert ("ed25519_verify", "cpu", 32) in seen
     cpu = [r for r in rows if r["backend"] == "cpu" and r["operation"] != "merkle_root"]
     assert all(r["ratio_to_raw_loop"] > 0 for r in cpu if r["operation"] != "sha256_rows (tx ids)")
+    sha = [r for r in cpu if r["operation"] in ("sha256", "sha512")]
+    assert sha and all(r["ratio_to_hashlib"] == r["ratio_to_raw_loop"] for r in sha)
 
 
 def test_bench_cpu_workers_restores_the_threshold() -> None:

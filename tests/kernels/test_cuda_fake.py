@@ -42,7 +42,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 def fake_gpu(lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     cp, cupyx = make_cupy(lib)
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    # The shared scenarios are small: let ``auto`` send every batch to the (fake) device
+    # The shared scenarios are small: whatever this process was told, every batch to the device
     monkeypatch.setenv(_backend.MIN_ROWS_VAR, "0")
     monkeypatch.setattr(_cuda, "load_cupy", lambda: cp)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
@@ -59,27 +59,27 @@ def test_auto_uses_the_fake_device() -> None:
     assert _cuda.device().fn["sha256_var"].launches == 1  # type: ignore[attr-defined]
 
 
-def test_auto_keeps_small_batches_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(_backend.MIN_ROWS_VAR)
-    least = _backend.AUTO_CUDA_MIN_ROWS
-    rows = np.random.default_rng(0).integers(0, 256, (least["hash"], 32), dtype=np.uint8)
-    vec = ed.ref.build(seed=4, honest_rows=least["ed25519"])
+def test_auto_can_keep_small_batches_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = np.random.default_rng(0).integers(0, 256, (64, 32), dtype=np.uint8)
+    vec = ed.ref.build(seed=4, honest_rows=16)
     keys, sigs, msgs = vec.arrays()
-    small = [
-        lambda: sha256_batch(pa.array([r.tobytes() for r in rows[:-1]], pa.binary(32))),
-        lambda: merkle_root(rows[:-1]),
-        lambda: ed25519_verify_batch(*(a[: least["ed25519"] - 1] for a in (keys, sigs, msgs))),
-    ]
-    for call in small:
-        call()
-    assert _cuda._device is None  # CUDA never started for them
-    sha256_batch(pa.array([r.tobytes() for r in rows], pa.binary(32)))
-    merkle_root(rows)
-    n = least["ed25519"]
-    assert (
-        ed25519_verify_batch(keys[:n], sigs[:n], msgs[:n]).tolist()
-        == ed25519_verify_batch(keys[:n], sigs[:n], msgs[:n], "cpu").tolist()
-    )
+    # Unset, as documented: ``auto`` sends every batch to the device, however small
+    monkeypatch.delenv(_backend.MIN_ROWS_VAR)
+    merkle_root(rows[:2])
+    ed25519_verify_batch(keys[:1], sigs[:1], msgs[:1])
+    launches = {k: f.launches for k, f in _cuda.device().fn.items()}  # type: ignore[attr-defined]
+    assert launches["merkle_leaves"] == 1 and launches["ed25519_verify"] == 1
+    monkeypatch.setattr(_cuda, "_device", None)
+    # With a threshold, batches below it stay on the CPU: CUDA never starts for them
+    monkeypatch.setenv(_backend.MIN_ROWS_VAR, "32")
+    sha256_batch(pa.array([r.tobytes() for r in rows[:31]], pa.binary(32)))
+    merkle_root(rows[:31])
+    ed25519_verify_batch(keys[:31], sigs[:31], msgs[:31])
+    assert _cuda._device is None
+    sha256_batch(pa.array([r.tobytes() for r in rows[:32]], pa.binary(32)))
+    merkle_root(rows[:32])
+    got = ed25519_verify_batch(keys[:32], sigs[:32], msgs[:32])
+    assert got.tolist() == ed25519_verify_batch(keys[:32], sigs[:32], msgs[:32], "cpu").tolist()
     launches = {k: f.launches for k, f in _cuda.device().fn.items()}  # type: ignore[attr-defined]
     assert launches["sha256_fixed"] == 1 and launches["merkle_leaves"] == 1
     assert launches["ed25519_verify"] == 1
