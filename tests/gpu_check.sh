@@ -3,8 +3,8 @@
 #
 # On this machine, once:   ../shared/tools/device-pack.sh        (builds .device/, git-ignored)
 # Then one device call per part, with carry [".device"]:
-#   bash .device/setup.sh && bash tests/gpu_check.sh kernels    (about 5 minutes)
-#   bash .device/setup.sh && bash tests/gpu_check.sh e2e        (about 3 minutes)
+#   bash .device/setup.sh && bash tests/gpu_check.sh kernels    (steps capped at 570 s in all)
+#   bash .device/setup.sh && bash tests/gpu_check.sh e2e        (steps capped at 360 s in all)
 # Part "kernels": the gpu-marked tests, the same tests under compute-sanitizer (memcheck), and
 # `rayledger bench kernels`. Part "e2e": `rayledger bench e2e` with 4 validators at 50,000
 # offered tx/s, and closed loop. Each step's full output goes to $OUT/<step>.log; a summary of
@@ -36,18 +36,18 @@ fi
 case "$part" in
 kernels)
     # Fails unless CuPy sees the device; times the cold compile of the kernel module.
-    step compile 240 python3 -c 'import time; t = time.time(); from rayledger.kernels import prepare
+    step compile 120 python3 -c 'import time; t = time.time(); from rayledger.kernels import prepare
 print(prepare("cuda"), "module compiled and loaded in %.1f s" % (time.time() - t))'
-    step gpu-tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
-    step sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 99 \
+    step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
+    step sanitizer 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
         python3 -m pytest -q -p no:cacheprovider -m gpu -k "not large" \
         tests/kernels/test_hash_gpu.py tests/kernels/test_ed25519_gpu.py
-    step bench-kernels 240 "${rl[@]}" bench kernels
+    step bench-kernels 150 "${rl[@]}" bench kernels
     ;;
 e2e)
-    step bench-e2e-open 240 "${rl[@]}" bench e2e --validators 4 --duration 30 \
+    step bench-e2e-open 180 "${rl[@]}" bench e2e --validators 4 --duration 30 \
         --rate 50000 --batch-rows 5000
-    step bench-e2e-closed 200 "${rl[@]}" bench e2e --validators 4 --duration 30
+    step bench-e2e-closed 180 "${rl[@]}" bench e2e --validators 4 --duration 30
     ;;
 *)
     echo "unknown part $part (kernels or e2e)" >&2
