@@ -674,6 +674,10 @@ class Validator:
         async with self._refill_lock:
             first_queued = min(self.shard_pending, default=self.store.height + 1)
             upto = min(self.store.height, acked + SHARD_CHUNK, first_queued - 1)
+            if upto == self.store.height and upto not in self.commit_proofs:
+                # The head's certifying QC is in its commit proof; a crash between storing
+                # the block and its proof leaves none: the head goes with the next commit.
+                upto -= 1
             if any(h not in self.replayed_writes for h in range(acked + 1, upto + 1)):
                 log.warning("validator %d: re-executing the chain for a storage shard", self.index)
                 *_, writes = await asyncio.to_thread(self._replay, acked, need_all=True)
