@@ -6,6 +6,7 @@ CPU)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ from rayledger.chain import admit_batch
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
 from rayledger.kernels import prepare
+from rayledger.kernels._backend import ENV_VAR
 from rayledger.tx import verify_signatures
+
+log = logging.getLogger(__name__)
 
 
 class Verifier:
@@ -32,7 +36,16 @@ class Verifier:
         self.refused: dict[str, int] = {}
         # On a GPU, compile the kernels now: a cold compile takes seconds that would otherwise
         # fall on the first batch, with consensus waiting for its check.
-        self.backend = prepare()
+        try:
+            self.backend = prepare()
+        except Exception as exc:
+            if os.environ.get(ENV_VAR, "").strip().lower() == "cuda":
+                raise  # asked for the GPU explicitly: no quiet fallback
+            # A GPU that cannot serve (driver, compiler) must not stop the institution from
+            # checking batches: check them on the CPU, and say so in the status and the log.
+            log.error("verifier %d: the GPU cannot serve, checking on the CPU: %s", index, exc)
+            os.environ[ENV_VAR] = "cpu"
+            self.backend = f"cpu (cuda failed: {type(exc).__name__}: {exc})"
 
     async def check(self, digest: bytes, refs: list[Any]) -> str | None:
         """``None`` if the batch behind ``refs[0]`` is sound, else the error code."""
