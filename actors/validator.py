@@ -610,6 +610,8 @@ class Validator:
             offset = 0
             for d in p.block.batch_digests:
                 rows = self.batches[d].num_rows
+                # Re-inserted, not updated: the map stays in height order (see _bound_memory)
+                self.committed_batches.pop(d, None)
                 self.committed_batches[d] = (block.height, offset, rows)
                 index += d + struct.pack(">QII", block.height, offset, rows)
                 offset += rows
