@@ -295,11 +295,13 @@ class Validator:
             _cut(path, len(data) - len(data) % 48)
         self._batch_index_entries = len(data) // 48
         low = self.store.height - self.batch_window
-        out = {}
+        out: dict[bytes, tuple[int, int, int]] = {}
         for pos in range(0, len(data) - len(data) % 48, 48):
             height, offset, rows = struct.unpack(">QII", data[pos + 32 : pos + 48])
             if low < height <= self.store.height:
-                out[data[pos : pos + 32]] = (height, offset, rows)
+                digest = data[pos : pos + 32]
+                out.pop(digest, None)  # committed again later: keep the map in height order
+                out[digest] = (height, offset, rows)
         return out
 
     def _bound_memory(self) -> None:
