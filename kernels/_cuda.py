@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,28 @@ class _Device:
             )
         return [dev[at : at + part.nbytes] for part, at in zip(parts, positions, strict=True)]
 
+    # ---- pipelined chunks -------------------------------------------------------------------
+
+    def _chunks(self, bounds: list[int]) -> Iterator[tuple[int, Any, int, int]]:
+        """(slot, stream, first row, end row) of each chunk, alternating slots and streams,
+        after clearing both slots' error flags."""
+        for slot, stream in enumerate(self.streams):
+            with stream:
+                self.err[slot : slot + 1].fill(0)
+        for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            yield c % 2, self.streams[c % 2], lo, hi
+
+    def _finish(self) -> None:
+        """Wait for both streams; a row flagged by a device-side bounds check raises."""
+        for stream in self.streams:
+            stream.synchronize()
+        if int(self.err.sum().get()):
+            raise ValueError("offsets point outside the values buffer (flagged on the device)")
+
+    def _block(self, name: str) -> int:
+        fn = self.fn[name]
+        return min(ED25519_BLOCK, int(getattr(fn, "max_threads_per_block", ED25519_BLOCK)))
+
     # ---- hashing --------------------------------------------------------------------------
 
     def hash_rows(
@@ -180,11 +203,7 @@ class _Device:
         out_dev = cp.empty(n * digest, dtype=cp.uint8)
         self.pinned_out = self._pinned(self.pinned_out, n * digest)
         out_host = self.pinned_out
-        for slot, stream in enumerate(self.streams):
-            with stream:
-                self.err[slot : slot + 1].fill(0)
-        for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            slot, stream = c % 2, self.streams[c % 2]
+        for slot, stream, lo, hi in self._chunks(bounds):
             rows = hi - lo
             out_view = out_dev[lo * digest : hi * digest]
             err = self.err[slot : slot + 1]
@@ -216,10 +235,7 @@ class _Device:
                 ctypes.c_void_p(out_host.ctypes.data + lo * digest), rows * digest, stream
             )
             self.events[slot] = stream.record()
-        for stream in self.streams:
-            stream.synchronize()
-        if int(self.err.sum().get()):
-            raise ValueError("offsets point outside the values buffer (flagged on the device)")
+        self._finish()
         return out_host[: n * digest].reshape(n, digest).copy()
 
     def hash_fixed_on_device(self, algorithm: str, d_values: Any, width: int, n: int) -> Any:
@@ -238,13 +254,10 @@ class _Device:
     def ed25519_verify(self, keys: np.ndarray, sigs: np.ndarray, msgs: np.ndarray) -> np.ndarray:
         """Row i: does ``sigs[i]`` verify over ``msgs[i]`` under ``keys[i]``? (checked shapes)"""
         n = len(keys)
-        fn = self.fn["ed25519_verify"]
-        block = min(ED25519_BLOCK, int(getattr(fn, "max_threads_per_block", ED25519_BLOCK)))
+        fn, block = self.fn["ed25519_verify"], self._block("ed25519_verify")
         ok_dev = self.cp.empty(n, dtype=self.cp.uint8)
         self.pinned_out = self._pinned(self.pinned_out, n)
-        bounds = _chunk_bounds(n, None, 32 + 64 + 32)
-        for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            slot, stream = c % 2, self.streams[c % 2]
+        for slot, stream, lo, hi in self._chunks(_chunk_bounds(n, None, 32 + 64 + 32)):
             d_keys, d_sigs, d_msgs = self._to_device(slot, [keys[lo:hi], sigs[lo:hi], msgs[lo:hi]])
             rows = hi - lo
             ok_view = ok_dev[lo:hi]
@@ -258,8 +271,7 @@ class _Device:
                 ctypes.c_void_p(self.pinned_out.ctypes.data + lo), rows, stream
             )
             self.events[slot] = stream.record()
-        for stream in self.streams:
-            stream.synchronize()
+        self._finish()
         return self.pinned_out[:n].astype(np.bool_)
 
     def ed25519_verify_var(
@@ -268,18 +280,12 @@ class _Device:
         """As ``ed25519_verify`` with messages ``values[offsets[i]:offsets[i + 1]]``."""
         cp = self.cp
         n = len(keys)
-        fn = self.fn["ed25519_verify_var"]
-        block = min(ED25519_BLOCK, int(getattr(fn, "max_threads_per_block", ED25519_BLOCK)))
+        fn, block = self.fn["ed25519_verify_var"], self._block("ed25519_verify_var")
         offsets = offsets.astype(np.int64, copy=False)
         cost = offsets - int(offsets[0]) + np.arange(n + 1, dtype=np.int64) * (32 + 64 + 8)
-        bounds = _chunk_bounds(n, cost, 0)
         ok_dev = cp.empty(n, dtype=cp.uint8)
         self.pinned_out = self._pinned(self.pinned_out, n)
-        for slot, stream in enumerate(self.streams):
-            with stream:
-                self.err[slot : slot + 1].fill(0)
-        for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            slot, stream = c % 2, self.streams[c % 2]
+        for slot, stream, lo, hi in self._chunks(_chunk_bounds(n, cost, 0)):
             rows = hi - lo
             chunk_offsets = offsets[lo : hi + 1]
             base = int(chunk_offsets[0])
@@ -303,10 +309,7 @@ class _Device:
                 ctypes.c_void_p(self.pinned_out.ctypes.data + lo), rows, stream
             )
             self.events[slot] = stream.record()
-        for stream in self.streams:
-            stream.synchronize()
-        if int(self.err.sum().get()):
-            raise ValueError("offsets point outside the values buffer (flagged on the device)")
+        self._finish()
         return self.pinned_out[:n].astype(np.bool_)
 
     # ---- Merkle trees ---------------------------------------------------------------------
