@@ -294,12 +294,21 @@ class Network:
                 st = ray.get(self.validator(i).status.remote(), timeout=10)
                 st["mempool"] = ray.get(self.mempool(i).status.remote(), timeout=10)
                 st["site"] = self.settings["sites"][i]
+                if self.settings.get("verifier_actors"):
+                    st["verifier"] = self._verifier_status(i)
                 out.append(st)
             except (ValueError, ray.exceptions.RayError, TimeoutError) as exc:
                 out.append(
                     {"index": i, "site": self.settings["sites"][i], "down": type(exc).__name__}
                 )
         return out
+
+    def _verifier_status(self, i: int) -> dict[str, Any]:
+        """Institution ``i``'s verifier (where its batch checks run), or why it cannot say."""
+        try:
+            return ray.get(self._actor(f"verifier-{i}").status.remote(), timeout=10)
+        except (ValueError, ray.exceptions.RayError, TimeoutError) as exc:
+            return {"backend": f"down ({type(exc).__name__})"}
 
     def placement(self) -> list[dict[str, Any]]:
         return [ray.get(self.validator(i).where.remote()) for i in self.live()]

@@ -49,6 +49,7 @@ def status_table(net: Network) -> Table:
         "mempool rows",
         "peers",
         "shards at",
+        "checks on",
         "evidence",
         "rejected",
         title=f"network {net.name} ({net.genesis.chain_name})",
@@ -56,7 +57,7 @@ def status_table(net: Network) -> Table:
     for st in net.status():
         if "down" in st:
             table.add_row(
-                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 5
+                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 6
             )
             continue
         mp = st["mempool"]
@@ -71,6 +72,9 @@ def status_table(net: Network) -> Table:
             ",".join(str(p) for p in st["peers"]),
             # Height each storage shard has applied ("?" while it is being reached)
             " ".join("?" if h is None else str(h) for h in st.get("shards", {}).values()) or "-",
+            # Where this institution's batch signatures are checked: its verifier's kernels
+            # backend (cuda on a GPU), or the validator's own process
+            st.get("verifier", {}).get("backend", "validator"),
             str(st["evidence"]),
             str(sum(st["rejected"].values())),
         )

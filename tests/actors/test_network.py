@@ -110,6 +110,7 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         checked = [ray.get(net._actor(f"verifier-{i}").status.remote()) for i in range(4)]
         assert all(c["checked_rows"] == 20_000 and not c["refused"] for c in checked)
         assert {c["backend"] for c in checked} == {available_backends()[0]}
+        assert [s["verifier"]["backend"] for s in net.status()] == [available_backends()[0]] * 4
         # Each mempool's admission checks went through its institution's verifier
         assert sum(c["admission_rows"] for c in checked) == 20_000
     finally:
