@@ -688,11 +688,13 @@ class Validator:
                 self.replayed_writes.update(writes)
             covered = self.replayed_proofs_from
             if acked + 1 < self.proofs_from and (covered is None or acked + 1 < covered):
-                # Commit proofs older than those in memory: read them back, all at once
+                # Commit proofs older than those in memory: read them back, all at once. The
+                # claim is made before reading, so that proofs leaving memory meanwhile are
+                # kept too (_bound_memory) and the range stays whole.
                 upper = self.proofs_from - 1 if covered is None else covered - 1
+                self.replayed_proofs_from = acked + 1
                 older = await asyncio.to_thread(self._load_commit_proofs, acked + 1, upper)
                 self.replayed_proofs.update(older)
-                self.replayed_proofs_from = acked + 1
             blocks = [self.store.get_block(h) for h in range(acked + 1, upto + 1)]
             refs = []
             for i, block in enumerate(blocks):
