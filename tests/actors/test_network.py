@@ -133,6 +133,12 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
             net.submit(b, mempool=k)
         for b in first:
             net.wait_committed(b)
+        # Killed only once it has written a snapshot (at a height of 5 or more; idle blocks
+        # come every half round timeout)
+        snap, t0 = tmp_path / "validator-3" / "state.snap", time.monotonic()
+        while not snap.exists():
+            assert time.monotonic() - t0 < 60, "validator 3 wrote no snapshot"
+            time.sleep(0.2)
         net.kill(3)
         second = client_batches(net, 2_000, start_nonce=500)
         for k, b in enumerate(second):
