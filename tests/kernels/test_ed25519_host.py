@@ -89,6 +89,12 @@ def test_hostile_rows_agree_with_openssl(lib: ctypes.CDLL) -> None:
     # The families where the rule gives both answers did give both: the comparison has teeth.
     for family in ("small-order key", "mixed-order key", "identity spellings", "non-canonical key"):
         assert accepted[family] and rejected[family], (family, accepted, rejected)
+    # A mixed-order key A = aB + T8 verifies under the cofactorless equation exactly when the
+    # challenge kills the torsion: k = 0 (mod 8)
+    for i, category in enumerate(vec.categories):
+        if category == "mixed-order key":
+            k = ref.challenge(sigs[i][:32].tobytes(), keys[i].tobytes(), msgs[i].tobytes())
+            assert bool(want[i]) == (k % 8 == 0), i
     # And the families the rule always refuses were all refused.
     for family in ("torsion in R", "S >= L", "off-curve key", "random"):
         assert not accepted[family], (family, accepted[family])
