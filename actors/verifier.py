@@ -18,7 +18,7 @@ from rayledger.chain import admit_batch
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
 from rayledger.kernels import prepare
-from rayledger.kernels._backend import ENV_VAR
+from rayledger.kernels._backend import ENV_VAR, forced_backend
 from rayledger.tx import verify_signatures
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Verifier:
         try:
             self.backend = prepare()
         except Exception as exc:
-            if os.environ.get(ENV_VAR, "").strip().lower() == "cuda":
+            if forced_backend() == "cuda":
                 raise  # asked for the GPU explicitly: no quiet fallback
             # A GPU that cannot serve (driver, compiler) must not stop the institution from
             # checking batches: check them on the CPU, and say so in the status and the log.

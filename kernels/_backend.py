@@ -54,11 +54,16 @@ def available_backends() -> list[str]:
     return ["cuda", "cpu"] if cuda_unavailable_reason() is None else ["cpu"]
 
 
+def forced_backend() -> str:
+    """What ``RAYLEDGER_KERNELS`` says ``auto`` means in this process ("" or "auto": nothing)."""
+    return os.environ.get(ENV_VAR, "").strip().lower()
+
+
 def resolve_backend(requested: str = "auto") -> str:
     """Map a requested backend to one that runs here; an explicit request never falls back."""
     source = "argument"
     if requested == "auto":
-        forced = os.environ.get(ENV_VAR, "").strip().lower()
+        forced = forced_backend()
         if forced in ("", "auto"):
             return available_backends()[0]
         requested, source = forced, f"{ENV_VAR} environment variable"
@@ -82,7 +87,7 @@ def for_batch(requested: str, chosen: str, rows: int, kind: str) -> str:
     gave), except that ``auto`` keeps a batch smaller than the kind's threshold on the CPU."""
     if chosen != "cuda" or requested != "auto":
         return chosen
-    if os.environ.get(ENV_VAR, "").strip().lower() == "cuda":
+    if forced_backend() == "cuda":
         return chosen  # forced for the whole process
     raw = os.environ.get(MIN_ROWS_VAR, "").strip()
     try:

@@ -292,22 +292,11 @@ class BlockStore:
         if height == 0 or count != height or low != 1 or high != height:
             return None  # a full verification names what is wrong
         segment, offset, length = self._location(height)
-        header = self._decode_checked_header(segment, offset, length, height)
+        header = self._load(height)[0]
         if header.hash != block_hash:
             return None
         self._tail = (segment, offset + length)
         return header
-
-    def _decode_checked_header(
-        self, segment: int, offset: int, length: int, height: int
-    ) -> BlockHeader:
-        body = self._read_frame(segment, offset, length, height)
-        try:
-            return decode_frame_body(body)[1]
-        except (LedgerError, pa.ArrowException) as exc:
-            raise StoreCorruption(
-                str(exc), height=height, path=str(self._segment_path(segment))
-            ) from exc
 
     def _set_mark(self, header: BlockHeader, cur: sqlite3.Cursor | None = None) -> None:
         (cur or self._db).execute(

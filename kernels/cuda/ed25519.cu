@@ -474,6 +474,14 @@ RL_HD void rl_sc_digits(signed char e[64], const rl_u32 s[8]) {
 
 // ---- verification ---------------------------------------------------------------------------
 
+// The digest's 64 bytes (big-endian state words) into k, read later as a little-endian number.
+RL_HD void rl_ed25519_digest_bytes(rl_u8 k[64], const rl_u64 s[8]) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int t = 0; t < 8; ++t) k[8 * j + t] = (rl_u8)(s[j] >> (56 - 8 * t));
+}
+
 // k = SHA-512(R || A || M) as a little-endian 512-bit number (96 bytes: one block).
 RL_HD void rl_ed25519_challenge(rl_u8 k[64], const rl_u8* r, const rl_u8* a, const rl_u8* m) {
     rl_u64 w[16], s[8];
@@ -491,10 +499,7 @@ RL_HD void rl_ed25519_challenge(rl_u8 k[64], const rl_u8* r, const rl_u8* a, con
     w[15] = 96 * 8;
     rl_sha512_init(s);
     rl_sha512_compress(s, w);
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int t = 0; t < 8; ++t) k[8 * j + t] = (rl_u8)(s[j] >> (56 - 8 * t));
+    rl_ed25519_digest_bytes(k, s);
 }
 
 // k = SHA-512(R || A || M) for a message of any length, assembled byte by byte.
@@ -520,10 +525,7 @@ RL_HD void rl_ed25519_challenge_var(rl_u8 k[64], const rl_u8* r, const rl_u8* a,
         if (blk == blocks - 1) rl_sha512_length(w, len);
         rl_sha512_compress(s, w);
     }
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int t = 0; t < 8; ++t) k[8 * j + t] = (rl_u8)(s[j] >> (56 - 8 * t));
+    rl_ed25519_digest_bytes(k, s);
 }
 
 // msg of mlen bytes; mlen < 0 means the fixed 32-byte layout (one SHA-512 block, word loads).
