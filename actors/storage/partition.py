@@ -368,7 +368,7 @@ class ShardStore:
             raise StoreError(f"{damaged} (checksum mismatch)")
         try:
             return pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
-        except (pa.ArrowException, StopIteration) as exc:
+        except (pa.ArrowException, OSError, StopIteration) as exc:  # OSError: ArrowIOError
             raise StoreError(f"{damaged} ({exc})") from None
 
     # ---- reading -----------------------------------------------------------------------------

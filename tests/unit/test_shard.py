@@ -466,4 +466,11 @@ def test_frames_of_a_shard_from_before_checksums_still_read(tmp_path: Path, chai
     assert again.apply(blocks) == 5
     crcs = dict(again._db.execute("SELECT height, crc FROM frames").fetchall())
     assert crcs[2] is None and all(crcs[h] is not None for h in (4, 5))
+    # Such a frame has no checksum: bytes that no longer parse as Arrow still read as damage
+    offset = again._db.execute("SELECT offset FROM frames WHERE height = 2").fetchone()[0]
+    with open(tmp_path / "s" / "rows.seg", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 16)
+    with pytest.raises(StoreError, match="rows of block 2 .* damaged"):
+        again.get_tx(t)
     again.close()
