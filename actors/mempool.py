@@ -8,9 +8,11 @@ stale, and one not above the same sender's previous row in the submission is out
 later submission may still fill a gap: a row refused for its signature and sent again). The
 accepted rows wait in a bounded buffer and are sealed into a batch when enough rows are
 pending or the batch interval passes. A sealed batch goes to the Ray object store once and
-its digest and reference to every validator. Capacity counts rows pending and rows sealed but
-not yet committed: when a submission would exceed it, the whole submission is answered "busy"
-and nothing of it is kept (never a silent drop).
+its digest and reference to every validator. The rows held count those being admitted,
+pending, and sealed but not yet committed: when a submission would take them over the limit,
+the whole submission is answered "busy", with a hint of when to retry, and nothing of it is
+kept (never a silent drop). The limit is learnt from how fast this mempool's batches commit
+(``InflightLimit``), within the configured capacity.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from rayledger.errors import LedgerError
 from rayledger.execution import nonce_key
 from rayledger.tx import TX_SCHEMA, fixed_rows, tx_ids_of, validate_batch, verify_signatures
 
+# Batches a mempool remembers the sealing time of, awaiting their commit
+SEALED_KEEP = 4096
+
 
 @dataclass
 class Admission:
@@ -42,6 +47,82 @@ class Admission:
     busy: bool = False
     rejected: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    # With ``busy``: about when capacity should be free again (a hint for the client's wait)
+    retry_after_ms: int = 0
+
+
+class InflightLimit:
+    """How many rows a mempool may hold uncommitted, learnt from how fast its batches commit.
+
+    A fixed capacity either starves a fast network or, on a slow one, queues minutes of work:
+    every signature of that backlog is checked by every validator long before its batch can be
+    proposed, and the checks then compete with consensus for the cores (measured on 2 cores
+    with 200,000 rows allowed and twice the network's capacity offered: 133 committed tx/s
+    instead of about 1,100, latencies of 30 s). So the limit follows the commit latency of
+    this mempool's own batches (sealed to committed at its validator), like a TCP Vegas
+    limiter: a batch that commits within ``target_s`` (by default twice the lowest latency
+    seen, the network's unloaded pace) raises the limit by its rows, if the limit was in use;
+    a later one lowers it by a tenth. Under overload the work in flight is then about the
+    network's rate times the target, everything beyond is answered busy at once, and the rows
+    admitted commit in about ``target_s``.
+
+    The lowest latency is never forgotten: a minimum over a sliding window would, under
+    sustained overload, take the overloaded latency as the new norm and double the target
+    each window. If the network's unloaded pace really worsens for good (a far site now needed
+    for a quorum), the limit errs low: throughput falls to about the floor per commit
+    latency, never latency up; ``mempool_target_latency_ms`` then sets the target outright.
+    The limit stays within [``floor_rows``, ``ceiling_rows``]; a submission is always admitted
+    while nothing is in flight (up to the ceiling), so a large one cannot starve."""
+
+    def __init__(self, floor_rows: int, ceiling_rows: int, target_s: float | None = None) -> None:
+        if floor_rows < 1 or ceiling_rows < 1:
+            raise ValueError("the in-flight limits must be positive")
+        self.ceiling = ceiling_rows
+        self.floor = min(floor_rows, ceiling_rows)
+        self.limit = self.floor
+        self.fixed_target = target_s
+        self.lowest_s: float | None = None
+        self._sealed: dict[bytes, tuple[float, int, bool]] = {}
+        self.late = 0
+
+    def target_s(self) -> float | None:
+        """The commit latency aimed at (None: nothing committed yet to learn it from)."""
+        if self.fixed_target is not None:
+            return self.fixed_target
+        return None if self.lowest_s is None else 2 * self.lowest_s
+
+    def sealed(self, digest: bytes, rows: int, in_flight: int, now: float) -> None:
+        """A batch of ``rows`` left for the validators with ``in_flight`` rows uncommitted."""
+        self._sealed[digest] = (now, rows, 2 * in_flight >= self.limit)
+        if len(self._sealed) > SEALED_KEEP:  # refused or lost batches never commit
+            del self._sealed[next(iter(self._sealed))]
+
+    def committed(self, digest: bytes, now: float) -> None:
+        """A batch sealed here committed (others' digests are ignored)."""
+        entry = self._sealed.pop(digest, None)
+        if entry is None:
+            return
+        at, rows, in_use = entry
+        latency = now - at
+        self.lowest_s = latency if self.lowest_s is None else min(self.lowest_s, latency)
+        target = self.target_s()
+        if target is not None and latency <= target:
+            if in_use:  # a limit nobody pushed against says nothing about the network
+                self.limit = min(self.ceiling, self.limit + rows)
+        else:
+            self.late += 1
+            self.limit = max(self.floor, int(self.limit * 0.9))
+
+    def admits(self, in_flight: int, rows: int) -> bool:
+        return in_flight + rows <= self.ceiling and (
+            in_flight == 0 or in_flight + rows <= self.limit
+        )
+
+    def retry_after_s(self, in_flight: int, rows: int) -> float:
+        """About how long until ``rows`` more fit: the excess at the rate the limit implies."""
+        target = self.target_s() or 0.5
+        excess = in_flight + rows - min(self.limit, self.ceiling)
+        return min(max(excess * target / max(self.limit, 1), 0.05), max(target, 0.05))
 
 
 class Mempool:
@@ -59,9 +140,17 @@ class Mempool:
         self.capacity = capacity_rows
         self.batch_rows = batch_rows
         self.interval = batch_interval_ms / 1000
+        target_ms = settings.get("mempool_target_latency_ms")
+        self.limit = InflightLimit(
+            floor_rows=2 * batch_rows,
+            ceiling_rows=capacity_rows,
+            target_s=None if target_ms is None else float(target_ms) / 1000,
+        )
         self.validators: dict[int, Any] = {}
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
+        # Rows of submissions between the capacity check and their verdict (checks await)
+        self.admitting = 0
         self.in_flight: dict[bytes, int] = {}
         # Recently admitted ids, oldest first, bounded: a copy older than the window is still
         # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
@@ -86,9 +175,18 @@ class Mempool:
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
         # Backpressure: answer busy before doing any work, and keep nothing
-        if self.pending_rows + sum(self.in_flight.values()) + batch.num_rows > self.capacity:
+        held = self.admitting + self.pending_rows + sum(self.in_flight.values())
+        if not self.limit.admits(held, batch.num_rows):
             self._count("busy", batch.num_rows)
-            return Admission(busy=True)
+            wait = self.limit.retry_after_s(held, batch.num_rows)
+            return Admission(busy=True, retry_after_ms=max(1, round(wait * 1000)))
+        self.admitting += batch.num_rows
+        try:
+            return await self._admit(batch)
+        finally:
+            self.admitting -= batch.num_rows
+
+    async def _admit(self, batch: pa.RecordBatch) -> Admission:
         try:
             canonical = validate_batch(
                 batch,
@@ -194,6 +292,7 @@ class Mempool:
         digest = batch_digest(batch)
         ref = ray.put(batch)
         self._refs[digest] = ref
+        self.limit.sealed(digest, batch.num_rows, sum(self.in_flight.values()), time.monotonic())
         self.in_flight[digest] = batch.num_rows
         self.sealed += 1
         for v in self.validators.values():
@@ -207,20 +306,26 @@ class Mempool:
 
     async def on_commit(self, digests: list[bytes]) -> None:
         """Batches committed (by this mempool's validator): their capacity is free again."""
+        now = time.monotonic()
         for d in digests:
             self.in_flight.pop(d, None)
             self._refs.pop(d, None)
+            self.limit.committed(d, now)
 
     def _count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
     async def status(self) -> dict[str, Any]:
+        target = self.limit.target_s()
         return {
             "index": self.index,
             "pending_rows": self.pending_rows,
             "in_flight_rows": sum(self.in_flight.values()),
             "sealed_batches": self.sealed,
             "capacity_rows": self.capacity,
+            "limit_rows": self.limit.limit,
+            "target_latency_ms": None if target is None else round(target * 1000),
+            "late_batches": self.limit.late,
             "counts": dict(self.counts),
             "cpu_s": round(time.process_time(), 3),
         }

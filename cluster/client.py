@@ -151,7 +151,9 @@ class Client:
             if time.monotonic() > deadline:
                 raise SubmitError(f"mempool {target} stayed busy for {timeout} s")
             out.busy_retries += 1
-            time.sleep(delay)
+            # The mempool's hint of when it has room, else a doubling wait
+            hint = admission.retry_after_ms / 1000
+            time.sleep(min(hint, 1.0) if hint > 0 else delay)
             delay = min(delay * 2, 1.0)
             admission = ray.get(self._actor(f"mempool-{target}").submit.remote(chunk))
         if admission.error is not None:

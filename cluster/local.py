@@ -37,7 +37,11 @@ class NetworkOptions:
     base_timeout_ms: int = 1000
     batch_rows: int = 2_000
     batch_interval_ms: float = 50.0
+    # The most rows a mempool holds uncommitted (a memory bound; within it, the limit follows
+    # the commit latency of its batches: see actors.mempool.InflightLimit)
     mempool_capacity: int = 200_000
+    # The commit latency a mempool's limit aims at (None: twice the lowest it measured lately)
+    mempool_target_latency_ms: float | None = None
     max_batches_per_block: int = 64
     # An idle leader's wait for a batch before an empty block (None: a tenth of the timeout)
     idle_block_ms: int | None = None

@@ -8,7 +8,8 @@ Scenarios (one Ray instance for the module, 2 CPUs pinned, fractional actors):
 - kill 2 of 4: commits stop and nothing forks; bring one back: commits resume.
 - mempool admission: invalid signatures and duplicates are counted and dropped, a foreign
   chain's batch is refused whole, and an overloaded mempool answers busy and keeps nothing of
-  that submission while everything it accepted is committed.
+  that submission while everything it accepted is committed; a flood is answered busy far
+  below the configured capacity (the limit is learnt from commit latency).
 """
 
 from __future__ import annotations
@@ -227,6 +228,34 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
         assert net.submit(accepted[0], mempool=1).accepted == 400
         for b in accepted + [good.slice(0, 100)]:
             net.wait_committed(b)
+    finally:
+        net.shutdown()
+
+
+def test_a_flooded_mempool_answers_busy_below_its_capacity_and_commits_what_it_took(
+    tmp_path: Path,
+) -> None:
+    """The in-flight limit is learnt, starting at two batches: far below the 200,000-row
+    capacity, a flood is answered busy at once (with a hint), and every row taken commits."""
+    net = start(tmp_path, "flood", batch_rows=250)
+    try:
+        chunks = client_batches(net, 4_000)  # four senders, 1,000 rows each
+        answers = ray.get([net.mempool(0).submit.remote(c) for c in chunks])
+        busy = [c for c, a in zip(chunks, answers, strict=True) if a.busy]
+        assert busy and all(a.retry_after_ms > 0 and a.accepted == 0 for a in answers if a.busy)
+        assert sum(a.accepted for a in answers) == 1_000 * (len(chunks) - len(busy))
+        for c in busy:
+            deadline = time.monotonic() + 120
+            while (answer := net.submit(c, mempool=0)).busy:
+                assert time.monotonic() < deadline, "busy for two minutes"
+                time.sleep(answer.retry_after_ms / 1000)
+            assert answer.accepted == 1_000
+        for c in chunks:
+            net.wait_committed(c)
+        status = ray.get(net.mempool(0).status.remote())
+        assert status["capacity_rows"] == 200_000 and status["limit_rows"] >= 500
+        assert status["counts"]["accepted"] == 4_000 and status["counts"]["busy"] >= 1_000
+        assert status["pending_rows"] == 0
     finally:
         net.shutdown()
 

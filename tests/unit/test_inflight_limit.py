@@ -1,0 +1,148 @@
+"""The mempool's learnt in-flight limit, without Ray: batches that commit within the target
+raise it (only while it is in use), late ones lower it to no less than the floor, the
+ceiling always holds, and a busy answer keeps nothing and says when to come back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from rayledger.actors import mempool as mempool_mod
+from rayledger.actors.mempool import InflightLimit, Mempool
+from rayledger.config import Validator, new_genesis
+from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.tx import TxKind, make_batch
+
+
+def drive(limit: InflightLimit, latency: float, batches: int, rows: int, t0: float) -> float:
+    """Seal and commit ``batches`` one after another, each taking ``latency`` seconds, with the
+    limit fully in use; returns the clock after the last."""
+    t = t0
+    for i in range(batches):
+        d = b"%d/%f" % (i, t)
+        limit.sealed(d, rows, in_flight=limit.limit, now=t)
+        t += latency
+        limit.committed(d, now=t)
+    return t
+
+
+def test_fast_commits_raise_the_limit_up_to_the_ceiling() -> None:
+    limit = InflightLimit(floor_rows=2_000, ceiling_rows=10_000)
+    assert limit.limit == 2_000 and limit.target_s() is None
+    drive(limit, 0.5, 3, 1_000, 0.0)
+    assert limit.target_s() == pytest.approx(1.0)
+    assert limit.limit == 5_000 and limit.late == 0
+    drive(limit, 0.5, 20, 1_000, 10.0)
+    assert limit.limit == 10_000
+
+
+def test_a_limit_nobody_uses_does_not_grow() -> None:
+    limit = InflightLimit(floor_rows=2_000, ceiling_rows=100_000)
+    for i in range(10):
+        limit.sealed(bytes([i]), 100, in_flight=0, now=float(i))
+        limit.committed(bytes([i]), now=i + 0.3)
+    assert limit.limit == 2_000
+
+
+def test_late_commits_lower_the_limit_to_the_floor() -> None:
+    limit = InflightLimit(floor_rows=2_000, ceiling_rows=100_000)
+    t = drive(limit, 0.5, 30, 1_000, 0.0)
+    assert limit.limit == 32_000
+    # Overload: the same batches now take three times the unloaded latency
+    drive(limit, 1.5, 5, 1_000, t)
+    assert limit.late == 5 and limit.limit == int(32_000 * 0.9**5)
+    drive(limit, 1.5, 100, 1_000, t + 100)
+    assert limit.limit == 2_000
+
+
+def test_sustained_overload_does_not_become_the_norm() -> None:
+    limit = InflightLimit(floor_rows=10, ceiling_rows=100_000)
+    drive(limit, 0.2, 1, 10, 0.0)
+    assert limit.target_s() == pytest.approx(0.4)
+    # An hour at twice the target: the limit stays at the floor, the target where it was
+    drive(limit, 0.8, 4_500, 10, 100.0)
+    assert limit.target_s() == pytest.approx(0.4) and limit.limit == 10
+    drive(limit, 0.1, 1, 10, 5_000.0)
+    assert limit.target_s() == pytest.approx(0.2)
+
+
+def test_a_fixed_target_is_kept() -> None:
+    limit = InflightLimit(floor_rows=10, ceiling_rows=1_000, target_s=3.0)
+    assert limit.target_s() == 3.0
+    drive(limit, 2.5, 4, 10, 0.0)
+    assert limit.late == 0 and limit.limit == 50
+    drive(limit, 3.5, 1, 10, 50.0)
+    assert limit.late == 1 and limit.limit == 45
+
+
+def test_admission_rules() -> None:
+    limit = InflightLimit(floor_rows=2_000, ceiling_rows=5_000)
+    # Nothing in flight: anything up to the ceiling, so a large submission cannot starve
+    assert limit.admits(0, 5_000) and not limit.admits(0, 5_001)
+    assert limit.admits(1_000, 1_000) and not limit.admits(1_000, 1_001)
+    wait = limit.retry_after_s(1_000, 1_500)
+    assert 0.05 <= wait <= 0.5
+    # The floor never exceeds the ceiling
+    assert InflightLimit(floor_rows=50, ceiling_rows=10).limit == 10
+    with pytest.raises(ValueError, match="positive"):
+        InflightLimit(floor_rows=0, ceiling_rows=10)
+
+
+def test_foreign_digests_and_lost_batches() -> None:
+    limit = InflightLimit(floor_rows=10, ceiling_rows=1_000)
+    limit.committed(b"not sealed here", now=1.0)
+    assert limit.target_s() is None and limit.limit == 10
+    for i in range(mempool_mod.SEALED_KEEP + 5):
+        limit.sealed(i.to_bytes(4, "big"), 1, in_flight=0, now=0.0)
+    assert len(limit._sealed) == mempool_mod.SEALED_KEEP
+    limit.committed((0).to_bytes(4, "big"), now=1.0)  # forgotten: no sample
+    assert limit.target_s() is None
+
+
+def small_mempool(tmp_path: Path, capacity: int) -> Mempool:
+    keys = [key_from_seed(bytes([i + 1]) * 32) for i in range(4)]
+    genesis = new_genesis("m", [Validator(f"v{i}", public_bytes(k)) for i, k in enumerate(keys)], 5)
+    genesis.save(tmp_path / "genesis.toml")
+    settings = {"batch_rows": 10**9, "batch_interval_ms": 10**9, "mempool_capacity": capacity}
+    (tmp_path / "network.json").write_text(json.dumps(settings))
+    return Mempool(str(tmp_path), 0)
+
+
+def test_busy_keeps_nothing_and_counts_submissions_being_checked(tmp_path: Path) -> None:
+    m = small_mempool(tmp_path, capacity=20)
+    key = key_from_seed(b"\x09" * 32)
+    rows = make_batch(
+        key, TxKind.ANCHOR, range(40), [bytes([i]) * 32 for i in range(40)], m.genesis.chain_id
+    )
+    checked = m._verify
+
+    async def slow_verify(batch):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.01)  # a verifier actor's round trip
+        return await checked(batch)
+
+    m._verify = slow_verify  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        first, second = await asyncio.gather(
+            m.submit(rows.slice(0, 12)), m.submit(rows.slice(12, 12))
+        )
+        # The second came while the first was being checked: 12 + 12 rows exceed 20
+        assert first.accepted == 12 and not first.busy
+        assert second.busy and second.accepted == 0 and second.retry_after_ms > 0
+        assert m.pending_rows == 12 and m.admitting == 0
+        assert (await m.submit(rows.slice(12, 8))).accepted == 8
+        full = await m.submit(rows.slice(20, 1))
+        assert full.busy and m.pending_rows == 20
+        assert m.counts == {"accepted": 20, "busy": 13}
+        # Nothing of a refused submission was remembered: it is admitted once there is room
+        m.pending, m.pending_rows = [], 0
+        assert (await m.submit(rows.slice(12, 12))).rejected == {"duplicate": 8}
+        status = await m.status()
+        assert status["limit_rows"] == 20 and status["target_latency_ms"] is None
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
