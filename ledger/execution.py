@@ -97,11 +97,9 @@ class StateView:
 
 
 def compute_state_root(previous: bytes, writes: dict[bytes, bytes]) -> bytes:
-    h = hashlib.sha256()
-    for key in sorted(writes):
-        value = writes[key]
-        h.update(_U64.pack(len(key)) + key + _U64.pack(len(value)) + value)
-    return hashlib.sha256(_STATE_DOMAIN + previous + h.digest()).digest()
+    pack = _U64.pack
+    body = b"".join([pack(len(k)) + k + pack(len(v)) + v for k, v in sorted(writes.items())])
+    return hashlib.sha256(_STATE_DOMAIN + previous + hashlib.sha256(body).digest()).digest()
 
 
 @dataclass(frozen=True)
@@ -127,71 +125,98 @@ def execute_block(
 
     Returns the block's view (its writes only), its results (``status``, ``result``) and the
     resulting state root.
+
+    The rules are applied row by row as the module describes; nonces and balances are kept as
+    integers while the block runs and written once at its end (the write set, and so the
+    state root, is the same as writing them row by row: a key is written iff some row wrote
+    it, with its last value). Each validator runs this for every block, so it is kept tight.
     """
     view = parent_view.child()
+    writes = view.writes
+    read = parent_view.get
     n = txs.num_rows
-    kinds = txs.column("kind").to_numpy(zero_copy_only=False)
-    nonces = txs.column("nonce").to_numpy(zero_copy_only=False)
+    kinds = txs.column("kind").to_numpy(zero_copy_only=False).tolist()
+    nonces = txs.column("nonce").to_numpy(zero_copy_only=False).tolist()
     senders = _rows(txs.column("sender"))
     pvalues, poffsets = as_offsets_and_values(txs.column("payload"))
     payload = pvalues.tobytes()
     bounds = poffsets.tolist()
-    statuses = np.zeros(n, np.uint8)
+    statuses = bytearray(n)
     results: list[bytes] = [b""] * n
+    pack, unpack = _U64.pack, _U64.unpack
+    next_nonce: dict[bytes, int] = {}  # senders seen: their next nonce as of this row
+    consumed: set[bytes] = set()  # senders whose nonce this block moved
+    balances: dict[bytes, int] = {}  # accounts read: their balance as of this row
+    moved: set[bytes] = set()  # accounts whose balance this block wrote
+
+    def balance(account: bytes) -> int:
+        value = balances.get(account)
+        if value is None:
+            raw = read(b"bal:" + account)
+            value = balances[account] = 0 if raw is None else unpack(raw)[0]
+        return value
+
+    transfer, anchor = int(TxKind.TRANSFER), int(TxKind.ANCHOR)
     for i in range(n):
         sender = senders[i]
-        nkey = nonce_key(sender)
-        expected = view.get_u64(nkey)
-        if int(nonces[i]) != expected:
+        expected = next_nonce.get(sender)
+        if expected is None:
+            raw = read(b"non:" + sender)
+            expected = 0 if raw is None else unpack(raw)[0]
+        if nonces[i] != expected:
+            next_nonce[sender] = expected
             statuses[i] = Status.BAD_NONCE
             continue
-        view.set(nkey, _U64.pack(expected + 1))
-        body = payload[bounds[i] : bounds[i + 1]]
-        kind = int(kinds[i])
-        if kind == TxKind.TRANSFER:
-            statuses[i], results[i] = _transfer(view, sender, body)
-        elif kind == TxKind.ANCHOR:
-            statuses[i], results[i] = _anchor(view, sender, body, height)
+        next_nonce[sender] = expected + 1
+        consumed.add(sender)
+        kind = kinds[i]
+        if kind == transfer:
+            start, stop = bounds[i], bounds[i + 1]
+            if stop - start != 40:
+                statuses[i] = Status.BAD_PAYLOAD
+                continue
+            recipient = payload[start : start + 32]
+            amount = unpack(payload[start + 32 : stop])[0]
+            have = balance(sender)
+            if amount > have:
+                statuses[i] = Status.INSUFFICIENT_FUNDS
+                continue
+            if recipient != sender:
+                received = balance(recipient)
+                if received + amount >= 1 << 64:
+                    statuses[i] = Status.BAD_PAYLOAD
+                    continue
+                balances[sender] = have = have - amount
+                balances[recipient] = received + amount
+                moved.add(sender)
+                moved.add(recipient)
+            results[i] = pack(have)
+        elif kind == anchor:
+            start, stop = bounds[i], bounds[i + 1]
+            if not 32 <= stop - start <= 32 + MAX_ANCHOR_METADATA:
+                statuses[i] = Status.BAD_PAYLOAD
+                continue
+            key = b"anc:" + payload[start : start + 32]
+            if key in writes or read(key) is not None:
+                statuses[i] = Status.ALREADY_ANCHORED
+                continue
+            meta = hashlib.sha256(payload[start + 32 : stop]).digest()
+            writes[key] = sender + pack(height) + meta
+            results[i] = pack(height)
         else:
             statuses[i] = Status.UNSUPPORTED_KIND
+    for sender in consumed:
+        writes[nonce_key(sender)] = pack(next_nonce[sender])
+    for account in moved:
+        writes[balance_key(account)] = pack(balances[account])
     out = pa.RecordBatch.from_arrays(
-        [pa.array(statuses, pa.uint8()), pa.array(results, pa.binary())], schema=RESULT_SCHEMA
+        [pa.array(np.frombuffer(statuses, np.uint8), pa.uint8()), pa.array(results, pa.binary())],
+        schema=RESULT_SCHEMA,
     )
-    return view, out, compute_state_root(parent_state_root, view.writes)
+    return view, out, compute_state_root(parent_state_root, writes)
 
 
 def _rows(col: pa.Array) -> list[bytes]:
     values, _ = as_offsets_and_values(col)
     raw = values.tobytes()
     return [raw[i : i + 32] for i in range(0, len(raw), 32)]
-
-
-def _transfer(view: StateView, sender: bytes, body: bytes) -> tuple[int, bytes]:
-    # Verify the payload is exactly recipient | amount
-    if len(body) != 40:
-        return Status.BAD_PAYLOAD, b""
-    recipient = body[:32]
-    amount = int(_U64.unpack(body[32:])[0])
-    balance = view.get_u64(balance_key(sender))
-    # Verify no overdraft
-    if amount > balance:
-        return Status.INSUFFICIENT_FUNDS, b""
-    if recipient != sender:
-        received = view.get_u64(balance_key(recipient))
-        if received + amount >= 1 << 64:
-            return Status.BAD_PAYLOAD, b""
-        view.set(balance_key(sender), _U64.pack(balance - amount))
-        view.set(balance_key(recipient), _U64.pack(received + amount))
-        balance -= amount
-    return Status.OK, _U64.pack(balance)
-
-
-def _anchor(view: StateView, sender: bytes, body: bytes, height: int) -> tuple[int, bytes]:
-    # Verify a digest and bounded metadata
-    if not 32 <= len(body) <= 32 + MAX_ANCHOR_METADATA:
-        return Status.BAD_PAYLOAD, b""
-    key = anchor_key(body[:32])
-    if view.get(key) is not None:
-        return Status.ALREADY_ANCHORED, b""
-    view.set(key, sender + _U64.pack(height) + hashlib.sha256(body[32:]).digest())
-    return Status.OK, _U64.pack(height)

@@ -6,12 +6,15 @@ except for the nonce, which every row with the right nonce consumes.
 
 from __future__ import annotations
 
+import hashlib
+import random
 import struct
 
 import pytest
 
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.execution import (
+    MAX_ANCHOR_METADATA,
     Account,
     StateView,
     Status,
@@ -153,3 +156,139 @@ def test_genesis_state_rejects_bad_accounts() -> None:
         genesis_state([Account(b"short", 1)])
     with pytest.raises(ValueError):
         genesis_state([Account(PA, -1)])
+
+
+# ---- the executor against a plain reading of the rules ---------------------------------------
+
+
+def reference_root(previous: bytes, writes: dict[bytes, bytes]) -> bytes:
+    """The module's formula, spelled out: SHA-256 over the sorted, length-prefixed writes."""
+    h = hashlib.sha256()
+    for key in sorted(writes):
+        h.update(struct.pack(">Q", len(key)) + key + struct.pack(">Q", len(writes[key])))
+        h.update(writes[key])
+    return hashlib.sha256(b"rayledger/state/v1" + previous + h.digest()).digest()
+
+
+def reference_block(
+    parent: StateView, rows: list[tuple[bytes, int, int, bytes]], height: int
+) -> tuple[StateView, list[int], list[bytes]]:
+    """Every rule applied row by row, every write made at once, on a child view."""
+    view = parent.child()
+    statuses, results = [], []
+    for sender, kind, nonce, body in rows:
+        expected = view.get_u64(nonce_key(sender))
+        status, result = Status.OK, b""
+        if nonce != expected:
+            statuses.append(Status.BAD_NONCE)
+            results.append(b"")
+            continue
+        view.set(nonce_key(sender), struct.pack(">Q", expected + 1))
+        if kind == TxKind.TRANSFER:
+            if len(body) != 40:
+                status = Status.BAD_PAYLOAD
+            else:
+                to, amount = body[:32], struct.unpack(">Q", body[32:])[0]
+                have = view.get_u64(balance_key(sender))
+                if amount > have:
+                    status = Status.INSUFFICIENT_FUNDS
+                elif to == sender:
+                    result = struct.pack(">Q", have)
+                elif view.get_u64(balance_key(to)) + amount >= 1 << 64:
+                    status = Status.BAD_PAYLOAD
+                else:
+                    got = view.get_u64(balance_key(to))
+                    view.set(balance_key(sender), struct.pack(">Q", have - amount))
+                    view.set(balance_key(to), struct.pack(">Q", got + amount))
+                    result = struct.pack(">Q", have - amount)
+        elif kind == TxKind.ANCHOR:
+            key = b"anc:" + body[:32]
+            if not 32 <= len(body) <= 32 + MAX_ANCHOR_METADATA:
+                status = Status.BAD_PAYLOAD
+            elif view.get(key) is not None:
+                status = Status.ALREADY_ANCHORED
+            else:
+                meta = hashlib.sha256(body[32:]).digest()
+                view.set(key, sender + struct.pack(">Q", height) + meta)
+                result = struct.pack(">Q", height)
+        else:
+            status = Status.UNSUPPORTED_KIND
+        statuses.append(status)
+        results.append(result)
+    return view, statuses, results
+
+
+def random_rows(rng: random.Random, keys: list, nonces: dict[bytes, int], n: int) -> list:
+    pubs = [public_bytes(k) for k in keys]
+    rows = []
+    for _ in range(n):
+        k = rng.randrange(len(keys))
+        nonce = nonces[pubs[k]]
+        if rng.random() < 0.1:  # a gap, a replay, or a far future nonce
+            nonce = rng.choice([nonce + 1, max(0, nonce - 1), nonce + 1000])
+        else:
+            nonces[pubs[k]] += 1
+        choice = rng.random()
+        if choice < 0.5:
+            to = rng.choice(pubs + [b"\x55" * 32])
+            amount = rng.choice([0, 1, rng.randrange(50), 10**6, (1 << 64) - 1])
+            body = to + struct.pack(">Q", amount)
+            if rng.random() < 0.05:
+                body = body[: rng.randrange(40)]
+            kind = TxKind.TRANSFER
+        elif choice < 0.9:
+            digest = bytes([rng.randrange(8)]) * 32  # few digests: repeats within and across
+            body = digest + rng.randbytes(rng.choice([0, 3, 40]))
+            if rng.random() < 0.05:
+                body = rng.choice([b"", b"x" * 31, digest + b"m" * (MAX_ANCHOR_METADATA + 1)])
+            kind = TxKind.ANCHOR
+        else:
+            kind, body = rng.choice([TxKind.VOTE, 77]), b"v"
+        rows.append((keys[k], int(kind), nonce, body))
+    return rows
+
+
+def check_random_chain(seed: int) -> set[int]:
+    """Four random blocks on each other, executed and read plainly; the statuses seen."""
+    seen: set[int] = set()
+    rng = random.Random(seed)
+    keys = [key_from_seed(bytes([40 + i]) * 32) for i in range(5)]
+    accounts = [Account(public_bytes(k), rng.choice([0, 30, 1000, (1 << 64) - 20])) for k in keys]
+    base, root = genesis_state(accounts)
+    ref_base, _ = genesis_state(accounts)
+    nonces = {public_bytes(k): 0 for k in keys}
+    view, ref_view, ref_root = base, ref_base, root
+    for height in range(1, 5):  # a chain of speculative views, each on its parent
+        rows = random_rows(rng, keys, nonces, rng.choice([0, 1, 60, 300]))
+        batch = (
+            make_batch(
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                CHAIN,
+            )
+            if rows
+            else make_batch([], [], [], [], CHAIN)
+        )
+        view, results, root = execute_block(view, batch, height, root)
+        ref_view, statuses, values = reference_block(
+            ref_view, [(public_bytes(r[0]), r[1], r[2], r[3]) for r in rows], height
+        )
+        assert results.column("status").to_pylist() == statuses
+        assert results.column("result").to_pylist() == values
+        assert view.writes == ref_view.writes
+        ref_root = reference_root(ref_root, ref_view.writes)
+        assert root == ref_root
+        seen.update(statuses)
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_blocks_match_the_plain_reading_of_the_rules(seed: int) -> None:
+    assert {Status.OK, Status.BAD_NONCE} <= check_random_chain(seed)
+
+
+def test_the_random_blocks_reach_every_status() -> None:
+    seen = set().union(*(check_random_chain(seed) for seed in range(12)))
+    assert seen == set(Status)
