@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
 from rayledger.execution import nonce_key
 from rayledger.tx import TX_SCHEMA, fixed_rows, tx_ids_of, validate_batch, verify_signatures
+
+log = logging.getLogger(__name__)
 
 # Batches a mempool remembers the sealing time of, awaiting their commit
 SEALED_KEEP = 4096
@@ -152,6 +155,11 @@ class Mempool:
         # Rows of submissions between the capacity check and their verdict (checks await)
         self.admitting = 0
         self.in_flight: dict[bytes, int] = {}
+        # When each batch in flight was sealed, oldest first. A batch whose commit is never
+        # heard of (its validator crashed between committing and telling us; the batch was
+        # refused) would hold its rows against the limit for ever: after this long it stops.
+        self.sealed_at: dict[bytes, float] = {}
+        self.expiry_s = float(settings.get("mempool_inflight_expiry_s", 120.0))
         # Recently admitted ids, oldest first, bounded: a copy older than the window is still
         # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
         self.seen: dict[bytes, None] = {}
@@ -294,6 +302,7 @@ class Mempool:
         self._refs[digest] = ref
         self.limit.sealed(digest, batch.num_rows, sum(self.in_flight.values()), time.monotonic())
         self.in_flight[digest] = batch.num_rows
+        self.sealed_at[digest] = time.monotonic()
         self.sealed += 1
         for v in self.validators.values():
             v.batch_ready.remote(digest, [ref], (self.index, self.sealed))
@@ -303,6 +312,25 @@ class Mempool:
             await asyncio.sleep(self.interval)
             if self.pending_rows:
                 self._seal(self.batch_rows)
+            self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        """Stop counting batches sealed more than ``expiry_s`` ago and never heard of since
+        (the validators still hold them: one that does commit is simply not counted)."""
+        while self.sealed_at:
+            digest, at = next(iter(self.sealed_at.items()))
+            if now - at < self.expiry_s:
+                return
+            del self.sealed_at[digest]
+            rows = self.in_flight.pop(digest, 0)
+            self._refs.pop(digest, None)
+            self._count("expired", rows)
+            log.warning(
+                "mempool %d: batch %s not committed after %.0f s; no longer counted",
+                self.index,
+                digest.hex()[:16],
+                now - at,
+            )
 
     async def on_commit(self, digests: list[bytes]) -> None:
         """Batches committed (by this mempool's validator): their capacity is free again."""
@@ -310,6 +338,7 @@ class Mempool:
         for d in digests:
             self.in_flight.pop(d, None)
             self._refs.pop(d, None)
+            self.sealed_at.pop(d, None)
             self.limit.committed(d, now)
 
     def _count(self, key: str, n: int) -> None:

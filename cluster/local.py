@@ -42,6 +42,9 @@ class NetworkOptions:
     mempool_capacity: int = 200_000
     # The commit latency a mempool's limit aims at (None: twice the lowest it measured lately)
     mempool_target_latency_ms: float | None = None
+    # A sealed batch whose commit a mempool never hears of stops counting against its limit
+    # after this long (its validator crashed before telling it; the batch was refused)
+    mempool_inflight_expiry_s: float = 120.0
     max_batches_per_block: int = 64
     # An idle leader's wait for a batch before an empty block (None: a tenth of the timeout)
     idle_block_ms: int | None = None

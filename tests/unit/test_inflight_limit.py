@@ -146,3 +146,30 @@ def test_busy_keeps_nothing_and_counts_submissions_being_checked(tmp_path: Path)
         m._ticker.cancel()
 
     asyncio.run(scenario())
+
+
+def test_batches_never_heard_of_stop_counting_after_the_expiry(tmp_path: Path) -> None:
+    m = small_mempool(tmp_path, capacity=20)
+    assert m.expiry_s == 120.0
+    key = key_from_seed(b"\x0a" * 32)
+    rows = make_batch(
+        key, TxKind.ANCHOR, range(8), [bytes([i]) * 32 for i in range(8)], m.genesis.chain_id
+    )
+    # Two batches in flight: one whose commit will never be heard of, one recent
+    m.in_flight, m.sealed_at = {b"lost": 12, b"recent": 5}, {b"lost": 0.0, b"recent": 100.0}
+    m._refs = {b"lost": object(), b"recent": object()}
+
+    async def scenario() -> None:
+        assert (await m.submit(rows)).busy
+        m._expire(119.9)
+        assert m.in_flight == {b"lost": 12, b"recent": 5}
+        m._expire(121.0)
+        assert m.in_flight == {b"recent": 5} and list(m._refs) == [b"recent"]
+        assert m.counts["expired"] == 12
+        assert (await m.submit(rows)).accepted == 8
+        await m.on_commit([b"recent", b"lost"])  # a late commit of the expired one is harmless
+        assert m.in_flight == {} and m.sealed_at == {}
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
