@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,4 +77,5 @@ class Verifier:
             "checked_rows": self.checked,
             "admission_rows": self.admission_rows,
             "refused": self.refused,
+            "cpu_s": round(time.process_time(), 3),
         }

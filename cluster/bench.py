@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -306,9 +306,32 @@ class E2EResult:
     # Open loop: the offered rate (None: closed loop)
     offered_tps: float | None = None
     storage_shards: int = 0
+    # CPU time of each kind of actor over the load window, per transaction committed in it
+    # (microseconds; all of a role's processes together, every thread, Ray's own included)
+    cpu_us_per_tx: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def _cpu_by_role(net: Any, validators: int) -> dict[str, float]:
+    """CPU seconds used so far by each kind of actor, summed over the institutions (an actor
+    that does not answer counts nothing)."""
+    import ray
+
+    roles: dict[str, list[Any]] = {"validator": [], "mempool": [], "shard": [], "verifier": []}
+    for i in range(validators):
+        roles["validator"].append(net.validator(i))
+        roles["mempool"].append(net.mempool(i))
+        roles["shard"].extend(net.shard(i, k) for k in range(net.shards))
+        if net.settings.get("verifier_actors"):
+            roles["verifier"].append(net._actor(f"verifier-{i}"))
+    out: dict[str, float] = {}
+    for role, handles in roles.items():
+        if handles:
+            answers = ray.get([h.status.remote() for h in handles], timeout=30)
+            out[role] = sum(float(a.get("cpu_s", 0.0)) for a in answers)
+    return out
 
 
 def bench_e2e(
@@ -419,6 +442,8 @@ def bench_e2e(
                         return
 
             threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            cpu_start = _cpu_by_role(net, validators)
+            cpu_end: dict[str, float] | None = None
             t_start = time.time()
             for th in threads:
                 th.start()
@@ -430,6 +455,8 @@ def bench_e2e(
             while time.monotonic() < stop + 30 and (
                 any(th.is_alive() for th in threads) or pending
             ):
+                if cpu_end is None and time.monotonic() >= stop:
+                    cpu_end = _cpu_by_role(net, validators)
                 for h, at, ids in ray.get(v0.committed_since.remote(seen_height)):
                     seen_height = h
                     raw = ids.tobytes()
@@ -449,6 +476,8 @@ def bench_e2e(
                 time.sleep(0.1)
             for th in threads:
                 th.join()
+            if cpu_end is None:
+                cpu_end = _cpu_by_role(net, validators)
             chains = [net.headers(i) for i in range(validators)]
             common = min(len(c) for c in chains)
             agreement = all(c[:common] == chains[0][:common] for c in chains)
@@ -474,4 +503,8 @@ def bench_e2e(
         agreement=agreement,
         offered_tps=rate,
         storage_shards=shards_used,
+        cpu_us_per_tx={
+            role: round((cpu_end[role] - cpu_start[role]) / max(committed, 1) * 1e6, 1)
+            for role in cpu_end
+        },
     )

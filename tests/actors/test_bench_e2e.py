@@ -37,3 +37,6 @@ def test_bench_e2e_open_loop_offers_its_rate() -> None:
     # On schedule: about the offered rows were submitted, none answered busy
     assert 0.8 * 400 * 4 <= r["submitted"] <= 400 * 4 + 4 * 200 and r["busy_answers"] == 0
     assert 0 < r["committed"] <= r["submitted"] and r["agreement"] is True
+    # Where the cores went, per committed transaction, by kind of actor
+    assert set(r["cpu_us_per_tx"]) >= {"validator", "mempool", "shard"}
+    assert all(us > 0 for us in r["cpu_us_per_tx"].values())
