@@ -40,7 +40,7 @@ class NetworkOptions:
     # The most rows a mempool holds uncommitted (a memory bound; within it, the limit follows
     # the commit latency of its batches: see actors.mempool.InflightLimit)
     mempool_capacity: int = 200_000
-    # The commit latency a mempool's limit aims at (None: twice the lowest it measured lately)
+    # The commit latency a mempool's limit aims at (None: twice the lowest measured, 1 s at least)
     mempool_target_latency_ms: float | None = None
     # A sealed batch whose commit a mempool never hears of stops counting against its limit
     # after this long (its validator crashed before telling it; the batch was refused)

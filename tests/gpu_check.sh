@@ -2,13 +2,17 @@
 # Everything the open GPU work needs from a lent GPU machine, in as few device calls as possible.
 #
 # On this machine, once:   ../shared/tools/device-pack.sh        (builds .device/, git-ignored)
-# Then one device call per part, with carry [".device"]:
+# Then ONE device call, with carry [".device"] and timeout_s 600:
+#   bash .device/setup.sh && bash tests/gpu_check.sh all        (steps capped at 470 s in all)
+# A drawn task has 15 minutes of device time, the machine's start included, so "all" is sized
+# to leave room for a start and the set-up. Given more time, the parts can run separately:
 #   bash .device/setup.sh && bash tests/gpu_check.sh kernels    (steps capped at 570 s in all)
 #   bash .device/setup.sh && bash tests/gpu_check.sh e2e        (steps capped at 360 s in all)
 # Part "kernels": the gpu-marked tests, the same tests under compute-sanitizer (memcheck), and
 # `rayledger bench kernels`. Part "e2e": `rayledger bench e2e` with 4 validators at 50,000
-# offered tx/s, and closed loop. Each step's full output goes to $OUT/<step>.log; a summary of
-# exit codes and times, then the tail of each log, is printed last (the reply keeps the tail).
+# offered tx/s, and closed loop. "all": both, shorter (the e2e open loop only, 20 s of load).
+# Each step's full output goes to $OUT/<step>.log; a summary of exit codes and times, then the
+# tail of each log, is printed last (the reply keeps the tail).
 set -uo pipefail
 part=${1:-kernels}
 out=${OUT:-/tmp/gpu-check}
@@ -33,11 +37,25 @@ fi
 
 { nvidia-smi -L; python3 -c 'import cupy; print("cupy", cupy.__version__)'; } >"$out/device.txt" 2>&1
 
-case "$part" in
-kernels)
+compile_step() {
     # Fails unless CuPy sees the device; times the cold compile of the kernel module.
-    step compile 120 python3 -c 'import time; t = time.time(); from rayledger.kernels import prepare
+    step compile "$1" python3 -c 'import time; t = time.time(); from rayledger.kernels import prepare
 print(prepare("cuda"), "module compiled and loaded in %.1f s" % (time.time() - t))'
+}
+
+case "$part" in
+all)
+    compile_step 60
+    step gpu-tests 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
+    step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 99 \
+        python3 -m pytest -q -p no:cacheprovider -m gpu -k "not large" \
+        tests/kernels/test_hash_gpu.py tests/kernels/test_ed25519_gpu.py
+    step bench-kernels 90 "${rl[@]}" bench kernels
+    step bench-e2e-open 120 "${rl[@]}" bench e2e --validators 4 --duration 20 \
+        --rate 50000 --batch-rows 5000
+    ;;
+kernels)
+    compile_step 120
     step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
     step sanitizer 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
         python3 -m pytest -q -p no:cacheprovider -m gpu -k "not large" \
@@ -50,7 +68,7 @@ e2e)
     step bench-e2e-closed 180 "${rl[@]}" bench e2e --validators 4 --duration 30
     ;;
 *)
-    echo "unknown part $part (kernels or e2e)" >&2
+    echo "unknown part $part (all, kernels or e2e)" >&2
     exit 2
     ;;
 esac

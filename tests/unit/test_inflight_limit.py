@@ -60,13 +60,21 @@ def test_late_commits_lower_the_limit_to_the_floor() -> None:
 
 def test_sustained_overload_does_not_become_the_norm() -> None:
     limit = InflightLimit(floor_rows=10, ceiling_rows=100_000)
-    drive(limit, 0.2, 1, 10, 0.0)
-    assert limit.target_s() == pytest.approx(0.4)
+    drive(limit, 1.0, 1, 10, 0.0)
+    assert limit.target_s() == pytest.approx(2.0)
     # An hour at twice the target: the limit stays at the floor, the target where it was
-    drive(limit, 0.8, 4_500, 10, 100.0)
-    assert limit.target_s() == pytest.approx(0.4) and limit.limit == 10
-    drive(limit, 0.1, 1, 10, 5_000.0)
-    assert limit.target_s() == pytest.approx(0.2)
+    drive(limit, 4.0, 900, 10, 100.0)
+    assert limit.target_s() == pytest.approx(2.0) and limit.limit == 10
+    drive(limit, 0.7, 1, 10, 5_000.0)
+    assert limit.target_s() == pytest.approx(1.4)
+
+
+def test_the_target_is_never_below_the_least() -> None:
+    limit = InflightLimit(floor_rows=10, ceiling_rows=100_000)
+    drive(limit, 0.05, 1, 10, 0.0)
+    assert limit.target_s() == mempool_mod.MIN_TARGET_S
+    drive(limit, 0.9, 5, 10, 1.0)  # jitter well above the lowest, below the least target
+    assert limit.late == 0
 
 
 def test_a_fixed_target_is_kept() -> None:
