@@ -58,6 +58,10 @@ WRITES_SCHEMA = pa.schema(
     [pa.field("key", pa.binary(), nullable=False), pa.field("value", pa.binary(), nullable=False)]
 )
 
+# SQLite page cache of a shard (KiB) and its WAL checkpoint interval (pages); see ShardStore
+SHARD_CACHE_KIB = 256 * 1024
+SHARD_CHECKPOINT_PAGES = 50_000
+
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS headers (
@@ -166,6 +170,13 @@ class ShardStore:
         # NORMAL: a process crash loses nothing; a power loss may lose the last blocks, and
         # the shard then reports the lower height and its validator sends them again.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # The tx index and the state are keyed by hashes, so every block's inserts land on
+        # pages all over their B-trees: a page cache that holds them (SQLite allocates it as
+        # it fills) and a checkpoint every 50,000 WAL pages instead of 1,000 (a page written
+        # by several blocks is copied to the database once) took applying 10,000-row blocks
+        # from 6.8-12.2 to 4.7-9.1 us per transaction (2 shards, 500,000 rows, 2 runs each)
+        self._db.execute(f"PRAGMA cache_size=-{SHARD_CACHE_KIB}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={SHARD_CHECKPOINT_PAGES}")
         self._db.executescript(_SCHEMA_SQL)
         self._check_meta()
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(frames)")}
