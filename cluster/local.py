@@ -83,7 +83,9 @@ def site_resources(spec: NetworkSpec) -> dict[str, float]:
     return {f"site:{s}": 1000.0 for s in spec.sites}
 
 
-def init_local_ray(spec: NetworkSpec, *, quiet: bool = True) -> None:
+def init_local_ray(
+    spec: NetworkSpec, *, quiet: bool = True, runtime_env: dict[str, Any] | None = None
+) -> None:
     """Start a Ray instance on this machine holding every virtual site of ``spec``."""
     ray.init(
         namespace=NAMESPACE,
@@ -91,6 +93,7 @@ def init_local_ray(spec: NetworkSpec, *, quiet: bool = True) -> None:
         include_dashboard=False,
         logging_level=logging.ERROR,
         log_to_driver=not quiet,
+        runtime_env=runtime_env,
     )
 
 

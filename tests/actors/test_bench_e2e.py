@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pytest
 from typer.testing import CliRunner
 
 from rayledger.cluster.cli import app
@@ -40,3 +42,37 @@ def test_bench_e2e_open_loop_offers_its_rate() -> None:
     # Where the cores went, per committed transaction, by kind of actor
     assert set(r["cpu_us_per_tx"]) >= {"validator", "mempool", "shard"}
     assert all(us > 0 for us in r["cpu_us_per_tx"].values())
+
+
+def test_bench_e2e_ceiling_run_says_so() -> None:
+    result = CliRunner().invoke(
+        app,
+        ["bench", "e2e", "--duration", "3", "--config", str(CONFIG), "--rate", "400"]
+        + ["--batch-rows", "200", "--ceiling"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "CEILING RUN" in result.output and "NOT checked" in result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["signatures_checked"] is False and r["agreement"] is True
+    assert 0 < r["committed"] <= r["submitted"]
+
+
+def test_the_ceiling_hook_skips_only_the_curve_math(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rayledger import tx
+    from rayledger.cluster.bench import _skip_curve_math
+    from rayledger.crypto import key_from_seed
+    from rayledger.tx import TxKind, make_batch, verify_signatures
+
+    key = key_from_seed(b"\x05" * 32)
+    batch = make_batch(key, TxKind.ANCHOR, range(4), [b"d" * 32] * 4, b"\x01" * 32)
+    sigs = bytearray(batch.column("signature").buffers()[1].to_pybytes())
+    sigs[0] ^= 1
+    forged = batch.set_column(
+        batch.schema.get_field_index("signature"),
+        "signature",
+        pa.FixedSizeBinaryArray.from_buffers(pa.binary(64), 4, [None, pa.py_buffer(bytes(sigs))]),
+    )
+    assert verify_signatures(forged).tolist() == [False, True, True, True]
+    monkeypatch.setattr(tx, "ed25519_verify_batch", tx.ed25519_verify_batch)  # restored after
+    _skip_curve_math()
+    assert verify_signatures(forged).tolist() == [True] * 4
