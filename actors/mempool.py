@@ -269,7 +269,8 @@ class Mempool:
                 return mask
             except Exception:  # the verifier is down or restarting: check here meanwhile
                 self._verifier = None
-        return verify_signatures(batch, self.genesis.chain_id)
+        # ``batch`` is validate_batch's canonical form, made in this process: its ids hold
+        return verify_signatures(batch, self.genesis.chain_id, ids=tx_ids_of(batch))
 
     async def _committed_nonces(self, senders: list[bytes]) -> dict[bytes, int]:
         """Each sender's next nonce as committed, from this institution's storage shards

@@ -40,7 +40,8 @@ def admit_batch(
         raise InvalidBatch("the tx_id column differs from the transactions' content")
     if batch_digest(canonical) != digest:
         raise InvalidBatch("the batch does not match its digest")
-    valid = verify_signatures(canonical, chain_id)
+    # The canonical ids were derived just now from the content: not hashed a second time
+    valid = verify_signatures(canonical, chain_id, ids=tx_ids_of(canonical))
     if not bool(valid.all()):
         raise InvalidSignature(f"row {int(np.argmin(valid))} of the batch has a bad signature")
     return canonical

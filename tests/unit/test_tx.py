@@ -341,6 +341,17 @@ def test_compute_tx_ids_on_slice() -> None:
     assert _ids(tx_ids_of(checked)) == _ref_ids(batch)[3:8]
 
 
+def test_verify_signatures_with_the_callers_own_ids() -> None:
+    batch = validate_batch(_sample_batch(6), chain_id=CHAIN)
+    ids = tx_ids_of(batch)
+    assert verify_signatures(batch, CHAIN, ids=ids).tolist() == [True] * 6
+    # The ids are what the signatures are checked over: other ids fail every row
+    other = compute_tx_ids(_sample_batch(6).replace_schema_metadata(None), OTHER_CHAIN)
+    assert verify_signatures(batch, CHAIN, ids=other).tolist() == [False] * 6
+    with pytest.raises(ValueError, match="shape"):
+        verify_signatures(batch, CHAIN, ids=ids[:5])
+
+
 def test_compute_tx_ids_uses_the_chain() -> None:
     batch = _sample_batch(3)
     body = batch.replace_schema_metadata(None)
