@@ -43,24 +43,24 @@ compile_step() {
 print(prepare("cuda"), "module compiled and loaded in %.1f s" % (time.time() - t))'
 }
 
+kernel_steps() {  # kernel_steps TESTS_S SANITIZER_S BENCH_S
+    step gpu-tests "$1" python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
+    step sanitizer "$2" compute-sanitizer --tool memcheck --error-exitcode 99 \
+        python3 -m pytest -q -p no:cacheprovider -m gpu -k "not large" \
+        tests/kernels/test_hash_gpu.py tests/kernels/test_ed25519_gpu.py
+    step bench-kernels "$3" "${rl[@]}" bench kernels
+}
+
 case "$part" in
 all)
     compile_step 60
-    step gpu-tests 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
-    step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 99 \
-        python3 -m pytest -q -p no:cacheprovider -m gpu -k "not large" \
-        tests/kernels/test_hash_gpu.py tests/kernels/test_ed25519_gpu.py
-    step bench-kernels 90 "${rl[@]}" bench kernels
+    kernel_steps 110 90 90
     step bench-e2e-open 120 "${rl[@]}" bench e2e --validators 4 --duration 20 \
         --rate 50000 --batch-rows 5000
     ;;
 kernels)
     compile_step 120
-    step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
-    step sanitizer 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
-        python3 -m pytest -q -p no:cacheprovider -m gpu -k "not large" \
-        tests/kernels/test_hash_gpu.py tests/kernels/test_ed25519_gpu.py
-    step bench-kernels 150 "${rl[@]}" bench kernels
+    kernel_steps 150 150 150
     ;;
 e2e)
     step bench-e2e-open 180 "${rl[@]}" bench e2e --validators 4 --duration 30 \

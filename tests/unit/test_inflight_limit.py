@@ -5,16 +5,16 @@ ceiling always holds, and a busy answer keeps nothing and says when to come back
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 
 from rayledger.actors import mempool as mempool_mod
-from rayledger.actors.mempool import InflightLimit, Mempool
-from rayledger.config import Validator, new_genesis
-from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.actors.mempool import InflightLimit
+from rayledger.crypto import key_from_seed
 from rayledger.tx import TxKind, make_batch
+
+from .test_mempool_admission import mempool
 
 
 def drive(limit: InflightLimit, latency: float, batches: int, rows: int, t0: float) -> float:
@@ -110,17 +110,8 @@ def test_foreign_digests_and_lost_batches() -> None:
     assert limit.target_s() is None
 
 
-def small_mempool(tmp_path: Path, capacity: int) -> Mempool:
-    keys = [key_from_seed(bytes([i + 1]) * 32) for i in range(4)]
-    genesis = new_genesis("m", [Validator(f"v{i}", public_bytes(k)) for i, k in enumerate(keys)], 5)
-    genesis.save(tmp_path / "genesis.toml")
-    settings = {"batch_rows": 10**9, "batch_interval_ms": 10**9, "mempool_capacity": capacity}
-    (tmp_path / "network.json").write_text(json.dumps(settings))
-    return Mempool(str(tmp_path), 0)
-
-
 def test_busy_keeps_nothing_and_counts_submissions_being_checked(tmp_path: Path) -> None:
-    m = small_mempool(tmp_path, capacity=20)
+    m = mempool(tmp_path, mempool_capacity=20)
     key = key_from_seed(b"\x09" * 32)
     rows = make_batch(
         key, TxKind.ANCHOR, range(40), [bytes([i]) * 32 for i in range(40)], m.genesis.chain_id
@@ -157,7 +148,7 @@ def test_busy_keeps_nothing_and_counts_submissions_being_checked(tmp_path: Path)
 
 
 def test_batches_never_heard_of_stop_counting_after_the_expiry(tmp_path: Path) -> None:
-    m = small_mempool(tmp_path, capacity=20)
+    m = mempool(tmp_path, mempool_capacity=20)
     assert m.expiry_s == 120.0
     key = key_from_seed(b"\x0a" * 32)
     rows = make_batch(

@@ -13,24 +13,18 @@ from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.tx import TxKind, make_batch
 
 
-def mempool(tmp_path: Path, seen_limit: int) -> Mempool:
+def mempool(tmp_path: Path, **settings: object) -> Mempool:
+    """A mempool outside Ray that never seals (its batch size and interval are out of reach)."""
     keys = [key_from_seed(bytes([i + 1]) * 32) for i in range(4)]
     genesis = new_genesis("m", [Validator(f"v{i}", public_bytes(k)) for i, k in enumerate(keys)], 5)
     genesis.save(tmp_path / "genesis.toml")
-    (tmp_path / "network.json").write_text(
-        json.dumps(
-            {
-                "batch_rows": 10**9,
-                "batch_interval_ms": 10**9,
-                "mempool_seen_ids": seen_limit,
-            }
-        )
-    )
+    network = {"batch_rows": 10**9, "batch_interval_ms": 10**9, **settings}
+    (tmp_path / "network.json").write_text(json.dumps(network))
     return Mempool(str(tmp_path), 0)
 
 
 def test_duplicates_refused_within_the_window_and_forgotten_after(tmp_path: Path) -> None:
-    m = mempool(tmp_path, seen_limit=10)
+    m = mempool(tmp_path, mempool_seen_ids=10)
     key = key_from_seed(b"\x09" * 32)
     batch = make_batch(
         key, TxKind.ANCHOR, range(8), [bytes([i]) * 32 for i in range(8)], m.genesis.chain_id
@@ -59,7 +53,7 @@ def test_duplicates_refused_within_the_window_and_forgotten_after(tmp_path: Path
 
 
 def test_nonces_out_of_order_or_below_the_committed_one_are_refused(tmp_path: Path) -> None:
-    m = mempool(tmp_path, seen_limit=100)
+    m = mempool(tmp_path, mempool_seen_ids=100)
     a, b = key_from_seed(b"\x0b" * 32), key_from_seed(b"\x0c" * 32)
     chain = m.genesis.chain_id
 
