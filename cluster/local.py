@@ -301,17 +301,28 @@ class Network:
         out: list[dict[str, Any]] = []
         for i in range(self.n):
             try:
-                st = ray.get(self.validator(i).status.remote(), timeout=10)
-                st["mempool"] = ray.get(self.mempool(i).status.remote(), timeout=10)
-                st["site"] = self.settings["sites"][i]
-                if self.settings.get("verifier_actors"):
-                    st["verifier"] = self._verifier_status(i)
+                try:
+                    st = self._status_of(i)
+                except ray.exceptions.RayActorError:
+                    # A handle this process made, for an actor that died since: one restarted
+                    # elsewhere (`rayledger chaos restart`) is found by its name instead
+                    self._handles.pop(f"validator-{i}", None)
+                    self._handles.pop(f"mempool-{i}", None)
+                    st = self._status_of(i)
                 out.append(st)
             except (ValueError, ray.exceptions.RayError, TimeoutError) as exc:
                 out.append(
                     {"index": i, "site": self.settings["sites"][i], "down": type(exc).__name__}
                 )
         return out
+
+    def _status_of(self, i: int) -> dict[str, Any]:
+        st: dict[str, Any] = ray.get(self.validator(i).status.remote(), timeout=10)
+        st["mempool"] = ray.get(self.mempool(i).status.remote(), timeout=10)
+        st["site"] = self.settings["sites"][i]
+        if self.settings.get("verifier_actors"):
+            st["verifier"] = self._verifier_status(i)
+        return st
 
     def _verifier_status(self, i: int) -> dict[str, Any]:
         """Institution ``i``'s verifier (where its batch checks run), or why it cannot say."""

@@ -46,7 +46,7 @@ def status_table(net: Network) -> Table:
         "round",
         "leader",
         "head",
-        "mempool rows / limit",
+        "mempool rows/limit",
         "peers",
         "shards at",
         "checks on",
@@ -69,7 +69,7 @@ def status_table(net: Network) -> Table:
             str(st["leader"]),
             st["head"][:16],
             # Pending + sealed but uncommitted, against the learnt limit (busy beyond it)
-            f"{mp['pending_rows']}+{mp['in_flight_rows']} / {mp['limit_rows']}",
+            f"{mp['pending_rows']}+{mp['in_flight_rows']}/{mp['limit_rows']}",
             ",".join(str(p) for p in st["peers"]),
             # Height each storage shard has applied ("?" while it is being reached)
             " ".join("?" if h is None else str(h) for h in st.get("shards", {}).values()) or "-",
