@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 # and a mempool at half load would answer busy (seen with 250-row batches at 1,000 tx/s)
 MIN_TARGET_S = 1.0
 
+# How often a mempool asks the validators about batches long in flight, how long "long" is at
+# least, and how long it waits for one validator's answer (see Mempool._poll_commits)
+COMMIT_POLL_S = 1.0
+STALE_MIN_S = 3.0
+POLL_TIMEOUT_S = 5.0
+
 # Batches a mempool remembers the sealing time of, awaiting their commit
 SEALED_KEEP = 4096
 
@@ -122,6 +128,10 @@ class InflightLimit:
             self.late += 1
             self.limit = max(self.floor, int(self.limit * 0.9))
 
+    def forget(self, digest: bytes) -> None:
+        """No latency sample will come for this batch."""
+        self._sealed.pop(digest, None)
+
     def admits(self, in_flight: int, rows: int) -> bool:
         return in_flight + rows <= self.ceiling and (
             in_flight == 0 or in_flight + rows <= self.limit
@@ -166,6 +176,8 @@ class Mempool:
         # refused) would hold its rows against the limit for ever: after this long it stops.
         self.sealed_at: dict[bytes, float] = {}
         self.expiry_s = float(settings.get("mempool_inflight_expiry_s", 120.0))
+        self._poll: asyncio.Task[None] | None = None
+        self._polled_at = 0.0
         # Recently admitted ids, oldest first, bounded: a copy older than the window is still
         # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
         self.seen: dict[bytes, None] = {}
@@ -319,7 +331,41 @@ class Mempool:
             await asyncio.sleep(self.interval)
             if self.pending_rows:
                 self._seal(self.batch_rows)
-            self._expire(time.monotonic())
+            now = time.monotonic()
+            self._expire(now)
+            if self._poll is None and now - self._polled_at >= COMMIT_POLL_S:
+                self._polled_at = now
+                self._poll = asyncio.get_running_loop().create_task(self._poll_commits(now))
+
+    async def _poll_commits(self, now: float) -> None:
+        """Ask the validators whether batches in flight for long were committed: while this
+        mempool's own validator is down (or a report was lost), the others commit its
+        batches and nobody tells it, and without this its limit would stay full until the
+        expiry. Freed batches give no latency sample (their commit time is not known)."""
+        try:
+            wait = max(2 * (self.limit.target_s() or MIN_TARGET_S), STALE_MIN_S)
+            stale = [d for d, at in self.sealed_at.items() if now - at > wait]
+            if not stale:
+                return
+            # Another institution's validator first: this one's may be the one that is down
+            order = sorted(self.validators, key=lambda i: i == self.index)
+            for i in order:
+                handle = self.validators.get(i)
+                if handle is None:
+                    continue
+                try:
+                    done = await asyncio.wait_for(
+                        handle.batches_committed.remote(stale), timeout=POLL_TIMEOUT_S
+                    )
+                except Exception:  # down or slow: ask the next one
+                    continue
+                for digest, committed in zip(stale, done, strict=True):
+                    if committed and digest in self.in_flight:
+                        self._count("commits_polled", self.in_flight[digest])
+                        self._release(digest)
+                return
+        finally:
+            self._poll = None
 
     def _expire(self, now: float) -> None:
         """Stop counting batches sealed more than ``expiry_s`` ago and never heard of since
@@ -328,10 +374,8 @@ class Mempool:
             digest, at = next(iter(self.sealed_at.items()))
             if now - at < self.expiry_s:
                 return
-            del self.sealed_at[digest]
-            rows = self.in_flight.pop(digest, 0)
-            self._refs.pop(digest, None)
-            self._count("expired", rows)
+            self._count("expired", self.in_flight.get(digest, 0))
+            self._release(digest)
             log.warning(
                 "mempool %d: batch %s not committed after %.0f s; no longer counted",
                 self.index,
@@ -343,10 +387,15 @@ class Mempool:
         """Batches committed (by this mempool's validator): their capacity is free again."""
         now = time.monotonic()
         for d in digests:
-            self.in_flight.pop(d, None)
-            self._refs.pop(d, None)
-            self.sealed_at.pop(d, None)
             self.limit.committed(d, now)
+            self._release(d)
+
+    def _release(self, digest: bytes) -> None:
+        """A batch of this mempool committed: its rows stop counting against the limit."""
+        self.in_flight.pop(digest, None)
+        self._refs.pop(digest, None)
+        self.sealed_at.pop(digest, None)
+        self.limit.forget(digest)
 
     def _count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n

@@ -849,6 +849,11 @@ class Validator:
                 found[i] = h
         return found
 
+    async def batches_committed(self, digests: list[bytes]) -> list[bool]:
+        """Whether each batch was committed here (within the last ``batch_window`` heights):
+        how a mempool whose own validator is down learns that its batches went through."""
+        return [d in self.committed_batches for d in digests]
+
     async def committed_at(self, tx_ids: list[bytes]) -> float | None:
         """When the last of these transactions was committed here (wall clock), or ``None``
         while any of them is not."""

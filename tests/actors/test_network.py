@@ -147,9 +147,16 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
         assert net.status()[3]["down"]
         second = client_batches(net, 2_000, start_nonce=500)
         for k, b in enumerate(second):
-            net.submit(b, mempool=k % 3)
+            net.submit(b, mempool=k)  # mempool 3 too: its validator is down, not it
         for b in second:
             net.wait_committed(b, validators=[0, 1, 2])
+        # Nobody reports those commits to mempool 3: it asks the other validators, and its
+        # limit is free again
+        t0 = time.monotonic()
+        while ray.get(net.mempool(3).status.remote())["in_flight_rows"]:
+            assert time.monotonic() - t0 < 60, "mempool 3 never learnt its batches committed"
+            time.sleep(0.5)
+        assert ray.get(net.mempool(3).status.remote())["counts"]["commits_polled"] > 0
         other.restart(3)
         # The live view (`rayledger up`) finds the restarted validator by its name
         restored = net.status()[3]["restored_from_snapshot"]

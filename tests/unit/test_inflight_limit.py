@@ -172,3 +172,44 @@ def test_batches_never_heard_of_stop_counting_after_the_expiry(tmp_path: Path) -
         m._ticker.cancel()
 
     asyncio.run(scenario())
+
+
+class _Answers:
+    """A validator handle's ``batches_committed`` outside Ray: fixed answers, or down."""
+
+    def __init__(self, committed: set[bytes] | None, asked: list[int], index: int) -> None:
+        self.committed, self.asked, self.index = committed, asked, index
+        self.batches_committed = self
+
+    def remote(self, digests: list[bytes]) -> asyncio.Future[list[bool]]:
+        self.asked.append(self.index)
+        if self.committed is None:
+            raise RuntimeError("the actor died")
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result([d in self.committed for d in digests])
+        return fut
+
+
+def test_batches_committed_while_the_own_validator_is_down_are_learnt(tmp_path: Path) -> None:
+    m = mempool(tmp_path, mempool_capacity=100)
+    m.in_flight, m.sealed_at = {b"old": 10, b"new": 5}, {b"old": 0.0, b"new": 99.0}
+    m._refs = {b"old": object(), b"new": object()}
+    asked: list[int] = []
+    m.validators = {
+        0: _Answers(set(), asked, 0),  # this mempool's own validator: asked last
+        1: _Answers(None, asked, 1),  # down
+        2: _Answers({b"old", b"new"}, asked, 2),
+    }
+
+    async def scenario() -> None:
+        await m._poll_commits(100.0)
+        # Only the batch in flight for long was asked about; the first validator that
+        # answered was believed
+        assert asked == [1, 2]
+        assert m.in_flight == {b"new": 5} and list(m.sealed_at) == [b"new"]
+        assert m.counts == {"commits_polled": 10} and m._poll is None
+        asked.clear()
+        await m._poll_commits(100.5)  # nothing old: nobody asked
+        assert asked == []
+
+    asyncio.run(scenario())
