@@ -358,6 +358,7 @@ def bench_e2e(
     storage_shards: int | None = None,
     rate: float | None = None,
     ceiling: bool = False,
+    verifier_actors: bool | None = None,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -371,6 +372,9 @@ def bench_e2e(
     mempools' learnt limits answer busy, latency grows with the schedule's lag, and the rows
     admitted commit at the network's full rate. Latency is from a submission to the commit of
     its last transaction on validator 0.
+
+    ``verifier_actors``: check signatures in each institution's verifier actor (None: where
+    the cluster has a GPU or more than 4 CPUs, as a deployment decides).
 
     ``ceiling``: the pipeline's own limit, as if the transactions' signatures were checked for
     free (what a GPU that kept up would leave): this run's Ray instance, which it starts and
@@ -418,6 +422,7 @@ def bench_e2e(
                 mempool_capacity=batch_rows * inflight_batches if rate is None else 200_000,
                 latency_ms=None if wan else [[0.0] * validators] * validators,
                 storage_shards=storage_shards,
+                verifier_actors=verifier_actors,
             )
             net = Network.create(spec, Path(tmp), opts)
             shards_used = net.shards

@@ -445,11 +445,29 @@ def bench_e2e_cmd(
             "this run's workers, as if a GPU checked signatures for free"
         ),
     ] = False,
+    verifier_actors: Annotated[
+        bool | None,
+        typer.Option(
+            "--verifier-actors/--no-verifier-actors",
+            help="signature checks in verifier actors (default: with a GPU or over 4 CPUs)",
+        ),
+    ] = None,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
 
-    r = bench_e2e(config, validators, duration, batch_rows, wan, inflight, shards, rate, ceiling)
+    r = bench_e2e(
+        config,
+        validators,
+        duration,
+        batch_rows,
+        wan,
+        inflight,
+        shards,
+        rate,
+        ceiling,
+        verifier_actors,
+    )
     title = f"rayledger bench e2e ({validators} validators)"
     if ceiling:
         title += " CEILING RUN: signature curve math skipped"
