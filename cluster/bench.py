@@ -538,8 +538,10 @@ def bench_e2e(
         offered_tps=rate,
         storage_shards=shards_used,
         signatures_checked=not ceiling,
+        # Nothing committed in the window: no per-transaction figure to give
         cpu_us_per_tx={
-            role: round((cpu_end[role] - cpu_start[role]) / max(committed, 1) * 1e6, 1)
-            for role in cpu_end
-        },
+            role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end
+        }
+        if committed
+        else {},
     )
