@@ -140,7 +140,7 @@ class InflightLimit:
     def retry_after_s(self, in_flight: int, rows: int) -> float:
         """About how long until ``rows`` more fit: the excess at the rate the limit implies."""
         target = self.target_s() or 0.5
-        excess = in_flight + rows - min(self.limit, self.ceiling)
+        excess = in_flight + rows - self.limit  # the limit never exceeds the ceiling
         return min(max(excess * target / max(self.limit, 1), 0.05), max(target, 0.05))
 
 
@@ -348,11 +348,8 @@ class Mempool:
             if not stale:
                 return
             # Another institution's validator first: this one's may be the one that is down
-            order = sorted(self.validators, key=lambda i: i == self.index)
-            for i in order:
-                handle = self.validators.get(i)
-                if handle is None:
-                    continue
+            order = sorted(self.validators.items(), key=lambda item: item[0] == self.index)
+            for _, handle in order:
                 try:
                     done = await asyncio.wait_for(
                         handle.batches_committed.remote(stale), timeout=POLL_TIMEOUT_S

@@ -329,8 +329,8 @@ def _skip_curve_math() -> None:
 
 
 def _cpu_by_role(net: Any, validators: int) -> dict[str, float]:
-    """CPU seconds used so far by each kind of actor, summed over the institutions (an actor
-    that does not answer counts nothing)."""
+    """CPU seconds used so far by each kind of actor, summed over the institutions (a status
+    without ``cpu_s`` counts nothing; an actor that does not answer within 30 s is an error)."""
     import ray
 
     roles: dict[str, list[Any]] = {"validator": [], "mempool": [], "shard": [], "verifier": []}

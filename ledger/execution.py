@@ -152,7 +152,7 @@ def execute_block(
     def balance(account: bytes) -> int:
         value = balances.get(account)
         if value is None:
-            raw = read(b"bal:" + account)
+            raw = read(balance_key(account))
             value = balances[account] = 0 if raw is None else unpack(raw)[0]
         return value
 
@@ -161,7 +161,7 @@ def execute_block(
         sender = senders[i]
         expected = next_nonce.get(sender)
         if expected is None:
-            raw = read(b"non:" + sender)
+            raw = read(nonce_key(sender))
             expected = 0 if raw is None else unpack(raw)[0]
         if nonces[i] != expected:
             next_nonce[sender] = expected
@@ -196,7 +196,7 @@ def execute_block(
             if not 32 <= stop - start <= 32 + MAX_ANCHOR_METADATA:
                 statuses[i] = Status.BAD_PAYLOAD
                 continue
-            key = b"anc:" + payload[start : start + 32]
+            key = anchor_key(payload[start : start + 32])
             if key in writes or read(key) is not None:
                 statuses[i] = Status.ALREADY_ANCHORED
                 continue

@@ -18,6 +18,7 @@ from rayledger.execution import (
     Account,
     StateView,
     Status,
+    anchor_key,
     balance_key,
     compute_state_root,
     execute_block,
@@ -202,7 +203,7 @@ def reference_block(
                     view.set(balance_key(to), struct.pack(">Q", got + amount))
                     result = struct.pack(">Q", have - amount)
         elif kind == TxKind.ANCHOR:
-            key = b"anc:" + body[:32]
+            key = anchor_key(body[:32])
             if not 32 <= len(body) <= 32 + MAX_ANCHOR_METADATA:
                 status = Status.BAD_PAYLOAD
             elif view.get(key) is not None:
