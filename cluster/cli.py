@@ -481,7 +481,8 @@ def bench_e2e_cmd(
     table.add_row(
         "raw limit",
         f"{r.raw_limit_tps:,.0f} tx/s = {r.one_core_verify_per_s:,.0f} "
-        f"verifications/s/core x {r.cores} cores / {r.verifications_per_tx} per tx",
+        f"verifications/s/core x {r.cores} cores / {r.verifications_per_tx} per tx "
+        f"(OpenSSL alone: {r.one_core_openssl_per_s:,.0f}/s/core)",
     )
     if r.signatures_checked:
         table.add_row("efficiency (committed / raw limit)", f"{r.efficiency:.0%}")

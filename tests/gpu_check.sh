@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the open GPU work needs from a lent GPU machine, in as few device calls as possible.
 #
-# On this machine, once:   ../shared/tools/device-pack.sh        (builds .device/, git-ignored)
+# On this machine, once:   EXTRA_WHEELS=pynacl ../shared/tools/device-pack.sh   (builds .device/,
+#                          git-ignored; the GPU image lacks PyNaCl, which the cpu backend uses)
 # Then ONE device call, with carry [".device"] and timeout_s 600:
 #   bash .device/setup.sh && bash tests/gpu_check.sh all        (steps capped at 470 s in all)
 # A drawn task has 15 minutes of device time, the machine's start included, so "all" is sized

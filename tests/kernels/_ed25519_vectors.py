@@ -14,7 +14,10 @@ import hashlib
 import random
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import CryptoError
 
 from rayledger.crypto import SMALL_ORDER_KEYS
 
@@ -259,3 +262,29 @@ def lengths_around_blocks(limit: int = 1200) -> list[int]:
     to ``limit`` (the padding needs 17 bytes: 64 + n = 111, 112, 128 (mod 128) turn)."""
     near = {46, 47, 48, 49, 63, 64, 65}
     return list(range(201)) + [n for n in range(201, limit) if n % 128 in near]
+
+
+def openssl(keys: np.ndarray, sigs: np.ndarray, msgs: list[bytes] | np.ndarray) -> np.ndarray:
+    """The rule itself: OpenSSL's answer for every row, one plain call each (the oracle)."""
+    out = np.zeros(len(keys), np.bool_)
+    for i in range(len(keys)):
+        try:
+            Ed25519PublicKey.from_public_bytes(keys[i].tobytes()).verify(
+                sigs[i].tobytes(), bytes(msgs[i])
+            )
+            out[i] = True
+        except (ValueError, InvalidSignature):
+            pass
+    return out
+
+
+def libsodium(keys: np.ndarray, sigs: np.ndarray, msgs: list[bytes] | np.ndarray) -> np.ndarray:
+    """libsodium's own answer for every row (stricter than OpenSSL's)."""
+    out = np.zeros(len(keys), np.bool_)
+    for i in range(len(keys)):
+        try:
+            crypto_sign_open(sigs[i].tobytes() + bytes(msgs[i]), keys[i].tobytes())
+            out[i] = True
+        except CryptoError:
+            pass
+    return out
