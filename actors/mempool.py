@@ -18,6 +18,8 @@ kept (never a silent drop). The limit is learnt from how fast this mempool's bat
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -63,6 +65,11 @@ class Admission:
     error: str | None = None
     # With ``busy``: about when capacity should be free again (a hint for the client's wait)
     retry_after_ms: int = 0
+
+
+def seal_tag(key: bytes, digest: bytes) -> bytes:
+    """HMAC-SHA-256 of a sealed batch's digest under a validator's seal key."""
+    return hmac.new(key, digest, hashlib.sha256).digest()
 
 
 class InflightLimit:
@@ -166,6 +173,7 @@ class Mempool:
             target_s=None if target_ms is None else float(target_ms) / 1000,
         )
         self.validators: dict[int, Any] = {}
+        self.seal_keys: dict[int, bytes] = {}
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
         # Rows of submissions between the capacity check and their verdict (checks await)
@@ -192,9 +200,16 @@ class Mempool:
         self._refs: dict[bytes, Any] = {}
         self._ticker: asyncio.Task[None] | None = None
 
-    def set_validator(self, index: int, handle: Any) -> None:
-        """Validator ``index`` (re)started: announce batches to this handle from now on."""
+    def set_validator(self, index: int, handle: Any, seal_key: bytes | None = None) -> None:
+        """Validator ``index`` (re)started: announce batches to this handle from now on.
+        ``seal_key``: given by this institution's own validator only, a secret it keeps in
+        memory; batches announced to it carry ``seal_tag(seal_key, digest)``, by which it
+        knows them for batches this mempool verified (see ``Validator.batch_ready``)."""
         self.validators[index] = handle
+        if seal_key is not None:
+            self.seal_keys[index] = seal_key
+        else:
+            self.seal_keys.pop(index, None)
 
     async def submit(self, batch: pa.RecordBatch) -> Admission:
         """Admit a batch of signed transactions (rows that fail are counted, not stored)."""
@@ -323,8 +338,10 @@ class Mempool:
         self.in_flight[digest] = batch.num_rows
         self.sealed_at[digest] = time.monotonic()
         self.sealed += 1
-        for v in self.validators.values():
-            v.batch_ready.remote(digest, [ref], (self.index, self.sealed))
+        for i, v in self.validators.items():
+            key = self.seal_keys.get(i)
+            tag = None if key is None else seal_tag(key, digest)
+            v.batch_ready.remote(digest, [ref], (self.index, self.sealed), tag)
 
     async def _tick(self) -> None:
         while True:

@@ -28,7 +28,9 @@ import pyarrow as pa
 import pytest
 import ray
 
+from rayledger.actors.mempool import seal_tag
 from rayledger.actors.storage import shard_of_tx_ids
+from rayledger.chain import batch_digest
 from rayledger.cluster.client import Client, SubmitError
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
@@ -36,7 +38,7 @@ from rayledger.crypto import public_bytes
 from rayledger.errors import NotFound, StoreError
 from rayledger.execution import Status
 from rayledger.kernels import available_backends
-from rayledger.tx import TxKind, make_batch, tx_ids_of
+from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.toml"
 
@@ -108,8 +110,12 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         # its nonce
         assert ray.get(net.validator(0).status_counts.remote()) == {int(Status.OK): 20_000}
         assert all(s["evidence"] == 0 for s in net.status())
+        # Each verifier checked the batches of the other three institutions' mempools (each
+        # mempool took one client's 5,000 rows); its own mempool's batches came tagged with
+        # its validator's seal key and were not checked a second time
         checked = [ray.get(net._actor(f"verifier-{i}").status.remote()) for i in range(4)]
-        assert all(c["checked_rows"] == 20_000 and not c["refused"] for c in checked)
+        assert all(c["checked_rows"] == 15_000 and not c["refused"] for c in checked)
+        assert all(s["own_batches"] > 0 for s in net.status())
         assert {c["backend"] for c in checked} == {available_backends()[0]}
         assert [s["verifier"]["backend"] for s in net.status()] == [available_backends()[0]] * 4
         # Each mempool's admission checks went through its institution's verifier
@@ -221,6 +227,18 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
         ray.get(net.validator(0).deliver.remote(1, ["a", "list"]))
         rejected = ray.get(net.validator(0).status.remote())["rejected"]
         assert rejected["wire: wrong_length"] == 1 and rejected["wire: not_bytes"] == 1
+        # A batch announced with a tag that is not the validator's seal key's (as anyone in
+        # the cluster could send) is checked in full: the bad signature refuses it
+        bad = forged.slice(0, 100)
+        digest = batch_digest(
+            validate_batch(
+                bad, chain_id=net.chain_id, max_payload=net.genesis.limits.max_payload_bytes
+            )
+        )
+        for tag in (b"\x00" * 32, seal_tag(b"\x01" * 32, digest)):
+            ray.get(net.validator(0).batch_ready.remote(digest, [ray.put(bad)], None, tag))
+        st = ray.get(net.validator(0).status.remote())
+        assert st["rejected"]["batch: invalid_signature"] == 2 and st["own_batches"] == 0
         res = net.submit(forged.slice(0, 100), mempool=0)
         assert res.accepted == 99 and res.rejected == {"invalid_signature": 1}
         res = net.submit(good.slice(0, 100), mempool=0)
