@@ -333,6 +333,9 @@ class E2EResult:
     cpu_us_per_tx: dict[str, float] = field(default_factory=dict)
     # False in a ceiling run: Ed25519 curve math skipped (see bench_e2e)
     signatures_checked: bool = True
+    # Blocks validator 0 committed in the load window, and their mean size (idle blocks too)
+    blocks_per_s: float = 0.0
+    txs_per_block: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -507,6 +510,7 @@ def bench_e2e(
             # (cheap for the network: no per-transaction lookups while it is under load)
             commit_time: dict[bytes, float] = {}
             seen_height = 0
+            window_blocks: list[int] = []  # transactions of each block committed in the window
             while time.monotonic() < stop + 30 and (
                 any(th.is_alive() for th in threads) or pending
             ):
@@ -514,6 +518,8 @@ def bench_e2e(
                     cpu_end = _cpu_by_role(net, validators)
                 for h, at, ids in ray.get(v0.committed_since.remote(seen_height)):
                     seen_height = h
+                    if t_start <= at <= t_start + duration_s:
+                        window_blocks.append(len(ids))
                     raw = ids.tobytes()
                     commit_time.update((raw[i : i + 32], at) for i in range(0, len(raw), 32))
                 with lock:
@@ -562,6 +568,8 @@ def bench_e2e(
         offered_tps=rate,
         storage_shards=shards_used,
         signatures_checked=not ceiling,
+        blocks_per_s=len(window_blocks) / duration_s,
+        txs_per_block=sum(window_blocks) / len(window_blocks) if window_blocks else 0.0,
         # Nothing committed in the window: no per-transaction figure to give
         cpu_us_per_tx={
             role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end

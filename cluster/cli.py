@@ -494,6 +494,9 @@ def bench_e2e_cmd(
         ", ".join(f"{role}s {us:,.0f} µs" for role, us in r.cpu_us_per_tx.items())
         or "- (nothing committed in the window)",
     )
+    table.add_row(
+        "blocks committed", f"{r.blocks_per_s:,.1f}/s, {r.txs_per_block:,.0f} transactions each"
+    )
     table.add_row("storage shards per validator", str(r.storage_shards))
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)
