@@ -67,9 +67,18 @@ class Admission:
     retry_after_ms: int = 0
 
 
-def seal_tag(key: bytes, digest: bytes) -> bytes:
-    """HMAC-SHA-256 of a sealed batch's digest under a validator's seal key."""
-    return hmac.new(key, digest, hashlib.sha256).digest()
+def seal_tag(key: bytes, digest: bytes, batch: pa.RecordBatch) -> bytes:
+    """HMAC-SHA-256, under a validator's seal key, of a sealed batch's digest and of its
+    signature column: the digest names the transactions' content but not their signatures,
+    so a tag seen once cannot vouch for the same transactions with other signatures. A batch
+    without a well-formed signature column gets an empty tag, which matches none."""
+    try:
+        signatures = np.ascontiguousarray(fixed_rows(batch.column("signature"), 64))
+    except Exception:  # noqa: BLE001 - malformed: the full check will name the problem
+        return b""
+    mac = hmac.new(key, digest, hashlib.sha256)
+    mac.update(signatures.data)
+    return mac.digest()
 
 
 class InflightLimit:
@@ -340,7 +349,7 @@ class Mempool:
         self.sealed += 1
         for i, v in self.validators.items():
             key = self.seal_keys.get(i)
-            tag = None if key is None else seal_tag(key, digest)
+            tag = None if key is None else seal_tag(key, digest, batch)
             v.batch_ready.remote(digest, [ref], (self.index, self.sealed), tag)
 
     async def _tick(self) -> None:

@@ -147,6 +147,7 @@ class Validator:
         self.seal_key = os.urandom(32)
         self.own_batches = 0
         self._rekeyed_at = 0.0
+        self.me: Any = None  # this actor's own handle, known from start()
         # Fault injection (chaos and tests): peers cut off by a partition, and a Byzantine
         # strategy from the simulator's catalogue applied to what this validator sends.
         self.blocked: set[int] = set()
@@ -366,7 +367,7 @@ class Validator:
         enter the first round. Called once all validators exist, and after every restart."""
         if self.started:
             return
-        me = ray.get_runtime_context().current_actor
+        me = self.me = ray.get_runtime_context().current_actor
         for j in range(self.genesis.validators.n):
             if j == self.index:
                 continue
@@ -446,19 +447,26 @@ class Validator:
         loop stays free), then tell the core, in the order the mempool sealed its batches.
 
         A batch from this institution's own mempool, tagged under the seal key this validator
-        gave it, had every signature verified there, in this institution: only its shape,
-        ids and digest are checked here. Any other batch, and one with a missing or wrong
-        tag, is checked in full: other institutions' checks are never trusted."""
+        gave it (over the digest and the signature column), had every signature verified
+        there, in this institution: only its shape, ids and digest are checked here. Any other
+        batch, and one with a missing or wrong tag, is checked in full: other institutions'
+        checks are never trusted."""
         if digest in self.batches:
             self._in_order(origin, digest, None)
             return
-        own = tag is not None and hmac.compare_digest(tag, seal_tag(self.seal_key, digest))
+        batch: pa.RecordBatch | None = None
+        own = False
+        if tag is not None:
+            batch = await refs[0]
+            own = hmac.compare_digest(tag, seal_tag(self.seal_key, digest, batch))
         if own:
             self.own_batches += 1
         elif origin is not None and origin[0] == self.index:
             self._rekey_mempool()
         if own or self.verifier_actor is None:
-            canonical = self._admit(digest, await refs[0], check_signatures=not own)
+            if batch is None:
+                batch = await refs[0]
+            canonical = self._admit(digest, batch, check_signatures=not own)
             self._in_order(origin, digest, canonical)
             return
         reason = await self.verifier_actor.check.remote(digest, refs)
@@ -523,8 +531,7 @@ class Validator:
             mempool = self._actor(f"mempool-{self.index}")
         except ValueError:
             return
-        me = ray.get_runtime_context().current_actor
-        mempool.set_validator.remote(self.index, me, self.seal_key)
+        mempool.set_validator.remote(self.index, self.me, self.seal_key)
 
     def _admit(
         self, digest: bytes, batch: pa.RecordBatch, *, check_signatures: bool = True

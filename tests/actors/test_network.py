@@ -235,7 +235,7 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
                 bad, chain_id=net.chain_id, max_payload=net.genesis.limits.max_payload_bytes
             )
         )
-        for tag in (b"\x00" * 32, seal_tag(b"\x01" * 32, digest)):
+        for tag in (b"\x00" * 32, seal_tag(b"\x01" * 32, digest, bad)):
             ray.get(net.validator(0).batch_ready.remote(digest, [ray.put(bad)], None, tag))
         st = ray.get(net.validator(0).status.remote())
         assert st["rejected"]["batch: invalid_signature"] == 2 and st["own_batches"] == 0

@@ -1,0 +1,114 @@
+"""A validator takes its own mempool's word on signatures only for batches tagged under its
+seal key; every other announcement is checked in full (no Ray needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rayledger.actors.mempool import seal_tag
+from rayledger.actors.validator import Validator
+from rayledger.chain import batch_digest
+from rayledger.crypto import key_from_seed
+from rayledger.tx import TxKind, make_batch, validate_batch
+
+CHAIN = b"\x05" * 32
+LIMITS = SimpleNamespace(max_payload_bytes=4096)
+
+
+class FakeMempool:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, Any, bytes | None]] = []
+        self.set_validator = SimpleNamespace(remote=lambda *a: self.calls.append(a))
+
+
+def validator() -> tuple[Validator, list[bytes], FakeMempool]:
+    v = Validator.__new__(Validator)
+    v.index = 2
+    v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS)
+    v.batches, v.rejected = {}, {}
+    v.origin_next, v.origin_waiting = {}, {}
+    v.verifier_actor = None
+    v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
+    held: list[bytes] = []
+    v._hold = lambda digest, batch: held.append(digest)  # type: ignore[method-assign]
+    mempool = FakeMempool()
+    v._actor = lambda role: mempool  # type: ignore[method-assign]
+    return v, held, mempool
+
+
+def batches() -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    """A valid batch and one with a bad signature in row 3."""
+    key = key_from_seed(b"\x11" * 32)
+    good = make_batch(key, TxKind.ANCHOR, range(6), [bytes([i]) * 32 for i in range(6)], CHAIN)
+    sigs = np.frombuffer(good.column("signature").buffers()[1], np.uint8).copy()
+    sigs[64 * 3] ^= 1
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(64), 6, [None, pa.py_buffer(sigs)])
+    bad = good.set_column(good.schema.get_field_index("signature"), "signature", column)
+    return good, bad
+
+
+def digest_of(batch: pa.RecordBatch) -> bytes:
+    return batch_digest(validate_batch(batch, chain_id=CHAIN, max_payload=4096))
+
+
+def announce(v: Validator, batch: pa.RecordBatch, origin: Any, tag: bytes | None) -> None:
+    async def ref() -> pa.RecordBatch:
+        return batch
+
+    asyncio.run(v.batch_ready(digest_of(batch), [ref()], origin, tag))
+
+
+def test_a_batch_tagged_under_the_seal_key_is_not_checked_again() -> None:
+    v, held, mempool = validator()
+    _, bad = batches()
+    # The tag says this institution's mempool verified it: the signatures are not re-checked
+    # (so even this row with a bad signature passes: the mempool's check is the one counted)
+    announce(v, bad, (2, 1), seal_tag(v.seal_key, digest_of(bad), bad))
+    assert held == [digest_of(bad)] and v.own_batches == 1 and not v.rejected
+    assert mempool.calls == []
+
+
+def test_untagged_or_wrongly_tagged_batches_are_checked_in_full() -> None:
+    v, held, mempool = validator()
+    good, bad = batches()
+    other = os.urandom(32)
+    # The ids, and so the digest, do not cover the signatures: same digest, other signatures
+    assert digest_of(good) == digest_of(bad)
+    for origin, tag in [
+        ((0, 1), None),  # another institution's mempool
+        (None, b"\x00" * 32),  # a tag that is not an HMAC under the key
+        ((1, 1), seal_tag(other, digest_of(bad), bad)),  # under another key
+        ((3, 1), seal_tag(v.seal_key, b"\x07" * 32, bad)),  # under the key, another digest
+        # A genuine tag, seen on its way, replayed for the same transactions with other
+        # signatures: the tag covers the signature column, so it does not match
+        ((2, 1), seal_tag(v.seal_key, digest_of(good), good)),
+    ]:
+        announce(v, bad, origin, tag)
+    assert held == [] and v.own_batches == 0
+    assert v.rejected == {"batch: invalid_signature": 5}
+    # The replayed one claimed to come from our own mempool: it is given the key again
+    assert mempool.calls == [(2, "me", v.seal_key)]
+    announce(v, good, (0, 2), None)  # checked in full, and valid
+    assert held == [digest_of(good)]
+    # A batch with no signature column gets an empty tag, which matches none
+    assert seal_tag(v.seal_key, digest_of(good), good.drop_columns(["signature"])) == b""
+
+
+def test_our_mempool_announcing_without_the_tag_is_given_the_key_again() -> None:
+    v, held, mempool = validator()
+    good, bad = batches()
+    # Our own mempool (index 2), restarted since start(): checked in full, and re-keyed
+    announce(v, bad, (2, 5), None)
+    assert v.rejected == {"batch: invalid_signature": 1} and held == []
+    assert mempool.calls == [(2, "me", v.seal_key)]
+    announce(v, good, (2, 6), None)  # within the second: not re-keyed again
+    assert held == [digest_of(good)] and len(mempool.calls) == 1
+    v._rekeyed_at -= 1.0
+    announce(v, good.slice(0, 2), (2, 7), b"\x01" * 32)
+    assert len(mempool.calls) == 2
