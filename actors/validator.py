@@ -456,7 +456,7 @@ class Validator:
             return
         batch: pa.RecordBatch | None = None
         own = False
-        if tag is not None:
+        if isinstance(tag, bytes):
             batch = await refs[0]
             own = hmac.compare_digest(tag, seal_tag(self.seal_key, digest, batch))
         if own:

@@ -88,10 +88,11 @@ def test_untagged_or_wrongly_tagged_batches_are_checked_in_full() -> None:
         # A genuine tag, seen on its way, replayed for the same transactions with other
         # signatures: the tag covers the signature column, so it does not match
         ((2, 1), seal_tag(v.seal_key, digest_of(good), good)),
+        ((1, 2), "not bytes"),  # any object a caller sends: no error, a full check
     ]:
         announce(v, bad, origin, tag)
     assert held == [] and v.own_batches == 0
-    assert v.rejected == {"batch: invalid_signature": 5}
+    assert v.rejected == {"batch: invalid_signature": 6}
     # The replayed one claimed to come from our own mempool: it is given the key again
     assert mempool.calls == [(2, "me", v.seal_key)]
     announce(v, good, (0, 2), None)  # checked in full, and valid
