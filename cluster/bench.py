@@ -324,6 +324,8 @@ class E2EResult:
     verifications_per_tx: int
     raw_limit_tps: float
     efficiency: float
+    # The same against OpenSSL's one-core rate (the yardstick of runs before libsodium)
+    efficiency_openssl: float
     agreement: bool
     # Open loop: the offered rate (None: closed loop)
     offered_tps: float | None = None
@@ -564,6 +566,7 @@ def bench_e2e(
         verifications_per_tx=per_tx,
         raw_limit_tps=raw_limit,
         efficiency=tps / raw_limit,
+        efficiency_openssl=tps / (one_core_openssl * cores / per_tx),
         agreement=agreement,
         offered_tps=rate,
         storage_shards=shards_used,

@@ -25,6 +25,9 @@ def test_bench_e2e_reports_measured_figures() -> None:
     assert r["verifications_per_tx"] == 4
     assert abs(r["raw_limit_tps"] - r["one_core_verify_per_s"] * r["cores"] / 4) < 1
     assert r["one_core_openssl_per_s"] > 0
+    assert r["efficiency_openssl"] == pytest.approx(
+        r["committed_tps"] / (r["one_core_openssl_per_s"] * r["cores"] / 4), rel=1e-2, abs=1e-3
+    )
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
     assert r["blocks_per_s"] > 0 and 0 < r["txs_per_block"] <= r["committed"]
 
