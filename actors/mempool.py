@@ -435,5 +435,8 @@ class Mempool:
             "target_latency_ms": None if target is None else round(target * 1000),
             "late_batches": self.limit.late,
             "counts": dict(self.counts),
+            # Validators this mempool tags its batches for (its own: they skip re-checking
+            # signatures); the keys themselves are never shown
+            "sealing_for": sorted(self.seal_keys),
             "cpu_s": round(time.process_time(), 3),
         }

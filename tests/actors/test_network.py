@@ -116,6 +116,7 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         checked = [ray.get(net._actor(f"verifier-{i}").status.remote()) for i in range(4)]
         assert all(c["checked_rows"] == 15_000 and not c["refused"] for c in checked)
         assert all(s["own_batches"] > 0 for s in net.status())
+        assert [s["mempool"]["sealing_for"] for s in net.status()] == [[0], [1], [2], [3]]
         assert {c["backend"] for c in checked} == {available_backends()[0]}
         assert [s["verifier"]["backend"] for s in net.status()] == [available_backends()[0]] * 4
         # Each mempool's admission checks went through its institution's verifier
@@ -180,6 +181,9 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
         for b in third:
             net.wait_committed(b)
         assert_agreement(net, [0, 1, 2, 3])
+        # The restarted validator gave its mempool a new seal key: mempool 3's batch of the
+        # third round came tagged under it and was not checked a second time
+        assert net.status()[3]["own_batches"] > 0
     finally:
         net.shutdown()
 
