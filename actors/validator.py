@@ -142,8 +142,8 @@ class Validator:
         self.rejected: dict[str, int] = {}
         self.started = False
         # Given to this institution's own mempool only, kept in memory (a new one after every
-        # restart): a batch announced with seal_tag(seal_key, digest) was verified by that
-        # mempool, and its signatures are not checked a second time here
+        # restart): a batch announced with seal_tag(seal_key, digest, batch) was verified by
+        # that mempool, and its signatures are not checked a second time here
         self.seal_key = os.urandom(32)
         self.own_batches = 0
         self._rekeyed_at = 0.0
@@ -524,7 +524,7 @@ class Validator:
         ``start`` (or the key has not reached it yet). Give it the key again, at most once a
         second; meanwhile its batches are checked in full."""
         now = time.monotonic()
-        if now - self._rekeyed_at < 1.0:
+        if self.me is None or now - self._rekeyed_at < 1.0:  # not started: start() gives it
             return
         self._rekeyed_at = now
         try:

@@ -113,3 +113,7 @@ def test_our_mempool_announcing_without_the_tag_is_given_the_key_again() -> None
     v._rekeyed_at -= 1.0
     announce(v, good.slice(0, 2), (2, 7), b"\x01" * 32)
     assert len(mempool.calls) == 2
+    # Before start() the validator has no handle of its own to give: start() will key it
+    v.me, v._rekeyed_at = None, 0.0
+    announce(v, good.slice(0, 3), (2, 8), None)
+    assert len(mempool.calls) == 2
