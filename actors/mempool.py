@@ -212,7 +212,7 @@ class Mempool:
     def set_validator(self, index: int, handle: Any, seal_key: bytes | None = None) -> None:
         """Validator ``index`` (re)started: announce batches to this handle from now on.
         ``seal_key``: given by this institution's own validator only, a secret it keeps in
-        memory; batches announced to it carry ``seal_tag(seal_key, digest)``, by which it
+        memory; batches announced to it carry ``seal_tag(seal_key, digest, batch)``, by which it
         knows them for batches this mempool verified (see ``Validator.batch_ready``)."""
         self.validators[index] = handle
         if seal_key is not None:

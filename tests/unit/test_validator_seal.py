@@ -74,6 +74,23 @@ def test_a_batch_tagged_under_the_seal_key_is_not_checked_again() -> None:
     assert mempool.calls == []
 
 
+def test_a_tagged_batch_still_has_its_digest_and_shape_checked() -> None:
+    """The tag spares the signature check only: a batch that is not the one its digest names
+    is refused though the tag over that digest and its signatures is genuine."""
+    v, held, _ = validator()
+    good, _ = batches()
+    other = good.slice(0, 5)
+    digest = digest_of(good)
+
+    async def ref() -> pa.RecordBatch:
+        return other
+
+    tag = seal_tag(v.seal_key, digest, other)
+    asyncio.run(v.batch_ready(digest, [ref()], (2, 1), tag))
+    assert held == [] and v.own_batches == 1
+    assert v.rejected == {"batch: invalid_batch": 1}
+
+
 def test_untagged_or_wrongly_tagged_batches_are_checked_in_full() -> None:
     v, held, mempool = validator()
     good, bad = batches()
