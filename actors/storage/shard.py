@@ -9,7 +9,6 @@ asks the shard of the block's height for the audit paths), state to the shard of
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from rayledger.actors.storage.partition import (
     shard_of_height,
 )
 from rayledger.config import parse_genesis
-from rayledger.errors import LedgerError, StoreCorruption
+from rayledger.errors import InvalidBlock, LedgerError, StoreCorruption
 from rayledger.execution import genesis_state
 
 NAMESPACE = "rayledger"
@@ -67,11 +66,14 @@ class StorageShard:
 
     # ---- the validator's side ----------------------------------------------------------------
 
-    async def apply(self, refs: list[Any]) -> int:
-        """Apply committed blocks (object refs of ``CommittedBlock``, in height order) and
-        return the height applied. A gap raises; the validator then resends from ``height``."""
-        blocks: list[CommittedBlock] = list(await asyncio.gather(*refs))
+    async def apply(self, blocks: list[CommittedBlock]) -> int:
+        """Apply committed blocks (``CommittedBlock``, in height order) and return the height
+        applied. A gap raises; the validator then resends from ``height``."""
         try:
+            if not isinstance(blocks, list) or not all(
+                isinstance(b, CommittedBlock) for b in blocks
+            ):
+                raise InvalidBlock("a shard applies a list of committed blocks")
             return self.store.apply(blocks)
         except LedgerError:
             self.rejected += 1

@@ -35,7 +35,7 @@ from rayledger.cluster.client import Client, SubmitError
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
 from rayledger.crypto import public_bytes
-from rayledger.errors import NotFound, StoreError
+from rayledger.errors import InvalidBlock, NotFound, StoreError
 from rayledger.execution import Status
 from rayledger.kernels import available_backends
 from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch
@@ -231,6 +231,16 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
         ray.get(net.validator(0).deliver.remote(1, ["a", "list"]))
         rejected = ray.get(net.validator(0).status.remote())["rejected"]
         assert rejected["wire: wrong_length"] == 1 and rejected["wire: not_bytes"] == 1
+        # The emulated WAN hold a sender asks for: anything but a finite time is dropped
+        # unread; a time far ahead is held no longer than the link's latency (5 ms here)
+        for hold in ("soon", float("nan"), float("inf"), True):
+            ray.get(net.validator(0).deliver.remote(1, b"\x00\x00\x00\x01garbage", hold))
+        t0 = time.monotonic()
+        far = time.time() + 3600
+        ray.get(net.validator(0).deliver.remote(1, b"\x00\x00\x00\x01garbage", far))
+        assert time.monotonic() - t0 < 5
+        rejected = ray.get(net.validator(0).status.remote())["rejected"]
+        assert rejected["wire: bad_hold"] == 4 and rejected["wire: wrong_length"] == 2
         # A batch announced with a tag that is not the validator's seal key's (as anyone in
         # the cluster could send) is checked in full: the bad signature refuses it
         bad = forged.slice(0, 100)
@@ -419,6 +429,15 @@ def test_storage_shards_serve_verified_receipts_and_state_without_the_validator(
         replay = Client(net.dir).submit(batches[2].slice(0, 10), mempool=(routed + 1) % 4)
         assert replay.accepted == 0 and replay.rejected == {"stale_nonce": 10}
 
+        # A shard applies lists of committed blocks only; anything else is refused, counted,
+        # and changes nothing
+        shard = net.shard(2, 0)
+        height = ray.get(shard.height.remote())
+        for junk in (["not a block"], "blocks", [None]):
+            with pytest.raises(InvalidBlock, match="list of committed blocks"):
+                ray.get(shard.apply.remote(junk))
+        st = ray.get(shard.status.remote())
+        assert st["rejected"] == 3 and st["height"] >= height
         # Validator 1 down: its shards still answer, and the receipts still verify
         net.kill(1)
         assert client.receipt(sample[0]).height >= 1
