@@ -688,10 +688,16 @@ class Validator:
         digests = []
         index = bytearray()
         shard_blocks = []
+        top = proposals[-1].block.height
+        # The commit proof receipts carry, stored with the top block (one durable write)
+        proof = (action.certifying_qcs[-1], action.child, action.commit_qc)
+        encoded_proof = u64(top) + b"".join(var_bytes(x.encode()) for x in proof)
         for p, qc in zip(proposals, action.certifying_qcs, strict=True):
             writes = self.builder.writes_of(p.block.hash) if self.shards else {}
             block = self.builder.commit(p.block.hash, p.qc)
-            self.store.append(block, verify=False)
+            self.store.append(
+                block, verify=False, commit_proof=encoded_proof if block.height == top else None
+            )
             if self.shards:
                 shard_blocks.append((block, qc, writes))
             self.commit_times[block.height] = time.time()
@@ -710,14 +716,9 @@ class Validator:
                 offset += rows
             digests.extend(p.block.batch_digests)
         # Kept to serve peers that lag behind (after a restart too): the proposals, and where
-        # each committed batch lies in the store; and the commit proof receipts carry.
+        # each committed batch lies in the store.
         self._append_proposals(proposals)
-        top = proposals[-1].block.height
-        proof = (action.certifying_qcs[-1], action.child, action.commit_qc)
         self.commit_proofs[top] = proof
-        self.store.put_commit_proofs(
-            [(top, u64(top) + b"".join(var_bytes(x.encode()) for x in proof))]
-        )
         with open(self.dir / "batches.idx", "ab") as f:
             f.write(bytes(index))
             f.flush()

@@ -402,8 +402,12 @@ class BlockStore:
     def height(self) -> int:
         return self._head.height
 
-    def append(self, block: Block, *, verify: bool = True) -> None:
-        """Store the next block; durable on disk when this returns.
+    def append(
+        self, block: Block, *, verify: bool = True, commit_proof: bytes | None = None
+    ) -> None:
+        """Store the next block; durable on disk when this returns. ``commit_proof``: the
+        encoded proof that this block is committed, kept in the same index transaction (as
+        ``put_commit_proofs`` would, one durable write fewer).
 
         Raises ``InvalidBlock`` (and changes nothing) if the block does not extend the head,
         or fails its roots. A transaction id stored before may appear again (a replayed
@@ -432,10 +436,16 @@ class BlockStore:
                 _fsync_dir(path.parent)
             if self._after_segment_write is not None:
                 self._after_segment_write(block.height)
-            self._index(block, segment, end, len(frame), ids)
+            self._index(block, segment, end, len(frame), ids, commit_proof)
 
     def _index(
-        self, block: Block, segment: int, offset: int, length: int, ids: np.ndarray | None = None
+        self,
+        block: Block,
+        segment: int,
+        offset: int,
+        length: int,
+        ids: np.ndarray | None = None,
+        commit_proof: bytes | None = None,
     ) -> None:
         if ids is None:
             ids = tx_ids_of(block.txs)
@@ -462,6 +472,11 @@ class BlockStore:
                         (raw[i * 32 : (i + 1) * 32], h, i, int(statuses[i]) != Status.BAD_NONCE)
                         for i in range(len(ids))
                     ),
+                )
+            if commit_proof is not None:
+                cur.execute(
+                    "INSERT OR IGNORE INTO commit_proofs (height, proof) VALUES (?, ?)",
+                    (h, commit_proof),
                 )
             # Appended blocks were checked (or built) by the writer: the mark moves with them
             self._set_mark(block.header, cur)

@@ -127,8 +127,8 @@ class CoreConfig:
     sync_batch: int = 64
     # Rounds of votes/timeouts/proposals remembered for equivocation evidence.
     evidence_window: int = 64
-    # With nothing to order and nothing uncommitted to finish, a leader waits this long for a
-    # batch before proposing an empty block (0: propose at once). Keep it well below the round
+    # With nothing to order and nothing uncommitted to finish or to announce, a leader waits
+    # this long for a batch before proposing an empty block (0: propose at once). Keep it well below the round
     # timeout. It turns an idle network's stream of empty blocks into a slow heartbeat.
     idle_block_ms: int = 0
 
@@ -718,7 +718,7 @@ class Core:
         branch = self._branch_digests(parent)
         digests = tuple(d for d in self.available if not self._is_ordered(d, branch))
         idle = not digests and wait_if_idle and self.cfg.idle_block_ms > 0
-        if idle and not self._uncommitted_payload(parent):
+        if idle and not self._uncommitted_payload(parent) and not self._announces_commit(parent):
             self.idle_round = self.round
             self._out.append(SetTimer(self.round, self.cfg.idle_block_ms, "propose"))
             return
@@ -734,6 +734,18 @@ class Core:
         # Our own vote (and the Persist guarding it) precedes the broadcast.
         self._process_proposal(proposal)
         self._out.append(Broadcast(proposal))
+
+    def _announces_commit(self, parent: BlockHeader) -> bool:
+        """Does the QC of ``parent``, which this proposal carries, commit a block with batches?
+        Only its leader has seen that QC: the others learn of the commit from this proposal,
+        so waiting idle here would hold every other validator's commit back."""
+        grand = self.committed_log.get(parent.height - 1)
+        return (
+            grand is not None
+            and grand.block.hash == parent.parent_hash
+            and grand.block.round + 1 == parent.round
+            and bool(grand.block.batch_digests)
+        )
 
     def _uncommitted_payload(self, parent: BlockHeader) -> bool:
         """Does the branch up to ``parent`` hold batches that still need children to commit?"""

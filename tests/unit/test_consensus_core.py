@@ -96,6 +96,7 @@ from rayledger.consensus import (
     Broadcast,
     Commit,
     Core,
+    CoreConfig,
     Evidence,
     FetchBatches,
     Message,
@@ -248,6 +249,27 @@ def test_all_validators_commit_the_same_blocks(keys: Keyring) -> None:
     for committed in net.committed:
         assert [p.block.height for p in committed] == list(range(1, len(committed) + 1))
     assert not any(net.evidence) and not any(net.rejected)
+
+
+def test_idle_leaders_still_announce_a_commit_then_wait(keys: Keyring) -> None:
+    """With idle waits on, a batch's block needs its child certified to commit, and only the
+    leader that forms that QC knows it: it proposes at once (not after its idle wait), so
+    every validator commits the batch with no later batch or timer; then leaders wait."""
+    keys = replace(keys, config=CoreConfig(idle_block_ms=500))
+    net = Net(keys)
+    net.start()
+    assert not net.proposals  # nothing to order: the first leader waits
+    net.batch(digest("a"))
+    net.run(lambda: min(net.heights()) >= 1, timeouts=False)
+    net.run(lambda: not net.queue, timeouts=False)
+    rounds = sorted(p.round for p in net.proposals.values())
+    assert rounds == [1, 2, 3]
+    assert all(c[0].block.batch_digests == (digest("a"),) for c in net.committed)
+    # Round 4's leader formed the QC of block 3: it commits the empty block 2, which needs no
+    # announcing, and waits
+    leader = keys.leader(4)
+    assert net.heights()[leader] == 2 and min(net.heights()) == 1
+    assert net.cores[leader].round == 4 and net.cores[leader].idle_round == 4
 
 
 # ---- Persist before send ---------------------------------------------------------------------

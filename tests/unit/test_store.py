@@ -466,6 +466,22 @@ def test_a_mark_the_index_does_not_bear_out_means_a_full_verification(
     assert err.value.height == 1
 
 
+def test_a_commit_proof_appended_with_its_block_is_kept_with_it(
+    tmp_path: Path, chain: list[Block]
+) -> None:
+    store = filled(tmp_path, chain[:2])
+    store.append(chain[2], commit_proof=b"three")
+    # A block refused (it does not extend the head) stores neither itself nor its proof
+    with pytest.raises(InvalidBlock):
+        store.append(chain[4], commit_proof=b"five")
+    store.append(chain[3], verify=False)
+    store.put_commit_proofs([(3, b"other")])  # a height keeps its first proof
+    store.close()
+    with BlockStore(tmp_path, GENESIS, verify_from_mark=True) as again:
+        assert again.height == 4
+        assert again.commit_proofs(0, 10) == [(3, b"three")]
+
+
 def test_commit_proofs_are_kept_by_height_durably(tmp_path: Path, chain: list[Block]) -> None:
     store = filled(tmp_path, chain)
     store.put_commit_proofs([(2, b"two"), (5, b"five")])
