@@ -128,8 +128,9 @@ class CoreConfig:
     # Rounds of votes/timeouts/proposals remembered for equivocation evidence.
     evidence_window: int = 64
     # With nothing to order and nothing uncommitted to finish or to announce, a leader waits
-    # this long for a batch before proposing an empty block (0: propose at once). Keep it well below the round
-    # timeout. It turns an idle network's stream of empty blocks into a slow heartbeat.
+    # this long for a batch before proposing an empty block (0: propose at once). Keep it well
+    # below the round timeout. It turns an idle network's stream of empty blocks into a slow
+    # heartbeat.
     idle_block_ms: int = 0
 
 
