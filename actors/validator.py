@@ -46,6 +46,7 @@ from rayledger.actors.storage import (
     writes_batch,
 )
 from rayledger.actors.storage.engine import fsync_write
+from rayledger.actors.storage.slots import SlotFile
 from rayledger.actors.storage.snapshot import load_snapshot, save_snapshot
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
@@ -135,6 +136,9 @@ class Validator:
         self.verifier = Ed25519Verifier(verifier_backend)
         self.dir = root / f"validator-{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # The safety state persisted before every vote (``safety.bin``: its form before the
+        # two slots, still read)
+        self.safety_file = SlotFile(self.dir, "safety", legacy=self.dir / "safety.bin")
         self.latency = latency_ms or [0.0] * self.genesis.validators.n
         self.peers: dict[int, Any] = {}
         self.mempool: Any = None
@@ -289,9 +293,9 @@ class Validator:
 
     def _load_consensus(self) -> tuple[SafetyState | None, list[Proposal]]:
         state = None
-        path = self.dir / "safety.bin"
-        if path.exists():
-            state = decode_safety(path.read_bytes())
+        data = self.safety_file.read()
+        if data is not None:
+            state = decode_safety(data)
         window = CoreConfig().committed_window
         records = _read_records(self.dir / "proposals.log")
         self._proposal_log_count = len(records)
@@ -616,7 +620,7 @@ class Validator:
             match action:
                 case Persist(state=state):
                     self._flush(outbox)
-                    fsync_write(self.dir / "safety.bin", encode_safety(state))
+                    self.safety_file.write(encode_safety(state))
                 case Broadcast(message=msg):
                     for peer in self.peers:
                         outbox.setdefault(peer, []).extend(self._hostile(msg, peer, True))
