@@ -21,18 +21,11 @@ import os
 import struct
 from pathlib import Path
 
+from rayledger.actors.storage.engine import _fsync_dir
 from rayledger.errors import StoreCorruption
 
 _HEAD = struct.Struct(">QI")
 _SUM = 32
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SlotFile:
