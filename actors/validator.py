@@ -453,12 +453,7 @@ class Validator:
             ):
                 self._count("wire: bad_hold")
                 return
-            link = (
-                self.latency[sender]
-                if type(sender) is int and 0 <= sender < len(self.latency)
-                else 0
-            )
-            wait = min(not_before - time.time(), link / 1000)
+            wait = min(not_before - time.time(), self._link_s(sender))
             if wait > 0:
                 await asyncio.sleep(wait)
         if sender in self.blocked:  # a partition applies to what arrives while it lasts
@@ -667,13 +662,19 @@ class Validator:
                 return [other] if peer % 2 else [msg]
         return [msg]
 
+    def _link_s(self, peer: Any) -> float:
+        """The emulated one-way latency to or from ``peer``, in seconds (0 for no such peer)."""
+        if type(peer) is int and 0 <= peer < len(self.latency):
+            return self.latency[peer] / 1000
+        return 0.0
+
     def _flush(self, outbox: dict[int, list[Message]]) -> None:
         now = time.time()
         for peer, msgs in outbox.items():
             handle = self.peers.get(peer)
             if handle is None or peer in self.blocked or not msgs:
                 continue
-            delay = self.latency[peer] / 1000 if peer < len(self.latency) else 0.0
+            delay = self._link_s(peer)
             data = encode_messages(msgs)
             if delay > 0:
                 handle.deliver.remote(self.index, data, now + delay)

@@ -83,6 +83,9 @@ CREATE TABLE IF NOT EXISTS commit_proofs (
 );
 """
 
+# A height keeps the first commit proof stored for it
+_INSERT_PROOF = "INSERT OR IGNORE INTO commit_proofs (height, proof) VALUES (?, ?)"
+
 
 @dataclass(frozen=True)
 class TxLocation:
@@ -474,10 +477,7 @@ class BlockStore:
                     ),
                 )
             if commit_proof is not None:
-                cur.execute(
-                    "INSERT OR IGNORE INTO commit_proofs (height, proof) VALUES (?, ?)",
-                    (h, commit_proof),
-                )
+                cur.execute(_INSERT_PROOF, (h, commit_proof))
             # Appended blocks were checked (or built) by the writer: the mark moves with them
             self._set_mark(block.header, cur)
             cur.execute("COMMIT")
@@ -498,9 +498,7 @@ class BlockStore:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.executemany(
-                    "INSERT OR IGNORE INTO commit_proofs (height, proof) VALUES (?, ?)", proofs
-                )
+                cur.executemany(_INSERT_PROOF, proofs)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
