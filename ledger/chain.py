@@ -92,6 +92,18 @@ class LedgerBuilder:
         timestamp_ms: int,
         digests: tuple[bytes, ...],
     ) -> BlockHeader:
+        return self._execute(parent, round_, proposer, timestamp_ms, digests)[0]
+
+    def _execute(
+        self,
+        parent: BlockHeader,
+        round_: int,
+        proposer: bytes,
+        timestamp_ms: int,
+        digests: tuple[bytes, ...],
+    ) -> tuple[BlockHeader, bool]:
+        """Execute a child of ``parent`` and remember it; the bool says it was not known
+        already (a known one keeps its first execution: blocks built on it point to it)."""
         parent_view = self._views.get(parent.hash)
         if parent_view is None:
             raise KeyError("the parent block has not been executed here")
@@ -110,22 +122,32 @@ class LedgerBuilder:
             state_root=state_root,
             batch_digests=digests,
         )
+        if header.hash in self._headers:
+            return header, False
         self._views[header.hash] = view
         self._bodies[header.hash] = (txs, results)
         self._headers[header.hash] = header
-        return header
+        return header, True
 
     def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
         if parent.hash not in self._views:
             return "parent state unknown"
         if any(d not in self.batches for d in block.batch_digests):
             return "a named batch is not held"
-        expected = self.build(
+        if block.hash in self._headers:
+            # This builder executed exactly this header already (a leader checking its own
+            # proposal, a proposal delivered twice): the hash covers every field, so the
+            # execution stands and is not repeated
+            return None
+        expected, fresh = self._execute(
             parent, block.round, block.proposer, block.timestamp_ms, block.batch_digests
         )
         if expected == block:
             return None
-        self._forget(expected.hash)
+        if fresh:
+            # Forget only this refused check's own execution: the header it yields may be one
+            # built or accepted here before, under another proposal that differs in a root
+            self._forget(expected.hash)
         for name in ("tx_count", "tx_root", "result_root", "state_root"):
             if getattr(expected, name) != getattr(block, name):
                 return f"{name} differs from this validator's execution"

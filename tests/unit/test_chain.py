@@ -10,6 +10,7 @@ import struct
 import pyarrow as pa
 import pytest
 
+from rayledger import chain
 from rayledger.block import QuorumCert, check_block, genesis_header
 from rayledger.chain import LedgerBuilder, batch_digest
 from rayledger.crypto import key_from_seed, public_bytes
@@ -64,6 +65,47 @@ def test_check_names_the_field_that_differs(field: str) -> None:
     assert voter.check(forged, genesis) == f"{field} differs from this validator's execution"
     # The refused execution left nothing behind.
     assert voter.check(header, genesis) is None
+
+
+def test_a_header_built_here_is_not_executed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    batches, genesis, digests = setup()
+    leader = fresh(batches, genesis)
+    header = leader.build(genesis, 1, PROPOSER, 2, tuple(digests))
+    forged = dataclasses.replace(header, state_root=b"\x00" * 32)
+    runs = []
+    real = chain.execute_block
+
+    def counted(*args: object) -> object:
+        runs.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(chain, "execute_block", counted)
+    # The leader checking its own proposal: the execution that built it stands
+    assert leader.check(header, genesis) is None
+    assert runs == []
+    # Any other header is executed, even one differing from it in a single field
+    assert leader.check(forged, genesis) == "state_root differs from this validator's execution"
+    assert runs == [1]
+    # and the refused one is not remembered as built
+    assert leader.check(forged, genesis) == "state_root differs from this validator's execution"
+    assert runs == [1, 1]
+    block = leader.commit(header.hash, QuorumCert.genesis(genesis.hash))
+    check_block(block, genesis)
+
+
+def test_a_refused_header_does_not_forget_the_accepted_one() -> None:
+    # A Byzantine leader's second proposal repeats the accepted one but for one root: its
+    # check re-derives the accepted header, and refusing it must keep that execution
+    batches, genesis, digests = setup()
+    leader, voter = fresh(batches, genesis), fresh(batches, genesis)
+    header = leader.build(genesis, 1, PROPOSER, 2, tuple(digests))
+    assert voter.check(header, genesis) is None
+    forged = dataclasses.replace(header, result_root=b"\x01" * 32)
+    assert voter.check(forged, genesis) == "result_root differs from this validator's execution"
+    child = leader.build(header, 2, PROPOSER, 3, ())
+    assert voter.check(child, header) is None
+    block = voter.commit(header.hash, QuorumCert.genesis(genesis.hash))
+    check_block(block, genesis)
 
 
 def test_check_refuses_unknown_parent_and_missing_batch() -> None:
