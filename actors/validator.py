@@ -698,13 +698,15 @@ class Validator:
         proof = (action.certifying_qcs[-1], action.child, action.commit_qc)
         encoded_proof = u64(top) + b"".join(var_bytes(x.encode()) for x in proof)
         for p, qc in zip(proposals, action.certifying_qcs, strict=True):
-            writes = self.builder.writes_of(p.block.hash) if self.shards else {}
+            if self.shards:
+                writes = self.builder.writes_of(p.block.hash)
+                leaves = self.builder.result_leaves_of(p.block.hash)
             block = self.builder.commit(p.block.hash, p.qc)
             self.store.append(
                 block, verify=False, commit_proof=encoded_proof if block.height == top else None
             )
             if self.shards:
-                shard_blocks.append((block, qc, writes))
+                shard_blocks.append((block, qc, writes, leaves))
             self.commit_times[block.height] = time.time()
             ids = tx_ids_of(block.txs)
             self.commit_ids[block.height] = ids
@@ -734,8 +736,8 @@ class Validator:
         if self.mempool is not None:
             self.mempool.on_commit.remote(digests)
         t0 = time.perf_counter()
-        for block, qc, writes in shard_blocks:
-            self._queue_for_shards(block.header, qc, block.rows(), writes)
+        for block, qc, writes, leaves in shard_blocks:
+            self._queue_for_shards(block.header, qc, block.rows(), writes, leaves)
         self._wake_shards()
         self._maybe_snapshot()
         self._bound_memory()
@@ -744,7 +746,12 @@ class Validator:
     # ---- storage shards ------------------------------------------------------------------------
 
     def _committed_block(
-        self, header: BlockHeader, qc: QuorumCert, rows: pa.RecordBatch, writes: dict
+        self,
+        header: BlockHeader,
+        qc: QuorumCert,
+        rows: pa.RecordBatch,
+        writes: dict,
+        leaves: np.ndarray | None = None,
     ) -> CommittedBlock:
         """What the shards of this validator are sent for one block. Not put in the object
         store block by block: a put costs about 1.4 ms whatever the block's size (measured on
@@ -752,12 +759,17 @@ class Validator:
         carries in one call instead."""
         proof = self.commit_proofs.get(header.height) or self.replayed_proofs.get(header.height)
         commit = (proof[1], proof[2]) if proof is not None else None
-        return CommittedBlock(header, qc, rows, writes_batch(writes), commit)
+        return CommittedBlock(header, qc, rows, writes_batch(writes), commit, leaves)
 
     def _queue_for_shards(
-        self, header: BlockHeader, qc: QuorumCert, rows: pa.RecordBatch, writes: dict
+        self,
+        header: BlockHeader,
+        qc: QuorumCert,
+        rows: pa.RecordBatch,
+        writes: dict,
+        leaves: np.ndarray,
     ) -> None:
-        self.shard_pending[header.height] = self._committed_block(header, qc, rows, writes)
+        self.shard_pending[header.height] = self._committed_block(header, qc, rows, writes, leaves)
         if len(self.shard_pending) > self.shard_pending_max:
             # A shard that does not acknowledge for this long catches up from the store
             del self.shard_pending[min(self.shard_pending)]

@@ -310,8 +310,12 @@ def child_header(
     timestamp_ms: int,
     state_root: bytes,
     batch_digests: Sequence[bytes],
+    result_leaves: np.ndarray | None = None,
 ) -> BlockHeader:
-    """The header of ``parent``'s child whose rows have these ids and execution results."""
+    """The header of ``parent``'s child whose rows have these ids and execution results
+    (``result_leaves``: their ``result_leaf_hashes``, when the caller has them already)."""
+    if result_leaves is None:
+        result_leaves = result_leaf_hashes(tx_ids, results)
     return BlockHeader(
         chain_id=parent.chain_id,
         height=parent.height + 1,
@@ -321,7 +325,7 @@ def child_header(
         timestamp_ms=timestamp_ms,
         tx_count=len(tx_ids),
         tx_root=compute_tx_root(tx_ids),
-        result_root=compute_result_root(tx_ids, results),
+        result_root=merkle_root_of_leaf_hashes(result_leaves),
         state_root=state_root,
         batch_digests=tuple(batch_digests),
     )

@@ -14,7 +14,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from rayledger.block import Block, BlockHeader, QuorumCert, child_header, compute_tx_root
+from rayledger.block import (
+    Block,
+    BlockHeader,
+    QuorumCert,
+    child_header,
+    compute_tx_root,
+    result_leaf_hashes,
+)
 from rayledger.errors import InvalidBatch, InvalidSignature
 from rayledger.execution import StateView, execute_block
 from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
@@ -73,7 +80,7 @@ class LedgerBuilder:
         self.base = base
         self.head = head
         self._views: dict[bytes, StateView] = {head.hash: base}
-        self._bodies: dict[bytes, tuple[pa.RecordBatch, pa.RecordBatch]] = {}
+        self._bodies: dict[bytes, tuple[pa.RecordBatch, pa.RecordBatch, np.ndarray]] = {}
         self._headers: dict[bytes, BlockHeader] = {}
 
     def body_rows(self, digests: Sequence[bytes]) -> pa.RecordBatch:
@@ -112,6 +119,7 @@ class LedgerBuilder:
             parent_view, txs, parent.height + 1, parent.state_root
         )
         ids = tx_ids_of(txs) if txs.num_rows else np.empty((0, 32), np.uint8)
+        leaves = result_leaf_hashes(ids, results)
         header = child_header(
             parent,
             ids,
@@ -121,11 +129,12 @@ class LedgerBuilder:
             timestamp_ms=timestamp_ms,
             state_root=state_root,
             batch_digests=digests,
+            result_leaves=leaves,
         )
         if header.hash in self._headers:
             return header, False
         self._views[header.hash] = view
-        self._bodies[header.hash] = (txs, results)
+        self._bodies[header.hash] = (txs, results, leaves)
         self._headers[header.hash] = header
         return header, True
 
@@ -162,6 +171,11 @@ class LedgerBuilder:
         """The state an executed, not yet committed block writes (a copy)."""
         return dict(self._views[block_hash].writes)
 
+    def result_leaves_of(self, block_hash: bytes) -> np.ndarray:
+        """The ``(n, 32)`` result leaf hashes of an executed, not yet committed block (as
+        hashed for its ``result_root``; storage keeps them for inclusion proofs)."""
+        return self._bodies[block_hash][2]
+
     def commit(self, block_hash: bytes, parent_qc: QuorumCert) -> Block:
         """Fold a committed block's writes into the base state; return the block to store.
 
@@ -173,7 +187,7 @@ class LedgerBuilder:
         self.base.writes.update(view.writes)
         view.writes.clear()
         view.parent = self.base
-        txs, results = self._bodies[block_hash]
+        txs, results, _ = self._bodies[block_hash]
         self._views.pop(self.head.hash, None)
         self.head = header
         for h in [h for h, b in self._headers.items() if b.height <= header.height]:

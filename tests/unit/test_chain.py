@@ -7,15 +7,16 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from rayledger import chain
-from rayledger.block import QuorumCert, check_block, genesis_header
+from rayledger.block import QuorumCert, check_block, genesis_header, result_leaf_hashes
 from rayledger.chain import LedgerBuilder, batch_digest
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.execution import Account, balance_key, genesis_state
-from rayledger.merkle import merkle_root
+from rayledger.merkle import merkle_root, merkle_root_of_leaf_hashes
 from rayledger.tx import TxKind, make_batch, tx_ids_of
 
 CHAIN = bytes(range(32))
@@ -106,6 +107,17 @@ def test_a_refused_header_does_not_forget_the_accepted_one() -> None:
     assert voter.check(child, header) is None
     block = voter.commit(header.hash, QuorumCert.genesis(genesis.hash))
     check_block(block, genesis)
+
+
+def test_result_leaves_of_a_built_block_are_those_of_its_result_root() -> None:
+    batches, genesis, digests = setup()
+    leader = fresh(batches, genesis)
+    header = leader.build(genesis, 1, PROPOSER, 2, tuple(digests))
+    leaves = leader.result_leaves_of(header.hash)
+    block = leader.commit(header.hash, QuorumCert.genesis(genesis.hash))
+    assert leaves.shape == (8, 32)
+    assert np.array_equal(leaves, result_leaf_hashes(tx_ids_of(block.txs), block.results))
+    assert merkle_root_of_leaf_hashes(leaves) == header.result_root
 
 
 def test_check_refuses_unknown_parent_and_missing_batch() -> None:

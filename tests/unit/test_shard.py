@@ -15,13 +15,21 @@ import pytest
 from rayledger.actors.storage import (
     CommittedBlock,
     ShardStore,
+    partition,
     shard_of_height,
     shard_of_keys,
     shard_of_tx_ids,
     writes_batch,
 )
 from rayledger.actors.storage.partition import assemble_receipt
-from rayledger.block import BlockHeader, QuorumCert, genesis_header, make_bitmap, vote_message
+from rayledger.block import (
+    BlockHeader,
+    QuorumCert,
+    genesis_header,
+    make_bitmap,
+    result_leaf_hashes,
+    vote_message,
+)
 from rayledger.chain import LedgerBuilder, batch_digest
 from rayledger.config import Validator, ValidatorSet
 from rayledger.crypto import key_from_seed, public_bytes
@@ -474,3 +482,48 @@ def test_frames_of_a_shard_from_before_checksums_still_read(tmp_path: Path, chai
     with pytest.raises(StoreError, match="rows of block 2 .* damaged"):
         again.get_tx(t)
     again.close()
+
+
+def test_result_leaves_from_the_validator_are_stored_as_given(
+    tmp_path: Path,
+    chain,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    genesis, blocks, _ = chain
+    leaves = [
+        result_leaf_hashes(tx_ids_of(b.rows), b.rows.select(["status", "result"])) for b in blocks
+    ]
+    carried = [dataclasses.replace(b, result_leaves=x) for b, x in zip(blocks, leaves, strict=True)]
+    # A block carrying its leaf hashes is not hashed again here
+    monkeypatch.setattr(partition, "result_leaf_hashes", None)
+    shards = open_shards(tmp_path, genesis)
+    for s in shards:
+        assert s.apply(carried) == 5
+    for tx_id in all_ids(blocks):
+        verify_receipt(receipt_from(shards, tx_id), VS, CHAIN, genesis.hash)
+    for s in shards:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    "leaves",
+    [
+        np.zeros((3, 32), np.uint8),  # rows missing
+        np.zeros((25, 31), np.uint8),  # not 32 bytes each
+        np.zeros((25, 32), np.uint16),  # not bytes
+        [bytes(32)] * 25,  # not an array
+    ],
+)
+def test_result_leaves_of_the_wrong_shape_are_refused_and_change_nothing(
+    tmp_path: Path,
+    chain,
+    leaves: object,  # noqa: ANN001
+) -> None:
+    genesis, blocks, _ = chain
+    assert blocks[0].header.tx_count == 25
+    shard = ShardStore(tmp_path / "s", 0, SHARDS, genesis)
+    with pytest.raises(InvalidBlock, match="result leaf hashes"):
+        shard.apply([dataclasses.replace(blocks[0], result_leaves=leaves)])
+    assert shard.height == 0
+    assert shard.apply(blocks) == 5
+    shard.close()
