@@ -318,6 +318,9 @@ class E2EResult:
     p95_ms: float
     p99_ms: float
     busy_answers: int
+    # The mean of the rates measured just before and just after the run: the machine's own
+    # speed drifts (by a third within minutes on the 2-core machine), and the efficiency is
+    # a ratio to it
     one_core_verify_per_s: float
     one_core_openssl_per_s: float
     cores: int
@@ -338,9 +341,16 @@ class E2EResult:
     # Blocks validator 0 committed in the load window, and their mean size (idle blocks too)
     blocks_per_s: float = 0.0
     txs_per_block: float = 0.0
+    # The cpu backend's one-core rate before and after the run
+    one_core_verify_before_after: tuple[float, float] = (0.0, 0.0)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        def rounded(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return [rounded(x) for x in v]
+            return round(v, 3) if isinstance(v, float) else v
+
+        return {k: rounded(v) for k, v in self.__dict__.items()}
 
 
 def _skip_curve_math() -> None:
@@ -550,6 +560,11 @@ def bench_e2e(
         finally:
             ray.shutdown()
     tps = committed / duration_s
+    # The machine's speed again, quiet as before the run (Ray is down): the ratios use both
+    after, after_openssl = _one_core_verify_rates()
+    before = one_core
+    one_core, one_core_openssl = (before + after) / 2, (one_core_openssl + after_openssl) / 2
+    raw_limit = one_core * cores / per_tx
     return E2EResult(
         validators=validators,
         duration_s=duration_s,
@@ -573,6 +588,7 @@ def bench_e2e(
         signatures_checked=not ceiling,
         blocks_per_s=len(window_blocks) / duration_s,
         txs_per_block=sum(window_blocks) / len(window_blocks) if window_blocks else 0.0,
+        one_core_verify_before_after=(before, after),
         # Nothing committed in the window: no per-transaction figure to give
         cpu_us_per_tx={
             role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end

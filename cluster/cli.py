@@ -472,6 +472,7 @@ def bench_e2e_cmd(
     if ceiling:
         title += " CEILING RUN: signature curve math skipped"
     table = Table("figure", "value", title=title)
+    before, after = r.one_core_verify_before_after
     if r.offered_tps is not None:
         table.add_row("offered TPS (open loop)", f"{r.offered_tps:,.0f}")
     table.add_row("committed TPS", f"{r.committed_tps:,.0f}")
@@ -482,7 +483,8 @@ def bench_e2e_cmd(
         "raw limit",
         f"{r.raw_limit_tps:,.0f} tx/s = {r.one_core_verify_per_s:,.0f} "
         f"verifications/s/core x {r.cores} cores / {r.verifications_per_tx} per tx "
-        f"(OpenSSL alone: {r.one_core_openssl_per_s:,.0f}/s/core)",
+        f"(one core: {before:,.0f} before the run, {after:,.0f} after; "
+        f"OpenSSL alone: {r.one_core_openssl_per_s:,.0f}/s/core)",
     )
     if r.signatures_checked:
         table.add_row(

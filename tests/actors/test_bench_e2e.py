@@ -24,6 +24,10 @@ def test_bench_e2e_reports_measured_figures() -> None:
     assert r["committed"] > 0 and r["committed"] <= r["submitted"]
     assert r["verifications_per_tx"] == 4
     assert abs(r["raw_limit_tps"] - r["one_core_verify_per_s"] * r["cores"] / 4) < 1
+    before, after = r["one_core_verify_before_after"]
+    assert before > 0 and after > 0
+    assert r["one_core_verify_per_s"] == pytest.approx((before + after) / 2, rel=1e-3)
+    assert r["efficiency"] == pytest.approx(r["committed_tps"] / r["raw_limit_tps"], rel=1e-2)
     assert r["one_core_openssl_per_s"] > 0
     assert r["efficiency_openssl"] == pytest.approx(
         r["committed_tps"] / (r["one_core_openssl_per_s"] * r["cores"] / 4), rel=1e-2, abs=1e-3
