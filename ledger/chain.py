@@ -99,18 +99,8 @@ class LedgerBuilder:
         timestamp_ms: int,
         digests: tuple[bytes, ...],
     ) -> BlockHeader:
-        return self._execute(parent, round_, proposer, timestamp_ms, digests)[0]
-
-    def _execute(
-        self,
-        parent: BlockHeader,
-        round_: int,
-        proposer: bytes,
-        timestamp_ms: int,
-        digests: tuple[bytes, ...],
-    ) -> tuple[BlockHeader, bool]:
-        """Execute a child of ``parent`` and remember it; the bool says it was not known
-        already (a known one keeps its first execution: blocks built on it point to it)."""
+        """Execute a child of ``parent`` and remember it (a header known already keeps its
+        first execution: blocks built on it point to that one)."""
         parent_view = self._views.get(parent.hash)
         if parent_view is None:
             raise KeyError("the parent block has not been executed here")
@@ -132,11 +122,11 @@ class LedgerBuilder:
             result_leaves=leaves,
         )
         if header.hash in self._headers:
-            return header, False
+            return header
         self._views[header.hash] = view
         self._bodies[header.hash] = (txs, results, leaves)
         self._headers[header.hash] = header
-        return header, True
+        return header
 
     def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
         if parent.hash not in self._views:
@@ -148,12 +138,13 @@ class LedgerBuilder:
             # proposal, a proposal delivered twice): the hash covers every field, so the
             # execution stands and is not repeated
             return None
-        expected, fresh = self._execute(
+        known = len(self._headers)
+        expected = self.build(
             parent, block.round, block.proposer, block.timestamp_ms, block.batch_digests
         )
         if expected == block:
             return None
-        if fresh:
+        if len(self._headers) > known:
             # Forget only this refused check's own execution: the header it yields may be one
             # built or accepted here before, under another proposal that differs in a root
             self._forget(expected.hash)
