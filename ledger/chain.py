@@ -133,7 +133,7 @@ class LedgerBuilder:
             return "parent state unknown"
         if any(d not in self.batches for d in block.batch_digests):
             return "a named batch is not held"
-        if block.hash in self._headers:
+        if block.hash in self._headers and block.parent_hash == parent.hash:
             # This builder executed exactly this header already (a leader checking its own
             # proposal, a proposal delivered twice): the hash covers every field, so the
             # execution stands and is not repeated

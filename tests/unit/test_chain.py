@@ -73,6 +73,7 @@ def test_a_header_built_here_is_not_executed_again(monkeypatch: pytest.MonkeyPat
     leader = fresh(batches, genesis)
     header = leader.build(genesis, 1, PROPOSER, 2, tuple(digests))
     forged = dataclasses.replace(header, state_root=b"\x00" * 32)
+    other = leader.build(genesis, 7, PROPOSER, 5, ())
     runs = []
     real = chain.execute_block
 
@@ -90,6 +91,10 @@ def test_a_header_built_here_is_not_executed_again(monkeypatch: pytest.MonkeyPat
     # and the refused one is not remembered as built
     assert leader.check(forged, genesis) == "state_root differs from this validator's execution"
     assert runs == [1, 1]
+    # Known, but checked as the child of another block: executed, and refused
+    refused = leader.check(header, other)
+    assert refused is not None and refused.endswith("differs from this validator's execution")
+    assert runs == [1, 1, 1]
     block = leader.commit(header.hash, QuorumCert.genesis(genesis.hash))
     check_block(block, genesis)
 
