@@ -698,15 +698,18 @@ class Validator:
         proof = (action.certifying_qcs[-1], action.child, action.commit_qc)
         encoded_proof = u64(top) + b"".join(var_bytes(x.encode()) for x in proof)
         for p, qc in zip(proposals, action.certifying_qcs, strict=True):
-            if self.shards:
-                writes = self.builder.writes_of(p.block.hash)
-                leaves = self.builder.result_leaves_of(p.block.hash)
+            # What the shards need of the block is read before the commit folds it away
+            for_shards = (
+                (self.builder.writes_of(p.block.hash), self.builder.result_leaves_of(p.block.hash))
+                if self.shards
+                else None
+            )
             block = self.builder.commit(p.block.hash, p.qc)
             self.store.append(
                 block, verify=False, commit_proof=encoded_proof if block.height == top else None
             )
-            if self.shards:
-                shard_blocks.append((block, qc, writes, leaves))
+            if for_shards is not None:
+                shard_blocks.append((block, qc, *for_shards))
             self.commit_times[block.height] = time.time()
             ids = tx_ids_of(block.txs)
             self.commit_ids[block.height] = ids

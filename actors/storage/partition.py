@@ -308,7 +308,7 @@ class ShardStore:
                 leaves = result_leaf_hashes(ids, rows.select(["status", "result"]))
             cur.execute(
                 "INSERT INTO leaves (height, tx_ids, results) VALUES (?, ?, ?)",
-                (h, ids.tobytes(), np.ascontiguousarray(leaves).tobytes()),
+                (h, ids.tobytes(), leaves.tobytes()),
             )
         mine, part = self._mine(rows, lambda: shard_of_tx_ids(ids, self.shards))
         if len(mine):
