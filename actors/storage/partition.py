@@ -28,11 +28,12 @@ with it, so a frame damaged on disk reads as ``StoreError``, never as other rows
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from rayledger.actors.storage.buffer import (
+    INDEX_BATCH_ROWS,
+    BlockPart,
+    IndexBuffer,
+    StateEntry,
+    TxEntry,
+)
 from rayledger.block import BLOCK_ROW_SCHEMA, BlockHeader, QuorumCert, result_leaf_hashes
 from rayledger.errors import InvalidBlock, NotFound, StoreCorruption, StoreError
-from rayledger.execution import Status
 from rayledger.kernels import sha256_batch
 from rayledger.merkle import (
     inclusion_proof_from_levels,
@@ -51,8 +58,6 @@ from rayledger.merkle import (
 )
 from rayledger.receipt import CommitProof, Receipt
 from rayledger.tx import Transaction, tx_ids_of
-
-_BAD_NONCE = int(Status.BAD_NONCE)
 
 WRITES_SCHEMA = pa.schema(
     [pa.field("key", pa.binary(), nullable=False), pa.field("value", pa.binary(), nullable=False)]
@@ -159,8 +164,12 @@ class ShardStore:
         shards: int,
         genesis: BlockHeader,
         genesis_state: dict[bytes, bytes] | None = None,
+        *,
+        index_batch_rows: int = INDEX_BATCH_ROWS,
     ) -> None:
-        """``genesis_state`` (the genesis accounts' entries) seeds a new shard's partition."""
+        """``genesis_state`` (the genesis accounts' entries) seeds a new shard's partition.
+        ``index_batch_rows``: rows of the transaction index and state gathered in memory (and
+        in the ``pending`` table) before they are written to their B-trees (see ``buffer.py``)."""
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} of {shards}")
         self.shard, self.shards = shard, shards
@@ -182,6 +191,16 @@ class ShardStore:
         self._db.execute(f"PRAGMA wal_autocheckpoint={SHARD_CHECKPOINT_PAGES}")
         self._db.executescript(_SCHEMA_SQL)
         self._check_meta()
+        self._buffer = IndexBuffer(index_batch_rows)
+        try:
+            self._buffer.load(self._db)
+        except (ValueError, pa.ArrowException) as exc:
+            self._db.close()
+            raise StoreCorruption(
+                f"shard {shard}: the pending index rows are damaged ({exc})",
+                height=None,
+                path=str(self.path),
+            ) from None
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(frames)")}
         if "crc" not in columns:  # a shard written before frames carried checksums
             self._db.execute("ALTER TABLE frames ADD COLUMN crc INTEGER")
@@ -274,19 +293,35 @@ class ShardStore:
             height, head = h, block.header.hash
         if not todo:
             return self._height
+        with self._transaction() as cur:
+            for block in todo:
+                self._apply_one(cur, block)
+            self._buffer.drain_step(cur)
+        self._height, self._head_hash = height, head
+        return self._height
+
+    def flush(self) -> None:
+        """Write everything the index buffer holds to the B-trees now (a clean shutdown)."""
+        while self._buffer.rows:
+            with self._transaction() as cur:
+                self._buffer.drain_step(cur, everything=True)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """One SQLite write transaction, with the index buffer's changes kept only if it
+        commits (and the rows file's end put back if it does not)."""
         seg_end = self._seg_end
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
+        self._buffer.begin()
         try:
-            for block in todo:
-                self._apply_one(cur, block)
+            yield cur
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             self._seg_end = seg_end  # frames of the rolled-back blocks are overwritten next
             raise
-        self._height, self._head_hash = height, head
-        return self._height
+        self._buffer.committed()
 
     def _apply_one(self, cur: sqlite3.Cursor, block: CommittedBlock) -> None:
         h = block.header.height
@@ -317,37 +352,13 @@ class ShardStore:
                 "INSERT INTO frames (height, offset, length, crc) VALUES (?, ?, ?, ?)",
                 (h, offset, length, crc),
             )
-            statuses = part.column("status").to_numpy(zero_copy_only=False).tolist()
-            raw = ids.tobytes()
-            # A replayed id (BAD_NONCE copy) never displaces the row that consumed the
-            # nonce, which is the one its receipt is about (as in the block store).
-            cur.executemany(
-                "INSERT INTO txs (tx_id, height, idx, pos, status) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, "
-                "idx = excluded.idx, pos = excluded.pos, status = excluded.status "
-                "WHERE excluded.status != ?",
-                (
-                    (raw[i * 32 : i * 32 + 32], h, i, pos, status, _BAD_NONCE)
-                    for pos, (i, status) in enumerate(zip(mine.tolist(), statuses, strict=True))
-                ),
-            )
         writes = block.writes
         if writes.num_rows:
-            sel, part = self._mine(writes, lambda: shard_of_keys(writes.column("key"), self.shards))
-            if len(sel):
-                cur.executemany(
-                    "INSERT INTO state (key, value, height) VALUES (?, ?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                    "height = excluded.height",
-                    (
-                        (k, v, h)
-                        for k, v in zip(
-                            part.column("key").to_pylist(),
-                            part.column("value").to_pylist(),
-                            strict=True,
-                        )
-                    ),
-                )
+            writes = self._mine(writes, lambda: shard_of_keys(writes.column("key"), self.shards))[1]
+        statuses = part.column("status").to_numpy(zero_copy_only=False)
+        self._buffer.stage(
+            cur, BlockPart(h, ids if self.shards == 1 else ids[mine], mine, statuses, writes)
+        )
 
     def _mine(
         self, batch: pa.RecordBatch, owners: Callable[[], np.ndarray]
@@ -418,20 +429,17 @@ class ShardStore:
             if (owners != self.shard).any():
                 t = ids[int(np.argmax(owners != self.shard))]
                 raise ValueError(f"transaction {t.hex()[:16]}… is not in shard {self.shard}")
-        found = self._select_in("SELECT tx_id, height FROM txs WHERE tx_id IN ({})", ids)
-        return [None if (h := found.get(t)) is None else int(h) for t in ids]
+        return [None if e is None else e[0] for e in self._find_txs(ids)]
 
     def get_tx(self, tx_id: bytes) -> dict[str, Any]:
         """The committed row of one transaction; ``NotFound`` if it is not committed."""
         self._check_tx_id(tx_id)
-        row = self._db.execute(
-            "SELECT height, idx, pos FROM txs WHERE tx_id = ?", (tx_id,)
-        ).fetchone()
-        if row is None:
+        entry = self._find_txs([tx_id])[0]
+        if entry is None:
             raise NotFound(
                 f"transaction {tx_id.hex()[:16]}… is not committed (as of height {self._height})"
             )
-        height, idx, pos = (int(x) for x in row)
+        height, idx, pos, _ = entry
         found = self._frame(height).slice(pos, 1).to_pylist()[0]
         if found["tx_id"] != tx_id:
             raise StoreError(f"shard {self.shard}: block {height} row {pos} is another transaction")
@@ -442,8 +450,7 @@ class ShardStore:
         """(value, height that wrote it) of a state key, or ``None`` if never written."""
         if not self.owns_key(key):
             raise ValueError(f"state key {key.hex()[:16]}… is not in shard {self.shard}")
-        row = self._db.execute("SELECT value, height FROM state WHERE key = ?", (key,)).fetchone()
-        return None if row is None else (bytes(row[0]), int(row[1]))
+        return self._find_states([key])[0]
 
     def get_states(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The values of many state keys of this shard (``None`` where never written)."""
@@ -452,18 +459,33 @@ class ShardStore:
             if foreign.any():
                 k = keys[int(np.argmax(foreign))]
                 raise ValueError(f"state key {k.hex()[:16]}… is not in shard {self.shard}")
-        found = self._select_in("SELECT key, value FROM state WHERE key IN ({})", keys)
-        return [None if (v := found.get(k)) is None else bytes(v) for k in keys]
+        return [None if e is None else e[0] for e in self._find_states(keys)]
 
-    def _select_in(self, sql: str, keys: Sequence[bytes]) -> dict[bytes, Any]:
-        """``key -> value`` of the rows a two-column ``... IN ({})`` query finds for ``keys``,
-        asked 500 keys at a time (SQLite's bound on parameters)."""
-        found: dict[bytes, Any] = {}
+    def _find_txs(self, ids: Sequence[bytes]) -> list[TxEntry | None]:
+        """(height, idx, pos, status) of each id, from the index buffer or SQLite."""
+
+        def fetch(ask: list[bytes]) -> dict[bytes, TxEntry]:
+            sql = "SELECT tx_id, height, idx, pos, status FROM txs WHERE tx_id IN ({})"
+            return {k: (int(h), int(i), int(p), int(st)) for k, h, i, p, st in self._in(sql, ask)}
+
+        return self._buffer.find_txs(ids, fetch)
+
+    def _find_states(self, keys: Sequence[bytes]) -> list[StateEntry | None]:
+        """(value, height that wrote it) of each key, from the index buffer or SQLite."""
+
+        def fetch(ask: list[bytes]) -> dict[bytes, StateEntry]:
+            sql = "SELECT key, value, height FROM state WHERE key IN ({})"
+            return {k: (bytes(v), int(h)) for k, v, h in self._in(sql, ask)}
+
+        return self._buffer.find_states(keys, fetch)
+
+    def _in(self, sql: str, keys: list[bytes]) -> Iterator[tuple[Any, ...]]:
+        """The rows a ``... IN ({})`` query finds for ``keys`` (first column: the key, as
+        bytes), asked 500 keys at a time (SQLite's bound on parameters)."""
         for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            for key, value in self._db.execute(sql.format(",".join("?" * len(chunk))), chunk):
-                found[bytes(key)] = value
-        return found
+            chunk = keys[start : start + 500]
+            for row in self._db.execute(sql.format(",".join("?" * len(chunk))), chunk):
+                yield (bytes(row[0]), *row[1:])
 
     def header(self, height: int) -> BlockHeader:
         row = self._db.execute("SELECT header FROM headers WHERE height = ?", (height,)).fetchone()

@@ -112,12 +112,20 @@ def open_shards(root: Path, genesis: BlockHeader) -> list[ShardStore]:
     return [ShardStore(root / f"s{k}", k, SHARDS, genesis, seed) for k in range(SHARDS)]
 
 
-@pytest.fixture()
-def applied(tmp_path: Path, chain):  # noqa: ANN001, ANN201
+@pytest.fixture(params=["buffered", "written"])
+def applied(request: pytest.FixtureRequest, tmp_path: Path, chain):  # noqa: ANN001, ANN201
+    """The chain applied to every shard; its index and state still in the index buffer
+    ("buffered") or written to the B-trees ("written")."""
     genesis, blocks, _ = chain
     shards = open_shards(tmp_path, genesis)
     for s in shards:
         assert s.apply(blocks) == 5
+        if request.param == "written":
+            s.flush()
+            assert s._db.execute("SELECT count(*) FROM pending").fetchone()[0] == 0
+            assert s._buffer.rows == 0
+        else:
+            assert s._db.execute("SELECT count(*) FROM txs").fetchone()[0] == 0
     yield shards
     for s in shards:
         s.close()

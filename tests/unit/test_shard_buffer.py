@@ -1,0 +1,222 @@
+"""The storage shard's index buffer (``actors/storage/buffer.py``): whatever the drain schedule,
+restarts and failed transactions in between, a shard reads exactly as one whose index and state
+went straight to SQLite; the replay rule of the transaction index holds across generations."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rayledger.actors.storage import ShardStore, buffer, partition
+from rayledger.actors.storage.buffer import BAD_NONCE, BlockPart, IndexBuffer
+from rayledger.errors import NotFound, StoreCorruption
+from rayledger.execution import Status, genesis_state
+from tests.unit.test_shard import ACCOUNTS, SHARDS, all_ids, build_chain
+
+GENESIS, BLOCKS, BUILDER = build_chain()
+SEED = genesis_state(ACCOUNTS)[0].writes
+KEYS = sorted(set(SEED) | {k for b in BLOCKS for k in b.writes.column("key").to_pylist()})
+IDS = all_ids(BLOCKS)
+
+
+def view(shard: ShardStore) -> tuple[list, list, list]:
+    """Everything a reader can ask a shard about its transactions and state."""
+    mine_ids = [t for t in IDS if shard.owns_tx(t)]
+    mine_keys = [k for k in KEYS if shard.owns_key(k)]
+    txs = []
+    for t in mine_ids:
+        try:
+            row = shard.get_tx(t)
+            txs.append((row["height"], row["index"], row["status"], row["tx_id"]))
+        except NotFound:
+            txs.append(None)
+    return (
+        txs + [shard.locate(mine_ids)],
+        [shard.get_state(k) for k in mine_keys],
+        shard.get_states(mine_keys),
+    )
+
+
+_REFERENCE: dict[tuple[int, int, int], tuple[list, list, list]] = {}
+
+
+def reference(shard: int, shards: int, height: int) -> tuple[list, list, list]:
+    """The view of a shard applied to ``height`` with everything written to SQLite."""
+    key = (shard, shards, height)
+    if key not in _REFERENCE:
+        with tempfile.TemporaryDirectory() as tmp:
+            ref = ShardStore(Path(tmp), shard, shards, GENESIS, SEED)
+            ref.apply(BLOCKS[:height])
+            ref.flush()
+            assert ref._buffer.rows == 0
+            _REFERENCE[key] = view(ref)
+            ref.close()
+    return _REFERENCE[key]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    placement=st.sampled_from([(0, 1), (0, SHARDS), (1, SHARDS), (2, SHARDS)]),
+    batch_rows=st.sampled_from([0, 1, 7, 30, 1_000]),
+    steps=st.integers(1, 4),
+    cuts=st.sets(st.integers(1, len(BLOCKS) - 1)),
+    reopen=st.lists(st.booleans(), min_size=len(BLOCKS), max_size=len(BLOCKS)),
+)
+def test_any_drain_schedule_reads_like_a_shard_written_straight_to_sqlite(
+    placement: tuple[int, int],
+    batch_rows: int,
+    steps: int,
+    cuts: set[int],
+    reopen: list[bool],
+) -> None:
+    k, shards = placement
+    bounds = [0, *sorted(cuts), len(BLOCKS)]
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def open_shard() -> ShardStore:
+            s = ShardStore(Path(tmp), k, shards, GENESIS, SEED, index_batch_rows=batch_rows)
+            s._buffer.steps = steps
+            return s
+
+        shard = open_shard()
+        for n, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            assert shard.apply(BLOCKS[lo:hi]) == hi
+            assert view(shard) == reference(k, shards, hi)
+            if reopen[n]:  # a restart: what was not drained is replayed from ``pending``
+                shard.close()
+                shard = open_shard()
+                assert shard.height == hi
+                assert view(shard) == reference(k, shards, hi)
+        shard.flush()
+        assert shard._db.execute("SELECT count(*) FROM pending").fetchone()[0] == 0
+        assert view(shard) == reference(k, shards, len(BLOCKS))
+        shard.close()
+
+
+def test_a_failed_transaction_keeps_neither_its_blocks_nor_its_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at_3, at_end = reference(0, 1, 3), reference(0, 1, len(BLOCKS))  # before the patch
+    shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=0)
+    shard._buffer.steps = 2
+    shard.apply(BLOCKS[:2])
+    shard.apply(BLOCKS[2:3])  # freezes blocks 1-2 and drains half of them
+    assert shard._buffer.frozen is not None
+    before = view(shard), shard._buffer._done, shard._seg_end
+    pending = shard._db.execute("SELECT height FROM pending").fetchall()
+    real = IndexBuffer.drain_step
+
+    def failing(self: IndexBuffer, cur: sqlite3.Cursor, **kw: bool) -> None:
+        real(self, cur, **kw)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(IndexBuffer, "drain_step", failing)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        shard.apply(BLOCKS[3:])
+    assert shard.height == 3
+    assert (view(shard), shard._buffer._done, shard._seg_end) == before
+    assert shard._db.execute("SELECT height FROM pending").fetchall() == pending
+    with pytest.raises(sqlite3.OperationalError):
+        shard.flush()
+    assert view(shard) == at_3
+    monkeypatch.undo()
+    assert shard.apply(BLOCKS) == len(BLOCKS)
+    assert view(shard) == at_end
+    shard.flush()
+    assert view(shard) == at_end
+    shard.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("txs", b"\x00" * 36, "36 bytes"),  # not a whole number of entries
+        ("writes", b"not an arrow stream", "pending"),
+    ],
+)
+def test_damaged_pending_rows_refuse_to_open(
+    tmp_path: Path, column: str, value: bytes, reason: str
+) -> None:
+    shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED)
+    shard.apply(BLOCKS)
+    shard.close()
+    db = sqlite3.connect(tmp_path / "s" / "shard.sqlite")
+    with db:
+        db.execute(f"UPDATE pending SET {column} = ? WHERE height = 2", (value,))  # noqa: S608
+    db.close()
+    with pytest.raises(StoreCorruption, match=reason):
+        ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED)
+
+
+def test_the_buffer_refuses_a_schedule_that_never_drains() -> None:
+    with pytest.raises(ValueError, match="drained in 0 steps"):
+        IndexBuffer(10, 0)
+    with pytest.raises(ValueError, match="-1 rows"):
+        IndexBuffer(-1, 2)
+
+
+# ---- the replay rule across generations, against SQLite's own upsert -----------------------
+
+ID = bytes(range(32))
+OK, BAD, FAILED = int(Status.OK), BAD_NONCE, int(Status.INSUFFICIENT_FUNDS)
+
+
+def part(height: int, status: int) -> BlockPart:
+    writes = pa.RecordBatch.from_arrays(
+        [pa.array([b"k"], pa.binary()), pa.array([b"v%d" % height], pa.binary())],
+        schema=partition.WRITES_SCHEMA,
+    )
+    ids = np.frombuffer(ID, np.uint8).reshape(1, 32)
+    return BlockPart(height, ids, np.array([height % 3]), np.array([status]), writes)
+
+
+@pytest.mark.parametrize(
+    "statuses",
+    [
+        [OK, BAD, BAD],
+        [BAD, BAD, OK, BAD],  # a replay before the row that consumes the nonce
+        [BAD, OK, BAD, OK, BAD],
+        [FAILED, BAD, OK],
+        [BAD, BAD, BAD],
+    ],
+)
+@pytest.mark.parametrize(("batch_rows", "steps"), [(0, 1), (0, 2), (2, 1), (3, 2), (100, 1)])
+def test_replays_resolve_as_sqlites_upsert_would(
+    statuses: list[int], batch_rows: int, steps: int
+) -> None:
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.executescript(partition._SCHEMA_SQL)
+    buf = IndexBuffer(batch_rows, steps)
+    buf.load(db)
+    straight = sqlite3.connect(":memory:", isolation_level=None)
+    straight.executescript(partition._SCHEMA_SQL)
+
+    def fetch(ask: list[bytes]) -> dict:
+        rows = db.execute("SELECT tx_id, height, idx, pos, status FROM txs").fetchall()
+        return {bytes(r[0]): tuple(r[1:]) for r in rows if bytes(r[0]) in ask}
+
+    def states(ask: list[bytes]) -> dict:
+        rows = db.execute("SELECT key, value, height FROM state").fetchall()
+        return {bytes(r[0]): (bytes(r[1]), r[2]) for r in rows if bytes(r[0]) in ask}
+
+    for h, status in enumerate(statuses, start=1):
+        cur = db.cursor()
+        cur.execute("BEGIN")
+        buf.begin()
+        buf.stage(cur, part(h, status))
+        buf.drain_step(cur)
+        cur.execute("COMMIT")
+        buf.committed()
+        straight.execute(buffer.TX_UPSERT, (ID, h, h % 3, 0, status))
+        want = straight.execute("SELECT height, idx, pos, status FROM txs").fetchone()
+        assert buf.find_txs([ID], fetch) == [tuple(want)]
+        assert buf.find_states([b"k", b"other"], states) == [(b"v%d" % h, h), None]
