@@ -24,6 +24,11 @@ transaction with the applied height, after its frame is written, so a crash leav
 a block boundary; bytes after the last indexed frame are cut off on open, and a rows file
 shorter than its index refuses to open (``StoreCorruption``). Each frame's CRC-32 is indexed
 with it, so a frame damaged on disk reads as ``StoreError``, never as other rows.
+
+The transaction index and the state are keyed by hashes; a block's entries go first to the
+shard's index buffer (``buffer.py``: a ``pending`` row in the same SQLite transaction, and
+memory), which writes them to their B-trees in key order many blocks at a time. Reads look in
+the buffer first, so it changes what costs, never what is read.
 """
 
 from __future__ import annotations
