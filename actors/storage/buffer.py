@@ -197,7 +197,9 @@ class IndexBuffer:
             return
         txs, state = self._drain
         done_t, done_s = self._done
-        if everything:
+        # The active generation filled up before the frozen one was drained (large blocks, a
+        # shard catching up): the rest goes now, so that memory stays near ``batch_rows``
+        if everything or self.active.rows >= self.batch_rows:
             end_t, end_s = len(txs), len(state)
         else:
             end_t = min(len(txs), done_t + math.ceil(len(txs) / self.steps))

@@ -14,11 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rayledger.actors.storage import ShardStore, buffer, partition
+from rayledger.actors.storage import CommittedBlock, ShardStore, buffer, partition, writes_batch
 from rayledger.actors.storage.buffer import BAD_NONCE, BlockPart, IndexBuffer
+from rayledger.block import QuorumCert, genesis_header
+from rayledger.chain import LedgerBuilder, batch_digest
 from rayledger.errors import NotFound, StoreCorruption
 from rayledger.execution import Status, genesis_state
-from tests.unit.test_shard import ACCOUNTS, SHARDS, all_ids, build_chain
+from rayledger.tx import TxKind, make_batch, tx_ids_of
+from tests.unit.test_shard import ACCOUNTS, CHAIN, SHARDS, VS, A, all_ids, build_chain, qc_for
 
 GENESIS, BLOCKS, BUILDER = build_chain()
 SEED = genesis_state(ACCOUNTS)[0].writes
@@ -106,7 +109,7 @@ def test_a_failed_transaction_keeps_neither_its_blocks_nor_its_drain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     at_3, at_end = reference(0, 1, 3), reference(0, 1, len(BLOCKS))  # before the patch
-    shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=0)
+    shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=1)
     shard._buffer.steps = 2
     shard.apply(BLOCKS[:2])
     shard.apply(BLOCKS[2:3])  # freezes blocks 1-2 and drains half of them
@@ -133,6 +136,35 @@ def test_a_failed_transaction_keeps_neither_its_blocks_nor_its_drain(
     assert view(shard) == at_end
     shard.flush()
     assert view(shard) == at_end
+    shard.close()
+
+
+def test_memory_stays_near_the_batch_size_whatever_the_drain_steps(tmp_path: Path) -> None:
+    """Blocks come faster than a slow drain: the frozen generation is finished as soon as the
+    active one is full, so the buffer holds at most two generations of ``batch_rows`` and a
+    few applies' rows (without that it grew with every block)."""
+    base, root = genesis_state(ACCOUNTS)
+    genesis = genesis_header(CHAIN, 1, root)
+    batches = [
+        make_batch(
+            A, TxKind.ANCHOR, range(8 * i, 8 * i + 8), [bytes([i, j]) * 16 for j in range(8)], CHAIN
+        )
+        for i in range(60)
+    ]
+    builder = LedgerBuilder({batch_digest(b): b for b in batches}, genesis, base)
+    shard = ShardStore(tmp_path / "s", 0, 1, genesis, index_batch_rows=10)
+    shard._buffer.steps = 1_000  # far slower than the blocks come
+    parent, largest = genesis, 0
+    for r, batch in enumerate(batches, start=1):
+        h = builder.build(parent, r, VS.validators[0].public_key, r, (batch_digest(batch),))
+        writes = writes_batch(builder.writes_of(h.hash))
+        rows = builder.commit(h.hash, QuorumCert.genesis(genesis.hash)).rows()
+        shard.apply([CommittedBlock(h, qc_for(h), rows, writes)])
+        largest = max(largest, rows.num_rows + writes.num_rows)
+        assert shard._buffer.rows <= 2 * 10 + 4 * largest
+        parent = h
+    tx_ids = [bytes(t) for b in batches for t in tx_ids_of(b)]
+    assert shard.locate(tx_ids) == [1 + i // 8 for i in range(len(tx_ids))]
     shard.close()
 
 
