@@ -265,6 +265,11 @@ class ShardStore:
         """The last block applied here."""
         return self._height
 
+    @property
+    def buffered_rows(self) -> int:
+        """Index and state rows held in the index buffer, not yet in their B-trees."""
+        return self._buffer.rows
+
     # ---- writing -----------------------------------------------------------------------------
 
     def apply(self, blocks: Iterable[CommittedBlock]) -> int:

@@ -123,6 +123,7 @@ class StorageShard:
             "shards": self.shards,
             "height": self.store.height,
             "rejected": self.rejected,
+            "buffered_rows": self.store.buffered_rows,
             "set_aside": self.set_aside,
             "cpu_s": round(time.process_time(), 3),
         }

@@ -123,9 +123,10 @@ def applied(request: pytest.FixtureRequest, tmp_path: Path, chain):  # noqa: ANN
         if request.param == "written":
             s.flush()
             assert s._db.execute("SELECT count(*) FROM pending").fetchone()[0] == 0
-            assert s._buffer.rows == 0
+            assert s.buffered_rows == 0
         else:
             assert s._db.execute("SELECT count(*) FROM txs").fetchone()[0] == 0
+            assert s.buffered_rows > 0
     yield shards
     for s in shards:
         s.close()
