@@ -311,9 +311,11 @@ def child_header(
     state_root: bytes,
     batch_digests: Sequence[bytes],
     result_leaves: np.ndarray | None = None,
+    tx_root: bytes | None = None,
 ) -> BlockHeader:
     """The header of ``parent``'s child whose rows have these ids and execution results
-    (``result_leaves``: their ``result_leaf_hashes``, when the caller has them already)."""
+    (``result_leaves``: their ``result_leaf_hashes``, and ``tx_root``: the root of the ids,
+    when the caller has them already)."""
     if result_leaves is None:
         result_leaves = result_leaf_hashes(tx_ids, results)
     return BlockHeader(
@@ -324,7 +326,7 @@ def child_header(
         proposer=proposer,
         timestamp_ms=timestamp_ms,
         tx_count=len(tx_ids),
-        tx_root=compute_tx_root(tx_ids),
+        tx_root=compute_tx_root(tx_ids) if tx_root is None else tx_root,
         result_root=merkle_root_of_leaf_hashes(result_leaves),
         state_root=state_root,
         batch_digests=tuple(batch_digests),

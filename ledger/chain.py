@@ -66,8 +66,9 @@ def admit_batch(
 class LedgerBuilder:
     """Builds and checks blocks by executing them; one per validator.
 
-    ``batches`` maps digest -> canonical TxBatch (rows already admitted: schema, limits and
-    signatures checked). ``base`` is the committed state at ``head``.
+    ``batches`` maps digest -> canonical TxBatch (rows already admitted: schema, limits,
+    signatures, and the digest, which is ``batch_digest`` of the batch). ``base`` is the
+    committed state at ``head``.
     """
 
     def __init__(
@@ -120,6 +121,9 @@ class LedgerBuilder:
             state_root=state_root,
             batch_digests=digests,
             result_leaves=leaves,
+            # A batch's digest is the root of its ids (checked when it was admitted), so a
+            # block of one batch has it for its tx root: not hashed again
+            tx_root=digests[0] if len(digests) == 1 else None,
         )
         if header.hash in self._headers:
             return header

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from rayledger import block as block_module
 from rayledger import chain
 from rayledger.block import QuorumCert, check_block, genesis_header, result_leaf_hashes
 from rayledger.chain import LedgerBuilder, batch_digest
@@ -123,6 +124,27 @@ def test_result_leaves_of_a_built_block_are_those_of_its_result_root() -> None:
     assert leaves.shape == (8, 32)
     assert np.array_equal(leaves, result_leaf_hashes(tx_ids_of(block.txs), block.results))
     assert merkle_root_of_leaf_hashes(leaves) == header.result_root
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (0, 1), ()])
+def test_the_tx_root_is_the_root_of_the_ids_and_one_batch_is_not_hashed_again(
+    which: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches, genesis, digests = setup()
+    named = tuple(digests[i] for i in which)
+    ids = [tx_ids_of(batches[d]) for d in named]
+    expected = merkle_root(np.concatenate(ids) if ids else np.empty((0, 32), np.uint8))
+    hashed: list[int] = []
+
+    def counting(ids: np.ndarray) -> bytes:
+        hashed.append(len(ids))
+        return block_module.kernel_merkle_root(np.asarray(ids, np.uint8).reshape(-1, 32))
+
+    monkeypatch.setattr(block_module, "compute_tx_root", counting)
+    header = fresh(batches, genesis).build(genesis, 1, PROPOSER, 2, named)
+    assert header.tx_root == expected
+    # A block of exactly one batch takes its digest (the root of its ids) as its tx root
+    assert hashed == ([] if len(named) == 1 else [header.tx_count])
 
 
 def test_check_refuses_unknown_parent_and_missing_batch() -> None:
