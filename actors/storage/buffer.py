@@ -240,7 +240,7 @@ class IndexBuffer:
         out: list[TxEntry | None] = []
         ask: list[bytes] = []
         for t in ids:
-            # Newest first: the first entry that consumed the nonce is the answer
+            # Newest first: the latest entry that is not a replayed copy is the answer
             hit = next((e for g in gens if (e := g.txs.get(t)) and e[4] != BAD_NONCE), None)
             out.append(None if hit is None else hit[1:])
             if hit is None:
