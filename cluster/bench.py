@@ -32,6 +32,7 @@ from rayledger.kernels import ed25519_verify_batch
 from rayledger.kernels.bench import best_seconds
 from rayledger.merkle import merkle_root
 from rayledger.tx import (
+    TxKind,
     canonical_buffer,
     compute_tx_ids,
     make_batch,
@@ -276,6 +277,77 @@ def bench_consensus(rounds_small: int = 400, rounds_large: int = 40) -> list[Fig
     return figures
 
 
+def bench_shard(
+    transactions: int = 500_000, block_rows: int = 500, window: int = 100_000
+) -> list[Figure]:
+    """CPU per transaction of one storage shard applying committed blocks of anchors, in
+    windows of ``window`` transactions as its index grows: its tx index and state written
+    through the index buffer, against the same blocks written row by row as they come (each
+    block's rows upserted in the next apply), measured in the same run."""
+    from rayledger.actors.storage import CommittedBlock, ShardStore, writes_batch
+    from rayledger.chain import LedgerBuilder, batch_digest
+    from rayledger.execution import genesis_state
+
+    base, root = genesis_state([])
+    genesis = genesis_header(_CHAIN, 1, root)
+    keys = [key_from_seed(bytes([i + 1]) * 32) for i in range(8)]
+    batches: dict[bytes, pa.RecordBatch] = {}
+    builder = LedgerBuilder(batches, genesis, base)
+    blocks: list[CommittedBlock] = []
+    parent = genesis
+    for h in range(1, -(-transactions // block_rows) + 1):
+        n = min(block_rows, transactions - (h - 1) * block_rows)
+        first = (h - 1) // len(keys) * block_rows
+        batch = make_batch(
+            keys[h % len(keys)],
+            TxKind.ANCHOR,
+            range(first, first + n),
+            [hashlib.sha256(b"%d/%d" % (h, i)).digest() for i in range(n)],
+            _CHAIN,
+        )
+        digest = batch_digest(batch)
+        batches[digest] = batch
+        header = builder.build(parent, h, public_bytes(keys[0]), h, (digest,))
+        writes = writes_batch(builder.writes_of(header.hash))
+        leaves = builder.result_leaves_of(header.hash)
+        rows = builder.commit(header.hash, QuorumCert.genesis(genesis.hash)).rows()
+        del batches[digest]
+        qc = QuorumCert(header.hash, h, b"\x0f", (bytes(64),) * 3)
+        blocks.append(CommittedBlock(header, qc, rows, writes, None, leaves))
+        parent = header
+
+    def windows(**options: int) -> list[tuple[int, int, float]]:
+        out: list[tuple[int, int, float]] = []
+        with tempfile.TemporaryDirectory(prefix="rayledger-bench-shard-") as tmp:
+            shard = ShardStore(Path(tmp), 0, 1, genesis, **options)
+            done, start, t0 = 0, 0, time.process_time()
+            for i, block in enumerate(blocks):
+                shard.apply([block])
+                done += block.rows.num_rows
+                last = i == len(blocks) - 1
+                if last:  # what the buffer still holds is written too, and counted
+                    shard.flush()
+                if done - start >= window or last:
+                    out.append((start, done, time.process_time() - t0))
+                    start, t0 = done, time.process_time()
+            shard.close()
+        return out
+
+    buffered = windows()
+    direct = windows(index_batch_rows=0, index_drain_steps=1)
+    return [
+        Figure(
+            f"shard apply, transactions {a:,}-{b:,}",
+            b - a,
+            seconds,
+            unit="transactions",
+            baseline="row by row",
+            baseline_rate=(b - a) / slow,
+        )
+        for (a, b, seconds), (_, _, slow) in zip(buffered, direct, strict=True)
+    ]
+
+
 def _one_core_verify_rates(samples: int = 3_000) -> tuple[float, float]:
     """Signatures over 32-byte digests verified per second on one core: by the cpu backend
     the network uses (chunks below its threading threshold, so one thread), and by
@@ -426,7 +498,6 @@ def bench_e2e(
 
     from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
     from rayledger.cluster.network import load_network
-    from rayledger.tx import TxKind
 
     spec = load_network(config)
     if validators != len(spec.validators):

@@ -371,6 +371,18 @@ def _print_figures(title: str, figures: list[Figure]) -> None:
     print(json.dumps({"bench": title, "figures": [f.as_dict() for f in figures]}))
 
 
+@bench_app.command("shard")
+def bench_shard_cmd(
+    transactions: Annotated[int, typer.Option(min=100)] = 500_000,
+    block_rows: Annotated[int, typer.Option(min=1)] = 500,
+    window: Annotated[int, typer.Option(min=1, help="transactions per figure")] = 100_000,
+) -> None:
+    """CPU per transaction of one storage shard as its index grows (buffered vs row by row)."""
+    from rayledger.cluster.bench import bench_shard
+
+    _print_figures("rayledger bench shard", bench_shard(transactions, block_rows, window))
+
+
 @bench_app.command("consensus")
 def bench_consensus_cmd(
     rounds_small: Annotated[int, typer.Option(min=10, help="rounds for n=4")] = 400,

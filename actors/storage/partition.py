@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayledger.actors.storage.buffer import (
+    DRAIN_STEPS,
     INDEX_BATCH_ROWS,
     BlockPart,
     IndexBuffer,
@@ -171,10 +172,12 @@ class ShardStore:
         genesis_state: dict[bytes, bytes] | None = None,
         *,
         index_batch_rows: int = INDEX_BATCH_ROWS,
+        index_drain_steps: int = DRAIN_STEPS,
     ) -> None:
         """``genesis_state`` (the genesis accounts' entries) seeds a new shard's partition.
         ``index_batch_rows``: rows of the transaction index and state gathered in memory (and
-        in the ``pending`` table) before they are written to their B-trees (see ``buffer.py``)."""
+        in the ``pending`` table) before they are written to their B-trees, over
+        ``index_drain_steps`` applies (see ``buffer.py``)."""
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} of {shards}")
         self.shard, self.shards = shard, shards
@@ -196,7 +199,7 @@ class ShardStore:
         self._db.execute(f"PRAGMA wal_autocheckpoint={SHARD_CHECKPOINT_PAGES}")
         self._db.executescript(_SCHEMA_SQL)
         self._check_meta()
-        self._buffer = IndexBuffer(index_batch_rows)
+        self._buffer = IndexBuffer(index_batch_rows, index_drain_steps)
         try:
             self._buffer.load(self._db)
         except (ValueError, pa.ArrowException) as exc:

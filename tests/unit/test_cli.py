@@ -174,6 +174,22 @@ def test_core_imports_nothing_of_the_outer_layers() -> None:
         assert not ours and not _matches(name, OUTER), f"{path.relative_to(ROOT)} imports {name}"
 
 
+def test_bench_shard_prints_a_figure_per_window() -> None:
+    result = runner.invoke(
+        app,
+        ["bench", "shard", "--transactions", "1000", "--block-rows", "100", "--window", "400"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    windows = [f["operation"] for f in report["figures"]]
+    assert windows == [
+        "shard apply, transactions 0-400",
+        "shard apply, transactions 400-800",
+        "shard apply, transactions 800-1,000",
+    ]
+    assert all(f["ratio"] > 0 and f["baseline"] == "row by row" for f in report["figures"])
+
+
 def test_bench_consensus_prints_figures() -> None:
     result = runner.invoke(
         app, ["bench", "consensus", "--rounds-small", "10", "--rounds-large", "5"]
