@@ -86,9 +86,8 @@ def test_any_drain_schedule_reads_like_a_shard_written_straight_to_sqlite(
     with tempfile.TemporaryDirectory() as tmp:
 
         def open_shard() -> ShardStore:
-            s = ShardStore(Path(tmp), k, shards, GENESIS, SEED, index_batch_rows=batch_rows)
-            s._buffer.steps = steps
-            return s
+            options = {"index_batch_rows": batch_rows, "index_drain_steps": steps}
+            return ShardStore(Path(tmp), k, shards, GENESIS, SEED, **options)
 
         shard = open_shard()
         for n, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
@@ -109,8 +108,7 @@ def test_a_failed_transaction_keeps_neither_its_blocks_nor_its_drain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     at_3, at_end = reference(0, 1, 3), reference(0, 1, len(BLOCKS))  # before the patch
-    shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=1)
-    shard._buffer.steps = 2
+    shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=1, index_drain_steps=2)
     shard.apply(BLOCKS[:2])
     shard.apply(BLOCKS[2:3])  # freezes blocks 1-2 and drains half of them
     assert shard._buffer.frozen is not None
@@ -152,8 +150,8 @@ def test_memory_stays_near_the_batch_size_whatever_the_drain_steps(tmp_path: Pat
         for i in range(60)
     ]
     builder = LedgerBuilder({batch_digest(b): b for b in batches}, genesis, base)
-    shard = ShardStore(tmp_path / "s", 0, 1, genesis, index_batch_rows=10)
-    shard._buffer.steps = 1_000  # far slower than the blocks come
+    # Drained far slower than the blocks come
+    shard = ShardStore(tmp_path / "s", 0, 1, genesis, index_batch_rows=10, index_drain_steps=1_000)
     parent, largest = genesis, 0
     for r, batch in enumerate(batches, start=1):
         h = builder.build(parent, r, VS.validators[0].public_key, r, (batch_digest(batch),))
