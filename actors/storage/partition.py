@@ -314,7 +314,8 @@ class ShardStore:
         return self._height
 
     def flush(self) -> None:
-        """Write everything the index buffer holds to the B-trees now (a clean shutdown)."""
+        """Write everything the index buffer holds to the B-trees now (nothing depends on it:
+        without it a restart replays ``pending``)."""
         while self._buffer.rows:
             with self._transaction() as cur:
                 self._buffer.drain_step(cur, everything=True)
