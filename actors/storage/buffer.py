@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayledger.execution import Status
+from rayledger.tx import batch_from_ipc, batch_to_ipc
 
 BAD_NONCE = int(Status.BAD_NONCE)
 
@@ -84,23 +85,20 @@ class BlockPart:
         packed[:, :32] = self.ids.reshape(n, 32)
         packed[:, 32:36] = np.asarray(self.idx, ">u4").view(np.uint8).reshape(n, 4)
         packed[:, 36] = np.asarray(self.status, np.uint8)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, self.writes.schema) as writer:
-            writer.write_batch(self.writes)
-        return packed.tobytes(), sink.getvalue().to_pybytes()
+        return packed.tobytes(), batch_to_ipc(self.writes)
 
     @classmethod
     def decode(cls, height: int, txs: bytes, writes: bytes) -> BlockPart:
+        """``ValueError`` or ``DecodeError`` for bytes ``encode`` did not write."""
         if len(txs) % _ENTRY:
             raise ValueError(f"pending index entries of block {height} are {len(txs)} bytes")
         packed = np.frombuffer(txs, np.uint8).reshape(-1, _ENTRY)
-        batch = pa.ipc.open_stream(pa.py_buffer(writes)).read_next_batch()
         return cls(
             height,
             packed[:, :32],
             np.ascontiguousarray(packed[:, 32:36]).view(">u4").ravel().astype(np.int64),
             packed[:, 36].astype(np.int64),
-            batch,
+            batch_from_ipc(writes),
         )
 
 

@@ -55,7 +55,7 @@ from rayledger.actors.storage.buffer import (
     TxEntry,
 )
 from rayledger.block import BLOCK_ROW_SCHEMA, BlockHeader, QuorumCert, result_leaf_hashes
-from rayledger.errors import InvalidBlock, NotFound, StoreCorruption, StoreError
+from rayledger.errors import DecodeError, InvalidBlock, NotFound, StoreCorruption, StoreError
 from rayledger.kernels import sha256_batch
 from rayledger.merkle import (
     inclusion_proof_from_levels,
@@ -202,7 +202,7 @@ class ShardStore:
         self._buffer = IndexBuffer(index_batch_rows, index_drain_steps)
         try:
             self._buffer.load(self._db)
-        except (ValueError, pa.ArrowException) as exc:
+        except (ValueError, DecodeError) as exc:
             self._db.close()
             raise StoreCorruption(
                 f"shard {shard}: the pending index rows are damaged ({exc})",
