@@ -100,9 +100,9 @@ COMMIT_TIMES_KEEP = 65_536
 COMMIT_IDS_KEEP_ROWS = 1_000_000
 # Pieces of evidence kept in memory (all are counted)
 EVIDENCE_KEEP = 1024
-# Digests of batches announced by other institutions' mempools, remembered until they commit
-# (at most this many) so that their commits are not reported to this institution's mempool
-FOREIGN_BATCHES_KEEP = 4096
+# Announced batches whose mempool is remembered until they commit (at most this many), so
+# that commits of other institutions' batches are not reported to this institution's mempool
+BATCH_ORIGINS_KEEP = 8192
 
 ACTOR_STRATEGIES = ("none", "silent", "invalid-signature", "double-voter", "equivocating-leader")
 
@@ -150,8 +150,9 @@ class Validator:
         # Per mempool: the next sealing sequence number to hold, and batches waiting for it
         self.origin_next: dict[int, int] = {}
         self.origin_waiting: dict[int, dict[int, tuple[bytes, pa.RecordBatch | None]]] = {}
-        # Batches other institutions' mempools announced, not committed yet (insertion order)
-        self.foreign_batches: dict[bytes, None] = {}
+        # Announced batches not committed yet: whether this institution's mempool announced
+        # it (True) or only other institutions' (False), in the order first announced
+        self.batch_is_ours: dict[bytes, bool] = {}
         # The latest evidence of misbehaviour (a Byzantine peer can produce it every round:
         # kept bounded), with counts of all of it by kind
         self.evidence: collections.deque[Evidence] = collections.deque(maxlen=EVIDENCE_KEEP)
@@ -522,28 +523,22 @@ class Validator:
         )
 
     def _note_origin(self, digest: bytes, mempool: Any) -> None:
-        """Remember whether a batch is another institution's (its commit is then not reported
-        to this institution's mempool, which has nothing to free for it). A batch this
-        institution's mempool announced too (the same rows sealed in two places) is ours."""
-        if mempool == self.index:
-            self.foreign_batches.pop(digest, None)
+        """Remember whether a batch is this institution's: the commit of one that only other
+        institutions' mempools announced is not reported to ours, which has nothing to free
+        for it. One our mempool announced stays ours whoever announces it too (the same rows
+        sealed in two places, or a peer copying them)."""
+        if self.batch_is_ours.get(digest):
             return
-        self.foreign_batches[digest] = None
-        if len(self.foreign_batches) > FOREIGN_BATCHES_KEEP:
-            # One never committed (refused, or lost): forgetting it only costs a report
-            del self.foreign_batches[next(iter(self.foreign_batches))]
+        self.batch_is_ours[digest] = mempool == self.index
+        if len(self.batch_is_ours) > BATCH_ORIGINS_KEEP:
+            # One never committed (refused, or lost): forgetting it costs at most a report
+            del self.batch_is_ours[next(iter(self.batch_is_ours))]
 
     def _mempool_news(self, digests: list[bytes]) -> list[bytes]:
         """Of batches just committed, those to report to this institution's mempool: all but
-        the ones known to be another institution's (an unknown one is reported: it may be
+        the ones known to be other institutions' only (an unknown one is reported: it may be
         ours, announced before this validator restarted)."""
-        ours = []
-        for d in digests:
-            if d in self.foreign_batches:
-                del self.foreign_batches[d]
-            else:
-                ours.append(d)
-        return ours
+        return [d for d in digests if self.batch_is_ours.pop(d, True)]
 
     def _in_order(
         self, origin: tuple[int, int] | None, digest: bytes, batch: pa.RecordBatch | None

@@ -33,7 +33,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.index = 2
     v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS)
     v.batches, v.rejected = {}, {}
-    v.origin_next, v.origin_waiting, v.foreign_batches = {}, {}, {}
+    v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
     v.verifier_actor = None
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
     held: list[bytes] = []
@@ -139,31 +139,39 @@ def test_our_mempool_announcing_without_the_tag_is_given_the_key_again() -> None
 
 def test_commits_are_reported_to_our_mempool_unless_the_batch_is_another_institutions() -> None:
     """Only batches this institution's mempool may have sealed are reported to it when they
-    commit: one announced by another institution's mempool is not (nothing to free there),
-    an unknown one is (it may be ours, announced before a restart), and a batch both ours
-    and another's (the same rows sealed in two mempools) is ours."""
+    commit: one announced by other institutions' mempools only is not (nothing to free
+    there), an unknown one is (it may be ours, announced before a restart), and one our
+    mempool announced is ours whoever announces it too, before or after."""
     v, _, _ = validator()
     good, _ = batches()
-    ours, theirs, both = good.slice(0, 2), good.slice(2, 2), good.slice(4, 2)
+    ours, theirs, both, ours_first = (good.slice(i, 1) for i in range(4))
     announce(v, ours, (2, 1), None)
     announce(v, theirs, (0, 1), None)
+    announce(v, theirs, (3, 1), None)
     announce(v, both, (1, 1), None)
     announce(v, both, (2, 2), None)
+    announce(v, ours_first, (2, 3), None)
+    announce(v, ours_first, (1, 2), None)
     unknown = b"\x07" * 32
-    committed = [digest_of(b) for b in (ours, theirs, both)] + [unknown]
-    assert v._mempool_news(committed) == [digest_of(ours), digest_of(both), unknown]
-    # The other institution's batch is forgotten once committed: a repeat is reported
-    assert v.foreign_batches == {}
+    committed = [digest_of(b) for b in (ours, theirs, both, ours_first)] + [unknown]
+    assert v._mempool_news(committed) == [
+        digest_of(ours),
+        digest_of(both),
+        digest_of(ours_first),
+        unknown,
+    ]
+    # Every batch is forgotten once committed: a repeat is reported
+    assert v.batch_is_ours == {}
     assert v._mempool_news([digest_of(theirs)]) == [digest_of(theirs)]
     assert v._mempool_news([]) == []
 
 
-def test_the_memory_of_other_institutions_batches_is_bounded(monkeypatch: Any) -> None:
-    monkeypatch.setattr(validator_module, "FOREIGN_BATCHES_KEEP", 3)
+def test_the_memory_of_batch_origins_is_bounded(monkeypatch: Any) -> None:
+    monkeypatch.setattr(validator_module, "BATCH_ORIGINS_KEEP", 3)
     v, _, _ = validator()
     digests = [bytes([i]) * 32 for i in range(5)]
     for d in digests:
         v._note_origin(d, 0)
     # The oldest two were never committed: forgotten, so their commit would be reported
-    assert list(v.foreign_batches) == digests[2:]
+    assert list(v.batch_is_ours) == digests[2:]
     assert v._mempool_news(digests) == digests[:2]
