@@ -377,7 +377,8 @@ def bench_shard_cmd(
     block_rows: Annotated[int, typer.Option(min=1)] = 500,
     window: Annotated[int, typer.Option(min=1, help="transactions per figure")] = 100_000,
 ) -> None:
-    """CPU per transaction of one storage shard as its index grows (buffered vs row by row)."""
+    """CPU per transaction of one storage shard as its index grows (runs of many blocks vs a
+    run per block)."""
     from rayledger.cluster.bench import bench_shard
 
     _print_figures("rayledger bench shard", bench_shard(transactions, block_rows, window))

@@ -1,26 +1,23 @@
 """A storage shard's index buffer: the transaction index and state entries of recent blocks,
-held in memory and written to the shard's SQLite B-trees in key order, many blocks at a time.
+held in memory and written as sorted runs (``runs.py``) many blocks at a time.
 
-Both B-trees are keyed by hashes, so the rows of one block land on pages all over them: written
-block by block, every row costs a page written to the WAL (measured on the 2-core machine,
-500-row blocks into a 1,000,000-row index: ~18 us a row; the same rows written 50,000 at a time
-in key order: ~6 us). So each block's part of the index goes to a ``pending`` table instead (one
-row per block, keyed by height: an append, a few pages) and into the *active* generation here.
-When the active generation holds ``batch_rows`` rows it is frozen and drained into the B-trees in
-key order, a slice of the key space per apply (``steps`` applies in all), in the same SQLite
-transaction as that apply's blocks; the last slice deletes its heights from ``pending``. A crash
-anywhere leaves every undrained row in ``pending``, and opening replays it (upserts are
-idempotent), so the buffer is never the only copy of anything.
+Each block's part of the index goes to a ``pending`` table (one row per block, keyed by height:
+an append, a few pages) and into the *active* generation here. When the generation holds
+``batch_rows`` rows it is written as one run of each kind, in the same SQLite transaction as
+that apply's blocks, which also deletes its heights from ``pending``. A crash anywhere leaves
+every unwritten row in ``pending``, and opening replays it, so the buffer is never the only copy
+of anything.
 
-Reads look in the active generation, then the frozen one, then SQLite. The transaction index
-keeps SQLite's upsert rule everywhere: a later row of the same id replaces an earlier one unless
-its status is ``BAD_NONCE`` (a replayed copy never displaces the row that consumed the nonce).
+Reads look in the active generation, then the runs, newest first, then the B-trees (``txs`` and
+``state``: the genesis state, and what shards written before runs existed hold). The
+transaction index keeps one rule everywhere: a later row of the same id replaces an earlier one
+unless its status is ``BAD_NONCE`` (a replayed copy never displaces the row that consumed the
+nonce).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,15 +25,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from rayledger.execution import Status
+from rayledger.actors.storage.runs import (
+    BAD_NONCE,
+    STATE,
+    TXS,
+    Plan,
+    RunSet,
+    key_array,
+    state_entries,
+    state_hashes,
+    tx_entries,
+)
 from rayledger.tx import batch_from_ipc, batch_to_ipc
 
-BAD_NONCE = int(Status.BAD_NONCE)
-
-# Rows (index entries and state writes) the active generation gathers before it is drained,
-# and the applies its draining is spread over
+# Rows (index entries and state writes) the active generation gathers before it is written
 INDEX_BATCH_ROWS = 50_000
-DRAIN_STEPS = 8
 
 PENDING_SQL = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -45,16 +48,6 @@ CREATE TABLE IF NOT EXISTS pending (
     writes BLOB NOT NULL
 );
 """
-
-TX_UPSERT = (
-    "INSERT INTO txs (tx_id, height, idx, pos, status) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (tx_id) DO UPDATE SET height = excluded.height, idx = excluded.idx, "
-    f"pos = excluded.pos, status = excluded.status WHERE excluded.status != {BAD_NONCE}"
-)
-STATE_UPSERT = (
-    "INSERT INTO state (key, value, height) VALUES (?, ?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, height = excluded.height"
-)
 
 # (height, idx, pos, status) of a transaction; (value, height) of a state key
 TxEntry = tuple[int, int, int, int]
@@ -140,24 +133,25 @@ class Generation:
 class IndexBuffer:
     """See the module's docstring. Single-threaded, like the shard that owns it. A shard's
     transaction starts with ``begin`` and, once it commits, ends with ``committed``: only then
-    are the staged blocks merged and the drain moved on (a transaction rolled back leaves both
-    as they were; the next ``begin`` forgets what it staged)."""
+    are the staged blocks merged and the written runs adopted (a transaction rolled back leaves
+    both as they were; the next ``begin`` forgets what it staged)."""
 
-    def __init__(self, batch_rows: int = INDEX_BATCH_ROWS, steps: int = DRAIN_STEPS) -> None:
-        if batch_rows < 0 or steps < 1:
-            raise ValueError(f"index buffer of {batch_rows} rows drained in {steps} steps")
-        self.batch_rows, self.steps = batch_rows, steps
+    def __init__(self, batch_rows: int = INDEX_BATCH_ROWS) -> None:
+        if batch_rows < 0:
+            raise ValueError(f"index buffer of {batch_rows} rows")
+        self.batch_rows = batch_rows
         self.active = Generation()
-        self.frozen: Generation | None = None
-        # The frozen generation as upsert parameters in key order, and how far each is drained
-        self._drain: tuple[list[TxRow], list[StateRow]] = ([], [])
-        self._done = (0, 0)
+        self.runs = RunSet()
         self._staged: list[BlockPart] = []
-        self._planned: tuple[int, int] | None = None
+        self._plans: list[Plan] = []
+        self._db: sqlite3.Connection | None = None
 
     def load(self, db: sqlite3.Connection) -> None:
-        """Replay the ``pending`` table (after a restart): every block not yet drained."""
+        """Read the runs, and replay the ``pending`` table (after a restart): every block not
+        yet written to a run. ``ValueError`` (or ``DecodeError``) if either is damaged."""
+        self._db = db
         db.executescript(PENDING_SQL)
+        self.runs.load(db)
         for height, txs, writes in db.execute(
             "SELECT height, txs, writes FROM pending ORDER BY height"
         ):
@@ -165,13 +159,14 @@ class IndexBuffer:
 
     @property
     def rows(self) -> int:
-        """Rows held here (both generations, drained or not)."""
-        return self.active.rows + (self.frozen.rows if self.frozen else 0)
+        """Rows held here, not yet in a run."""
+        return self.active.rows
 
     # ---- writing, inside the shard's transaction ---------------------------------------------
 
     def begin(self) -> None:
-        self._staged, self._planned = [], None  # what a rolled-back transaction left
+        self._staged, self._plans = [], []  # what a rolled-back transaction left
+        self.runs.begin()
 
     def stage(self, cur: sqlite3.Cursor, part: BlockPart) -> None:
         """Record one block's part in ``pending`` (merged here once the transaction commits)."""
@@ -184,92 +179,88 @@ class IndexBuffer:
         )
         self._staged.append(part)
 
-    def drain_step(self, cur: sqlite3.Cursor, *, everything: bool = False) -> None:
-        """Write the next slice of the frozen generation (freezing the active one first if it
-        is full); ``everything``: all of both."""
-        if self.frozen is None and (everything or self.active.rows >= self.batch_rows):
-            if not self.active.rows:
-                return
-            self._freeze()
-        if self.frozen is None:
+    def write_step(self, cur: sqlite3.Cursor, *, everything: bool = False) -> None:
+        """Write the active generation as runs if it is full (``everything``: if it holds
+        anything), merging the levels that fill."""
+        gen = self.active
+        if not gen.rows or (gen.rows < self.batch_rows and not everything):
             return
-        txs, state = self._drain
-        done_t, done_s = self._done
-        # The active generation filled up before the frozen one was drained (large blocks, a
-        # shard catching up): the rest goes now, so that memory stays near ``batch_rows``
-        if everything or self.active.rows >= self.batch_rows:
-            end_t, end_s = len(txs), len(state)
-        else:
-            end_t = min(len(txs), done_t + math.ceil(len(txs) / self.steps))
-            end_s = min(len(state), done_s + math.ceil(len(state) / self.steps))
-        if end_t > done_t:
-            cur.executemany(TX_UPSERT, txs[done_t:end_t])
-        if end_s > done_s:
-            cur.executemany(STATE_UPSERT, state[done_s:end_s])
-        if end_t == len(txs) and end_s == len(state):
-            cur.execute("DELETE FROM pending WHERE height <= ?", (self.frozen.top,))
-        self._planned = (end_t, end_s)
+        self._plans = [
+            self.runs.plan_write(cur, TXS, tx_entries(list(gen.txs.values())), gen.top),
+            self.runs.plan_write(cur, STATE, state_entries(list(gen.state.values())), gen.top),
+        ]
+        cur.execute("DELETE FROM pending WHERE height <= ?", (gen.top,))
 
     def committed(self) -> None:
+        if self._plans:
+            for plan in self._plans:
+                self.runs.adopt(plan)
+            self.active = Generation(top=self.active.top)
         for part in self._staged:
             self.active.merge(part)
-        if self._planned is not None:
-            txs, state = self._drain
-            if self._planned == (len(txs), len(state)):
-                self.frozen, self._drain, self._done = None, ([], []), (0, 0)
-            else:
-                self._done = self._planned
-        self._staged, self._planned = [], None
-
-    def _freeze(self) -> None:
-        frozen = self.frozen = self.active
-        self.active = Generation(top=frozen.top)
-        txs, state = frozen.txs, frozen.state
-        self._drain = ([txs[k] for k in sorted(txs)], [state[k] for k in sorted(state)])
-        self._done = (0, 0)
+        self._staged, self._plans = [], []
 
     # ---- reading -----------------------------------------------------------------------------
 
     def find_txs(
         self, ids: Sequence[bytes], fetch: Callable[[list[bytes]], dict[bytes, TxEntry]]
     ) -> list[TxEntry | None]:
-        """Each id's index entry (``None``: not indexed); ``fetch`` looks ids up in SQLite."""
-        gens = [g for g in (self.active, self.frozen) if g is not None]
-        out: list[TxEntry | None] = []
-        ask: list[bytes] = []
-        for t in ids:
-            # Newest first: the latest entry that is not a replayed copy is the answer
-            hit = next((e for g in gens if (e := g.txs.get(t)) and e[4] != BAD_NONCE), None)
-            out.append(None if hit is None else hit[1:])
-            if hit is None:
-                ask.append(t)
-        if not ask:
-            return out
-        found = fetch(ask)
-        for n, t in enumerate(ids):
-            if out[n] is not None:
-                continue
-            db = found.get(t)
-            if db is not None and db[3] != BAD_NONCE:
-                out[n] = db
-                continue
-            # Only replayed copies (or nothing): the oldest, which the upserts would keep
-            older = [db] + [None if (e := g.txs.get(t)) is None else e[1:] for g in reversed(gens)]
-            out[n] = next((e for e in older if e is not None), None)
-        return out
+        """Each id's index entry (``None``: not indexed); ``fetch`` looks ids up in the
+        ``txs`` B-tree."""
+        out: list[TxEntry | None] = [None] * len(ids)
+        # The oldest replayed copy seen so far (looking from the newest): the answer when
+        # there is nothing else
+        copy: list[TxEntry | None] = [None] * len(ids)
+
+        def see(i: int, entry: TxEntry) -> None:
+            if entry[3] != BAD_NONCE:
+                out[i] = entry
+            else:
+                copy[i] = entry
+
+        for i, t in enumerate(ids):
+            row = self.active.txs.get(t)
+            if row is not None:
+                see(i, row[1:])
+        ask = [i for i, e in enumerate(out) if e is None]
+        for run in reversed(self.runs.runs[TXS]):
+            if not ask:
+                break
+            assert self._db is not None
+            entries = self.runs.find_txs(self._db, run, key_array([ids[i] for i in ask]))
+            for i, entry in zip(ask, entries, strict=True):
+                if entry is not None:
+                    see(i, entry)
+            ask = [i for i in ask if out[i] is None]
+        if ask:
+            rows = fetch([ids[i] for i in ask])
+            for i in ask:
+                if (entry := rows.get(ids[i])) is not None:
+                    see(i, entry)
+        return [e if e is not None else c for e, c in zip(out, copy, strict=True)]
 
     def find_states(
         self, keys: Sequence[bytes], fetch: Callable[[list[bytes]], dict[bytes, StateEntry]]
     ) -> list[StateEntry | None]:
-        gens = [g for g in (self.active, self.frozen) if g is not None]
+        """Each key's (value, height that wrote it); ``fetch`` looks keys up in the ``state``
+        B-tree."""
         out: list[StateEntry | None] = []
-        ask: list[bytes] = []
         for k in keys:
-            hit = next((e for g in gens if (e := g.state.get(k)) is not None), None)
-            out.append(None if hit is None else hit[1:])
-            if hit is None:
-                ask.append(k)
+            row = self.active.state.get(k)
+            out.append(None if row is None else row[1:])
+        ask = [i for i, e in enumerate(out) if e is None]
+        hashes = state_hashes([keys[i] for i in ask])
+        for run in reversed(self.runs.runs[STATE]):
+            if not ask:
+                break
+            assert self._db is not None
+            for i, entry in zip(ask, self.runs.find_states(self._db, run, hashes), strict=True):
+                if entry is not None and entry[0] == keys[i]:
+                    out[i] = entry[1:]
+            kept = [n for n, i in enumerate(ask) if out[i] is None]
+            ask, hashes = [ask[n] for n in kept], hashes[kept]
         if ask:
-            found = fetch(ask)
-            out = [found.get(k) if e is None else e for k, e in zip(keys, out, strict=True)]
+            rows = fetch([keys[i] for i in ask])
+            for i in ask:
+                out[i] = rows.get(keys[i])
         return out

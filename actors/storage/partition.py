@@ -27,8 +27,9 @@ with it, so a frame damaged on disk reads as ``StoreError``, never as other rows
 
 The transaction index and the state are keyed by hashes; a block's entries go first to the
 shard's index buffer (``buffer.py``: a ``pending`` row in the same SQLite transaction, and
-memory), which writes them to their B-trees in key order many blocks at a time. Reads look in
-the buffer first, so it changes what costs, never what is read.
+memory), which writes them as sorted runs, merged in tiers (``runs.py``), many blocks at a
+time. Reads look in the buffer, then the runs, newest first, so they change what costs, never
+what is read.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ import numpy as np
 import pyarrow as pa
 
 from rayledger.actors.storage.buffer import (
-    DRAIN_STEPS,
     INDEX_BATCH_ROWS,
     BlockPart,
     IndexBuffer,
     StateEntry,
     TxEntry,
 )
+from rayledger.actors.storage.runs import STATE, TXS, RunDamaged
 from rayledger.block import BLOCK_ROW_SCHEMA, BlockHeader, QuorumCert, result_leaf_hashes
 from rayledger.errors import DecodeError, InvalidBlock, NotFound, StoreCorruption, StoreError
 from rayledger.kernels import sha256_batch
@@ -172,12 +173,10 @@ class ShardStore:
         genesis_state: dict[bytes, bytes] | None = None,
         *,
         index_batch_rows: int = INDEX_BATCH_ROWS,
-        index_drain_steps: int = DRAIN_STEPS,
     ) -> None:
         """``genesis_state`` (the genesis accounts' entries) seeds a new shard's partition.
         ``index_batch_rows``: rows of the transaction index and state gathered in memory (and
-        in the ``pending`` table) before they are written to their B-trees, over
-        ``index_drain_steps`` applies (see ``buffer.py``)."""
+        in the ``pending`` table) before they are written as sorted runs (see ``buffer.py``)."""
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} of {shards}")
         self.shard, self.shards = shard, shards
@@ -199,13 +198,13 @@ class ShardStore:
         self._db.execute(f"PRAGMA wal_autocheckpoint={SHARD_CHECKPOINT_PAGES}")
         self._db.executescript(_SCHEMA_SQL)
         self._check_meta()
-        self._buffer = IndexBuffer(index_batch_rows, index_drain_steps)
+        self._buffer = IndexBuffer(index_batch_rows)
         try:
             self._buffer.load(self._db)
         except (ValueError, DecodeError) as exc:
             self._db.close()
             raise StoreCorruption(
-                f"shard {shard}: the pending index rows are damaged ({exc})",
+                f"shard {shard}: the index runs or pending rows are damaged ({exc})",
                 height=None,
                 path=str(self.path),
             ) from None
@@ -270,8 +269,14 @@ class ShardStore:
 
     @property
     def buffered_rows(self) -> int:
-        """Index and state rows held in the index buffer, not yet in their B-trees."""
+        """Index and state rows held in the index buffer, not yet in a run."""
         return self._buffer.rows
+
+    @property
+    def index_runs(self) -> dict[str, list[int]]:
+        """The level of each sorted run of the transaction index and of state, oldest first."""
+        runs = self._buffer.runs.runs
+        return {kind: [r.level for r in runs[k]] for kind, k in (("txs", TXS), ("state", STATE))}
 
     # ---- writing -----------------------------------------------------------------------------
 
@@ -306,19 +311,32 @@ class ShardStore:
             height, head = h, block.header.hash
         if not todo:
             return self._height
-        with self._transaction() as cur:
+        with self._transaction() as cur, self._runs_checked():
             for block in todo:
                 self._apply_one(cur, block)
-            self._buffer.drain_step(cur)
+            self._buffer.write_step(cur)
         self._height, self._head_hash = height, head
         return self._height
 
     def flush(self) -> None:
-        """Write everything the index buffer holds to the B-trees now (nothing depends on it:
-        without it a restart replays ``pending``)."""
-        while self._buffer.rows:
-            with self._transaction() as cur:
-                self._buffer.drain_step(cur, everything=True)
+        """Write everything the index buffer holds as runs now (nothing depends on it: without
+        it a restart replays ``pending``)."""
+        if self._buffer.rows:
+            with self._transaction() as cur, self._runs_checked():
+                self._buffer.write_step(cur, everything=True)
+
+    @contextlib.contextmanager
+    def _runs_checked(self) -> Iterator[None]:
+        """A run's blocks are read when needed (a lookup, a merge): bytes that are not what
+        was written read as ``StoreCorruption``, never as other entries."""
+        try:
+            yield
+        except RunDamaged as exc:
+            raise StoreCorruption(
+                f"shard {self.shard}: an index run is damaged ({exc})",
+                height=self._height,
+                path=str(self.path),
+            ) from None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
@@ -482,7 +500,8 @@ class ShardStore:
             sql = "SELECT tx_id, height, idx, pos, status FROM txs WHERE tx_id IN ({})"
             return {k: (int(h), int(i), int(p), int(st)) for k, h, i, p, st in self._in(sql, ask)}
 
-        return self._buffer.find_txs(ids, fetch)
+        with self._runs_checked():
+            return self._buffer.find_txs(ids, fetch)
 
     def _find_states(self, keys: Sequence[bytes]) -> list[StateEntry | None]:
         """(value, height that wrote it) of each key, from the index buffer or SQLite."""
@@ -491,7 +510,8 @@ class ShardStore:
             sql = "SELECT key, value, height FROM state WHERE key IN ({})"
             return {k: (bytes(v), int(h)) for k, v, h in self._in(sql, ask)}
 
-        return self._buffer.find_states(keys, fetch)
+        with self._runs_checked():
+            return self._buffer.find_states(keys, fetch)
 
     def _in(self, sql: str, keys: list[bytes]) -> Iterator[tuple[Any, ...]]:
         """The rows a ``... IN ({})`` query finds for ``keys`` (first column: the key, as

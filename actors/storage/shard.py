@@ -124,6 +124,7 @@ class StorageShard:
             "height": self.store.height,
             "rejected": self.rejected,
             "buffered_rows": self.store.buffered_rows,
+            "index_runs": self.store.index_runs,
             "set_aside": self.set_aside,
             "cpu_s": round(time.process_time(), 3),
         }

@@ -187,7 +187,7 @@ def test_bench_shard_prints_a_figure_per_window() -> None:
         "shard apply, transactions 400-800",
         "shard apply, transactions 800-1,000",
     ]
-    assert all(f["ratio"] > 0 and f["baseline"] == "row by row" for f in report["figures"])
+    assert all(f["ratio"] > 0 and f["baseline"] == "a run per block" for f in report["figures"])
 
 
 def test_bench_consensus_prints_figures() -> None:

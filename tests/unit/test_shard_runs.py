@@ -1,0 +1,238 @@
+"""Sorted runs (``actors/storage/runs.py``): whatever the writes, block sizes and merges, every
+key reads as its rule says (state: the newest entry; the transaction index: the newest that is
+not a replayed copy, else the oldest), before and after reopening; damaged bytes read as
+``StoreCorruption``, never as other entries."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rayledger.actors.storage import ShardStore, runs
+from rayledger.actors.storage.runs import (
+    BAD_NONCE,
+    KEY,
+    STATE,
+    TXS,
+    RunSet,
+    key_array,
+    state_entries,
+    state_hashes,
+    tx_entries,
+)
+from rayledger.errors import StoreCorruption
+from tests.unit.test_shard_buffer import BLOCKS, GENESIS, IDS, SEED
+
+POOL = [bytes([i]) * 31 + bytes([j]) for i in (0, 7, 255) for j in range(4)]  # 12 ids
+STATE_KEYS = [b"", b"a", b"acct/" + b"\x00" * 32, b"anchor/x" * 9]
+TxRow = tuple[bytes, int, int, int, int]
+
+
+def open_set(db: sqlite3.Connection) -> RunSet:
+    s = RunSet()
+    s.load(db)
+    return s
+
+
+def write(db: sqlite3.Connection, s: RunSet, kind: int, rows: list, top: int) -> None:
+    cur = db.cursor()
+    cur.execute("BEGIN")
+    s.begin()
+    entries = tx_entries(rows) if kind == TXS else state_entries(rows)
+    plan = s.plan_write(cur, kind, entries, top)
+    cur.execute("COMMIT")
+    s.adopt(plan)
+
+
+def tx_model(versions: list[TxRow]) -> dict[bytes, tuple[int, int, int, int]]:
+    """The rule, oldest version first."""
+    out: dict[bytes, TxRow] = {}
+    for v in versions:
+        if v[0] not in out or v[4] != BAD_NONCE:
+            out[v[0]] = v
+    return {k: v[1:] for k, v in out.items()}
+
+
+generation = st.dictionaries(
+    st.sampled_from(POOL),
+    st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 3])),
+    min_size=1,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    gens=st.lists(generation, min_size=1, max_size=14),
+    block_rows=st.sampled_from([1, 2, 5, 512]),
+    fanout=st.sampled_from([2, 3, 4]),
+    reopen=st.integers(0, 14),
+)
+def test_transaction_runs_keep_the_replay_rule_through_merges(
+    gens: list[dict], block_rows: int, fanout: int, reopen: int
+) -> None:
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    versions: list[TxRow] = []
+    with (
+        mock.patch.object(runs, "BLOCK_ROWS", block_rows),
+        mock.patch.object(runs, "FANOUT", fanout),
+    ):
+        s = open_set(db)
+        for h, gen in enumerate(gens, start=1):
+            rows = [(k, h, idx, pos, status) for k, (idx, pos, status) in gen.items()]
+            versions += rows
+            write(db, s, TXS, rows, h)
+            if h == reopen:
+                s = open_set(db)
+            # Newest first, as the buffer reads: the first entry that is not a replayed copy,
+            # else the last copy seen
+            found: dict[bytes, tuple] = {}
+            copies: dict[bytes, tuple] = {}
+            for run in reversed(s.runs[TXS]):
+                for k, e in zip(POOL, s.find_txs(db, run, key_array(POOL)), strict=True):
+                    if e is not None and k not in found:
+                        (copies if e[3] == BAD_NONCE else found)[k] = e
+            assert {**copies, **found} == tx_model(versions)
+            levels = [r.level for r in s.runs[TXS]]
+            assert levels == sorted(levels, reverse=True)
+            assert all(levels.count(v) < fanout for v in levels)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gens=st.lists(
+        st.dictionaries(st.sampled_from(STATE_KEYS), st.binary(max_size=40), min_size=1),
+        min_size=1,
+        max_size=10,
+    ),
+    block_rows=st.sampled_from([1, 3, 512]),
+    slice_blocks=st.sampled_from([1, 64]),
+)
+def test_state_runs_answer_the_newest_value(
+    gens: list[dict], block_rows: int, slice_blocks: int
+) -> None:
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    want: dict[bytes, tuple[bytes, bytes, int]] = {}
+    with (
+        mock.patch.object(runs, "BLOCK_ROWS", block_rows),
+        mock.patch.object(runs, "FANOUT", 2),
+        mock.patch.object(runs, "MERGE_SLICE_BLOCKS", slice_blocks),
+    ):
+        s = open_set(db)
+        for h, gen in enumerate(gens, start=1):
+            write(db, s, STATE, [(k, v, h) for k, v in gen.items()], h)
+            want.update({k: (k, v, h) for k, v in gen.items()})
+            hashes = state_hashes(STATE_KEYS)
+            newest = dict.fromkeys(STATE_KEYS)
+            for run in s.runs[STATE]:  # oldest first: later runs overwrite
+                for k, e in zip(STATE_KEYS, s.find_states(db, run, hashes), strict=True):
+                    if e is not None:
+                        newest[k] = e
+            assert newest == {k: want.get(k) for k in STATE_KEYS}
+        assert s.top == len(gens)
+
+
+def test_keys_sort_and_compare_as_bytes() -> None:
+    raw = [b"\x00" * 32, b"\x00" * 31 + b"\x01", b"a" + b"\x00" * 31, b"a\x01" + b"\x00" * 30]
+    raw += [bytes(np.random.default_rng(1).integers(0, 256, 32, np.uint8)) for _ in range(50)]
+    keys = key_array(raw)
+    assert keys.dtype == KEY
+    assert np.sort(keys).tobytes() == b"".join(sorted(raw))
+    with pytest.raises(ValueError, match="32 bytes"):
+        key_array([b"short"])
+
+
+# ---- damage ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> Path:
+    """A shard whose index and state are all in runs of several blocks."""
+    with mock.patch.object(runs, "BLOCK_ROWS", 2):
+        shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=0)
+        shard.apply(BLOCKS)
+        shard.flush()
+        assert shard.buffered_rows == 0
+        shard.close()
+    return tmp_path / "s"
+
+
+def tamper(folder: Path, sql: str, *args: object) -> None:
+    db = sqlite3.connect(folder / "shard.sqlite")
+    with db:
+        assert db.execute(sql, args).rowcount >= 1
+    db.close()
+
+
+def first_block(folder: Path) -> tuple[int, int]:
+    db = sqlite3.connect(folder / "shard.sqlite")
+    row = db.execute(
+        "SELECT run, block FROM run_blocks JOIN runs ON run = id WHERE kind = 0 ORDER BY run, block"
+    ).fetchone()
+    db.close()
+    return row
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        (
+            "UPDATE run_blocks SET data = zeroblob(length(data)) WHERE run = ? AND block = ?",
+            "checksum",
+        ),
+        ("DELETE FROM run_blocks WHERE run = ? AND block = ?", "missing"),
+        # A whole block moved: its own checksum holds, its place does not
+        ("UPDATE run_blocks SET block = block + 1000 WHERE run = ? AND block = ?", "missing"),
+    ],
+)
+def test_a_damaged_block_reads_as_corruption(written: Path, sql: str, reason: str) -> None:
+    run, block = first_block(written)
+    tamper(written, sql, run, block)
+    shard = ShardStore(written, 0, 1, GENESIS, SEED)
+    with pytest.raises(StoreCorruption, match=f"index run is damaged.*{reason}"):
+        shard.locate(IDS)
+    shard.close()
+
+
+def test_a_block_swapped_with_another_reads_as_corruption(written: Path) -> None:
+    db = sqlite3.connect(written / "shard.sqlite")
+    run = db.execute("SELECT id FROM runs WHERE kind = 0 AND length(fences) >= 64").fetchone()[0]
+    with db:  # blocks 0 and 1 exchange places, each with its own (valid) checksum
+        db.execute("UPDATE run_blocks SET block = -1 WHERE run = ? AND block = 0", (run,))
+        db.execute("UPDATE run_blocks SET block = 0 WHERE run = ? AND block = 1", (run,))
+        db.execute("UPDATE run_blocks SET block = 1 WHERE run = ? AND block = -1", (run,))
+    db.close()
+    shard = ShardStore(written, 0, 1, GENESIS, SEED)
+    with pytest.raises(StoreCorruption, match="not the block its run's fences name"):
+        shard.locate(IDS)
+    shard.close()
+
+
+def test_damaged_fences_refuse_to_open(written: Path) -> None:
+    tamper(written, "UPDATE runs SET fences = x'0102' WHERE kind = 1")
+    with pytest.raises(StoreCorruption, match="run .* is damaged"):
+        ShardStore(written, 0, 1, GENESIS, SEED)
+
+
+def test_a_merge_over_a_damaged_block_changes_nothing(tmp_path: Path) -> None:
+    with mock.patch.object(runs, "BLOCK_ROWS", 2), mock.patch.object(runs, "FANOUT", 2):
+        shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=0)
+        shard.apply(BLOCKS[:2])
+        shard.apply(BLOCKS[2:3])  # blocks 1-2: one run of each kind
+        run, block = first_block(tmp_path / "s")
+        tamper(
+            tmp_path / "s",
+            "UPDATE run_blocks SET crc = crc + 1 WHERE run = ? AND block = ?",
+            run,
+            block,
+        )
+        before = shard.index_runs, shard.height
+        with pytest.raises(StoreCorruption, match="checksum"):
+            shard.apply(BLOCKS[3:4])  # block 3's run would be merged with the damaged one
+        assert (shard.index_runs, shard.height) == before
+        shard.close()
