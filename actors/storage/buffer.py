@@ -27,8 +27,11 @@ import pyarrow as pa
 
 from rayledger.actors.storage.runs import (
     BAD_NONCE,
+    KEY,
     STATE,
+    TX_ENTRY,
     TXS,
+    Entries,
     Plan,
     RunSet,
     key_array,
@@ -52,8 +55,7 @@ CREATE TABLE IF NOT EXISTS pending (
 # (height, idx, pos, status) of a transaction; (value, height) of a state key
 TxEntry = tuple[int, int, int, int]
 StateEntry = tuple[bytes, int]
-# Held here as the upserts' parameters: (tx_id, *TxEntry) and (key, *StateEntry)
-TxRow = tuple[bytes, int, int, int, int]
+# A state write as held here: (key, *StateEntry)
 StateRow = tuple[bytes, bytes, int]
 _ENTRY = 32 + 4 + 1  # tx id, index in the block (u32 BE), status (u8); pos is the row's order
 
@@ -97,37 +99,48 @@ class BlockPart:
 
 @dataclass
 class Generation:
-    txs: dict[bytes, TxRow] = field(default_factory=dict)
+    """The blocks merged since the last runs were written: their index entries as the blocks'
+    own arrays (in age order; sorted, with the rule applied, only when read or written), and
+    their state writes by key."""
+
+    parts: list[BlockPart] = field(default_factory=list)
     state: dict[bytes, StateRow] = field(default_factory=dict)
     top: int = 0  # the highest height merged in
+    tx_rows: int = 0
+    _txs: Entries | None = None
 
     @property
     def rows(self) -> int:
-        return len(self.txs) + len(self.state)
+        return self.tx_rows + len(self.state)
 
     def merge(self, part: BlockPart) -> None:
-        h, n = part.height, len(part.ids)
-        raw = np.ascontiguousarray(part.ids, np.uint8).tobytes()
-        keys = [raw[i : i + 32] for i in range(0, 32 * n, 32)]
-        idx, status = part.idx.tolist(), part.status.tolist()
-        rows = zip(keys, itertools.repeat(h), idx, range(n), status, strict=False)
-        replays = [i for i, st in enumerate(status) if st == BAD_NONCE]
-        if not replays:
-            self.txs.update(zip(keys, rows, strict=False))
-        else:
-            # Later rows replace earlier ones, but a replayed copy only takes an id not yet
-            # held (as the upsert does): the others first, in order, then the copies
-            rows_list = list(rows)
-            skip = set(replays)
-            self.txs.update((keys[i], rows_list[i]) for i in range(n) if i not in skip)
-            for i in replays:
-                self.txs.setdefault(keys[i], rows_list[i])
+        h = part.height
+        if len(part.ids):
+            self.parts.append(part)
+            self.tx_rows += len(part.ids)
+            self._txs = None
         if part.writes.num_rows:
             wkeys = part.writes.column(0).to_pylist()
             values = part.writes.column(1).to_pylist()
             triples = zip(wkeys, values, itertools.repeat(h), strict=False)
             self.state.update(zip(wkeys, triples, strict=False))
         self.top = max(self.top, h)
+
+    def txs(self) -> Entries:
+        """One index entry per id, in key order: of an id's rows (blocks in height order, a
+        block's in row order), the newest that is not a replayed copy, else the oldest."""
+        if self._txs is None and not self.parts:
+            self._txs = Entries(np.empty(0, KEY), np.empty(0, TX_ENTRY))
+        elif self._txs is None:
+            parts, sizes = self.parts, [len(p.ids) for p in self.parts]
+            self._txs = tx_entries(
+                np.concatenate([p.ids.reshape(-1, 32) for p in parts]),
+                np.repeat([p.height for p in parts], sizes),
+                np.concatenate([p.idx for p in parts]),
+                np.concatenate([np.arange(n) for n in sizes]),
+                np.concatenate([p.status for p in parts]),
+            )
+        return self._txs
 
 
 class IndexBuffer:
@@ -186,7 +199,7 @@ class IndexBuffer:
         if not gen.rows or (gen.rows < self.batch_rows and not everything):
             return
         self._plans = [
-            self.runs.plan_write(cur, TXS, tx_entries(list(gen.txs.values())), gen.top),
+            self.runs.plan_write(cur, TXS, gen.txs(), gen.top),
             self.runs.plan_write(cur, STATE, state_entries(list(gen.state.values())), gen.top),
         ]
         cur.execute("DELETE FROM pending WHERE height <= ?", (gen.top,))
@@ -218,10 +231,13 @@ class IndexBuffer:
             else:
                 copy[i] = entry
 
-        for i, t in enumerate(ids):
-            row = self.active.txs.get(t)
-            if row is not None:
-                see(i, row[1:])
+        recent = self.active.txs()
+        if len(recent) and len(ids):
+            keys = key_array(ids)
+            at = np.minimum(np.searchsorted(recent.keys, keys), len(recent) - 1)
+            for i in np.flatnonzero(recent.keys[at] == keys).tolist():
+                e = recent.data[at[i]]
+                see(i, (int(e["height"]), int(e["idx"]), int(e["pos"]), int(e["status"])))
         ask = [i for i, e in enumerate(out) if e is None]
         for run in reversed(self.runs.runs[TXS]):
             if not ask:

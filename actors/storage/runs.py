@@ -143,17 +143,16 @@ def state_hashes(keys: Sequence[bytes] | pa.Array) -> np.ndarray:
     return np.ascontiguousarray(sha256_batch(arr)).view(KEY).ravel()
 
 
-def tx_entries(rows: Sequence[tuple[bytes, int, int, int, int]]) -> Entries:
-    """Transaction index rows ``(tx_id, height, idx, pos, status)``, one per id, in key order."""
-    data = np.empty(len(rows), TX_ENTRY)
-    if rows:
-        ids, heights, idx, pos, status = zip(*rows, strict=True)
-        data["height"], data["idx"], data["pos"], data["status"] = heights, idx, pos, status
-        keys = key_array(ids)
-    else:
-        keys = np.empty(0, KEY)
-    order = np.argsort(keys, kind="stable")
-    return Entries(keys[order], data[order])
+def tx_entries(
+    ids: np.ndarray, height: np.ndarray, idx: np.ndarray, pos: np.ndarray, status: np.ndarray
+) -> Entries:
+    """Transaction index rows (``ids`` (n, 32) uint8; the rest (n,)), oldest first, as one
+    entry per id in key order: the newest row that is not a replayed copy, else the oldest."""
+    data = np.empty(len(ids), TX_ENTRY)
+    data["height"], data["idx"], data["pos"], data["status"] = height, idx, pos, status
+    keys = np.ascontiguousarray(ids, np.uint8).reshape(-1).view(KEY)
+    ranked = Entries(keys, data).take(np.argsort(keys, kind="stable"))
+    return ranked.take(choose(TXS, ranked.keys, ranked.data))
 
 
 def state_entries(rows: Sequence[tuple[bytes, bytes, int]]) -> Entries:
@@ -162,7 +161,7 @@ def state_entries(rows: Sequence[tuple[bytes, bytes, int]]) -> Entries:
     keys = pa.array([r[0] for r in rows], pa.binary())
     hashes = state_hashes(keys)
     order = np.argsort(hashes, kind="stable")
-    heights = np.fromiter((r[2] for r in rows), np.uint64, n)[order]
+    heights = np.array([r[2] for r in rows], np.uint64)[order]
     k_off, k_data = _binary(keys)
     v_off, v_data = _binary(pa.array([r[1] for r in rows], pa.binary()))
     k_len, v_len = np.diff(k_off)[order], np.diff(v_off)[order]

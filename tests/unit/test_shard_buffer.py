@@ -304,3 +304,31 @@ def test_replays_resolve_as_sqlites_upsert_would(
         want = straight.execute("SELECT height, idx, pos, status FROM txs").fetchone()
         assert buf.find_txs([ID], fetch) == [tuple(want)]
         assert buf.find_states([b"k", b"other"], states) == [(b"v%d" % h, h), None]
+
+
+@pytest.mark.parametrize(
+    ("statuses", "answer"),
+    [([BAD, OK, BAD], 1), ([BAD, BAD], 0), ([OK, FAILED], 1), ([FAILED, BAD, OK, BAD], 2)],
+)
+def test_copies_of_one_id_within_a_block_resolve_by_the_rule(
+    statuses: list[int], answer: int
+) -> None:
+    """Rows of one block in row order: the last that is not a replayed copy, else the first."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.executescript(partition._SCHEMA_SQL)
+    buf = IndexBuffer(100)
+    buf.load(db)
+    n = len(statuses)
+    ids = np.tile(np.frombuffer(ID, np.uint8), (n, 1))
+    writes = partition.writes_batch({})
+    buf.begin()
+    buf.stage(db.cursor(), BlockPart(4, ids, np.arange(10, 10 + n), np.array(statuses), writes))
+    buf.committed()
+    want = (4, 10 + answer, answer, statuses[answer])
+    assert buf.find_txs([ID], lambda ask: {}) == [want]
+    cur = db.cursor()
+    buf.begin()
+    buf.write_step(cur, everything=True)  # the same answer from the run written
+    buf.committed()
+    assert buf.rows == 0
+    assert buf.find_txs([ID], lambda ask: {}) == [want]

@@ -44,7 +44,12 @@ def write(db: sqlite3.Connection, s: RunSet, kind: int, rows: list, top: int) ->
     cur = db.cursor()
     cur.execute("BEGIN")
     s.begin()
-    entries = tx_entries(rows) if kind == TXS else state_entries(rows)
+    if kind == TXS:
+        ids, *columns = zip(*rows, strict=True)
+        raw = np.frombuffer(b"".join(ids), np.uint8).reshape(-1, 32)
+        entries = tx_entries(raw, *(np.array(c) for c in columns))
+    else:
+        entries = state_entries(rows)
     plan = s.plan_write(cur, kind, entries, top)
     cur.execute("COMMIT")
     s.adopt(plan)
