@@ -32,7 +32,6 @@ from rayledger.actors.storage.runs import (
     TX_ENTRY,
     TXS,
     Entries,
-    Plan,
     RunSet,
     key_array,
     state_entries,
@@ -41,8 +40,12 @@ from rayledger.actors.storage.runs import (
 )
 from rayledger.tx import batch_from_ipc, batch_to_ipc
 
-# Rows (index entries and state writes) the active generation gathers before it is written
+# Rows (index entries and state writes) the active generation gathers before it is written;
+# entries merged for each row applied, and at least in any transaction (a merge of any size
+# is spread over many applies, and finishes while blocks come empty)
 INDEX_BATCH_ROWS = 50_000
+MERGE_PACE = 8
+MERGE_MIN_ENTRIES = 8_192
 
 PENDING_SQL = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -156,7 +159,7 @@ class IndexBuffer:
         self.active = Generation()
         self.runs = RunSet()
         self._staged: list[BlockPart] = []
-        self._plans: list[Plan] = []
+        self._written = False
         self._db: sqlite3.Connection | None = None
 
     def load(self, db: sqlite3.Connection) -> None:
@@ -178,7 +181,7 @@ class IndexBuffer:
     # ---- writing, inside the shard's transaction ---------------------------------------------
 
     def begin(self) -> None:
-        self._staged, self._plans = [], []  # what a rolled-back transaction left
+        self._staged, self._written = [], False  # what a rolled-back transaction left
         self.runs.begin()
 
     def stage(self, cur: sqlite3.Cursor, part: BlockPart) -> None:
@@ -193,25 +196,28 @@ class IndexBuffer:
         self._staged.append(part)
 
     def write_step(self, cur: sqlite3.Cursor, *, everything: bool = False) -> None:
-        """Write the active generation as runs if it is full (``everything``: if it holds
-        anything), merging the levels that fill."""
+        """Write the active generation as runs if it is full, and go on merging: about
+        ``MERGE_PACE`` entries for each row staged in this transaction (at least
+        ``MERGE_MIN_ENTRIES``). ``everything``: the generation if it holds anything, and every
+        merge to the end."""
         gen = self.active
-        if not gen.rows or (gen.rows < self.batch_rows and not everything):
-            return
-        self._plans = [
-            self.runs.plan_write(cur, TXS, gen.txs(), gen.top),
-            self.runs.plan_write(cur, STATE, state_entries(list(gen.state.values())), gen.top),
-        ]
-        cur.execute("DELETE FROM pending WHERE height <= ?", (gen.top,))
+        if gen.rows and (everything or gen.rows >= self.batch_rows):
+            self.runs.write(cur, TXS, gen.txs(), gen.top)
+            self.runs.write(cur, STATE, state_entries(list(gen.state.values())), gen.top)
+            cur.execute("DELETE FROM pending WHERE height <= ?", (gen.top,))
+            self._written = True
+        staged = sum(p.rows for p in self._staged)
+        self.runs.merge_step(
+            cur, None if everything else max(MERGE_MIN_ENTRIES, MERGE_PACE * staged)
+        )
 
     def committed(self) -> None:
-        if self._plans:
-            for plan in self._plans:
-                self.runs.adopt(plan)
+        self.runs.adopt()
+        if self._written:
             self.active = Generation(top=self.active.top)
         for part in self._staged:
             self.active.merge(part)
-        self._staged, self._plans = [], []
+        self._staged, self._written = [], False
 
     # ---- reading -----------------------------------------------------------------------------
 

@@ -319,9 +319,9 @@ class ShardStore:
         return self._height
 
     def flush(self) -> None:
-        """Write everything the index buffer holds as runs now (nothing depends on it: without
-        it a restart replays ``pending``)."""
-        if self._buffer.rows:
+        """Write everything the index buffer holds as runs now, and finish every merge (nothing
+        depends on it: without it a restart replays ``pending``)."""
+        if self._buffer.rows or self._buffer.runs.merging:
             with self._transaction() as cur, self._runs_checked():
                 self._buffer.write_step(cur, everything=True)
 

@@ -12,15 +12,18 @@ of each block (its *fence*) is held in memory, so finding a key in a run reads o
 each entry is rewritten about log_FANOUT(entries / run size) times in all and a lookup reads at
 most ``FANOUT - 1`` runs per level.
 
-Runs are ordered by age by their ids (a merged run takes the id of the newest run it replaces;
-runs merged are always adjacent in age, as tiers fill oldest first). Which entry of a key is the
+Runs are ordered by age (a merged run is as old as the newest run it replaces; runs merged are
+always adjacent in age, as a tier's oldest runs are merged first). Which entry of a key is the
 answer is the rule of its kind, and it holds for any adjacent range of versions, so merging
 keeps it: state, the newest; the transaction index, the newest that is not a replayed copy
 (``BAD_NONCE``) and, if all are, the oldest (a replay never displaces the row that consumed the
 nonce).
 
-Everything here changes only inside the caller's SQLite transaction: ``plan_*`` write rows and
-return what to change in memory, and ``adopt`` changes it once the transaction commits.
+A merge goes a slice of the key space at a time, a few slices per transaction, so that no
+apply stalls on a large one; its inputs serve reads until its run is complete. Everything here
+changes only inside the caller's SQLite transaction: ``write`` and ``merge_step`` write rows and
+change a working copy of the runs, which ``adopt`` makes the one read once the transaction
+commits (and ``begin`` forgets, if it did not).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import struct
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +44,11 @@ from rayledger.kernels import sha256_batch
 
 BAD_NONCE = int(Status.BAD_NONCE)
 
-# Entries per block of a run, runs of one level merged at once, blocks of the largest run
-# merged per slice of the key space, and decoded blocks kept
+# Entries per block of a run, runs of one level merged at once, blocks of a tier's largest
+# run merged per slice of the key space, and decoded blocks kept
 BLOCK_ROWS = 512
 FANOUT = 4
-MERGE_SLICE_BLOCKS = 64
+MERGE_SLICE_BLOCKS = 16
 CACHE_BLOCKS = 512
 
 TXS, STATE = 0, 1
@@ -117,14 +120,6 @@ class Entries:
         offsets = np.zeros(len(sel) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return Entries(self.keys[sel], self.data[_spans(starts, lengths)], offsets)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one transaction did to the runs: adopted once it commits."""
-
-    added: tuple[Run, ...] = ()
-    removed: tuple[int, ...] = ()
 
 
 def key_array(keys: Sequence[bytes]) -> np.ndarray:
@@ -209,98 +204,151 @@ def choose(kind: int, keys: np.ndarray, data: np.ndarray) -> np.ndarray:
     return np.where(best >= 0, best, starts)
 
 
+@dataclass(frozen=True)
+class _Out:
+    """A run being written, in key order: its blocks so far and the entries held for the
+    next one."""
+
+    id: int
+    kind: int
+    blocks: int = 0
+    rows: int = 0
+    fences: tuple[bytes, ...] = ()
+    held: Entries | None = None
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """A merge in progress: ``tier`` (adjacent runs of one level, oldest first) into ``out``,
+    ``done`` of its key slices (between ``bounds``) merged so far."""
+
+    tier: tuple[Run, ...]
+    bounds: tuple[bytes | None, ...]
+    out: _Out
+    done: int = 0
+
+
+@dataclass(frozen=True)
+class _State:
+    runs: tuple[Run, ...] = ()  # both kinds, oldest first
+    merge: _Merge | None = None
+    next_id: int = 1
+
+
 class RunSet:
-    """The runs of one shard (see the module's docstring); single-threaded, like the shard."""
+    """The runs of one shard (see the module's docstring); single-threaded, like the shard.
+
+    A merge goes a slice of the key space at a time (``MERGE_SLICE_BLOCKS`` blocks of the
+    tier's largest run) and a few slices per transaction, so that no apply stalls on it and
+    memory stays bounded whatever the runs' size; its inputs serve reads until its run is
+    complete. A merge cut short by a restart starts again (its blocks are dropped on open).
+    """
 
     def __init__(self, cache_blocks: int = CACHE_BLOCKS) -> None:
-        self.runs: dict[int, list[Run]] = {TXS: [], STATE: []}  # oldest first
-        self._next_id = self._planned_id = 1
+        self._state = self._work = _State()
         self._cache: OrderedDict[tuple[int, int], Entries] = OrderedDict()
         self._cache_blocks = cache_blocks
 
-    def load(self, db: Db) -> None:
-        """Create the tables if needed and read every run's fences."""
+    def load(self, db: sqlite3.Connection) -> None:
+        """Create the tables if needed, drop the blocks of a merge a restart cut short, and
+        read every run's fences."""
         db.executescript(RUNS_SQL)
+        with db:
+            db.execute("DELETE FROM run_blocks WHERE run NOT IN (SELECT id FROM runs)")
         rows = db.execute(
             "SELECT id, age, kind, level, top, rows, fences FROM runs ORDER BY age"
         ).fetchall()
+        runs = []
         for rid, age, kind, level, top, count, fences in rows:
-            if kind not in self.runs or len(fences) % 32 or not fences:
+            if kind not in (TXS, STATE) or len(fences) % 32 or not fences:
                 raise RunDamaged(f"run {rid} is damaged (kind {kind}, {len(fences)} fence bytes)")
-            fence = np.frombuffer(bytes(fences), KEY)
-            self.runs[kind].append(Run(rid, age, kind, level, top, count, fence))
-            self._next_id = self._planned_id = max(self._next_id, rid + 1)
+            runs.append(Run(rid, age, kind, level, top, count, np.frombuffer(bytes(fences), KEY)))
+        next_id = max([r.id + 1 for r in runs] + [r.age + 1 for r in runs] + [1])
+        self._state = self._work = _State(tuple(runs), None, next_id)
+
+    @property
+    def runs(self) -> dict[int, tuple[Run, ...]]:
+        """The complete runs of each kind, oldest first."""
+        return {k: tuple(r for r in self._state.runs if r.kind == k) for k in (TXS, STATE)}
+
+    @property
+    def merging(self) -> bool:
+        return self._state.merge is not None
 
     @property
     def top(self) -> int:
         """The highest height any run holds entries of (0: none)."""
-        return max((r.top for runs in self.runs.values() for r in runs), default=0)
+        return max((r.top for r in self._state.runs), default=0)
 
     # ---- writing, inside the caller's transaction --------------------------------------------
 
     def begin(self) -> None:
-        """A transaction starts (what a rolled-back one planned is forgotten)."""
-        self._planned_id = self._next_id
+        """A transaction starts (what a rolled-back one did is forgotten)."""
+        self._work = self._state
 
-    def plan_write(self, cur: Db, kind: int, entries: Entries, top: int) -> Plan:
-        """Write ``entries`` as a new run of level 0, then merge every level that fills."""
+    def adopt(self) -> None:
+        """The transaction since ``begin`` committed."""
+        kept = {r.id for r in self._work.runs}
+        for key in [k for k in self._cache if k[0] not in kept]:
+            del self._cache[key]
+        self._state = self._work
+
+    def write(self, cur: Db, kind: int, entries: Entries, top: int) -> None:
+        """Write ``entries`` (one per key, in key order) as a new run of level 0."""
         if not len(entries):
-            return Plan()
-        out = _Writer(cur, self._take_id(), kind)
-        out.add(entries)
-        new = out.finish(out.id, 0, top)
-        runs, removed = [*self.runs[kind], new], list[int]()
-        while True:
-            tier = [r for r in runs if r.level == runs[-1].level]
-            if len(tier) < FANOUT:
-                break
-            merged = self._merge(cur, tier)
-            gone = {r.id for r in tier}
-            runs = [r for r in runs if r.id not in gone] + [merged]
-            removed += gone
-        committed = {r.id for r in self.runs[kind]}
-        return Plan(tuple(r for r in runs if r.id not in committed), tuple(sorted(removed)))
+            return
+        w = self._work
+        out = _extend(cur, _Out(w.next_id, kind), entries)
+        run = _finish(cur, out, w.next_id, 0, top)
+        self._work = replace(w, runs=(*w.runs, run), next_id=w.next_id + 1)
 
-    def adopt(self, plan: Plan) -> None:
-        """The transaction that made ``plan`` committed."""
-        gone = set(plan.removed)
-        for kind, runs in self.runs.items():
-            kept = [r for r in runs if r.id not in gone]
-            self.runs[kind] = sorted(kept + [r for r in plan.added if r.kind == kind], key=_age)
-        for rid, block in [k for k in self._cache if k[0] in gone]:
-            del self._cache[rid, block]
-        self._next_id = self._planned_id
-
-    def _take_id(self) -> int:
-        rid = self._planned_id
-        self._planned_id += 1
-        return rid
-
-    def _merge(self, cur: Db, tier: list[Run]) -> Run:
-        """One run of the next level holding the answers of ``tier`` (adjacent runs, oldest
-        first), as old as its newest; the tier's rows are deleted. Merged a slice of the key
-        space at a time (``MERGE_SLICE_BLOCKS`` blocks of the largest run), so that memory
-        stays bounded whatever the runs' size."""
-        kind = tier[0].kind
-        out = _Writer(cur, self._take_id(), kind)
-        largest = max(tier, key=lambda r: r.rows)
-        bounds: list[np.bytes_ | None] = [
-            None,
-            *largest.fences[MERGE_SLICE_BLOCKS::MERGE_SLICE_BLOCKS],
-            None,
-        ]
-        for lo, hi in zip(bounds, bounds[1:], strict=False):
-            parts = [self._slice(cur, r, lo, hi) for r in tier]
-            whole = _concat(kind, parts)
+    def merge_step(self, cur: Db, budget: int | None) -> None:
+        """Merge about ``budget`` entries (``None``: every tier that is full, to the end)."""
+        spent = 0
+        while budget is None or spent < budget:
+            merge = self._work.merge or self._start()
+            if merge is None:
+                return
+            lo, hi = merge.bounds[merge.done], merge.bounds[merge.done + 1]
+            parts = [self._slice(cur, r, lo, hi) for r in merge.tier]
+            whole = _concat(merge.out.kind, parts)
             ranked = whole.take(np.argsort(whole.keys, kind="stable"))  # a key's oldest first
-            out.add(ranked.take(choose(kind, ranked.keys, ranked.data)))
-        ids = [r.id for r in tier]
-        marks = ",".join("?" * len(ids))
-        cur.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
-        cur.execute(f"DELETE FROM run_blocks WHERE run IN ({marks})", ids)
-        return out.finish(tier[-1].age, tier[0].level + 1, max(r.top for r in tier))
+            picked = ranked.take(choose(merge.out.kind, ranked.keys, ranked.data))
+            merge = replace(merge, out=_extend(cur, merge.out, picked), done=merge.done + 1)
+            spent += len(whole)
+            if merge.done < len(merge.bounds) - 1:
+                self._work = replace(self._work, merge=merge)
+                continue
+            tier = merge.tier
+            ids = [r.id for r in tier]
+            marks = ",".join("?" * len(ids))
+            cur.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
+            cur.execute(f"DELETE FROM run_blocks WHERE run IN ({marks})", ids)
+            top = max(r.top for r in tier)
+            run = _finish(cur, merge.out, tier[-1].age, tier[0].level + 1, top)
+            runs = [r for r in self._work.runs if r.id not in ids] + [run]
+            self._work = replace(self._work, runs=tuple(sorted(runs, key=_age)), merge=None)
 
-    def _slice(self, db: Db, run: Run, lo: np.bytes_ | None, hi: np.bytes_ | None) -> Entries:
+    def _start(self) -> _Merge | None:
+        """The lowest full tier of either kind (its ``FANOUT`` oldest runs), or ``None``."""
+        w = self._work
+        full = [
+            (level, kind)
+            for kind in (TXS, STATE)
+            for level in {r.level for r in w.runs if r.kind == kind}
+            if sum(r.kind == kind and r.level == level for r in w.runs) >= FANOUT
+        ]
+        if not full:
+            return None
+        level, kind = min(full)
+        tier = tuple(r for r in w.runs if r.kind == kind and r.level == level)[:FANOUT]
+        largest = max(tier, key=lambda r: r.rows)
+        inner = [bytes(f) for f in largest.fences[MERGE_SLICE_BLOCKS::MERGE_SLICE_BLOCKS]]
+        merge = _Merge(tier, (None, *inner, None), _Out(w.next_id, kind))
+        self._work = replace(w, merge=merge, next_id=w.next_id + 1)
+        return merge
+
+    def _slice(self, db: Db, run: Run, lo: bytes | None, hi: bytes | None) -> Entries:
         """The entries of ``run`` with keys in ``[lo, hi)`` (``None``: unbounded)."""
         first = 0 if lo is None else max(0, int(np.searchsorted(run.fences, lo, "right")) - 1)
         last = len(run.fences) if hi is None else int(np.searchsorted(run.fences, hi, "left"))
@@ -370,57 +418,56 @@ class RunSet:
             yield from zip(sel[hit].tolist(), itertools.repeat(blk), pos[hit].tolist())
 
 
-class _Writer:
-    """Writes one run's blocks as its entries come, in key order."""
+def _extend(cur: Db, out: _Out, entries: Entries) -> _Out:
+    """``out`` with ``entries`` (all after its keys) added: every full block written."""
+    held = entries if out.held is None else _concat(out.kind, [out.held, entries])
+    full = len(held) - len(held) % BLOCK_ROWS
+    return _blocks(cur, out, held, full)
 
-    def __init__(self, cur: Db, rid: int, kind: int) -> None:
-        self.cur, self.id, self.kind = cur, rid, kind
-        self.rows = 0
-        self._fences: list[bytes] = []
-        self._held: Entries | None = None
 
-    def add(self, entries: Entries) -> None:
-        held = entries if self._held is None else _concat(self.kind, [self._held, entries])
-        full = len(held) - len(held) % BLOCK_ROWS
-        if full:
-            self._blocks(held.take(np.arange(full)))
-        self._held = held.take(np.arange(full, len(held)))
+def _finish(cur: Db, out: _Out, age: int, level: int, top: int) -> Run:
+    """The run ``out`` completes (its last block written, its row inserted)."""
+    if out.held is not None and len(out.held):
+        out = _blocks(cur, out, out.held, len(out.held))
+    fences = b"".join(out.fences)
+    cur.execute(
+        "INSERT INTO runs (id, age, kind, level, top, rows, fences) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (out.id, age, out.kind, level, top, out.rows, fences),
+    )
+    return Run(out.id, age, out.kind, level, top, out.rows, np.frombuffer(fences, KEY))
 
-    def finish(self, age: int, level: int, top: int) -> Run:
-        if self._held is not None and len(self._held):
-            self._blocks(self._held)
-        fences = b"".join(self._fences)
-        self.cur.execute(
-            "INSERT INTO runs (id, age, kind, level, top, rows, fences) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (self.id, age, self.kind, level, top, self.rows, fences),
-        )
-        return Run(self.id, age, self.kind, level, top, self.rows, np.frombuffer(fences, KEY))
 
-    def _blocks(self, e: Entries) -> None:
-        rows = []
-        for lo in range(0, len(e), BLOCK_ROWS):
-            hi = min(lo + BLOCK_ROWS, len(e))
-            if e.offsets is None:
-                offsets, data = b"", e.data[lo:hi].tobytes()
-            else:
-                start, end = int(e.offsets[lo]), int(e.offsets[hi])
-                offsets = (e.offsets[lo : hi + 1] - start).astype("<u4").tobytes()
-                data = e.data[start:end].tobytes()
-            keys = e.keys[lo:hi].tobytes()
-            crc = zlib.crc32(data, zlib.crc32(offsets, zlib.crc32(keys)))
-            rows.append((self.id, len(self._fences), keys, offsets, data, crc))
-            self._fences.append(keys[:32])
-        self.cur.executemany(
-            "INSERT INTO run_blocks (run, block, keys, offsets, data, crc) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        self.rows += len(e)
+def _blocks(cur: Db, out: _Out, e: Entries, count: int) -> _Out:
+    """Write the first ``count`` of ``e`` as blocks of ``out``; the rest is held."""
+    rows: list[tuple[int, int, bytes, bytes, bytes, int]] = []
+    fences = []
+    for lo in range(0, count, BLOCK_ROWS):
+        hi = min(lo + BLOCK_ROWS, count)
+        if e.offsets is None:
+            offsets, data = b"", e.data[lo:hi].tobytes()
+        else:
+            start, end = int(e.offsets[lo]), int(e.offsets[hi])
+            offsets = (e.offsets[lo : hi + 1] - start).astype("<u4").tobytes()
+            data = e.data[start:end].tobytes()
+        keys = e.keys[lo:hi].tobytes()
+        crc = zlib.crc32(data, zlib.crc32(offsets, zlib.crc32(keys)))
+        rows.append((out.id, out.blocks + len(rows), keys, offsets, data, crc))
+        fences.append(keys[:32])
+    cur.executemany(
+        "INSERT INTO run_blocks (run, block, keys, offsets, data, crc) VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return replace(
+        out,
+        blocks=out.blocks + len(rows),
+        rows=out.rows + count,
+        fences=(*out.fences, b"".join(fences)),
+        held=e.take(np.arange(count, len(e))),
+    )
 
 
 def _parse(run: Run, block: int, keys: bytes, offsets: bytes, data: bytes, crc: int) -> Entries:
-    """A block's columns as read from SQLite; ``RunDamaged`` for bytes ``_Writer`` did not
+    """A block's columns as read from SQLite; ``RunDamaged`` for bytes ``_blocks`` did not
     write."""
     keys, offsets, data = bytes(keys), bytes(offsets), bytes(data)
     where = f"block {block} of run {run.id}"

@@ -6,6 +6,7 @@ not a replayed copy, else the oldest), before and after reopening; damaged bytes
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from unittest import mock
 
@@ -40,19 +41,25 @@ def open_set(db: sqlite3.Connection) -> RunSet:
     return s
 
 
-def write(db: sqlite3.Connection, s: RunSet, kind: int, rows: list, top: int) -> None:
+def write(
+    db: sqlite3.Connection, s: RunSet, kind: int, rows: list, top: int, budget: int | None = None
+) -> None:
+    """One transaction: ``rows`` as a run, then about ``budget`` entries merged."""
     cur = db.cursor()
     cur.execute("BEGIN")
     s.begin()
-    if kind == TXS:
+    if not rows:
+        entries = state_entries([])
+    elif kind == TXS:
         ids, *columns = zip(*rows, strict=True)
         raw = np.frombuffer(b"".join(ids), np.uint8).reshape(-1, 32)
         entries = tx_entries(raw, *(np.array(c) for c in columns))
     else:
         entries = state_entries(rows)
-    plan = s.plan_write(cur, kind, entries, top)
+    s.write(cur, kind, entries, top)
+    s.merge_step(cur, budget)
     cur.execute("COMMIT")
-    s.adopt(plan)
+    s.adopt()
 
 
 def tx_model(versions: list[TxRow]) -> dict[bytes, tuple[int, int, int, int]]:
@@ -62,6 +69,23 @@ def tx_model(versions: list[TxRow]) -> dict[bytes, tuple[int, int, int, int]]:
         if v[0] not in out or v[4] != BAD_NONCE:
             out[v[0]] = v
     return {k: v[1:] for k, v in out.items()}
+
+
+def read_txs(db: sqlite3.Connection, s: RunSet) -> dict[bytes, tuple]:
+    """Every id of POOL as the buffer reads runs: newest first, the first entry that is not a
+    replayed copy, else the last copy seen."""
+    found: dict[bytes, tuple] = {}
+    copies: dict[bytes, tuple] = {}
+    for run in reversed(s.runs[TXS]):
+        for k, e in zip(POOL, s.find_txs(db, run, key_array(POOL)), strict=True):
+            if e is not None and k not in found:
+                (copies if e[3] == BAD_NONCE else found)[k] = e
+    return {**copies, **found}
+
+
+def assert_tiers(s: RunSet) -> None:
+    levels = [r.level for r in s.runs[TXS]]
+    assert levels == sorted(levels, reverse=True)  # older runs are never lower
 
 
 generation = st.dictionaries(
@@ -76,36 +100,82 @@ generation = st.dictionaries(
     gens=st.lists(generation, min_size=1, max_size=14),
     block_rows=st.sampled_from([1, 2, 5, 512]),
     fanout=st.sampled_from([2, 3, 4]),
+    slice_blocks=st.sampled_from([1, 2, 64]),
+    budget=st.sampled_from([None, 1, 40]),
     reopen=st.integers(0, 14),
 )
 def test_transaction_runs_keep_the_replay_rule_through_merges(
-    gens: list[dict], block_rows: int, fanout: int, reopen: int
+    gens: list[dict],
+    block_rows: int,
+    fanout: int,
+    slice_blocks: int,
+    budget: int | None,
+    reopen: int,
 ) -> None:
+    """Merges to the end in each transaction (``budget`` None), or a slice or a few at a
+    time, across transactions and a reopening that cuts one short."""
     db = sqlite3.connect(":memory:", isolation_level=None)
     versions: list[TxRow] = []
     with (
         mock.patch.object(runs, "BLOCK_ROWS", block_rows),
         mock.patch.object(runs, "FANOUT", fanout),
+        mock.patch.object(runs, "MERGE_SLICE_BLOCKS", slice_blocks),
     ):
         s = open_set(db)
         for h, gen in enumerate(gens, start=1):
             rows = [(k, h, idx, pos, status) for k, (idx, pos, status) in gen.items()]
             versions += rows
-            write(db, s, TXS, rows, h)
+            write(db, s, TXS, rows, h, budget)
             if h == reopen:
                 s = open_set(db)
-            # Newest first, as the buffer reads: the first entry that is not a replayed copy,
-            # else the last copy seen
-            found: dict[bytes, tuple] = {}
-            copies: dict[bytes, tuple] = {}
-            for run in reversed(s.runs[TXS]):
-                for k, e in zip(POOL, s.find_txs(db, run, key_array(POOL)), strict=True):
-                    if e is not None and k not in found:
-                        (copies if e[3] == BAD_NONCE else found)[k] = e
-            assert {**copies, **found} == tx_model(versions)
+            assert read_txs(db, s) == tx_model(versions)
+            assert_tiers(s)
             levels = [r.level for r in s.runs[TXS]]
-            assert levels == sorted(levels, reverse=True)
-            assert all(levels.count(v) < fanout for v in levels)
+            if budget is None:
+                assert all(levels.count(v) < fanout for v in levels)
+        before = len(s.runs[TXS])
+        write(db, s, TXS, [], len(gens), None)  # the merges still due, to the end
+        assert not s.merging
+        assert len(s.runs[TXS]) <= before
+        assert all([r.level for r in s.runs[TXS]].count(v) < fanout for v in range(9))
+        assert db.execute(
+            "SELECT count(*) FROM run_blocks WHERE run NOT IN (SELECT id FROM runs)"
+        ).fetchone() == (0,)
+
+
+def test_a_merge_spread_over_transactions_and_cut_short_by_a_restart(tmp_path: Path) -> None:
+    """One slice a transaction: runs pile up while a merge goes on, the oldest of a level are
+    merged first, and a restart mid-merge drops its blocks and starts it again."""
+    orphans = "SELECT count(*) FROM run_blocks WHERE run NOT IN (SELECT id FROM runs)"
+    db = sqlite3.connect(tmp_path / "r.sqlite", isolation_level=None)
+    versions: list[TxRow] = []
+    with (
+        mock.patch.object(runs, "BLOCK_ROWS", 1),
+        mock.patch.object(runs, "FANOUT", 2),
+        mock.patch.object(runs, "MERGE_SLICE_BLOCKS", 1),
+    ):
+        s, reopened = open_set(db), False
+        for h in range(1, 25):
+            rows = [
+                (POOL[(5 * h + i) % 12], h, i, i, BAD_NONCE if i == h % 3 else 0) for i in range(3)
+            ]
+            versions += rows
+            write(db, s, TXS, rows, h, budget=1)
+            if not reopened and h >= 5 and s.merging:
+                reopened = True
+                assert db.execute(orphans).fetchone()[0] > 0
+                s = open_set(db)
+                assert not s.merging
+                assert db.execute(orphans).fetchone() == (0,)
+            assert read_txs(db, s) == tx_model(versions)
+            assert_tiers(s)
+        assert reopened
+        assert max(Counter(r.level for r in s.runs[TXS]).values()) > 2  # they did pile up
+        write(db, s, TXS, [], 24, None)
+        assert not s.merging
+        assert max(Counter(r.level for r in s.runs[TXS]).values()) == 1
+        assert read_txs(db, s) == tx_model(versions)
+        assert db.execute(orphans).fetchone() == (0,)
 
 
 @settings(max_examples=60, deadline=None)
