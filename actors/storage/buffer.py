@@ -33,6 +33,8 @@ from rayledger.actors.storage.runs import (
     TXS,
     Entries,
     RunSet,
+    choose,
+    concat_entries,
     key_array,
     state_entries,
     state_hashes,
@@ -110,7 +112,11 @@ class Generation:
     state: dict[bytes, StateRow] = field(default_factory=dict)
     top: int = 0  # the highest height merged in
     tx_rows: int = 0
-    _txs: Entries | None = None
+    # The entries of ``parts[:_sorted_parts]``, one per id in key order (``txs``)
+    _sorted: Entries = field(
+        default_factory=lambda: Entries(np.empty(0, KEY), np.empty(0, TX_ENTRY))
+    )
+    _sorted_parts: int = 0
 
     @property
     def rows(self) -> int:
@@ -121,7 +127,6 @@ class Generation:
         if len(part.ids):
             self.parts.append(part)
             self.tx_rows += len(part.ids)
-            self._txs = None
         if part.writes.num_rows:
             wkeys = part.writes.column(0).to_pylist()
             values = part.writes.column(1).to_pylist()
@@ -131,19 +136,26 @@ class Generation:
 
     def txs(self) -> Entries:
         """One index entry per id, in key order: of an id's rows (blocks in height order, a
-        block's in row order), the newest that is not a replayed copy, else the oldest."""
-        if self._txs is None and not self.parts:
-            self._txs = Entries(np.empty(0, KEY), np.empty(0, TX_ENTRY))
-        elif self._txs is None:
-            parts, sizes = self.parts, [len(p.ids) for p in self.parts]
-            self._txs = tx_entries(
-                np.concatenate([p.ids.reshape(-1, 32) for p in parts]),
-                np.repeat([p.height for p in parts], sizes),
-                np.concatenate([p.idx for p in parts]),
+        block's in row order), the newest that is not a replayed copy, else the oldest. The
+        blocks merged since the last call are sorted and merged into the last answer (the
+        rule holds for any adjacent range of rows), so a reader after every block costs
+        about one pass over the generation, not a sort of it."""
+        new = self.parts[self._sorted_parts :]
+        if new:
+            sizes = [len(p.ids) for p in new]
+            fresh = tx_entries(
+                np.concatenate([p.ids.reshape(-1, 32) for p in new]),
+                np.repeat([p.height for p in new], sizes),
+                np.concatenate([p.idx for p in new]),
                 np.concatenate([np.arange(n) for n in sizes]),
-                np.concatenate([p.status for p in parts]),
+                np.concatenate([p.status for p in new]),
             )
-        return self._txs
+            if len(self._sorted):
+                both = concat_entries(TXS, [self._sorted, fresh])
+                ranked = both.take(np.argsort(both.keys, kind="stable"))
+                fresh = ranked.take(choose(TXS, ranked.keys, ranked.data))
+            self._sorted, self._sorted_parts = fresh, len(self.parts)
+        return self._sorted
 
 
 class IndexBuffer:

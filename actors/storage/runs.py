@@ -311,7 +311,7 @@ class RunSet:
                 return
             lo, hi = merge.bounds[merge.done], merge.bounds[merge.done + 1]
             parts = [self._slice(cur, r, lo, hi) for r in merge.tier]
-            whole = _concat(merge.out.kind, parts)
+            whole = concat_entries(merge.out.kind, parts)
             ranked = whole.take(np.argsort(whole.keys, kind="stable"))  # a key's oldest first
             picked = ranked.take(choose(merge.out.kind, ranked.keys, ranked.data))
             merge = replace(merge, out=_extend(cur, merge.out, picked), done=merge.done + 1)
@@ -359,7 +359,7 @@ class RunSet:
         ).fetchall()
         if [r[0] for r in rows] != list(range(first, last)):
             raise RunDamaged(f"run {run.id} lacks blocks of {first}-{last - 1}")
-        part = _concat(run.kind, [_parse(run, *r) for r in rows])
+        part = concat_entries(run.kind, [_parse(run, *r) for r in rows])
         start = 0 if lo is None else int(np.searchsorted(part.keys, lo, "left"))
         end = len(part) if hi is None else int(np.searchsorted(part.keys, hi, "left"))
         return part.take(np.arange(start, end))
@@ -420,7 +420,7 @@ class RunSet:
 
 def _extend(cur: Db, out: _Out, entries: Entries) -> _Out:
     """``out`` with ``entries`` (all after its keys) added: every full block written."""
-    held = entries if out.held is None else _concat(out.kind, [out.held, entries])
+    held = entries if out.held is None else concat_entries(out.kind, [out.held, entries])
     full = len(held) - len(held) % BLOCK_ROWS
     return _blocks(cur, out, held, full)
 
@@ -491,7 +491,8 @@ def _parse(run: Run, block: int, keys: bytes, offsets: bytes, data: bytes, crc: 
     return Entries(k, np.frombuffer(data, np.uint8), off)
 
 
-def _concat(kind: int, blocks: list[Entries]) -> Entries:
+def concat_entries(kind: int, blocks: list[Entries]) -> Entries:
+    """Entries of one kind, one list after the other (their key order is not checked)."""
     if not blocks and kind == TXS:
         return Entries(np.empty(0, KEY), np.empty(0, TX_ENTRY))
     if not blocks:
