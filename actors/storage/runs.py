@@ -32,7 +32,7 @@ import itertools
 import sqlite3
 import struct
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -273,7 +273,8 @@ class RunSet:
 
     @property
     def merging(self) -> bool:
-        return self._state.merge is not None
+        """A merge is under way or due (a tier is full)."""
+        return self._state.merge is not None or bool(_full_tiers(self._state.runs))
 
     @property
     def top(self) -> int:
@@ -332,12 +333,7 @@ class RunSet:
     def _start(self) -> _Merge | None:
         """The lowest full tier of either kind (its ``FANOUT`` oldest runs), or ``None``."""
         w = self._work
-        full = [
-            (level, kind)
-            for kind in (TXS, STATE)
-            for level in {r.level for r in w.runs if r.kind == kind}
-            if sum(r.kind == kind and r.level == level for r in w.runs) >= FANOUT
-        ]
+        full = _full_tiers(w.runs)
         if not full:
             return None
         level, kind = min(full)
@@ -507,6 +503,12 @@ def concat_entries(kind: int, blocks: list[Entries]) -> Entries:
         + [np.array([ends[-1]], np.int64)]
     )
     return Entries(keys, data, offsets)
+
+
+def _full_tiers(runs: tuple[Run, ...]) -> list[tuple[int, int]]:
+    """(level, kind) of every tier holding ``FANOUT`` runs or more."""
+    count = Counter((r.level, r.kind) for r in runs)
+    return [tier for tier, n in count.items() if n >= FANOUT]
 
 
 def _age(run: Run) -> int:

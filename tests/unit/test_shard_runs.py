@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayledger.actors.storage import ShardStore, runs
+from rayledger.actors.storage import ShardStore, buffer, runs
 from rayledger.actors.storage.runs import (
     BAD_NONCE,
     KEY,
@@ -28,7 +28,7 @@ from rayledger.actors.storage.runs import (
     tx_entries,
 )
 from rayledger.errors import StoreCorruption
-from tests.unit.test_shard_buffer import BLOCKS, GENESIS, IDS, SEED
+from tests.unit.test_shard_buffer import BLOCKS, GENESIS, IDS, SEED, reference, view
 
 POOL = [bytes([i]) * 31 + bytes([j]) for i in (0, 7, 255) for j in range(4)]  # 12 ids
 STATE_KEYS = [b"", b"a", b"acct/" + b"\x00" * 32, b"anchor/x" * 9]
@@ -165,7 +165,7 @@ def test_a_merge_spread_over_transactions_and_cut_short_by_a_restart(tmp_path: P
                 reopened = True
                 assert db.execute(orphans).fetchone()[0] > 0
                 s = open_set(db)
-                assert not s.merging
+                assert s.merging  # due again: its tier is still full
                 assert db.execute(orphans).fetchone() == (0,)
             assert read_txs(db, s) == tx_model(versions)
             assert_tiers(s)
@@ -176,6 +176,28 @@ def test_a_merge_spread_over_transactions_and_cut_short_by_a_restart(tmp_path: P
         assert max(Counter(r.level for r in s.runs[TXS]).values()) == 1
         assert read_txs(db, s) == tx_model(versions)
         assert db.execute(orphans).fetchone() == (0,)
+
+
+def test_flush_finishes_every_merge_due_even_after_a_restart(tmp_path: Path) -> None:
+    with (
+        mock.patch.object(runs, "BLOCK_ROWS", 1),
+        mock.patch.object(runs, "FANOUT", 2),
+        mock.patch.object(runs, "MERGE_SLICE_BLOCKS", 1),
+        mock.patch.object(buffer, "MERGE_MIN_ENTRIES", 1),
+        mock.patch.object(buffer, "MERGE_PACE", 0),  # one slice an apply
+    ):
+        shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=0)
+        for block in BLOCKS:
+            shard.apply([block])
+        assert shard._buffer.runs.merging
+        shard.close()
+        shard = ShardStore(tmp_path / "s", 0, 1, GENESIS, SEED, index_batch_rows=0)
+        assert shard._buffer.runs.merging
+        shard.flush()
+        assert not shard._buffer.runs.merging
+        assert all(len(levels) == len(set(levels)) for levels in shard.index_runs.values())
+        assert view(shard) == reference(0, 1, len(BLOCKS))
+        shard.close()
 
 
 @settings(max_examples=60, deadline=None)
