@@ -34,7 +34,7 @@ import struct
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -50,9 +50,6 @@ BLOCK_ROWS = 512
 FANOUT = 4
 MERGE_SLICE_BLOCKS = 16
 CACHE_BLOCKS = 512
-# A run's Bloom filter: bits per entry and bits probed per key (about 1% false positives)
-BLOOM_BITS = 10
-BLOOM_PROBES = 4
 
 TXS, STATE = 0, 1
 
@@ -64,8 +61,7 @@ CREATE TABLE IF NOT EXISTS runs (
     level  INTEGER NOT NULL,
     top    INTEGER NOT NULL,     -- the highest block height whose entries it holds
     rows   INTEGER NOT NULL,
-    fences BLOB NOT NULL,        -- the first key of each block, 32 bytes each
-    bloom  BLOB NOT NULL         -- a Bloom filter of its keys, then its CRC-32 (u32 LE)
+    fences BLOB NOT NULL         -- the first key of each block, 32 bytes each
 );
 CREATE TABLE IF NOT EXISTS run_blocks (
     run     INTEGER NOT NULL,
@@ -102,11 +98,6 @@ class Run:
     top: int
     rows: int
     fences: np.ndarray  # (blocks,) KEY
-    bloom: np.ndarray  # uint8 bits
-
-    def may_hold(self, keys: np.ndarray) -> np.ndarray:
-        """False where ``keys`` (an (n,) KEY array) is surely not in the run."""
-        return np.asarray(_bloom_bits(self.bloom, keys).all(axis=1), bool)
 
 
 @dataclass
@@ -224,9 +215,6 @@ class _Out:
     rows: int = 0
     fences: tuple[bytes, ...] = ()
     held: Entries | None = None
-    # Set as blocks are written (in place: a rolled-back transaction may leave bits of keys it
-    # wrote, which only costs a false positive, never a miss)
-    bloom: np.ndarray = field(default_factory=lambda: np.zeros(8, np.uint8))
 
 
 @dataclass(frozen=True)
@@ -268,18 +256,13 @@ class RunSet:
         with db:
             db.execute("DELETE FROM run_blocks WHERE run NOT IN (SELECT id FROM runs)")
         rows = db.execute(
-            "SELECT id, age, kind, level, top, rows, fences, bloom FROM runs ORDER BY age"
+            "SELECT id, age, kind, level, top, rows, fences FROM runs ORDER BY age"
         ).fetchall()
         runs = []
-        for rid, age, kind, level, top, count, fences, bloom in rows:
+        for rid, age, kind, level, top, count, fences in rows:
             if kind not in (TXS, STATE) or len(fences) % 32 or not fences:
                 raise RunDamaged(f"run {rid} is damaged (kind {kind}, {len(fences)} fence bytes)")
-            bloom = bytes(bloom)
-            if len(bloom) < 12 or zlib.crc32(bloom[:-4]) != int.from_bytes(bloom[-4:], "little"):
-                raise RunDamaged(f"run {rid} is damaged (its Bloom filter fails its checksum)")
-            bits = np.frombuffer(bloom[:-4], np.uint8)
-            fence = np.frombuffer(bytes(fences), KEY)
-            runs.append(Run(rid, age, kind, level, top, count, fence, bits))
+            runs.append(Run(rid, age, kind, level, top, count, np.frombuffer(bytes(fences), KEY)))
         next_id = max([r.id + 1 for r in runs] + [r.age + 1 for r in runs] + [1])
         self._state = self._work = _State(tuple(runs), None, next_id)
 
@@ -316,7 +299,7 @@ class RunSet:
         if not len(entries):
             return
         w = self._work
-        out = _extend(cur, _Out(w.next_id, kind, bloom=_bloom_for(len(entries))), entries)
+        out = _extend(cur, _Out(w.next_id, kind), entries)
         run = _finish(cur, out, w.next_id, 0, top)
         self._work = replace(w, runs=(*w.runs, run), next_id=w.next_id + 1)
 
@@ -357,8 +340,7 @@ class RunSet:
         tier = tuple(r for r in w.runs if r.kind == kind and r.level == level)[:FANOUT]
         largest = max(tier, key=lambda r: r.rows)
         inner = [bytes(f) for f in largest.fences[MERGE_SLICE_BLOCKS::MERGE_SLICE_BLOCKS]]
-        out = _Out(w.next_id, kind, bloom=_bloom_for(sum(r.rows for r in tier)))
-        merge = _Merge(tier, (None, *inner, None), out)
+        merge = _Merge(tier, (None, *inner, None), _Out(w.next_id, kind))
         self._work = replace(w, merge=merge, next_id=w.next_id + 1)
         return merge
 
@@ -423,10 +405,9 @@ class RunSet:
 
     def _hits(self, db: Db, run: Run, keys: np.ndarray) -> Iterator[tuple[int, Entries, int]]:
         """(index in ``keys``, block, position in the block) of each key ``run`` holds."""
-        maybe = np.flatnonzero(run.may_hold(keys))
-        block_of = np.searchsorted(run.fences, keys[maybe], side="right") - 1
+        block_of = np.searchsorted(run.fences, keys, side="right") - 1
         for b in np.unique(block_of[block_of >= 0]).tolist():
-            sel = maybe[block_of == b]
+            sel = np.flatnonzero(block_of == b)
             blk = self._block(db, run, b)
             pos = np.minimum(np.searchsorted(blk.keys, keys[sel]), len(blk) - 1)
             hit = blk.keys[pos] == keys[sel]
@@ -445,14 +426,11 @@ def _finish(cur: Db, out: _Out, age: int, level: int, top: int) -> Run:
     if out.held is not None and len(out.held):
         out = _blocks(cur, out, out.held, len(out.held))
     fences = b"".join(out.fences)
-    bloom = out.bloom.tobytes()
     cur.execute(
-        "INSERT INTO runs (id, age, kind, level, top, rows, fences, bloom) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (out.id, age, out.kind, level, top, out.rows, fences, bloom + _crc_le(bloom)),
+        "INSERT INTO runs (id, age, kind, level, top, rows, fences) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (out.id, age, out.kind, level, top, out.rows, fences),
     )
-    fence = np.frombuffer(fences, KEY)
-    return Run(out.id, age, out.kind, level, top, out.rows, fence, out.bloom.copy())
+    return Run(out.id, age, out.kind, level, top, out.rows, np.frombuffer(fences, KEY))
 
 
 def _blocks(cur: Db, out: _Out, e: Entries, count: int) -> _Out:
@@ -475,9 +453,6 @@ def _blocks(cur: Db, out: _Out, e: Entries, count: int) -> _Out:
         "INSERT INTO run_blocks (run, block, keys, offsets, data, crc) VALUES (?, ?, ?, ?, ?, ?)",
         rows,
     )
-    idx = _bloom_index(out.bloom, e.keys[:count]).ravel()
-    # ``at``: several bits may fall in one byte (a plain ``|=`` would keep only one of them)
-    np.bitwise_or.at(out.bloom, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
     return replace(
         out,
         blocks=out.blocks + len(rows),
@@ -528,26 +503,6 @@ def concat_entries(kind: int, blocks: list[Entries]) -> Entries:
         + [np.array([ends[-1]], np.int64)]
     )
     return Entries(keys, data, offsets)
-
-
-def _bloom_for(rows: int) -> np.ndarray:
-    return np.zeros(max(8, -(-rows * BLOOM_BITS // 8)), np.uint8)
-
-
-def _bloom_index(bloom: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """The bits of each key, (n, BLOOM_PROBES): keys are hashes, so four of their 32-bit words
-    serve as independent probes."""
-    words = np.ascontiguousarray(keys).view("<u4").reshape(len(keys), 8)[:, 2 : 2 + BLOOM_PROBES]
-    return words.astype(np.int64) % (8 * len(bloom))
-
-
-def _bloom_bits(bloom: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    idx = _bloom_index(bloom, keys)
-    return np.asarray((bloom[idx >> 3] >> (idx & 7).astype(np.uint8)) & 1, bool)
-
-
-def _crc_le(data: bytes) -> bytes:
-    return zlib.crc32(data).to_bytes(4, "little")
 
 
 def _full_tiers(runs: tuple[Run, ...]) -> list[tuple[int, int]]:

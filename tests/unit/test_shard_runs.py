@@ -234,25 +234,6 @@ def test_state_runs_answer_the_newest_value(
         assert s.top == len(gens)
 
 
-def test_bloom_filters_skip_absent_keys_and_never_miss_a_present_one() -> None:
-    db = sqlite3.connect(":memory:", isolation_level=None)
-    rng = np.random.default_rng(7)
-    with mock.patch.object(runs, "FANOUT", 2), mock.patch.object(runs, "MERGE_SLICE_BLOCKS", 1):
-        s = open_set(db)
-        present: list[bytes] = []
-        for h in (1, 2):  # two runs, merged into one (the merged run's filter is built anew)
-            ids = [bytes(rng.integers(0, 256, 32, np.uint8)) for _ in range(3_000)]
-            present += ids
-            write(db, s, TXS, [(k, h, i, i, 0) for i, k in enumerate(ids)], h)
-        (run,) = s.runs[TXS]
-        assert run.level == 1
-        assert run.may_hold(key_array(present)).all()
-        assert len(run.bloom) == 3_000 * 2 * runs.BLOOM_BITS // 8
-        absent = key_array([bytes(rng.integers(0, 256, 32, np.uint8)) for _ in range(5_000)])
-        assert run.may_hold(absent).mean() < 0.03  # about 1% with 10 bits a key
-        assert s.find_txs(db, run, absent) == [None] * len(absent)
-
-
 def test_keys_sort_and_compare_as_bytes() -> None:
     raw = [b"\x00" * 32, b"\x00" * 31 + b"\x01", b"a" + b"\x00" * 31, b"a\x01" + b"\x00" * 30]
     raw += [bytes(np.random.default_rng(1).integers(0, 256, 32, np.uint8)) for _ in range(50)]
@@ -327,12 +308,6 @@ def test_a_block_swapped_with_another_reads_as_corruption(written: Path) -> None
     with pytest.raises(StoreCorruption, match="not the block its run's fences name"):
         shard.locate(IDS)
     shard.close()
-
-
-def test_a_damaged_bloom_filter_refuses_to_open(written: Path) -> None:
-    tamper(written, "UPDATE runs SET bloom = zeroblob(length(bloom)) WHERE kind = 0")
-    with pytest.raises(StoreCorruption, match="Bloom filter fails its checksum"):
-        ShardStore(written, 0, 1, GENESIS, SEED)
 
 
 def test_damaged_fences_refuse_to_open(written: Path) -> None:
