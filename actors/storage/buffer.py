@@ -33,12 +33,13 @@ from rayledger.actors.storage.runs import (
     TXS,
     Entries,
     RunSet,
-    choose,
     concat_entries,
     key_array,
+    resolve,
     state_entries,
     state_hashes,
     tx_entries,
+    tx_entry,
 )
 from rayledger.tx import batch_from_ipc, batch_to_ipc
 
@@ -151,9 +152,7 @@ class Generation:
                 np.concatenate([p.status for p in new]),
             )
             if len(self._sorted):
-                both = concat_entries(TXS, [self._sorted, fresh])
-                ranked = both.take(np.argsort(both.keys, kind="stable"))
-                fresh = ranked.take(choose(TXS, ranked.keys, ranked.data))
+                fresh = resolve(TXS, concat_entries(TXS, [self._sorted, fresh]))
             self._sorted, self._sorted_parts = fresh, len(self.parts)
         return self._sorted
 
@@ -254,8 +253,7 @@ class IndexBuffer:
             keys = key_array(ids)
             at = np.minimum(np.searchsorted(recent.keys, keys), len(recent) - 1)
             for i in np.flatnonzero(recent.keys[at] == keys).tolist():
-                e = recent.data[at[i]]
-                see(i, (int(e["height"]), int(e["idx"]), int(e["pos"]), int(e["status"])))
+                see(i, tx_entry(recent.data[at[i]]))
         ask = [i for i, e in enumerate(out) if e is None]
         for run in reversed(self.runs.runs[TXS]):
             if not ask:

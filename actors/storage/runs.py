@@ -146,8 +146,7 @@ def tx_entries(
     data = np.empty(len(ids), TX_ENTRY)
     data["height"], data["idx"], data["pos"], data["status"] = height, idx, pos, status
     keys = np.ascontiguousarray(ids, np.uint8).reshape(-1).view(KEY)
-    ranked = Entries(keys, data).take(np.argsort(keys, kind="stable"))
-    return ranked.take(choose(TXS, ranked.keys, ranked.data))
+    return resolve(TXS, Entries(keys, data))
 
 
 def state_entries(rows: Sequence[tuple[bytes, bytes, int]]) -> Entries:
@@ -186,6 +185,17 @@ def _spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(
         ends[-1] if len(ends) else 0
     )
+
+
+def resolve(kind: int, entries: Entries) -> Entries:
+    """Entries oldest first (several per key allowed) as one per key, in key order: each key's
+    answer by the rule of its kind."""
+    ranked = entries.take(np.argsort(entries.keys, kind="stable"))  # a key's oldest first
+    return ranked.take(choose(kind, ranked.keys, ranked.data))
+
+
+def tx_entry(e: np.void) -> TxEntry:
+    return (int(e["height"]), int(e["idx"]), int(e["pos"]), int(e["status"]))
 
 
 def choose(kind: int, keys: np.ndarray, data: np.ndarray) -> np.ndarray:
@@ -313,8 +323,7 @@ class RunSet:
             lo, hi = merge.bounds[merge.done], merge.bounds[merge.done + 1]
             parts = [self._slice(cur, r, lo, hi) for r in merge.tier]
             whole = concat_entries(merge.out.kind, parts)
-            ranked = whole.take(np.argsort(whole.keys, kind="stable"))  # a key's oldest first
-            picked = ranked.take(choose(merge.out.kind, ranked.keys, ranked.data))
+            picked = resolve(merge.out.kind, whole)
             merge = replace(merge, out=_extend(cur, merge.out, picked), done=merge.done + 1)
             spent += len(whole)
             if merge.done < len(merge.bounds) - 1:
@@ -385,8 +394,7 @@ class RunSet:
         KEY array of ids), or ``None``."""
         out: list[TxEntry | None] = [None] * len(keys)
         for i, blk, p in self._hits(db, run, keys):
-            e = blk.data[p]
-            out[i] = (int(e["height"]), int(e["idx"]), int(e["pos"]), int(e["status"]))
+            out[i] = tx_entry(blk.data[p])
         return out
 
     def find_states(
