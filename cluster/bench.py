@@ -415,6 +415,13 @@ class E2EResult:
     txs_per_block: float = 0.0
     # The cpu backend's one-core rate before and after the run
     one_core_verify_before_after: tuple[float, float] = (0.0, 0.0)
+    # The whole machine over the load window (every process: the network, Ray's own, this
+    # load generator, anything else running): the fraction of all cores' time busy, and the
+    # fraction the hypervisor stole (None: not measurable here). Efficiency is the share
+    # the committed transactions' signature checks took (see bench_e2e), so busy minus
+    # efficiency is everything else, and 1 - busy what the pipeline left unused.
+    machine_busy: float | None = None
+    machine_steal: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(v: Any) -> Any:
@@ -455,6 +462,33 @@ def _cpu_by_role(net: Any, validators: int) -> dict[str, float]:
             answers = ray.get([h.status.remote() for h in handles], timeout=30)
             out[role] = sum(float(a.get("cpu_s", 0.0)) for a in answers)
     return out
+
+
+def machine_cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int, int] | None:
+    """This machine's CPU time so far, all cores and every process (the kernel's too), as
+    ``(busy, steal, total)`` clock ticks from ``/proc/stat``: busy is user, nice, system, irq
+    and softirq; steal is time the hypervisor gave this VM's cores to others; total adds idle
+    and iowait. None where there is no such file (not Linux)."""
+    try:
+        first = stat.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if len(first) < 9 or first[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in first[1:9])
+    busy = user + nice + system + irq + softirq
+    return busy, steal, busy + steal + idle + iowait
+
+
+def machine_shares(
+    start: tuple[int, int, int] | None, end: tuple[int, int, int] | None
+) -> tuple[float, float] | None:
+    """The fractions of all cores' time between two ``machine_cpu_times`` that were busy and
+    stolen by the hypervisor (None without both, or with no time between them)."""
+    if start is None or end is None or end[2] <= start[2]:
+        return None
+    total = end[2] - start[2]
+    return (end[0] - start[0]) / total, (end[1] - start[1]) / total
 
 
 def bench_e2e(
@@ -584,6 +618,8 @@ def bench_e2e(
 
             threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
             cpu_start = _cpu_by_role(net, validators)
+            machine_start = machine_cpu_times()
+            machine_end = None
             cpu_end: dict[str, float] | None = None
             t_start = time.time()
             for th in threads:
@@ -598,6 +634,7 @@ def bench_e2e(
                 any(th.is_alive() for th in threads) or pending
             ):
                 if cpu_end is None and time.monotonic() >= stop:
+                    machine_end = machine_cpu_times()
                     cpu_end = _cpu_by_role(net, validators)
                 for h, at, ids in ray.get(v0.committed_since.remote(seen_height)):
                     seen_height = h
@@ -623,6 +660,7 @@ def bench_e2e(
             for th in threads:
                 th.join()
             if cpu_end is None:
+                machine_end = machine_cpu_times()
                 cpu_end = _cpu_by_role(net, validators)
             chains = [net.headers(i) for i in range(validators)]
             common = min(len(c) for c in chains)
@@ -631,6 +669,7 @@ def bench_e2e(
         finally:
             ray.shutdown()
     tps = committed / duration_s
+    shares = machine_shares(machine_start, machine_end)
     # The machine's speed again, quiet as before the run (Ray is down): the ratios use both
     after, after_openssl = _one_core_verify_rates()
     before = one_core
@@ -660,6 +699,8 @@ def bench_e2e(
         blocks_per_s=len(window_blocks) / duration_s,
         txs_per_block=sum(window_blocks) / len(window_blocks) if window_blocks else 0.0,
         one_core_verify_before_after=(before, after),
+        machine_busy=None if shares is None else shares[0],
+        machine_steal=None if shares is None else shares[1],
         # Nothing committed in the window: no per-transaction figure to give
         cpu_us_per_tx={
             role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end

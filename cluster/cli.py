@@ -515,6 +515,19 @@ def bench_e2e_cmd(
     table.add_row(
         "blocks committed", f"{r.blocks_per_s:,.1f}/s, {r.txs_per_block:,.0f} transactions each"
     )
+    if r.machine_busy is not None and r.machine_steal is not None:
+        idle = max(0.0, 1 - r.machine_busy - r.machine_steal)
+        split = (
+            f" = {r.efficiency:.0%} the committed transactions' signature checks (the "
+            f"efficiency) + {max(0.0, r.machine_busy - r.efficiency):.0%} everything else"
+            if r.signatures_checked
+            else ""
+        )
+        table.add_row(
+            "whole machine in the load window",
+            f"{r.machine_busy:.0%} of all cores busy{split}; {idle:.0%} idle; "
+            f"{r.machine_steal:.0%} taken by the hypervisor",
+        )
     table.add_row("storage shards per validator", str(r.storage_shards))
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)

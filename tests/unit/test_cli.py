@@ -237,3 +237,27 @@ def test_client_connect_needs_a_recorded_network(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="no running network recorded"):
         Client.connect(tmp_path)
+
+
+def test_machine_cpu_shares_from_proc_stat(tmp_path: Path) -> None:
+    from rayledger.cluster.bench import machine_cpu_times, machine_shares
+
+    stat_file = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat_file.write_text("cpu  100 10 40 800 20 5 5 20 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    start = machine_cpu_times(stat_file)
+    assert start == (160, 20, 1000)  # guest time is inside user already: not added
+    stat_file.write_text("cpu  250 10 90 1400 30 5 5 60 7 0\n")
+    end = machine_cpu_times(stat_file)
+    assert end == (360, 60, 1850)
+    busy, steal = machine_shares(start, end)  # type: ignore[misc]
+    assert busy == 200 / 850 and steal == 40 / 850
+    # Nothing to measure: no file, a foreign format, or no time between the readings
+    assert machine_cpu_times(tmp_path / "absent") is None
+    stat_file.write_text("intr 1 2 3\n")
+    assert machine_cpu_times(stat_file) is None
+    assert machine_shares(start, start) is None and machine_shares(None, end) is None
+    # This machine's own, where it has one: busy and steal never exceed the total
+    here = machine_cpu_times()
+    if here is not None:
+        assert 0 <= here[0] + here[1] <= here[2]
