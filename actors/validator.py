@@ -47,7 +47,8 @@ from rayledger.actors.storage import (
 )
 from rayledger.actors.storage.engine import fsync_write
 from rayledger.actors.storage.slots import SlotFile
-from rayledger.actors.storage.snapshot import load_snapshot, save_snapshot
+from rayledger.actors.storage.snapshot import load_snapshot
+from rayledger.actors.storage.state import CommittedState
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
 from rayledger.codec import Reader, u64, var_bytes
@@ -80,7 +81,7 @@ from rayledger.consensus.wire import (
 )
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
 from rayledger.errors import LedgerError
-from rayledger.execution import execute_block, genesis_state
+from rayledger.execution import StateView, execute_block, genesis_state
 from rayledger.tx import TX_SCHEMA, tx_ids_of
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,12 @@ log = logging.getLogger(__name__)
 # Recent blocks whose state writes a (re)started validator keeps for shards that lag behind;
 # a shard further behind is rebuilt by re-executing the stored chain.
 SHARD_REPLAY_KEEP = 64
+# The committed state goes to the validator's state.db every this many blocks, or sooner once
+# the writes held in memory since the last checkpoint reach this many entries (about 320 bytes
+# each), SHARD_REPLAY_KEEP blocks behind the head by default, so that a restart re-executes
+# those for the shards
+CHECKPOINT_EVERY = 1000
+STATE_MEMORY_ENTRIES = 1_000_000
 # Blocks sent to a shard in one call, and blocks held for shards that do not acknowledge
 SHARD_CHUNK = 32
 SHARD_PENDING_MAX = 1024
@@ -131,8 +138,9 @@ class Validator:
         # Heights of committed batches kept servable to peers from memory (the core refuses
         # a repeat within its committed window; older repeats come with their batch again)
         self.batch_window = int(settings.get("batch_window_heights", CoreConfig().committed_window))
-        self.snapshot_every = int(settings.get("snapshot_every_blocks", 1000))
-        self._snapshot_task: asyncio.Future[None] | None = None
+        self.checkpoint_every = max(1, int(settings.get("snapshot_every_blocks", CHECKPOINT_EVERY)))
+        self.state_lag = max(0, int(settings.get("state_lag_blocks", SHARD_REPLAY_KEEP)))
+        self.state_memory = int(settings.get("state_memory_entries", STATE_MEMORY_ENTRIES))
         # Parallelism on a Ray node comes from actors; no per-actor hashing processes.
         os.environ.setdefault("RAYLEDGER_CPU_WORKERS", "0")
         self.index = index
@@ -208,7 +216,8 @@ class Validator:
         self.committed_batches = self._load_batch_index()
         keep_from = self.store.height - SHARD_REPLAY_KEEP
         base, head, self.restored_from, self.replayed_writes = self._replay(keep_from)
-        self._last_snapshot = head.height
+        assert isinstance(base, CommittedState)
+        self.state = base
         self.builder = LedgerBuilder(self.batches, head, base)
         self._recent_proposals: collections.deque[bytes] = collections.deque(
             maxlen=CoreConfig().committed_window
@@ -236,26 +245,27 @@ class Validator:
 
     def _replay(
         self, keep_from: int, *, need_all: bool = False
-    ) -> tuple[Any, BlockHeader, int, dict[int, dict[bytes, bytes]]]:
-        """Rebuild the committed state by re-executing the stored chain, from the state
-        snapshot when there is a usable one; a stored state root that differs from
-        re-execution means the store or this code is wrong: refuse. Returns the state, its
-        head, the snapshot height it began from (0: genesis) and the writes of re-executed
-        blocks above ``keep_from`` (for the storage shards; ``need_all``: all of those are
-        needed, so a snapshot above ``keep_from`` does not serve). Reads only the store and
-        the snapshot file, so it may run in a thread."""
-        base, _ = genesis_state(self.genesis.accounts)
-        head = self.genesis.header
-        start = 0
-        snap = load_snapshot(self.dir / "state.snap")
-        if snap is not None:
-            height, block_hash, state = snap
-            if height > self.store.height or self.store.get_header(height).hash != block_hash:
-                log.warning("validator %d: state snapshot is not of this chain", self.index)
-            elif height <= keep_from or not need_all:
-                base.writes = state
-                head = self.store.get_header(height)
-                start = height
+    ) -> tuple[StateView, BlockHeader, int, dict[int, dict[bytes, bytes]]]:
+        """Rebuild the committed state by re-executing the stored chain above the last
+        checkpoint of ``state.db``; a stored state root that differs from re-execution means
+        the store or this code is wrong: refuse. Returns the state, its head, the height it
+        began from (0: genesis) and the writes of re-executed blocks above ``keep_from`` (for
+        the storage shards).
+
+        ``need_all``: the writes of every block above ``keep_from`` are needed (a shard's
+        rebuild, beside the live state): the chain is re-executed on a state of its own in
+        memory, from genesis or from a snapshot of the earlier form at or below
+        ``keep_from``. It reads only the store and that file, so it may run in a thread."""
+        base: StateView
+        if need_all:
+            base, _ = genesis_state(self.genesis.accounts)
+            head = self.genesis.header
+            snap = self._legacy_snapshot()
+            if snap is not None and snap[0].height <= keep_from:
+                head, base.writes = snap
+        else:
+            base, head = self._open_state()
+        start = head.height
         writes: dict[int, dict[bytes, bytes]] = {}
         for header, rows in self.store.iter_rows(head.height + 1, self.store.height):
             view, _, root = execute_block(base, rows, header.height, head.state_root)
@@ -263,23 +273,83 @@ class Validator:
                 raise LedgerError(f"height {header.height}: re-executed state root differs")
             if header.height > keep_from and self.shards:
                 writes[header.height] = dict(view.writes)
-            base.writes.update(view.writes)
+            base.absorb(header.height, view.writes)
             head = header
+            if isinstance(base, CommittedState):  # memory stays bounded while it replays
+                upto = head.height - self.state_lag
+                if self._checkpoint_due(base, upto):
+                    base.checkpoint_now(upto, self.store.get_header(upto).hash)
         return base, head, start, writes
 
-    def _maybe_snapshot(self) -> None:
-        """Every ``snapshot_every`` blocks, save the committed state (copied here, written by
-        a thread so that the event loop goes on)."""
-        head = self.builder.head
-        if not self.snapshot_every or head.height - self._last_snapshot < self.snapshot_every:
-            return
-        if self._snapshot_task is not None and not self._snapshot_task.done():
-            return
-        self._last_snapshot = head.height
-        state = dict(self.builder.base.writes)
-        self._snapshot_task = asyncio.get_running_loop().run_in_executor(
-            None, save_snapshot, self.dir / "state.snap", head.height, head.hash, state
+    def _open_state(self) -> tuple[CommittedState, BlockHeader]:
+        """The committed state as of its last checkpoint, and that block's header. A file
+        that names no block of this store (another chain; a store that lost its tail) is
+        rebuilt: seeded with the genesis state, or with a snapshot of the earlier form."""
+        state = CommittedState(self.dir / "state.db")
+        if state.block_hash is not None:
+            h = state.height
+            header = self.genesis.header if h == 0 else None
+            if 0 < h <= self.store.height:
+                header = self.store.get_header(h)
+            if header is not None and header.hash == state.block_hash:
+                return state, header
+            log.warning("validator %d: state.db (height %d) is not of this chain", self.index, h)
+        base, _ = genesis_state(self.genesis.accounts)
+        head, entries = self.genesis.header, base.writes
+        snap = self._legacy_snapshot()
+        if snap is not None:
+            head, entries = snap
+        state.seed(head.height, head.hash, entries.items())
+        return state, head
+
+    def _legacy_snapshot(self) -> tuple[BlockHeader, dict[bytes, bytes]] | None:
+        """The state snapshot earlier versions wrote (``state.snap``), if it is of this chain:
+        a validator upgraded in place starts from it instead of genesis."""
+        snap = load_snapshot(self.dir / "state.snap")
+        if snap is None:
+            return None
+        height, block_hash, state = snap
+        if 0 < height <= self.store.height:
+            header = self.store.get_header(height)
+            if header.hash == block_hash:
+                return header, state
+        log.warning("validator %d: state snapshot is not of this chain", self.index)
+        return None
+
+    def _checkpoint_due(self, state: CommittedState, upto: int) -> bool:
+        """Whether to write the state as of ``upto``: ``checkpoint_every`` blocks since the
+        last checkpoint, or ``state_memory`` entries held in memory since."""
+        if upto <= state.height:
+            return False
+        return upto - state.height >= self.checkpoint_every or state.held_entries >= max(
+            1, self.state_memory
         )
+
+    def _maybe_checkpoint(self) -> None:
+        """Write the committed state as of ``state_lag`` blocks behind the head to
+        ``state.db`` when one is due, by a thread (the event loop goes on reading it); the
+        blocks written then leave memory."""
+        state = self.state
+        upto = self.builder.head.height - self.state_lag
+        if not self._checkpoint_due(state, upto):
+            return
+        job = state.begin_checkpoint(upto, self.store.get_header(upto).hash)
+        if job is None:  # one is being written
+            return
+        future = asyncio.get_running_loop().run_in_executor(None, state.write_checkpoint, job)
+
+        def written(f: asyncio.Future[None]) -> None:
+            failed = f.cancelled() or f.exception() is not None
+            if failed:
+                log.error(
+                    "validator %d: state checkpoint at %d failed: %r",
+                    self.index,
+                    upto,
+                    None if f.cancelled() else f.exception(),
+                )
+            state.end_checkpoint(upto, job[1], written=not failed)
+
+        future.add_done_callback(written)
 
     def _load_commit_proofs(
         self, lo: int, hi: int
@@ -773,7 +843,7 @@ class Validator:
         for block, qc, writes, leaves in shard_blocks:
             self._queue_for_shards(block.header, qc, block.rows(), writes, leaves)
         self._wake_shards()
-        self._maybe_snapshot()
+        self._maybe_checkpoint()
         self._bound_memory()
         self.timings["shards_s"] = self.timings.get("shards_s", 0.0) + time.perf_counter() - t0
 
@@ -965,7 +1035,12 @@ class Validator:
                 "commit_times": len(self.commit_times),
             },
             "cpu_s": round(time.process_time(), 3),
+            # The height of the state checkpoint the last start re-executed from
             "restored_from_snapshot": self.restored_from,
+            # The committed state: checkpointed to disk up to this height, and the entries
+            # of the blocks since, held in memory (bounded: see _maybe_checkpoint)
+            "state_checkpoint": self.state.height,
+            "state_held_entries": self.state.held_entries,
         }
 
     async def headers(self, from_height: int = 1) -> list[tuple[int, bytes, bytes]]:

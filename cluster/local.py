@@ -51,9 +51,14 @@ class NetworkOptions:
     # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
     verifier_backend: str = "auto"
-    # Save each validator's committed state every this many blocks (0: never), so that a
-    # restart re-executes only the blocks after the last snapshot
+    # Each validator checkpoints its committed state to its state.db every this many blocks,
+    # or sooner once it holds ``state_memory_entries`` written since the last checkpoint
+    # (about 320 bytes each), ``state_lag_blocks`` behind its head: a restart re-executes only
+    # the blocks after the last checkpoint (which gives lagging storage shards their writes),
+    # and the writes of the blocks since it are all a validator holds of the state in memory
     snapshot_every_blocks: int = 1000
+    state_memory_entries: int = 1_000_000
+    state_lag_blocks: int = 64
     # Committed blocks a validator holds for a storage shard that does not acknowledge them;
     # a shard further behind is rebuilt from the validator's block store
     shard_pending_blocks: int = 1024

@@ -179,7 +179,7 @@ class LedgerBuilder:
         if header.parent_hash != self.head.hash:
             raise ValueError(f"height {header.height} does not extend the committed head")
         view = self._views[block_hash]
-        self.base.writes.update(view.writes)
+        self.base.absorb(header.height, view.writes)
         view.writes.clear()
         view.parent = self.base
         txs, results, _ = self._bodies[block_hash]

@@ -70,19 +70,28 @@ class StateView:
         self.writes: dict[bytes, bytes] = {}
 
     def get(self, key: bytes) -> bytes | None:
-        view: StateView | None = self
-        while view is not None:
+        view = self
+        while True:
             value = view.writes.get(key)
             if value is not None:
                 return value
-            view = view.parent
-        return None
+            parent = view.parent
+            if parent is None:
+                return None
+            if parent.__class__ is not StateView:  # a base that reads elsewhere (its disk)
+                return parent.get(key)
+            view = parent
 
     def set(self, key: bytes, value: bytes) -> None:
         self.writes[key] = value
 
     def child(self) -> StateView:
         return StateView(self)
+
+    def absorb(self, height: int, writes: dict[bytes, bytes]) -> None:
+        """Fold committed block ``height``'s writes into this base state (held in memory
+        here; a validator's base keeps them on its disk: actors/storage/state.py)."""
+        self.writes.update(writes)
 
     def fold_into_parent(self) -> StateView:
         """Apply this layer to its parent (its block committed); return the parent."""

@@ -133,19 +133,20 @@ def wait_height(net: Network, i: int, height: int, timeout_s: float = 60) -> Non
 
 
 def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> None:
-    # Snapshots every 5 blocks: the restart re-executes from the last one, not from genesis
-    net = start(tmp_path, "kill1", snapshot_every_blocks=5)
+    # State checkpoints every 5 blocks, 2 behind the head: the restart re-executes from the
+    # last one, not from genesis
+    net = start(tmp_path, "kill1", snapshot_every_blocks=5, state_lag_blocks=2)
     try:
         first = client_batches(net, 2_000)
         for k, b in enumerate(first):
             net.submit(b, mempool=k)
         for b in first:
             net.wait_committed(b)
-        # Killed only once it has written a snapshot (at a height of 5 or more; idle blocks
-        # come every half round timeout)
-        snap, t0 = tmp_path / "validator-3" / "state.snap", time.monotonic()
-        while not snap.exists():
-            assert time.monotonic() - t0 < 60, "validator 3 wrote no snapshot"
+        # Killed only once it has checkpointed its state (at a height of 5 or more; idle
+        # blocks come every half round timeout)
+        t0 = time.monotonic()
+        while net.status()[3]["state_checkpoint"] < 5:
+            assert time.monotonic() - t0 < 60, "validator 3 wrote no state checkpoint"
             time.sleep(0.2)
         # Killed and restarted as `rayledger chaos` does, from another process's handles:
         # this one's handle to validator 3 goes stale

@@ -1,0 +1,235 @@
+"""A validator's committed state on its own disk, so that its memory does not grow with the state.
+
+Execution reads the committed state through ``CommittedState``, the base of every view the
+validator executes on: the writes of the blocks committed since its last checkpoint are held in
+memory (the newest value of each key, and the height that wrote it); everything older is read
+from ``state.db``, an SQLite file in WAL mode:
+
+    state(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID
+    meta(height, hash): the block whose state the table holds (one row)
+    prefixes(prefix): the kinds of key (their first 4 bytes) the table holds
+
+A checkpoint writes the blocks up to a height in one SQLite transaction, with that height and
+block hash, so the file always holds the state exactly as of one committed block: a crash
+leaves the last checkpoint whole, and a restart re-executes the stored chain above it. A
+checkpoint is written by a thread on a connection of its own while the event loop goes on
+reading (WAL readers see the last committed checkpoint; the blocks being written stay in
+memory until it commits, then leave it).
+
+The file is this validator's derived data, like the snapshot it replaces: one that does not
+name a block its store holds at that height is emptied, and the chain re-executed from
+genesis.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from rayledger.execution import StateView
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (one INTEGER PRIMARY KEY CHECK (one = 1),
+                                 height INTEGER NOT NULL, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS prefixes (prefix BLOB PRIMARY KEY) WITHOUT ROWID;
+"""
+# Keys are named by a 4-byte kind ("anc:", "non:", "bal:"): a key of a kind the file holds
+# none of is not looked up there (until anchors first reach the disk, a new anchor costs no
+# read of it)
+PREFIX = 4
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # A checkpoint must be durable once it is the state restarts begin from
+    db.execute("PRAGMA synchronous=FULL")
+    # Pages of the key B-tree stay cached between checkpoints and reads (64 MiB)
+    db.execute("PRAGMA cache_size=-65536")
+    return db
+
+
+class CommittedState(StateView):
+    """The committed state: the blocks since the last checkpoint in memory, the rest on disk.
+
+    ``absorb`` takes each committed block's writes in height order; ``begin_checkpoint``
+    hands out what a checkpoint writes (``write_checkpoint``, on any thread) and
+    ``end_checkpoint`` lets it leave memory once written.
+    """
+
+    __slots__ = (
+        "path",
+        "height",
+        "block_hash",
+        "_db",
+        "_writer",
+        "_recent",
+        "_layers",
+        "_writing",
+        "_on_disk",
+    )
+
+    def __init__(self, path: Path) -> None:
+        # StateView's own __init__ would give it a dict of writes, which it has not (mypy does
+        # not see the inherited slot)
+        self.parent = None  # type: ignore[misc]
+        self.path = Path(path)
+        self._db = _connect(self.path)
+        self._db.executescript(_SCHEMA)
+        # The checkpoints' own connection (one checkpoint at a time, on any thread)
+        self._writer = _connect(self.path)
+        row = self._db.execute("SELECT height, hash FROM meta WHERE one = 1").fetchone()
+        # The block whose state the file holds (0 and no hash: nothing checkpointed yet)
+        self.height: int = 0 if row is None else int(row[0])
+        self.block_hash: bytes | None = None if row is None else bytes(row[1])
+        # key -> (newest value, the height that wrote it), for blocks above the checkpoint
+        self._recent: dict[bytes, tuple[bytes, int]] = {}
+        # height -> that block's writes, in height order
+        self._layers: dict[int, dict[bytes, bytes]] = {}
+        self._writing: int | None = None  # the height of a checkpoint being written
+        self._on_disk = {bytes(r[0]) for r in self._db.execute("SELECT prefix FROM prefixes")}
+
+    # ---- reads (StateView) -------------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def writes(self) -> dict[bytes, bytes]:
+        raise TypeError("the committed state is not one dict in memory: use get and absorb")
+
+    def get(self, key: bytes) -> bytes | None:
+        hit = self._recent.get(key)
+        if hit is not None:
+            return hit[0]
+        if key[:PREFIX] not in self._on_disk:
+            return None
+        row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set(self, key: bytes, value: bytes) -> None:
+        raise TypeError("the committed state changes only by whole committed blocks (absorb)")
+
+    def child(self) -> StateView:
+        return StateView(self)
+
+    # ---- commits ------------------------------------------------------------------------------
+
+    @property
+    def top(self) -> int:
+        """The height of the newest block absorbed (the checkpoint's when none is held)."""
+        return next(reversed(self._layers)) if self._layers else self.height
+
+    @property
+    def held_entries(self) -> int:
+        """Entries held in memory (the writes of the blocks above the checkpoint)."""
+        return len(self._recent)
+
+    @property
+    def held_blocks(self) -> int:
+        return len(self._layers)
+
+    def absorb(self, height: int, writes: dict[bytes, bytes]) -> None:
+        """Fold the writes of committed block ``height`` (the next one) into the state."""
+        if height != self.top + 1:
+            raise ValueError(f"block {height} does not follow the committed state at {self.top}")
+        layer = dict(writes)
+        self._layers[height] = layer
+        recent = self._recent
+        for k, v in layer.items():
+            recent[k] = (v, height)
+
+    def seed(self, height: int, block_hash: bytes, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Replace the whole file by ``entries``, as the state at ``height`` (genesis, or an
+        older form of this validator's state); nothing may be held in memory."""
+        if self._layers or self._writing is not None:
+            raise ValueError("the state holds blocks: it cannot be seeded")
+        rows = sorted(entries)
+        kinds = {k[:PREFIX] for k, _ in rows}
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM state")
+            db.execute("DELETE FROM prefixes")
+            db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", rows)
+            db.executemany("INSERT INTO prefixes VALUES (?)", [(k,) for k in kinds])
+            db.execute("INSERT OR REPLACE INTO meta VALUES (1, ?, ?)", (height, block_hash))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.height, self.block_hash, self._on_disk = height, block_hash, kinds
+
+    def begin_checkpoint(
+        self, upto: int, block_hash: bytes
+    ) -> tuple[int, bytes, list[dict[bytes, bytes]]] | None:
+        """What a checkpoint of the blocks up to ``upto`` (whose hash is ``block_hash``)
+        writes, or None when there is nothing to write or a checkpoint is being written."""
+        if self._writing is not None or upto <= self.height:
+            return None
+        if upto > self.top:
+            raise ValueError(f"block {upto} is not committed here (top {self.top})")
+        self._writing = upto
+        layers = [layer for h, layer in self._layers.items() if h <= upto]
+        return upto, block_hash, layers
+
+    def write_checkpoint(self, job: tuple[int, bytes, list[dict[bytes, bytes]]]) -> None:
+        """Write a checkpoint in one transaction, on a connection of its own (any thread)."""
+        upto, block_hash, layers = job
+        merged: dict[bytes, bytes] = {}
+        for layer in layers:  # in height order: a later block's value replaces
+            merged.update(layer)
+        db = self._writer
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # In key order: each B-tree page is visited once, not once per key
+            db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", sorted(merged.items()))
+            kinds = {k[:PREFIX] for k in merged}
+            db.executemany("INSERT OR IGNORE INTO prefixes VALUES (?)", [(k,) for k in kinds])
+            db.execute("INSERT OR REPLACE INTO meta VALUES (1, ?, ?)", (upto, block_hash))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def end_checkpoint(self, upto: int, block_hash: bytes, written: bool) -> None:
+        """The checkpoint begun for ``upto`` finished (``written``) or failed: its blocks
+        leave memory only if it was written."""
+        if self._writing != upto:
+            raise ValueError(f"no checkpoint of {upto} is being written")
+        self._writing = None
+        if not written:
+            return
+        recent, on_disk = self._recent, self._on_disk
+        for h in [h for h in self._layers if h <= upto]:
+            for k in self._layers.pop(h):
+                on_disk.add(k[:PREFIX])
+                hit = recent.get(k)
+                if hit is not None and hit[1] <= upto:
+                    del recent[k]
+        self.height, self.block_hash = upto, block_hash
+
+    def checkpoint_now(self, upto: int, block_hash: bytes) -> None:
+        """A checkpoint written here and now (a restart's replay, tests)."""
+        job = self.begin_checkpoint(upto, block_hash)
+        if job is None:
+            return
+        try:
+            self.write_checkpoint(job)
+        except BaseException:
+            self.end_checkpoint(upto, block_hash, written=False)
+            raise
+        self.end_checkpoint(upto, block_hash, written=True)
+
+    def entries(self) -> dict[bytes, bytes]:
+        """The whole state as a dict (tests and audits: it reads every row)."""
+        out = {bytes(k): bytes(v) for k, v in self._db.execute("SELECT key, value FROM state")}
+        for k, (v, _) in self._recent.items():
+            out[k] = v
+        return out
+
+    def close(self) -> None:
+        self._db.close()
+        self._writer.close()

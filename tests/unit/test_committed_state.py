@@ -1,0 +1,184 @@
+"""A validator's committed state on disk (``actors/storage/state.py``): reads equal an
+in-memory model of the state whatever was checkpointed, memory stays bounded, a checkpoint is
+whole or absent, and a reopened file holds exactly the state of its checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rayledger.actors.storage.state import CommittedState
+from rayledger.execution import StateView
+
+
+def block_hash(height: int) -> bytes:
+    return hashlib.sha256(b"block %d" % height).digest()
+
+
+def random_blocks(seed: int, blocks: int, keys: int) -> list[dict[bytes, bytes]]:
+    """Blocks of writes over a small key space (keys rewritten often, some values empty)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(blocks):
+        n = rng.randint(0, 6)
+        out.append(
+            {
+                b"k%d" % rng.randrange(keys): rng.choice([b"", rng.randbytes(rng.randint(1, 9))])
+                for _ in range(n)
+            }
+        )
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    blocks=st.integers(0, 40),
+    every=st.integers(1, 7),
+    lag=st.integers(0, 5),
+    reopen_at=st.integers(0, 40),
+)
+def test_reads_match_a_model_through_checkpoints_and_a_reopen(
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    blocks: int,
+    every: int,
+    lag: int,
+    reopen_at: int,
+) -> None:
+    path = tmp_path_factory.mktemp("state") / "state.db"
+    state = CommittedState(path)
+    state.seed(0, block_hash(0), [(b"genesis", b"g"), (b"k0", b"zero")])
+    model = {b"genesis": b"g", b"k0": b"zero"}
+    for height, writes in enumerate(random_blocks(seed, blocks, 12), start=1):
+        state.absorb(height, writes)
+        model.update(writes)
+        if height - lag - state.height >= every:
+            state.checkpoint_now(height - lag, block_hash(height - lag))
+        for i in range(12):
+            key = b"k%d" % i
+            assert state.get(key) == model.get(key)
+        assert state.get(b"genesis") == b"g" and state.get(b"absent") is None
+        # A child view (an uncommitted block) reads through to it
+        child = state.child()
+        child.set(b"k1", b"mine")
+        assert child.get(b"k1") == b"mine" and child.get(b"k2") == model.get(b"k2")
+        assert state.entries() == model
+        # What memory holds: the blocks above the checkpoint, their keys at most
+        assert state.held_blocks == height - state.height
+        if height == reopen_at:
+            # A restart: the file holds exactly the state of its checkpoint
+            at, expect = state.height, dict(model)
+            state.close()
+            state = CommittedState(path)
+            assert state.height == at and state.block_hash == block_hash(at)
+            # Re-absorbing the blocks above the checkpoint gives the state back
+            replay = {b"genesis": b"g", b"k0": b"zero"}
+            for w in random_blocks(seed, blocks, 12)[:at]:
+                replay.update(w)
+            assert state.entries() == replay
+            for h, w in enumerate(random_blocks(seed, blocks, 12)[at:height], start=at + 1):
+                state.absorb(h, w)
+            assert state.entries() == expect
+    state.close()
+
+
+def test_memory_holds_only_the_blocks_above_the_checkpoint(tmp_path: Path) -> None:
+    """A long run of fresh keys (anchors): with a checkpoint every 8 blocks, 16 behind the
+    head, memory holds at most 24 blocks' writes however long the chain."""
+    state = CommittedState(tmp_path / "state.db")
+    state.seed(0, block_hash(0), [])
+    most = 0
+    for height in range(1, 401):
+        state.absorb(height, {b"anc:%d/%d" % (height, i): b"v" for i in range(50)})
+        if height - 16 - state.height >= 8:
+            state.checkpoint_now(height - 16, block_hash(height - 16))
+        most = max(most, state.held_entries)
+    assert most <= 24 * 50
+    assert state.get(b"anc:1/0") == b"v" and state.get(b"anc:400/49") == b"v"
+    assert len(state.entries()) == 400 * 50
+
+
+def test_a_checkpoint_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.db"
+    state = CommittedState(path)
+    state.seed(0, block_hash(0), [(b"a", b"0")])
+    for h in range(1, 5):
+        state.absorb(h, {b"a": b"%d" % h, b"b%d" % h: b"x"})
+    job = state.begin_checkpoint(3, block_hash(3))
+    assert job is not None
+    # A second one while it is written: refused (None), not interleaved
+    assert state.begin_checkpoint(4, block_hash(4)) is None
+    # The write fails half-way (after the first block's rows): nothing of it lands
+    calls = {"n": 0}
+    real = CommittedState.write_checkpoint
+
+    def failing(self: CommittedState, j: tuple[int, bytes, list[dict[bytes, bytes]]]) -> None:
+        upto, h, layers = j
+
+        class Boom(list):  # type: ignore[type-arg]
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                for layer in layers:
+                    calls["n"] += 1
+                    if calls["n"] == 2:
+                        raise OSError("disk full")
+                    yield layer
+
+        real(self, (upto, h, Boom()))
+
+    monkeypatch.setattr(CommittedState, "write_checkpoint", failing)
+    with pytest.raises(OSError):
+        state.write_checkpoint(job)
+    state.end_checkpoint(3, block_hash(3), written=False)
+    monkeypatch.undo()
+    # Still the state of height 4 in reads; the file still at 0
+    assert state.get(b"a") == b"4" and state.height == 0 and state.held_blocks == 4
+    reopened = CommittedState(path)
+    assert reopened.height == 0 and reopened.entries() == {b"a": b"0"}
+    reopened.close()
+    # Written, it lands whole, with its height and hash
+    state.checkpoint_now(3, block_hash(3))
+    reopened = CommittedState(path)
+    assert reopened.height == 3 and reopened.block_hash == block_hash(3)
+    assert reopened.entries() == {b"a": b"3", b"b1": b"x", b"b2": b"x", b"b3": b"x"}
+    reopened.close()
+    assert state.get(b"a") == b"4" and state.held_blocks == 1
+
+
+def test_refusals(tmp_path: Path) -> None:
+    state = CommittedState(tmp_path / "state.db")
+    state.seed(5, block_hash(5), [(b"a", b"1")])
+    # Blocks come in height order, after the checkpoint
+    with pytest.raises(ValueError, match="does not follow"):
+        state.absorb(7, {})
+    state.absorb(6, {b"a": b"2"})
+    with pytest.raises(ValueError, match="does not follow"):
+        state.absorb(6, {})
+    # Only whole committed blocks change it
+    with pytest.raises(TypeError):
+        state.set(b"a", b"3")
+    with pytest.raises(TypeError):
+        state.writes  # noqa: B018
+    # A checkpoint of a block not absorbed; one at or below the file's height is nothing to do
+    with pytest.raises(ValueError, match="not committed here"):
+        state.begin_checkpoint(7, block_hash(7))
+    assert state.begin_checkpoint(5, block_hash(5)) is None
+    with pytest.raises(ValueError, match="no checkpoint"):
+        state.end_checkpoint(6, block_hash(6), written=True)
+    # Seeding over held blocks would lose them
+    with pytest.raises(ValueError, match="holds blocks"):
+        state.seed(0, block_hash(0), [])
+    assert state.get(b"a") == b"2"
+
+
+def test_an_in_memory_view_still_folds_as_before() -> None:
+    base = StateView()
+    base.absorb(1, {b"a": b"1"})
+    child = base.child()
+    child.set(b"b", b"2")
+    assert child.get(b"a") == b"1" and child.get(b"b") == b"2" and base.get(b"b") is None
