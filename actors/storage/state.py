@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from rayledger.execution import StateView
@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS prefixes (prefix BLOB PRIMARY KEY) WITHOUT ROWID;
 # none of is not looked up there (until anchors first reach the disk, a new anchor costs no
 # read of it)
 PREFIX = 4
+# Keys per query when reading ahead (below SQLite's limit of bound parameters)
+_IN_LIST = 900
+_NOT_READ = object()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -72,6 +75,7 @@ class CommittedState(StateView):
         "_layers",
         "_writing",
         "_on_disk",
+        "_ahead",
     )
 
     def __init__(self, path: Path) -> None:
@@ -93,6 +97,8 @@ class CommittedState(StateView):
         self._layers: dict[int, dict[bytes, bytes]] = {}
         self._writing: int | None = None  # the height of a checkpoint being written
         self._on_disk = {bytes(r[0]) for r in self._db.execute("SELECT prefix FROM prefixes")}
+        # Keys read ahead for the block being executed: key -> value, None where absent
+        self._ahead: dict[bytes, bytes | None] = {}
 
     # ---- reads (StateView) -------------------------------------------------------------------
 
@@ -106,8 +112,26 @@ class CommittedState(StateView):
             return hit[0]
         if key[:PREFIX] not in self._on_disk:
             return None
+        ahead = self._ahead.get(key, _NOT_READ)
+        if ahead is not _NOT_READ:
+            return ahead  # type: ignore[return-value]
         row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def prefetch(self, keys: Collection[bytes]) -> None:
+        """Read the keys a block may read, in a few queries (an ``IN`` list costs a third of
+        one lookup a key here); what was read ahead for the previous block is dropped. Values
+        read ahead stay valid: memory is consulted first, and a checkpoint only moves values
+        from memory to the file unchanged."""
+        on_disk, recent = self._on_disk, self._recent
+        todo = [k for k in keys if k[:PREFIX] in on_disk and k not in recent]
+        ahead: dict[bytes, bytes | None] = dict.fromkeys(todo)
+        for s in range(0, len(todo), _IN_LIST):
+            part = todo[s : s + _IN_LIST]
+            query = f"SELECT key, value FROM state WHERE key IN ({','.join('?' * len(part))})"
+            for k, v in self._db.execute(query, part):
+                ahead[bytes(k)] = bytes(v)
+        self._ahead = ahead
 
     def set(self, key: bytes, value: bytes) -> None:
         raise TypeError("the committed state changes only by whole committed blocks (absorb)")
@@ -136,6 +160,7 @@ class CommittedState(StateView):
         if height != self.top + 1:
             raise ValueError(f"block {height} does not follow the committed state at {self.top}")
         layer = dict(writes)
+        self._ahead = {}  # read before this block: may be stale now
         self._layers[height] = layer
         recent = self._recent
         for k, v in layer.items():
@@ -203,6 +228,7 @@ class CommittedState(StateView):
         if not written:
             return
         recent, on_disk = self._recent, self._on_disk
+        self._ahead = {}
         for h in [h for h in self._layers if h <= upto]:
             for k in self._layers.pop(h):
                 on_disk.add(k[:PREFIX])

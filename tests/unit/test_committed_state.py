@@ -60,6 +60,8 @@ def test_reads_match_a_model_through_checkpoints_and_a_reopen(
         model.update(writes)
         if height - lag - state.height >= every:
             state.checkpoint_now(height - lag, block_hash(height - lag))
+        if height % 3 == 0:  # read ahead, as before executing a block: reads do not change
+            state.prefetch({b"k%d" % i for i in range(0, 12, 2)} | {b"absent"})
         for i in range(12):
             key = b"k%d" % i
             assert state.get(key) == model.get(key)
@@ -182,3 +184,25 @@ def test_an_in_memory_view_still_folds_as_before() -> None:
     child = base.child()
     child.set(b"b", b"2")
     assert child.get(b"a") == b"1" and child.get(b"b") == b"2" and base.get(b"b") is None
+
+
+def test_keys_read_ahead_never_go_stale(tmp_path: Path) -> None:
+    """A key read ahead as absent, then written by a committed block that a checkpoint moves
+    to the file, reads as written; one read ahead with a value, then rewritten, too."""
+    state = CommittedState(tmp_path / "state.db")
+    state.seed(0, block_hash(0), [(b"anc:old", b"1")])
+    state.prefetch({b"anc:new", b"anc:old", b"non:x"})
+    assert state.get(b"anc:new") is None and state.get(b"anc:old") == b"1"
+    state.absorb(1, {b"anc:new": b"2", b"anc:old": b"3"})
+    state.checkpoint_now(1, block_hash(1))
+    assert state.held_entries == 0
+    assert state.get(b"anc:new") == b"2" and state.get(b"anc:old") == b"3"
+    # Read ahead again after the checkpoint: from the file now
+    state.prefetch({b"anc:new", b"anc:old", b"anc:none"})
+    assert state.get(b"anc:new") == b"2" and state.get(b"anc:none") is None
+    # More keys than one query takes
+    state.absorb(2, {b"anc:%d" % i: b"v%d" % i for i in range(2000)})
+    state.checkpoint_now(2, block_hash(2))
+    state.prefetch({b"anc:%d" % i for i in range(0, 4000, 3)})
+    assert all(state.get(b"anc:%d" % i) == b"v%d" % i for i in range(0, 2000, 3))
+    assert state.get(b"anc:3999") is None

@@ -44,14 +44,26 @@ def build_chain(root: Path) -> tuple[Genesis, list[dict[bytes, bytes]]]:
     store = BlockStore(root / "store", genesis.header, verify_from_mark=True, index_txs=False)
     parent = genesis.header
     states = [dict(base.writes)]
+    carol = public_bytes(key_from_seed(b"\x0c" * 32))
+    nonce = {0: 0, 1: 0}
     for h in range(1, BLOCKS + 1):
+        who = h % 2
+        signer, to = (alice, public_bytes(bob)) if who else (bob, carol)
+        kinds, payloads = [], []
+        for i in range(20):
+            if i % 4 == 3:  # a transfer of 1 (bob has nothing until alice pays him)
+                kinds.append(int(TxKind.TRANSFER))
+                payloads.append(to + (1).to_bytes(8, "big"))
+            elif i == 5 and h > 6:  # anchored five blocks ago: refused, read from the state
+                kinds.append(int(TxKind.ANCHOR))
+                payloads.append(hashlib.sha256(b"%d/%d" % (h - 5, 0)).digest())
+            else:
+                kinds.append(int(TxKind.ANCHOR))
+                payloads.append(hashlib.sha256(b"%d/%d" % (h, i)).digest())
         anchors = make_batch(
-            alice if h % 2 else bob,
-            TxKind.ANCHOR,
-            range((h - 1) // 2 * 20, (h - 1) // 2 * 20 + 20),
-            [hashlib.sha256(b"%d/%d" % (h, i)).digest() for i in range(20)],
-            genesis.chain_id,
+            signer, kinds, range(nonce[who], nonce[who] + 20), payloads, genesis.chain_id
         )
+        nonce[who] += 20
         digest = batch_digest(anchors)
         held[digest] = anchors
         header = builder.build(parent, h, public_bytes(keys[0]), 1000 * h, (digest,))
