@@ -97,6 +97,15 @@ class CommittedState(StateView):
         self._layers: dict[int, dict[bytes, bytes]] = {}
         self._writing: int | None = None  # the height of a checkpoint being written
         self._on_disk = {bytes(r[0]) for r in self._db.execute("SELECT prefix FROM prefixes")}
+        if not self._on_disk and self._db.execute("SELECT 1 FROM state LIMIT 1").fetchone():
+            # Rows but no record of their kinds (a file from before the record): read them once
+            self._on_disk = {
+                bytes(r[0])
+                for r in self._db.execute(f"SELECT DISTINCT substr(key, 1, {PREFIX}) FROM state")
+            }
+            self._db.executemany(
+                "INSERT OR IGNORE INTO prefixes VALUES (?)", [(k,) for k in self._on_disk]
+            )
         # Keys read ahead for the block being executed: key -> value, None where absent
         self._ahead: dict[bytes, bytes | None] = {}
 

@@ -206,3 +206,20 @@ def test_keys_read_ahead_never_go_stale(tmp_path: Path) -> None:
     state.prefetch({b"anc:%d" % i for i in range(0, 4000, 3)})
     assert all(state.get(b"anc:%d" % i) == b"v%d" % i for i in range(0, 2000, 3))
     assert state.get(b"anc:3999") is None
+
+
+def test_a_file_without_the_record_of_its_key_kinds_reads_them_once(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    state = CommittedState(path)
+    state.seed(3, block_hash(3), [(b"anc:a", b"1"), (b"non:b", b"2")])
+    state.close()
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE prefixes")
+    db.commit()
+    db.close()
+    state = CommittedState(path)
+    assert state.get(b"anc:a") == b"1" and state.get(b"non:b") == b"2"
+    state.close()
+    assert CommittedState(path).get(b"non:b") == b"2"
