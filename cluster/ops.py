@@ -49,6 +49,7 @@ def status_table(net: Network) -> Table:
         "mempool rows/limit",
         "peers",
         "shards at",
+        "state on disk at / held",
         "checks on",
         "evidence",
         "rejected",
@@ -57,7 +58,7 @@ def status_table(net: Network) -> Table:
     for st in net.status():
         if "down" in st:
             table.add_row(
-                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 6
+                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 7
             )
             continue
         mp = st["mempool"]
@@ -73,6 +74,11 @@ def status_table(net: Network) -> Table:
             ",".join(str(p) for p in st["peers"]),
             # Height each storage shard has applied ("?" while it is being reached)
             " ".join("?" if h is None else str(h) for h in st.get("shards", {}).values()) or "-",
+            # The committed state: the height checkpointed to the validator's disk, and the
+            # entries written since, held in memory
+            f"{st['state_checkpoint']} / {st['state_held_entries']:,}"
+            if "state_checkpoint" in st
+            else "-",
             # Where this institution's batch signatures are checked: its verifier's kernels
             # backend (cuda on a GPU), or the validator's own process
             st.get("verifier", {}).get("backend", "validator"),

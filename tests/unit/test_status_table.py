@@ -1,0 +1,39 @@
+"""`rayledger status`'s table: a row per validator, down ones included, with where each one's
+committed state stands (checkpointed height / entries held in memory)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from rayledger.cluster.ops import status_table
+
+
+def test_status_table_shows_each_validator_and_its_state() -> None:
+    up = {
+        "index": 0,
+        "site": "eu",
+        "height": 40,
+        "round": 41,
+        "leader": 1,
+        "head": "ab" * 32,
+        "mempool": {"pending_rows": 3, "in_flight_rows": 1000, "limit_rows": 4000},
+        "peers": [1, 2, 3],
+        "shards": {"0": 40, "1": None},
+        "evidence": 0,
+        "rejected": {"batch: bad_signature": 2},
+        "state_checkpoint": 16,
+        "state_held_entries": 12345,
+    }
+    down = {"index": 3, "site": "ap", "down": "killed"}
+    net = SimpleNamespace(
+        name="t", genesis=SimpleNamespace(chain_name="chain"), status=lambda: [up, down]
+    )
+    console = Console(width=300, record=True)
+    console.print(status_table(net))  # type: ignore[arg-type]
+    out = console.export_text()
+    assert "state on disk at / held" in out
+    row = next(line for line in out.splitlines() if "eu" in line)
+    assert "16 / 12,345" in row and "40 ?" in row and "3+1000/4000" in row
+    assert "down (killed)" in out
