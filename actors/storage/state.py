@@ -57,6 +57,33 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _write(
+    db: sqlite3.Connection,
+    height: int,
+    block_hash: bytes,
+    rows: list[tuple[bytes, bytes]],
+    *,
+    replace_all: bool,
+) -> set[bytes]:
+    """Write ``rows`` (in key order) as the state at ``height``, in one transaction, with
+    the kinds of key they hold; ``replace_all``: instead of everything the file held. Returns
+    those kinds."""
+    kinds = {k[:PREFIX] for k, _ in rows}
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if replace_all:
+            db.execute("DELETE FROM state")
+            db.execute("DELETE FROM prefixes")
+        db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", rows)
+        db.executemany("INSERT OR IGNORE INTO prefixes VALUES (?)", [(k,) for k in kinds])
+        db.execute("INSERT OR REPLACE INTO meta VALUES (1, ?, ?)", (height, block_hash))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return kinds
+
+
 class CommittedState(StateView):
     """The committed state: the blocks since the last checkpoint in memory, the rest on disk.
 
@@ -180,20 +207,7 @@ class CommittedState(StateView):
         older form of this validator's state); nothing may be held in memory."""
         if self._layers or self._writing is not None:
             raise ValueError("the state holds blocks: it cannot be seeded")
-        rows = sorted(entries)
-        kinds = {k[:PREFIX] for k, _ in rows}
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM state")
-            db.execute("DELETE FROM prefixes")
-            db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", rows)
-            db.executemany("INSERT INTO prefixes VALUES (?)", [(k,) for k in kinds])
-            db.execute("INSERT OR REPLACE INTO meta VALUES (1, ?, ?)", (height, block_hash))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        kinds = _write(self._db, height, block_hash, sorted(entries), replace_all=True)
         self.height, self.block_hash, self._on_disk = height, block_hash, kinds
 
     def begin_checkpoint(
@@ -215,18 +229,8 @@ class CommittedState(StateView):
         merged: dict[bytes, bytes] = {}
         for layer in layers:  # in height order: a later block's value replaces
             merged.update(layer)
-        db = self._writer
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # In key order: each B-tree page is visited once, not once per key
-            db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", sorted(merged.items()))
-            kinds = {k[:PREFIX] for k in merged}
-            db.executemany("INSERT OR IGNORE INTO prefixes VALUES (?)", [(k,) for k in kinds])
-            db.execute("INSERT OR REPLACE INTO meta VALUES (1, ?, ?)", (upto, block_hash))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        # In key order: each B-tree page is visited once, not once per key
+        _write(self._writer, upto, block_hash, sorted(merged.items()), replace_all=False)
 
     def end_checkpoint(self, upto: int, block_hash: bytes, written: bool) -> None:
         """The checkpoint begun for ``upto`` finished (``written``) or failed: its blocks

@@ -164,6 +164,19 @@ def test_a_snapshot_of_the_earlier_form_is_taken_over(tmp_path: Path) -> None:
     base.close()  # type: ignore[attr-defined]
 
 
+def test_a_snapshot_of_another_chain_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    genesis, states = build_chain(tmp_path)
+    save_snapshot(tmp_path / "state.snap", 10, b"\x42" * 32, {b"foreign": b"x"})
+    v = validator(tmp_path, genesis, lag=0, every=100)
+    with caplog.at_level(logging.WARNING):
+        base, _, start, _ = v._replay(0)
+    assert "state snapshot is not of this chain" in caplog.text
+    assert start == 0 and base.entries() == states[BLOCKS]  # type: ignore[attr-defined]
+    base.close()  # type: ignore[attr-defined]
+
+
 def test_a_shard_rebuild_replays_beside_the_live_state(tmp_path: Path) -> None:
     genesis, states = build_chain(tmp_path)
     v = validator(tmp_path, genesis, lag=3, every=4, shards=1)
