@@ -1,8 +1,9 @@
 """Batch cryptography for the ledger: SHA-256, SHA-512, RFC 6962 Merkle trees and Ed25519.
 
 Inputs are columnar (Arrow arrays or numpy buffers with offsets); outputs are numpy arrays with
-one row per message. Two backends give byte-identical results: ``cpu`` (``hashlib`` over
-zero-copy views, worker processes for large batches) and ``cuda`` (CuPy kernels compiled from
+one row per message. Two backends give byte-identical results: ``cpu`` (OpenSSL over
+zero-copy views in one compiled loop per batch, ``hashlib`` where that cannot be built; see
+``_native``) and ``cuda`` (CuPy kernels compiled from
 ``kernels/cuda/*.cu``). ``backend="auto"`` picks ``cuda`` when CuPy sees a device, and the
 ``RAYLEDGER_KERNELS`` environment variable forces one; an explicit choice never falls back.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from rayledger.kernels._backend import available_backends, prepare, resolve_backend
 from rayledger.kernels.ed25519 import ed25519_verify_batch
-from rayledger.kernels.merkle import merkle_levels, merkle_root
+from rayledger.kernels.merkle import merkle_levels, merkle_root, merkle_root_of_leaf_hashes
 from rayledger.kernels.sha import (
     Messages,
     as_offsets_and_values,
@@ -27,6 +28,7 @@ __all__ = [
     "ed25519_verify_batch",
     "merkle_levels",
     "merkle_root",
+    "merkle_root_of_leaf_hashes",
     "prepare",
     "resolve_backend",
     "sha256_batch",

@@ -1,13 +1,16 @@
-"""CPU backend: ``hashlib`` over zero-copy views, spread over worker processes for large batches.
+"""CPU backend: OpenSSL over zero-copy views of the buffers, spread over cores for large batches.
 
-A batch of at least ``PARALLEL_MIN_ROWS`` rows is cut into one share per core: the calling
-thread hashes the first share from the caller's own buffers while each worker process hashes
-a copy of its share in shared memory (see ``_hashproc``). Below that size, or when another
-thread already holds the workers, the calling thread hashes everything itself. Results are the
-same bytes either way.
+Where the compiled loop of ``_native`` is available (a C compiler once, and hashlib's
+libcrypto), every row of a batch is hashed in one foreign call that releases the GIL; a batch
+of at least ``NATIVE_PARALLEL_MIN_ROWS`` rows is cut into one share per core, hashed on threads.
+Elsewhere ``hashlib`` hashes one row per call: a batch of at least ``PARALLEL_MIN_ROWS`` rows is
+cut into one share per core, the calling thread hashing the first share from the caller's own
+buffers while each worker process hashes a copy of its share in shared memory (see
+``_hashproc``); below that size, or when another thread already holds the workers, the calling
+thread hashes everything itself. Results are the same bytes every way.
 
-``RAYLEDGER_CPU_WORKERS`` sets the number of worker processes (default: usable cores - 1; ``0``
-turns them off, e.g. where an actor must keep to one core).
+``RAYLEDGER_CPU_WORKERS`` sets the number of helper threads or worker processes (default:
+usable cores - 1; ``0`` turns them off, e.g. where an actor must keep to one core).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
 import numpy as np
 
+from rayledger.kernels import _native
 from rayledger.kernels._hashproc import (
     _REQUEST,
     ALGORITHM_CODES,
@@ -44,6 +49,10 @@ PARALLEL_MIN_ROWS = 4096
 # Relative cost of one message in bytes hashed: hashlib's per-call overhead is worth about
 # 600 bytes of SHA-256 here, so shares are balanced on rows * 600 + bytes.
 _ROW_COST = 600
+# The compiled loop hashes a small message in about 100 ns: a share for a helper thread is worth
+# its hand-over (tens of microseconds) from a few thousand rows; a row costs about 60 bytes.
+NATIVE_PARALLEL_MIN_ROWS = 16384
+_NATIVE_ROW_COST = 60
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hashproc.py")
 
 Tail = tuple[np.ndarray, np.ndarray]
@@ -243,16 +252,60 @@ def _local(algorithm: str, head: np.ndarray, tail: Tail | None, lo: int, hi: int
     )
 
 
-def _shares(head: np.ndarray, tail: Tail | None, parts: int) -> list[int]:
+def _shares(
+    head: np.ndarray, tail: Tail | None, parts: int, row_cost: int = _ROW_COST
+) -> list[int]:
     """Row boundaries cutting the batch into ``parts`` shares of about equal hashing cost."""
     n, width = head.shape
-    cost = np.arange(n + 1, dtype=np.int64) * (_ROW_COST + width)
+    cost = np.arange(n + 1, dtype=np.int64) * (row_cost + width)
     if tail is not None:
         offsets = tail[1]
         cost += offsets.astype(np.int64, copy=False) - int(offsets[0])
     targets = np.arange(1, parts, dtype=np.int64) * int(cost[-1]) // parts
     cuts = np.searchsorted(cost, targets).tolist()
     return [0, *cuts, n]
+
+
+_threads: ThreadPoolExecutor | None = None
+_threads_pid = 0
+
+
+def _native_batch(
+    native: _native.NativeHasher, algorithm: str, head: np.ndarray, tail: Tail | None
+) -> np.ndarray:
+    global _threads, _threads_pid
+    values, offsets = tail if tail is not None else (None, None)
+    n = head.shape[0]
+    helpers = _configured_workers() if n >= NATIVE_PARALLEL_MIN_ROWS else 0
+    if helpers == 0:
+        return native.hash_rows(algorithm, head, values, offsets)
+    with _pool_lock:
+        if _threads is None or _threads_pid != os.getpid():
+            _threads = ThreadPoolExecutor(helpers, thread_name_prefix="rayledger-hash")
+            _threads_pid = os.getpid()
+        threads = _threads
+    head = np.ascontiguousarray(head)
+    if offsets is not None:
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    out = np.empty((n, DIGEST_SIZES[algorithm]), np.uint8)
+    bounds = _shares(head, tail, helpers + 1, _NATIVE_ROW_COST)
+
+    def share(lo: int, hi: int) -> None:
+        native.hash_rows(
+            algorithm,
+            head[lo:hi],
+            values,
+            None if offsets is None else offsets[lo : hi + 1],
+            out[lo:hi],
+        )
+
+    futures = [
+        threads.submit(share, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:], strict=True)
+    ]
+    share(0, bounds[1])
+    for future in futures:
+        future.result()
+    return out
 
 
 def hash_batch(algorithm: str, head: np.ndarray, tail: Tail | None = None) -> np.ndarray:
@@ -262,6 +315,9 @@ def hash_batch(algorithm: str, head: np.ndarray, tail: Tail | None = None) -> np
     validated ``(values, offsets)`` pair with ``n + 1`` offsets.
     """
     global _pool, _pool_broken
+    native = _native.get()
+    if native is not None:
+        return _native_batch(native, algorithm, head, tail)
     n = head.shape[0]
     size = DIGEST_SIZES[algorithm]
     if n < PARALLEL_MIN_ROWS or not _pool_lock.acquire(blocking=False):

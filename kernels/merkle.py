@@ -16,7 +16,7 @@ from rayledger.kernels._backend import for_batch, resolve_backend
 from rayledger.kernels._cpu import hash_batch
 from rayledger.kernels._inputs import check_rows
 
-__all__ = ["EMPTY_ROOT", "merkle_levels", "merkle_root"]
+__all__ = ["EMPTY_ROOT", "merkle_levels", "merkle_root", "merkle_root_of_leaf_hashes"]
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
@@ -71,6 +71,19 @@ def merkle_root(leaves: np.ndarray, backend: str = "auto") -> bytes:
 
         return _cuda.merkle_root(leaves)
     level = _leaf_hashes(leaves)
+    while len(level) > 1:
+        level = _parents(level)
+    return level[0].tobytes()
+
+
+def merkle_root_of_leaf_hashes(leaf_hashes: np.ndarray) -> bytes:
+    """The root over leaves already hashed (``SHA-256(0x00 || leaf)`` each, as ``(n, 32)
+    uint8``), like ``rayledger.merkle.merkle_root_of_leaf_hashes``: the levels above them are
+    hashed on the CPU backend, one batch per level (a block's result tree, a few thousand
+    nodes: the host computed the leaves and reads the root)."""
+    level = check_rows(leaf_hashes, "leaf_hashes", 32)
+    if len(level) == 0:
+        return EMPTY_ROOT
     while len(level) > 1:
         level = _parents(level)
     return level[0].tobytes()

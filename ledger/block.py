@@ -21,9 +21,9 @@ import pyarrow as pa
 
 from rayledger.codec import Reader, fixed, u8, u16, u32, u64
 from rayledger.errors import InvalidBlock, InvalidQuorumCert, UnknownVersion, WrongLength
-from rayledger.kernels import ed25519_verify_batch, sha256_rows
+from rayledger.kernels import ed25519_verify_batch, merkle_root_of_leaf_hashes, sha256_rows
 from rayledger.kernels import merkle_root as kernel_merkle_root
-from rayledger.merkle import EMPTY_ROOT, merkle_root_of_leaf_hashes
+from rayledger.merkle import EMPTY_ROOT
 from rayledger.tx import TX_SCHEMA, compute_tx_ids, tx_ids_of
 
 BLOCK_VERSION = 1

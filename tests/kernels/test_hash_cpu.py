@@ -7,6 +7,10 @@ Scenarios:
 - random batches (hypothesis), including values with gaps between messages;
 - the worker-process path gives the same bytes as the single-thread path, survives a dead
   worker, and is off with RAYLEDGER_CPU_WORKERS=0;
+- every test runs twice: through the compiled OpenSSL loop (``_native``, its batches split over
+  threads where the pool's would be) and through ``hashlib`` alone; the loop refuses malformed
+  buffers itself, is built once per cache (concurrent first uses included), and its absence (no
+  compiler, switched off) leaves ``hashlib``;
 - Merkle roots and levels equal rayledger.merkle for n = 0..1000 and for large random n;
 - every malformed input is a ValueError naming the problem;
 - backend choice: auto, RAYLEDGER_KERNELS, and an explicit cuda request without a GPU.
@@ -27,6 +31,7 @@ from rayledger import merkle as ledger_merkle
 from rayledger.kernels import (
     _backend,
     _cpu,
+    _native,
     as_offsets_and_values,
     available_backends,
     ed25519_verify_batch,
@@ -49,6 +54,19 @@ _hyp = settings(max_examples=60, deadline=None)
 def _no_backend_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     monkeypatch.delenv(_cpu.WORKERS_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True, params=["native", "hashlib"])
+def hash_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run each test through the compiled loop and through hashlib alone."""
+    if request.param == "native":
+        if not _native.available():
+            pytest.skip("the compiled hashing loop cannot be built here (no C compiler?)")
+        # The same batch sizes that reach the worker processes reach the helper threads.
+        monkeypatch.setattr(_cpu, "NATIVE_PARALLEL_MIN_ROWS", _cpu.PARALLEL_MIN_ROWS)
+    else:
+        monkeypatch.setattr(_native, "get", lambda: None)
+    return str(request.param)
 
 
 def _want(algorithm: str, messages: list[bytes]) -> list[bytes]:
@@ -214,10 +232,12 @@ def test_worker_processes_match_single_thread(monkeypatch: pytest.MonkeyPatch) -
     assert _rows(sha256_batch(pair), 32) == _want("sha256", messages)
 
 
-def test_dead_worker_falls_back_and_restarts() -> None:
+def test_dead_worker_falls_back_and_restarts(hash_loop: str) -> None:
     messages = _big_batch(_cpu.PARALLEL_MIN_ROWS + 5)
     want = _want("sha256", messages)
     assert _rows(sha256_batch(_pair(messages)), 32) == want
+    if hash_loop == "native":
+        pytest.skip("the compiled loop shares work out to threads, not worker processes")
     pool = _cpu._pool
     if pool is None or not pool.workers:
         pytest.skip("no worker processes on a one-core machine")
