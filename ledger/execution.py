@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayledger.block import RESULT_SCHEMA
-from rayledger.kernels import as_offsets_and_values
+from rayledger.kernels import as_offsets_and_values, sha256_batch
 from rayledger.tx import TxKind
 
 MAX_ANCHOR_METADATA = 4096
@@ -152,6 +152,17 @@ def execute_block(
     state root, is the same as writing them row by row: a key is written iff some row wrote
     it, with its last value). Each validator runs this for every block, so it is kept tight.
     """
+    fast = _execute_anchor_block(parent_view, txs, height)
+    if fast is not None:
+        view, out = fast
+        return view, out, compute_state_root(parent_state_root, view.writes)
+    return execute_rows(parent_view, txs, height, parent_state_root)
+
+
+def execute_rows(
+    parent_view: StateView, txs: pa.RecordBatch, height: int, parent_state_root: bytes
+) -> tuple[StateView, pa.RecordBatch, bytes]:
+    """``execute_block`` one row at a time, for any mix of kinds (the rules' reference)."""
     view = parent_view.child()
     writes = view.writes
     read = parent_view.get
@@ -247,6 +258,97 @@ def execute_block(
         schema=RESULT_SCHEMA,
     )
     return view, out, compute_state_root(parent_state_root, writes)
+
+
+def _execute_anchor_block(
+    parent_view: StateView, txs: pa.RecordBatch, height: int
+) -> tuple[StateView, pa.RecordBatch] | None:
+    """``execute_block`` column by column for the common block: every row an anchor, every
+    nonce the sender's next. None for any other block (``execute_rows`` then runs it).
+
+    Same writes and results as the row loop: every sender's nonce moves past its rows; a
+    payload of the wrong length is ``BAD_PAYLOAD``; of rows naming one digest, the first in
+    block order anchors it unless the state holds it already, the others are
+    ``ALREADY_ANCHORED``; the metadata hashes are one batch."""
+    n = txs.num_rows
+    if n == 0:
+        return None
+    kinds = txs.column("kind").to_numpy(zero_copy_only=False)
+    if not bool(np.all(kinds == int(TxKind.ANCHOR))):
+        return None
+    read = parent_view.get
+    nonces = txs.column("nonce").to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
+    sender_rows = np.ascontiguousarray(as_offsets_and_values(txs.column("sender"))[0]).reshape(
+        n, 32
+    )
+    # Each sender's rows must carry its next nonces in order (else the row loop decides)
+    _, first, inverse = np.unique(
+        sender_rows.view(np.dtype((np.void, 32))).ravel(), return_index=True, return_inverse=True
+    )
+    inverse = inverse.reshape(-1)
+    senders = [sender_rows[i].tobytes() for i in first.tolist()]
+    disk = parent_view.disk_base()
+    pvalues, poffsets = as_offsets_and_values(txs.column("payload"))
+    starts = poffsets[:-1]
+    lengths = poffsets[1:] - starts
+    sized = (lengths >= 32) & (lengths <= 32 + MAX_ANCHOR_METADATA)
+    rows = np.flatnonzero(sized)
+    digests = (
+        pvalues[starts[rows, None] + np.arange(32)] if len(rows) else np.empty((0, 32), np.uint8)
+    )
+    prefix = np.frombuffer(b"anc:", np.uint8)
+    keyed = np.concatenate([np.broadcast_to(prefix, (len(rows), 4)), digests], axis=1)
+    keys: list[bytes] = keyed.view(np.dtype((np.void, 36))).ravel().tolist()
+    if disk is not None:
+        disk.prefetch([nonce_key(s) for s in senders] + keys)
+    expected = np.zeros(len(senders), np.uint64)
+    for j, sender in enumerate(senders):
+        raw = read(nonce_key(sender))
+        if raw is not None:
+            expected[j] = _U64.unpack(raw)[0]
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=len(senders))
+    group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(n) - group_start[inverse[order]]
+    if not np.array_equal(nonces[order], expected[inverse[order]] + rank.astype(np.uint64)):
+        return None
+    statuses = np.where(sized, np.uint8(Status.OK), np.uint8(Status.BAD_PAYLOAD)).astype(np.uint8)
+    # The first row naming each digest, unless the state holds it already
+    _, first_of_key = np.unique(keyed.view(np.dtype((np.void, 36))).ravel(), return_index=True)
+    fresh = np.zeros(len(rows), np.bool_)
+    fresh[first_of_key] = True
+    for i in np.flatnonzero(fresh).tolist():
+        if read(keys[i]) is not None:
+            fresh[i] = False
+    statuses[rows[~fresh]] = Status.ALREADY_ANCHORED
+    written = rows[fresh]
+    # Metadata hashes, one batch: payload bytes past each written row's digest
+    meta_len = lengths[written] - 32
+    meta_offsets = np.zeros(len(written) + 1, np.int64)
+    np.cumsum(meta_len, out=meta_offsets[1:])
+    total = int(meta_offsets[-1])
+    gather = np.repeat(starts[written] + 32 - meta_offsets[:-1], meta_len) + np.arange(total)
+    meta = sha256_batch((np.ascontiguousarray(pvalues[gather]), meta_offsets))
+    stamp = np.frombuffer(_U64.pack(height), np.uint8)
+    values = np.concatenate(
+        [sender_rows[written], np.broadcast_to(stamp, (len(written), 8)), meta], axis=1
+    )
+    view = parent_view.child()
+    writes = view.writes
+    new_keys = [keys[i] for i in np.flatnonzero(fresh).tolist()]
+    writes.update(zip(new_keys, values.view(np.dtype((np.void, 72))).ravel().tolist(), strict=True))
+    for j, sender in enumerate(senders):
+        writes[nonce_key(sender)] = _U64.pack(int(expected[j]) + int(counts[j]))
+    result_offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(np.where(statuses == Status.OK, 8, 0), out=result_offsets[1:])
+    result_values = np.tile(stamp, len(written))
+    results = pa.BinaryArray.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(result_offsets), pa.py_buffer(result_values)]
+    )
+    out = pa.RecordBatch.from_arrays(
+        [pa.array(statuses, pa.uint8()), results], schema=RESULT_SCHEMA
+    )
+    return view, out
 
 
 def _rows(col: pa.Array) -> list[bytes]:

@@ -12,6 +12,7 @@ import struct
 
 import pytest
 
+from rayledger import execution
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.execution import (
     MAX_ANCHOR_METADATA,
@@ -219,17 +220,24 @@ def reference_block(
     return view, statuses, results
 
 
-def random_rows(rng: random.Random, keys: list, nonces: dict[bytes, int], n: int) -> list:
+def random_rows(
+    rng: random.Random,
+    keys: list,
+    nonces: dict[bytes, int],
+    n: int,
+    anchors_only: bool = False,
+    bad_nonce: float = 0.1,
+) -> list:
     pubs = [public_bytes(k) for k in keys]
     rows = []
     for _ in range(n):
         k = rng.randrange(len(keys))
         nonce = nonces[pubs[k]]
-        if rng.random() < 0.1:  # a gap, a replay, or a far future nonce
+        if rng.random() < bad_nonce:  # a gap, a replay, or a far future nonce
             nonce = rng.choice([nonce + 1, max(0, nonce - 1), nonce + 1000])
         else:
             nonces[pubs[k]] += 1
-        choice = rng.random()
+        choice = 0.7 if anchors_only else rng.random()
         if choice < 0.5:
             to = rng.choice(pubs + [b"\x55" * 32])
             amount = rng.choice([0, 1, rng.randrange(50), 10**6, (1 << 64) - 1])
@@ -249,8 +257,10 @@ def random_rows(rng: random.Random, keys: list, nonces: dict[bytes, int], n: int
     return rows
 
 
-def check_random_chain(seed: int) -> set[int]:
-    """Four random blocks on each other, executed and read plainly; the statuses seen."""
+def check_random_chain(seed: int, anchors_only: bool = False) -> set[int]:
+    """Four random blocks on each other, executed and read plainly; the statuses seen.
+    ``anchors_only``: every row an anchor, most blocks with every nonce right (the column-wise
+    path), some with one wrong (the row loop)."""
     seen: set[int] = set()
     rng = random.Random(seed)
     keys = [key_from_seed(bytes([40 + i]) * 32) for i in range(5)]
@@ -260,7 +270,14 @@ def check_random_chain(seed: int) -> set[int]:
     nonces = {public_bytes(k): 0 for k in keys}
     view, ref_view, ref_root = base, ref_base, root
     for height in range(1, 5):  # a chain of speculative views, each on its parent
-        rows = random_rows(rng, keys, nonces, rng.choice([0, 1, 60, 300]))
+        rows = random_rows(
+            rng,
+            keys,
+            nonces,
+            rng.choice([0, 1, 60, 300]),
+            anchors_only=anchors_only,
+            bad_nonce=rng.choice([0.0, 0.0, 0.01]) if anchors_only else 0.1,
+        )
         batch = (
             make_batch(
                 [r[0] for r in rows],
@@ -293,3 +310,65 @@ def test_blocks_match_the_plain_reading_of_the_rules(seed: int) -> None:
 def test_the_random_blocks_reach_every_status() -> None:
     seen = set().union(*(check_random_chain(seed) for seed in range(12)))
     assert seen == set(Status)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_anchor_blocks_column_wise_match_the_rules(seed: int) -> None:
+    seen = check_random_chain(1000 + seed, anchors_only=True)
+    assert Status.OK in seen
+
+
+def test_anchor_blocks_take_the_column_wise_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chains above do reach the column-wise path, and the row loop for the others."""
+    taken = {"columns": 0, "rows": 0}
+    columns, rows_loop = execution._execute_anchor_block, execution.execute_rows
+
+    def spy_columns(*args: object) -> object:
+        out = columns(*args)  # type: ignore[arg-type]
+        taken["columns"] += out is not None
+        return out
+
+    def spy_rows(*args: object) -> object:
+        taken["rows"] += 1
+        return rows_loop(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(execution, "_execute_anchor_block", spy_columns)
+    monkeypatch.setattr(execution, "execute_rows", spy_rows)
+    seen = set().union(*(check_random_chain(1000 + s, anchors_only=True) for s in range(16)))
+    assert taken["columns"] >= 10 and taken["rows"] >= 5
+    assert seen == {Status.OK, Status.BAD_NONCE, Status.BAD_PAYLOAD, Status.ALREADY_ANCHORED}
+
+
+def test_anchor_block_over_many_senders_and_a_sliced_batch() -> None:
+    """Senders in any order, one row each or many, and a batch sliced out of a larger one
+    (its columns' offsets do not start at zero)."""
+    keys = [key_from_seed(bytes([90 + i]) * 32) for i in range(40)]
+    rng = random.Random(7)
+    rows = []
+    nonces = [0] * len(keys)
+    for i in range(400):
+        k = rng.randrange(len(keys))
+        body = rng.randbytes(32) + rng.randbytes(rng.choice([0, 5, 100]))
+        if i % 17 == 0:
+            body = rows[-1][3] if rows else body  # the same digest twice
+        rows.append((keys[k], int(TxKind.ANCHOR), nonces[k], body))
+        nonces[k] += 1
+    prefix = [(keys[0], int(TxKind.ANCHOR), 999, b"p" * 32)] * 3
+    whole = make_batch(
+        [r[0] for r in prefix + rows],
+        [r[1] for r in prefix + rows],
+        [r[2] for r in prefix + rows],
+        [r[3] for r in prefix + rows],
+        CHAIN,
+    )
+    batch = whole.slice(3)
+    base, root = genesis_state([])
+    view, results, new_root = execute_block(base, batch, 9, root)
+    ref_view, statuses, values = reference_block(
+        base, [(public_bytes(r[0]), r[1], r[2], r[3]) for r in rows], 9
+    )
+    assert execution._execute_anchor_block(base, batch, 9) is not None
+    assert results.column("status").to_pylist() == statuses
+    assert results.column("result").to_pylist() == values
+    assert view.writes == ref_view.writes
+    assert new_root == reference_root(root, ref_view.writes)
