@@ -26,6 +26,7 @@ import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -298,7 +299,7 @@ def _execute_anchor_block(
     )
     prefix = np.frombuffer(b"anc:", np.uint8)
     keyed = np.concatenate([np.broadcast_to(prefix, (len(rows), 4)), digests], axis=1)
-    keys: list[bytes] = keyed.view(np.dtype((np.void, 36))).ravel().tolist()
+    keys = _byte_rows(keyed)
     if disk is not None:
         disk.prefetch([nonce_key(s) for s in senders] + keys)
     expected = np.zeros(len(senders), np.uint64)
@@ -336,7 +337,7 @@ def _execute_anchor_block(
     view = parent_view.child()
     writes = view.writes
     new_keys = [keys[i] for i in np.flatnonzero(fresh).tolist()]
-    writes.update(zip(new_keys, values.view(np.dtype((np.void, 72))).ravel().tolist(), strict=True))
+    writes.update(zip(new_keys, _byte_rows(values), strict=True))
     for j, sender in enumerate(senders):
         writes[nonce_key(sender)] = _U64.pack(int(expected[j]) + int(counts[j]))
     result_offsets = np.zeros(n + 1, np.int32)
@@ -349,6 +350,11 @@ def _execute_anchor_block(
         [pa.array(statuses, pa.uint8()), results], schema=RESULT_SCHEMA
     )
     return view, out
+
+
+def _byte_rows(rows: np.ndarray) -> list[bytes]:
+    """Each row of an ``(n, width) uint8`` array as ``bytes`` (numpy makes them, in C)."""
+    return cast("list[bytes]", rows.view(np.dtype((np.void, rows.shape[1]))).ravel().tolist())
 
 
 def _rows(col: pa.Array) -> list[bytes]:
