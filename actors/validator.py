@@ -81,7 +81,7 @@ from rayledger.consensus.wire import (
 )
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
 from rayledger.errors import LedgerError
-from rayledger.execution import StateView, execute_block, genesis_state
+from rayledger.execution import StateView, Status, execute_block, genesis_state
 from rayledger.tx import TX_SCHEMA, tx_ids_of
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,12 @@ STATE_MEMORY_ENTRIES = 1_000_000
 SHARD_CHUNK = 32
 SHARD_PENDING_MAX = 1024
 SHARD_PUSH_DELAY_S = 0.1
-# How long a mempool's batch waits for its predecessor before it is held anyway
-REORDER_WAIT_S = 1.0
+# How long a mempool's batch waits for a predecessor that never takes its turn before it is
+# held anyway. Every announced batch takes its turn (checked, refused or unreadable), so this
+# is for one that never arrives; a predecessor that is only slow (its check queued behind
+# others on a saturated machine) must be waited for: released ahead of it, the later batch's
+# rows would be proposed before their sender's earlier nonces and fail with BAD_NONCE.
+REORDER_WAIT_S = 30.0
 # Wall-clock commit times kept in memory (for load generators polling ``committed_since``).
 COMMIT_TIMES_KEEP = 65_536
 # Transaction ids of the latest committed blocks kept in memory (for ``committed_since``)
@@ -211,7 +215,7 @@ class Validator:
         self.commit_times: dict[int, float] = {}
         # The transaction ids of the latest committed blocks (at most COMMIT_IDS_KEEP_ROWS),
         # so that a load generator's polls do not read blocks back from disk
-        self.commit_ids: dict[int, np.ndarray] = {}
+        self.commit_ids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._commit_id_rows = 0
         self.committed_batches = self._load_batch_index()
         keep_from = self.store.height - SHARD_REPLAY_KEEP
@@ -564,6 +568,23 @@ class Validator:
         if digest in self.batches:
             self._in_order(origin, digest, None)
             return
+        try:
+            canonical = await self._check_announced(digest, refs, origin, tag)
+        except Exception as exc:  # unreadable (its object lost) or the verifier failed
+            log.warning("validator %d: batch %s: %s", self.index, digest.hex()[:16], exc)
+            self._count("batch: unreadable")
+            canonical = None
+        # Its turn is taken whatever the outcome: the mempool's next batches wait for it
+        self._in_order(origin, digest, canonical)
+
+    async def _check_announced(
+        self,
+        digest: bytes,
+        refs: list[Any],
+        origin: tuple[int, int] | None,
+        tag: bytes | None,
+    ) -> pa.RecordBatch | None:
+        """The canonical batch, or None where it is refused (or held meanwhile)."""
         batch: pa.RecordBatch | None = None
         own = False
         if isinstance(tag, bytes):
@@ -576,21 +597,14 @@ class Validator:
         if own or self.verifier_actor is None:
             if batch is None:
                 batch = await refs[0]
-            canonical = self._admit(digest, batch, check_signatures=not own)
-            self._in_order(origin, digest, canonical)
-            return
+            return self._admit(digest, batch, check_signatures=not own)
         reason = await self.verifier_actor.check.remote(digest, refs)
         if digest in self.batches or reason is not None:
             if reason is not None:
                 self._count(f"batch: {reason}")
-            self._in_order(origin, digest, None)
-            return
+            return None
         batch = await refs[0]
-        self._in_order(
-            origin,
-            digest,
-            batch.select(TX_SCHEMA.names).cast(TX_SCHEMA.with_metadata(batch.schema.metadata)),
-        )
+        return batch.select(TX_SCHEMA.names).cast(TX_SCHEMA.with_metadata(batch.schema.metadata))
 
     def _note_origin(self, digest: bytes, mempool: Any) -> None:
         """Remember whether a batch is this institution's: the commit of one that only other
@@ -615,8 +629,8 @@ class Validator:
     ) -> None:
         """Hold batches of one mempool in the order it sealed them, so that one sender's
         nonces, submitted in sequence to one mempool, are proposed in sequence: checks finish
-        out of order. ``batch`` None: the batch is refused or already held (it only takes its
-        turn). A batch waits at most ``REORDER_WAIT_S`` for a missing predecessor."""
+        out of order. ``batch`` None: the batch is refused, unreadable or already held (it only
+        takes its turn). A batch waits at most ``REORDER_WAIT_S`` for a missing predecessor."""
         if origin is None:
             if batch is not None:
                 self._hold(digest, batch)
@@ -808,10 +822,10 @@ class Validator:
                 shard_blocks.append((block, qc, *for_shards))
             self.commit_times[block.height] = time.time()
             ids = tx_ids_of(block.txs)
-            self.commit_ids[block.height] = ids
+            self.commit_ids[block.height] = (ids, _failed_rows(block.results))
             self._commit_id_rows += len(ids)
             while self._commit_id_rows > COMMIT_IDS_KEEP_ROWS:
-                self._commit_id_rows -= len(_pop_first(self.commit_ids)[1])
+                self._commit_id_rows -= len(_pop_first(self.commit_ids)[1][0])
             offset = 0
             for d in p.block.batch_digests:
                 rows = self.batches[d].num_rows
@@ -1088,16 +1102,18 @@ class Validator:
 
     async def committed_since(
         self, height: int, limit: int = 256
-    ) -> list[tuple[int, float, np.ndarray]]:
-        """(height, wall-clock commit time, ``(n, 32)`` tx ids) of blocks committed above
-        ``height`` since this process started: one call per poll for a load generator."""
+    ) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
+        """(height, wall-clock commit time, ``(n, 32)`` tx ids, the rows that failed: their
+        status is not OK) of blocks committed above ``height`` since this process started:
+        one call per poll for a load generator."""
         out = []
         for h in range(height + 1, min(self.store.height, height + limit) + 1):
             if h in self.commit_times:
-                ids = self.commit_ids.get(h)
-                if ids is None:
-                    ids = tx_ids_of(self.store.get_block(h).txs)
-                out.append((h, self.commit_times[h], ids))
+                held = self.commit_ids.get(h)
+                if held is None:
+                    block = self.store.get_block(h)
+                    held = (tx_ids_of(block.txs), _failed_rows(block.results))
+                out.append((h, self.commit_times[h], *held))
         return out
 
     async def status_counts(self) -> dict[int, int]:
@@ -1113,6 +1129,11 @@ class Validator:
         return np.concatenate(
             [tx_ids_of(rows) for _, rows in self.store.iter_rows()] or [np.empty((0, 32), np.uint8)]
         )
+
+
+def _failed_rows(results: pa.RecordBatch) -> np.ndarray:
+    """Positions of the rows whose execution status is not OK."""
+    return np.flatnonzero(results.column("status").to_numpy(zero_copy_only=False) != Status.OK)
 
 
 def _pop_first(d: dict[Any, Any]) -> tuple[Any, Any]:

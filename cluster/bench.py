@@ -384,6 +384,7 @@ class E2EResult:
     validators: int
     duration_s: float
     submitted: int
+    # Transactions committed with status OK in the window (the TPS counts only these)
     committed: int
     committed_tps: float
     p50_ms: float
@@ -422,6 +423,9 @@ class E2EResult:
     # efficiency is everything else, and 1 - busy what the pipeline left unused.
     machine_busy: float | None = None
     machine_steal: float | None = None
+    # Transactions of the window committed with an error status (a bad nonce, say): final,
+    # but failed, so not in ``committed``. Zero unless the network reorders a sender's rows.
+    failed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(v: Any) -> Any:
@@ -628,6 +632,8 @@ def bench_e2e(
             # Commit time of every id committed on validator 0, learnt one block list per poll
             # (cheap for the network: no per-transaction lookups while it is under load)
             commit_time: dict[bytes, float] = {}
+            failed_ids: set[bytes] = set()  # committed with an error status
+            failed = 0
             seen_height = 0
             window_blocks: list[int] = []  # transactions of each block committed in the window
             while time.monotonic() < stop + 30 and (
@@ -636,12 +642,13 @@ def bench_e2e(
                 if cpu_end is None and time.monotonic() >= stop:
                     machine_end = machine_cpu_times()
                     cpu_end = _cpu_by_role(net, validators)
-                for h, at, ids in ray.get(v0.committed_since.remote(seen_height)):
+                for h, at, ids, bad in ray.get(v0.committed_since.remote(seen_height)):
                     seen_height = h
                     if t_start <= at <= t_start + duration_s:
                         window_blocks.append(len(ids))
                     raw = ids.tobytes()
                     commit_time.update((raw[i : i + 32], at) for i in range(0, len(raw), 32))
+                    failed_ids.update(raw[i * 32 : i * 32 + 32] for i in bad.tolist())
                 with lock:
                     waiting = list(pending)
                 for item in waiting:
@@ -655,7 +662,9 @@ def bench_e2e(
                     with lock:
                         pending.remove(item)
                     if at <= t_start + duration_s:
-                        committed += item[2]
+                        bad = sum(1 for i in ids if i in failed_ids) if failed_ids else 0
+                        committed += item[2] - bad
+                        failed += bad
                 time.sleep(0.1)
             for th in threads:
                 th.join()
@@ -701,6 +710,7 @@ def bench_e2e(
         one_core_verify_before_after=(before, after),
         machine_busy=None if shares is None else shares[0],
         machine_steal=None if shares is None else shares[1],
+        failed=failed,
         # Nothing committed in the window: no per-transaction figure to give
         cpu_us_per_tx={
             role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end

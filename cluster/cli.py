@@ -489,6 +489,7 @@ def bench_e2e_cmd(
     if r.offered_tps is not None:
         table.add_row("offered TPS (open loop)", f"{r.offered_tps:,.0f}")
     table.add_row("committed TPS", f"{r.committed_tps:,.0f}")
+    table.add_row("committed with an error status (not counted)", f"{r.failed:,}")
     table.add_row(
         "commit latency p50 / p95 / p99", f"{r.p50_ms:,.0f} / {r.p95_ms:,.0f} / {r.p99_ms:,.0f} ms"
     )

@@ -22,6 +22,8 @@ def test_bench_e2e_reports_measured_figures() -> None:
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["agreement"] is True
     assert r["committed"] > 0 and r["committed"] <= r["submitted"]
+    # Every client's rows reach the chain in its nonce order: none fails for its nonce
+    assert r["failed"] == 0 and "committed with an error status" in result.output
     assert r["verifications_per_tx"] == 4
     assert abs(r["raw_limit_tps"] - r["one_core_verify_per_s"] * r["cores"] / 4) < 1
     before, after = r["one_core_verify_before_after"]
@@ -53,6 +55,7 @@ def test_bench_e2e_open_loop_offers_its_rate() -> None:
     # On schedule: about the offered rows were submitted, none answered busy
     assert 0.8 * 400 * 4 <= r["submitted"] <= 400 * 4 + 4 * 200 and r["busy_answers"] == 0
     assert 0 < r["committed"] <= r["submitted"] and r["agreement"] is True
+    assert r["failed"] == 0
     # Where the cores went, per committed transaction, by kind of actor
     assert set(r["cpu_us_per_tx"]) >= {"validator", "mempool", "shard"}
     assert all(us > 0 for us in r["cpu_us_per_tx"].values())

@@ -175,3 +175,55 @@ def test_the_memory_of_batch_origins_is_bounded(monkeypatch: Any) -> None:
     # The oldest two were never committed: forgotten, so their commit would be reported
     assert list(v.batch_is_ours) == digests[2:]
     assert v._mempool_news(digests) == digests[:2]
+
+
+def test_an_unreadable_batch_takes_its_turn() -> None:
+    """A batch whose object cannot be read (lost with its mempool) is counted and passed
+    over at once: the mempool's next batch does not wait for it."""
+    v, held, _ = validator()
+    good, _ = batches()
+
+    async def lost() -> pa.RecordBatch:
+        raise RuntimeError("the object was lost")
+
+    async def ref() -> pa.RecordBatch:
+        return good
+
+    async def run() -> None:
+        await v.batch_ready(b"\x01" * 32, [lost()], (0, 1), None)
+        await v.batch_ready(digest_of(good), [ref()], (0, 2), None)
+
+    asyncio.run(run())
+    assert held == [digest_of(good)] and v.rejected == {"batch: unreadable": 1}
+
+
+def test_a_slow_predecessor_is_waited_for() -> None:
+    """One mempool's batches are held in the order it sealed them, however long the earlier
+    one's check takes: held first, the later one's rows would precede their sender's earlier
+    nonces in a block and fail."""
+    v, held, _ = validator()
+    v.origin_next[0] = 1  # batches of mempool 0 seen up to 0: 1 comes next
+    key = key_from_seed(b"\x12" * 32)
+    first, second = (
+        make_batch(
+            key, TxKind.ANCHOR, range(a, a + 4), [bytes([a + i]) * 32 for i in range(4)], CHAIN
+        )
+        for a in (0, 4)
+    )
+
+    async def slow() -> pa.RecordBatch:
+        await asyncio.sleep(1.5)  # a check queued behind others on a saturated machine
+        return first
+
+    async def fast() -> pa.RecordBatch:
+        return second
+
+    async def run() -> None:
+        await asyncio.gather(
+            v.batch_ready(digest_of(first), [slow()], (0, 1), None),
+            v.batch_ready(digest_of(second), [fast()], (0, 2), None),
+        )
+
+    asyncio.run(run())
+    assert not v.rejected
+    assert held == [digest_of(first), digest_of(second)]
