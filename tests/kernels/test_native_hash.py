@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def _pair(messages: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(messages) + 1, np.int64)
     offsets[1:] = np.cumsum([len(m) for m in messages])
     return np.frombuffer(b"".join(messages), np.uint8).copy(), offsets
+
+
+def test_the_source_ships_with_the_package() -> None:
+    root = Path(__file__).resolve().parents[2]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "c/*.c" in pyproject["tool"]["setuptools"]["package-data"]["rayledger.kernels"]
+    assert _native.SOURCE.is_file() and _native.SOURCE.parent.name == "c"
 
 
 def test_a_c_compiler_means_the_loop_is_built() -> None:
