@@ -565,6 +565,9 @@ class Validator:
         checks are never trusted."""
         if origin is not None:
             self._note_origin(digest, origin[0])
+            # A mempool's order starts here with the first of its batches to arrive, not the
+            # first whose check finishes (one check can overtake another)
+            self.origin_next.setdefault(origin[0], origin[1])
         if digest in self.batches:
             self._in_order(origin, digest, None)
             return

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from rayledger.actors import validator as validator_module
 from rayledger.actors.mempool import seal_tag
@@ -197,12 +198,15 @@ def test_an_unreadable_batch_takes_its_turn() -> None:
     assert held == [digest_of(good)] and v.rejected == {"batch: unreadable": 1}
 
 
-def test_a_slow_predecessor_is_waited_for() -> None:
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_slow_predecessor_is_waited_for(fresh: bool) -> None:
     """One mempool's batches are held in the order it sealed them, however long the earlier
     one's check takes: held first, the later one's rows would precede their sender's earlier
-    nonces in a block and fail."""
+    nonces in a block and fail. ``fresh``: the first batches this validator sees from that
+    mempool (just started): the order starts with the first to arrive."""
     v, held, _ = validator()
-    v.origin_next[0] = 1  # batches of mempool 0 seen up to 0: 1 comes next
+    if not fresh:
+        v.origin_next[0] = 1  # batches of mempool 0 seen up to 0: 1 comes next
     key = key_from_seed(b"\x12" * 32)
     first, second = (
         make_batch(
