@@ -26,6 +26,7 @@ import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import chain
 from typing import cast
 
 import numpy as np
@@ -119,8 +120,22 @@ class StateView:
 
 
 def compute_state_root(previous: bytes, writes: dict[bytes, bytes]) -> bytes:
-    pack = _U64.pack
-    body = b"".join([pack(len(k)) + k + pack(len(v)) + v for k, v in sorted(writes.items())])
+    keys = sorted(writes)
+    values = list(map(writes.__getitem__, keys))
+    # Every entry is ``u64 len | key | u64 len | value``; the few distinct lengths are packed
+    # once and the body is joined without a Python step per entry
+    packed = {n: _U64.pack(n) for n in {*map(len, keys), *map(len, values)}}.__getitem__
+    body = b"".join(
+        chain.from_iterable(
+            zip(
+                map(packed, map(len, keys)),
+                keys,
+                map(packed, map(len, values)),
+                values,
+                strict=True,
+            )
+        )
+    )
     return hashlib.sha256(_STATE_DOMAIN + previous + hashlib.sha256(body).digest()).digest()
 
 

@@ -158,7 +158,7 @@ class CommittedBlock:
 def writes_batch(writes: dict[bytes, bytes]) -> pa.RecordBatch:
     keys = sorted(writes)
     return pa.RecordBatch.from_arrays(
-        [pa.array(keys, pa.binary()), pa.array([writes[k] for k in keys], pa.binary())],
+        [pa.array(keys, pa.binary()), pa.array(list(map(writes.__getitem__, keys)), pa.binary())],
         schema=WRITES_SCHEMA,
     )
 
