@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Collection, Iterable
+from itertools import repeat
 from pathlib import Path
 
 from rayledger.execution import StateView
@@ -198,9 +199,8 @@ class CommittedState(StateView):
         layer = dict(writes)
         self._ahead = {}  # read before this block: may be stale now
         self._layers[height] = layer
-        recent = self._recent
-        for k, v in layer.items():
-            recent[k] = (v, height)
+        # Each key's newest value and the height that wrote it (no Python step per entry)
+        self._recent.update(zip(layer, zip(layer.values(), repeat(height)), strict=True))
 
     def seed(self, height: int, block_hash: bytes, entries: Iterable[tuple[bytes, bytes]]) -> None:
         """Replace the whole file by ``entries``, as the state at ``height`` (genesis, or an
