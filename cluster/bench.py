@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -407,7 +408,8 @@ class E2EResult:
     offered_tps: float | None = None
     storage_shards: int = 0
     # CPU time of each kind of actor over the load window, per transaction committed in it
-    # (microseconds; all of a role's processes together, every thread, Ray's own included)
+    # (microseconds; all of a role's processes together, every thread, Ray's own included),
+    # and of the load generator (this process)
     cpu_us_per_tx: dict[str, float] = field(default_factory=dict)
     # False in a ceiling run: Ed25519 curve math skipped (see bench_e2e)
     signatures_checked: bool = True
@@ -436,6 +438,51 @@ class E2EResult:
         return {k: rounded(v) for k, v in self.__dict__.items()}
 
 
+@dataclass(eq=False)
+class Chunk:
+    """Rows a load generator's client had admitted in one submission."""
+
+    due: float  # when it was submitted (open loop: when it was due)
+    ids: list[bytes]  # its transactions' ids
+    accepted: int  # rows the mempool admitted
+    found: int = 0  # ids seen committed so far, in order (each is looked up once)
+    last_at: float = 0.0  # the latest commit time among them
+
+
+class CommitTracker:
+    """Matches a load generator's chunks to the commits that validator 0 reports.
+
+    Commit times are learnt a block list at a time (``learn``: no per-transaction lookups
+    in the network while it is under load). ``settle`` tells when every id of a chunk has
+    committed: the chunk's latency runs to its last transaction's commit, and its rows
+    committed with an error status (a sender's nonce gap, say) are counted apart from the
+    rows committed OK.
+    """
+
+    def __init__(self) -> None:
+        self._at: dict[bytes, float] = {}
+        self._failed: set[bytes] = set()
+
+    def learn(self, ids: np.ndarray, at: float, failed_rows: np.ndarray) -> None:
+        """A block committed at ``at`` holding the ``(n, 32)`` ``ids``, of which the rows
+        ``failed_rows`` committed with an error status."""
+        raw = np.ascontiguousarray(ids, np.uint8).tobytes()
+        self._at.update((raw[i : i + 32], at) for i in range(0, len(raw), 32))
+        self._failed.update(raw[i * 32 : i * 32 + 32] for i in failed_rows.tolist())
+
+    def settle(self, chunk: Chunk) -> tuple[float, int] | None:
+        """``(commit time of its last transaction, rows that failed)`` once every id of
+        ``chunk`` committed; None while some are still to commit."""
+        k, at = chunk.found, chunk.last_at
+        while k < len(chunk.ids) and (found := self._at.get(chunk.ids[k])) is not None:
+            at, k = max(at, found), k + 1
+        chunk.found, chunk.last_at = k, at
+        if k < len(chunk.ids):
+            return None
+        bad = sum(1 for i in chunk.ids if i in self._failed) if self._failed else 0
+        return at, bad
+
+
 def _skip_curve_math() -> None:
     """Worker set-up hook of a ceiling run's own Ray instance: every batch signature check
     answers "valid" without the curve math (ids and digests are still hashed, consensus
@@ -450,7 +497,9 @@ def _skip_curve_math() -> None:
 
 def _cpu_by_role(net: Any, validators: int) -> dict[str, float]:
     """CPU seconds used so far by each kind of actor, summed over the institutions (a status
-    without ``cpu_s`` counts nothing; an actor that does not answer within 30 s is an error)."""
+    without ``cpu_s`` counts nothing; an actor that does not answer within 30 s is an error),
+    and by this process under ``"load generator"`` (its clients, its commit tracking and its
+    Ray threads: a cost of the measurement, on the same cores as the network)."""
     import ray
 
     roles: dict[str, list[Any]] = {"validator": [], "mempool": [], "shard": [], "verifier": []}
@@ -465,6 +514,8 @@ def _cpu_by_role(net: Any, validators: int) -> dict[str, float]:
         if handles:
             answers = ray.get([h.status.remote() for h in handles], timeout=30)
             out[role] = sum(float(a.get("cpu_s", 0.0)) for a in answers)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["load generator"] = usage.ru_utime + usage.ru_stime
     return out
 
 
@@ -587,10 +638,7 @@ def bench_e2e(
             v0 = net.validator(0)
             hist = HdrHistogram(1, 600_000, 3)
             lock = threading.Lock()
-            # Submitted chunks not yet seen committed: [due time, ids, rows accepted, ids found
-            # so far (a cursor: each id is looked up once, however long the chunk waits),
-            # latest commit time among them]
-            pending: list[list[Any]] = []
+            pending: list[Chunk] = []  # submitted, not yet seen committed
             stats = {"submitted": 0, "busy": 0}
             stop = time.monotonic() + duration_s
 
@@ -611,7 +659,7 @@ def bench_e2e(
                         if not res.busy:
                             ids = [r.tobytes() for r in tx_ids_of(b)]
                             with lock:
-                                pending.append([t, ids, res.accepted, 0, 0.0])
+                                pending.append(Chunk(t, ids, res.accepted))
                                 stats["submitted"] += res.accepted
                             break
                         with lock:
@@ -629,10 +677,7 @@ def bench_e2e(
             for th in threads:
                 th.start()
             committed = 0
-            # Commit time of every id committed on validator 0, learnt one block list per poll
-            # (cheap for the network: no per-transaction lookups while it is under load)
-            commit_time: dict[bytes, float] = {}
-            failed_ids: set[bytes] = set()  # committed with an error status
+            tracker = CommitTracker()
             failed = 0
             seen_height = 0
             window_blocks: list[int] = []  # transactions of each block committed in the window
@@ -646,24 +691,19 @@ def bench_e2e(
                     seen_height = h
                     if t_start <= at <= t_start + duration_s:
                         window_blocks.append(len(ids))
-                    raw = ids.tobytes()
-                    commit_time.update((raw[i : i + 32], at) for i in range(0, len(raw), 32))
-                    failed_ids.update(raw[i * 32 : i * 32 + 32] for i in bad.tolist())
+                    tracker.learn(ids, at, bad)
                 with lock:
                     waiting = list(pending)
-                for item in waiting:
-                    ids, k, at = item[1], item[3], item[4]
-                    while k < len(ids) and (found := commit_time.get(ids[k])) is not None:
-                        at, k = max(at, found), k + 1
-                    item[3], item[4] = k, at
-                    if k < len(ids):
+                for chunk in waiting:
+                    settled = tracker.settle(chunk)
+                    if settled is None:
                         continue
-                    hist.record_value(max(1, int((at - item[0]) * 1000)), item[2])
+                    at, bad = settled
+                    hist.record_value(max(1, int((at - chunk.due) * 1000)), chunk.accepted)
                     with lock:
-                        pending.remove(item)
+                        pending.remove(chunk)
                     if at <= t_start + duration_s:
-                        bad = sum(1 for i in ids if i in failed_ids) if failed_ids else 0
-                        committed += item[2] - bad
+                        committed += chunk.accepted - bad
                         failed += bad
                 time.sleep(0.1)
             for th in threads:

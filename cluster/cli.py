@@ -510,7 +510,10 @@ def bench_e2e_cmd(
     table.add_row("busy answers", str(r.busy_answers))
     table.add_row(
         "CPU per committed tx (all processes)",
-        ", ".join(f"{role}s {us:,.0f} µs" for role, us in r.cpu_us_per_tx.items())
+        ", ".join(
+            f"{role if role == 'load generator' else role + 's'} {us:,.0f} µs"
+            for role, us in r.cpu_us_per_tx.items()
+        )
         or "- (nothing committed in the window)",
     )
     table.add_row(

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from rayledger.kernels._hashproc import (
     hash_messages,
     hash_rows,
 )
-from rayledger.kernels._inputs import fixed_width
+from rayledger.kernels._inputs import byte_rows, fixed_width
 
 WORKERS_ENV = "RAYLEDGER_CPU_WORKERS"
 # Measured on 2 cores with ``bench_cpu_workers`` (kernels/bench.py), SHA-256 of 32- and 150-byte
@@ -228,24 +227,19 @@ def _shutdown() -> None:
 atexit.register(_shutdown)
 
 
-def _as_bytes_list(rows: np.ndarray) -> list[bytes]:
-    # numpy builds the bytes objects in C: cheaper than slicing a buffer once per row.
-    return cast("list[bytes]", rows.view(np.dtype((np.void, rows.shape[1]))).ravel().tolist())
-
-
 def _local(algorithm: str, head: np.ndarray, tail: Tail | None, lo: int, hi: int) -> bytes:
     width = head.shape[1]
     if tail is None:
         if width == 0:
             return hash_rows(algorithm, b"", 0, hi - lo)
-        return hash_messages(algorithm, _as_bytes_list(head[lo:hi]))
+        return hash_messages(algorithm, byte_rows(head[lo:hi]))
     values, offsets = tail
     if width == 0:
         common = fixed_width(values, offsets[lo : hi + 1])
         if common:
             start = int(offsets[lo])
             rows = values[start : start + (hi - lo) * common].reshape(hi - lo, common)
-            return hash_messages(algorithm, _as_bytes_list(rows))
+            return hash_messages(algorithm, byte_rows(rows))
     rows_bytes = head[lo:hi].tobytes() if width else b""
     return hash_rows(
         algorithm, rows_bytes, width, hi - lo, values.data, offsets[lo : hi + 1].tolist()

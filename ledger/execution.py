@@ -27,13 +27,12 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from itertools import chain
-from typing import cast
 
 import numpy as np
 import pyarrow as pa
 
 from rayledger.block import RESULT_SCHEMA
-from rayledger.kernels import as_offsets_and_values, sha256_batch
+from rayledger.kernels import as_offsets_and_values, byte_rows, sha256_batch
 from rayledger.tx import TxKind
 
 MAX_ANCHOR_METADATA = 4096
@@ -314,7 +313,7 @@ def _execute_anchor_block(
     )
     prefix = np.frombuffer(b"anc:", np.uint8)
     keyed = np.concatenate([np.broadcast_to(prefix, (len(rows), 4)), digests], axis=1)
-    keys = _byte_rows(keyed)
+    keys = byte_rows(keyed)
     if disk is not None:
         disk.prefetch([nonce_key(s) for s in senders] + keys)
     expected = np.zeros(len(senders), np.uint64)
@@ -352,7 +351,7 @@ def _execute_anchor_block(
     view = parent_view.child()
     writes = view.writes
     new_keys = [keys[i] for i in np.flatnonzero(fresh).tolist()]
-    writes.update(zip(new_keys, _byte_rows(values), strict=True))
+    writes.update(zip(new_keys, byte_rows(values), strict=True))
     for j, sender in enumerate(senders):
         writes[nonce_key(sender)] = _U64.pack(int(expected[j]) + int(counts[j]))
     result_offsets = np.zeros(n + 1, np.int32)
@@ -367,12 +366,7 @@ def _execute_anchor_block(
     return view, out
 
 
-def _byte_rows(rows: np.ndarray) -> list[bytes]:
-    """Each row of an ``(n, width) uint8`` array as ``bytes`` (numpy makes them, in C)."""
-    return cast("list[bytes]", rows.view(np.dtype((np.void, rows.shape[1]))).ravel().tolist())
-
-
 def _rows(col: pa.Array) -> list[bytes]:
+    """The values of a 32-byte column, one ``bytes`` a row."""
     values, _ = as_offsets_and_values(col)
-    raw = values.tobytes()
-    return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+    return byte_rows(values.reshape(-1, 32))

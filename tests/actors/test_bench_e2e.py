@@ -57,8 +57,9 @@ def test_bench_e2e_open_loop_offers_its_rate() -> None:
     assert 0 < r["committed"] <= r["submitted"] and r["agreement"] is True
     assert r["failed"] == 0
     # Where the cores went, per committed transaction, by kind of actor
-    assert set(r["cpu_us_per_tx"]) >= {"validator", "mempool", "shard"}
+    assert set(r["cpu_us_per_tx"]) >= {"validator", "mempool", "shard", "load generator"}
     assert all(us > 0 for us in r["cpu_us_per_tx"].values())
+    assert "load generator" in result.output
 
 
 def test_bench_e2e_ceiling_run_says_so() -> None:

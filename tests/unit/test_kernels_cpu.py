@@ -488,3 +488,17 @@ def test_ed25519_threaded_on_strided_views() -> None:
     want = [_reference(r) for r in rows]
     got = ed25519_verify_batch(keys[::2], sigs[::2], msgs[::2])
     assert got.tolist() == want[::2]
+
+
+def test_byte_rows_gives_each_row_as_bytes() -> None:
+    from rayledger.kernels import byte_rows
+
+    rows = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    assert byte_rows(rows) == [bytes(range(i * 6, i * 6 + 6)) for i in range(4)]
+    # A strided view (every other row, or a column range) is read as it looks
+    assert byte_rows(rows[::2]) == [bytes(range(0, 6)), bytes(range(12, 18))]
+    assert byte_rows(rows[:, 2:4]) == [bytes([i * 6 + 2, i * 6 + 3]) for i in range(4)]
+    # Trailing zero bytes are kept (numpy's bytes dtype would strip them)
+    assert byte_rows(np.zeros((2, 3), np.uint8)) == [b"\0\0\0", b"\0\0\0"]
+    assert byte_rows(np.empty((3, 0), np.uint8)) == [b"", b"", b""]
+    assert byte_rows(np.empty((0, 32), np.uint8)) == []
