@@ -38,7 +38,14 @@ from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
 from rayledger.execution import nonce_key
-from rayledger.tx import TX_SCHEMA, fixed_rows, tx_ids_of, validate_batch, verify_signatures
+from rayledger.tx import (
+    TX_SCHEMA,
+    compact_batch,
+    fixed_rows,
+    tx_ids_of,
+    validate_batch,
+    verify_signatures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +346,9 @@ class Mempool:
         rest = table.slice(take)
         self.pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self.pending_rows = rest.num_rows
-        batch = head.cast(TX_SCHEMA.with_metadata(head.schema.metadata))
+        # Its own buffers: a batch sealed from part of a larger submission would otherwise
+        # carry the whole of it into the object store and to every validator
+        batch = compact_batch(head.cast(TX_SCHEMA.with_metadata(head.schema.metadata)))
         digest = batch_digest(batch)
         ref = ray.put(batch)
         self._refs[digest] = ref

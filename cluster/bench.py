@@ -35,6 +35,7 @@ from rayledger.merkle import merkle_root
 from rayledger.tx import (
     TxKind,
     canonical_buffer,
+    compact_batch,
     compute_tx_ids,
     make_batch,
     tx_ids_of,
@@ -634,7 +635,13 @@ def bench_e2e(
                     [hashlib.sha256(b"%d/%d" % (k, i)).digest() for i in range(per_client)],
                     net.chain_id,
                 )
-                work.append([rows.slice(s, batch_rows) for s in range(0, per_client, batch_rows)])
+                # Chunks in buffers of their own (a slice is pickled with its whole parent)
+                work.append(
+                    [
+                        compact_batch(rows.slice(s, batch_rows))
+                        for s in range(0, per_client, batch_rows)
+                    ]
+                )
             v0 = net.validator(0)
             hist = HdrHistogram(1, 600_000, 3)
             lock = threading.Lock()
@@ -653,9 +660,12 @@ def bench_e2e(
                         # counts from then even if the client falls behind
                         due = start + n * interval
                         time.sleep(max(0.0, due - time.time()))
+                    # Serialized once, into the object store: an offer answered busy is
+                    # made again by reference
+                    ref = ray.put(b)
                     while time.monotonic() < stop:
                         t = time.time() if interval is None else due
-                        res = ray.get(mempool.submit.remote(b))
+                        res = ray.get(mempool.submit.remote(ref))
                         if not res.busy:
                             ids = [r.tobytes() for r in tx_ids_of(b)]
                             with lock:

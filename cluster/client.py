@@ -46,7 +46,7 @@ from rayledger.config import Genesis, load_genesis
 from rayledger.errors import DecodeError, InvalidReceipt, LedgerError, NotFound, StoreError
 from rayledger.execution import anchor_key, balance_key, nonce_key
 from rayledger.receipt import Receipt, verify_receipt
-from rayledger.tx import fixed_rows, tx_ids_of
+from rayledger.tx import compact_batch, fixed_rows, tx_ids_of
 
 NAMESPACE = "rayledger"
 
@@ -133,7 +133,14 @@ class Client:
         # of concurrent calls, and one sender's nonces must arrive in order); different
         # mempools take theirs in parallel.
         queues = [
-            (target, [part.slice(s, chunk_rows) for s in range(0, part.num_rows, chunk_rows)])
+            # Each chunk in buffers of its own: a slice would travel with all of ``part``
+            (
+                target,
+                [
+                    compact_batch(part.slice(s, chunk_rows))
+                    for s in range(0, part.num_rows, chunk_rows)
+                ],
+            )
             for target, part in self._route(batch, mempool)
         ]
         while any(chunks for _, chunks in queues):

@@ -276,6 +276,17 @@ def make_batch(
     )
 
 
+def compact_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` in buffers holding only its own rows. A slice shares its parent's buffers,
+    and pickling (every Ray call and object) sends them whole: a 1,000-row slice of a
+    100,000-row batch travels as the 100,000 rows. Only such a view is copied."""
+    if batch.get_total_buffer_size() <= batch.nbytes + batch.nbytes // 4 + 4096:
+        return batch
+    return pa.RecordBatch.from_arrays(
+        [pa.concat_arrays([column]) for column in batch.columns], schema=batch.schema
+    )
+
+
 def validate_batch(
     batch: pa.RecordBatch,
     *,
@@ -285,7 +296,8 @@ def validate_batch(
     """Check a submitted batch's shape and return it in canonical form with its derived ids.
 
     Rejects missing or extra columns, wrong types or widths, nulls, oversize payloads and a
-    foreign chain id. Any supplied ``tx_id`` column is replaced by ids recomputed here.
+    foreign chain id. Any supplied ``tx_id`` column is replaced by ids recomputed here. The
+    result owns its buffers (``compact_batch``).
     """
     names = [f.name for f in BODY_FIELDS]
     got = [f.name for f in batch.schema if f.name != "tx_id"]
@@ -316,8 +328,12 @@ def validate_batch(
             raise PayloadTooLarge(
                 f"row {row}: payload of {longest} bytes exceeds the maximum {max_payload}"
             )
-    body = pa.RecordBatch.from_arrays(
-        [batch.column(f.name) for f in BODY_FIELDS], schema=pa.schema(BODY_FIELDS)
+    # In buffers of its own: a canonical batch is kept, sealed and sent on, never the
+    # submitter's larger batch it may be a slice of
+    body = compact_batch(
+        pa.RecordBatch.from_arrays(
+            [batch.column(f.name) for f in BODY_FIELDS], schema=pa.schema(BODY_FIELDS)
+        )
     )
     ids = compute_tx_ids(body, chain)
     return pa.RecordBatch.from_arrays(

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 from pathlib import Path
+
+import pyarrow as pa
+import pytest
 
 from rayledger.actors.mempool import Mempool
 from rayledger.config import Validator, new_genesis
@@ -81,3 +85,36 @@ def test_nonces_out_of_order_or_below_the_committed_one_are_refused(tmp_path: Pa
         m._ticker.cancel()
 
     asyncio.run(scenario())
+
+
+def test_batches_sealed_from_a_slice_carry_only_their_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's submission that is a slice of a larger batch shares that batch's buffers;
+    what the mempool seals and puts in the object store (for every validator to read) holds
+    only the sealed rows."""
+    import rayledger.actors.mempool as mempool_mod
+
+    m = mempool(tmp_path, batch_rows=100)
+    key = key_from_seed(b"\x0d" * 32)
+    whole = make_batch(
+        key,
+        TxKind.ANCHOR,
+        range(3000),
+        [bytes([i % 256]) * 32 for i in range(3000)],
+        m.genesis.chain_id,
+    )
+    put: list[pa.RecordBatch] = []
+    monkeypatch.setattr(mempool_mod.ray, "put", lambda obj: put.append(obj) or object())
+
+    async def scenario() -> None:
+        assert (await m.submit(whole.slice(0, 300))).accepted == 300
+        if m._ticker is not None:
+            m._ticker.cancel()
+
+    asyncio.run(scenario())
+    assert [b.num_rows for b in put] == [100, 100, 100]
+    assert pa.Table.from_batches(put).column("nonce").to_pylist() == list(range(300))
+    whole_size = len(pickle.dumps(whole, protocol=5))
+    for batch in put:
+        assert len(pickle.dumps(batch, protocol=5)) < whole_size / 20

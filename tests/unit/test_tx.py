@@ -4,6 +4,7 @@ and the columnar TxBatch (ids, signatures, validation, Arrow IPC) against per-ro
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 import struct
 
@@ -35,6 +36,7 @@ from rayledger.tx import (
     batch_chain_id,
     batch_from_ipc,
     batch_to_ipc,
+    compact_batch,
     compute_tx_ids,
     decode_tx,
     encode_tx,
@@ -769,3 +771,28 @@ def test_every_listed_small_order_key_is_a_point_of_order_dividing_8() -> None:
             pt = add(pt, pt)
         assert pt == (0, 1), enc.hex()
     assert len(points) == 8
+
+
+def test_compact_batch_copies_a_slice_and_keeps_an_own_batch() -> None:
+    key = key_from_seed(b"\x21" * 32)
+    whole = make_batch(key, 2, range(2000), [bytes([i % 256]) * 32 for i in range(2000)], CHAIN)
+    assert compact_batch(whole) is whole
+    part = whole.slice(700, 100)
+    own = compact_batch(part)
+    assert own.equals(part) and own.schema.metadata == part.schema.metadata
+    # The slice pickles with all 2,000 rows; its compact copy with its 100
+    assert len(pickle.dumps(part, protocol=5)) > 15 * len(pickle.dumps(own, protocol=5))
+    assert own.get_total_buffer_size() < 2 * own.nbytes
+    assert compact_batch(own) is own
+    empty = compact_batch(whole.slice(2000))
+    assert empty.num_rows == 0 and empty.schema == whole.schema
+
+
+def test_validate_batch_of_a_slice_owns_its_buffers() -> None:
+    """A submission that is a slice of a client's larger batch: the canonical batch the
+    mempool keeps and seals (and a validator stores) does not hold on to the rest."""
+    key = key_from_seed(b"\x22" * 32)
+    whole = make_batch(key, 2, range(2000), [bytes([i % 256]) * 32 for i in range(2000)], CHAIN)
+    canonical = validate_batch(whole.slice(100, 100), chain_id=CHAIN)
+    assert canonical.equals(validate_batch(compact_batch(whole.slice(100, 100)), chain_id=CHAIN))
+    assert len(pickle.dumps(canonical, protocol=5)) * 10 < len(pickle.dumps(whole, protocol=5))
