@@ -82,7 +82,7 @@ from rayledger.consensus.wire import (
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
 from rayledger.errors import LedgerError
 from rayledger.execution import StateView, Status, execute_block, genesis_state
-from rayledger.tx import TX_SCHEMA, tx_ids_of
+from rayledger.tx import TX_SCHEMA, compact_batch, tx_ids_of
 
 log = logging.getLogger(__name__)
 
@@ -709,7 +709,8 @@ class Validator:
         batch = self.batches.get(digest)
         if batch is None and digest in self.committed_batches:
             height, offset, rows = self.committed_batches[digest]
-            batch = self.store.get_block(height).txs.slice(offset, rows)
+            # Its own rows only (a slice would be sent with the whole block)
+            batch = compact_batch(self.store.get_block(height).txs.slice(offset, rows))
         return batch
 
     def _on_timer(self, round_: int, purpose: str) -> None:

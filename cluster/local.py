@@ -26,7 +26,7 @@ from rayledger.actors.verifier import Verifier
 from rayledger.cluster.network import NetworkSpec, make_genesis
 from rayledger.config import Genesis, load_genesis
 from rayledger.crypto import SigningKey, read_key_file
-from rayledger.tx import tx_ids_of
+from rayledger.tx import compact_batch, tx_ids_of
 
 NAMESPACE = "rayledger"
 
@@ -300,7 +300,8 @@ class Network:
         return list(self.settings["clients"])
 
     def submit(self, batch: pa.RecordBatch, mempool: int = 0) -> Admission:
-        return ray.get(self.mempool(mempool).submit.remote(batch))
+        # A slice is sent in buffers of its own, not with the batch it was cut from
+        return ray.get(self.mempool(mempool).submit.remote(compact_batch(batch)))
 
     def status(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

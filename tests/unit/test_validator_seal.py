@@ -231,3 +231,24 @@ def test_a_slow_predecessor_is_waited_for(fresh: bool) -> None:
     asyncio.run(run())
     assert not v.rejected
     assert held == [digest_of(first), digest_of(second)]
+
+
+def test_a_committed_batch_served_to_a_peer_carries_only_its_rows() -> None:
+    """A lagging peer fetching a batch already committed gets its rows out of the stored
+    block, in buffers of their own (a slice would be sent with the whole block)."""
+    import pickle
+
+    v, _, _ = validator()
+    key = key_from_seed(b"\x12" * 32)
+    block_txs = make_batch(
+        key, TxKind.ANCHOR, range(3000), [bytes([i % 256]) * 32 for i in range(3000)], CHAIN
+    )
+    digest = b"\x33" * 32
+    v.committed_batches = {digest: (7, 1000, 500)}
+    v.store = SimpleNamespace(
+        get_block=lambda h: SimpleNamespace(txs=block_txs) if h == 7 else None
+    )
+    served = asyncio.run(v.get_batch(digest))
+    assert served is not None and served.equals(block_txs.slice(1000, 500))
+    assert len(pickle.dumps(served, protocol=5)) * 4 < len(pickle.dumps(block_txs, protocol=5))
+    assert asyncio.run(v.get_batch(b"\x34" * 32)) is None
