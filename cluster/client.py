@@ -154,6 +154,7 @@ class Client:
         self, out: SubmitResult, target: int, chunk: pa.RecordBatch, admission: Any, timeout: float
     ) -> None:
         delay, deadline = 0.05, time.monotonic() + timeout
+        offer: Any = None
         while admission.busy:
             if time.monotonic() > deadline:
                 raise SubmitError(f"mempool {target} stayed busy for {timeout} s")
@@ -162,7 +163,9 @@ class Client:
             hint = admission.retry_after_ms / 1000
             time.sleep(min(hint, 1.0) if hint > 0 else delay)
             delay = min(delay * 2, 1.0)
-            admission = ray.get(self._actor(f"mempool-{target}").submit.remote(chunk))
+            if offer is None:  # serialized once: every further offer is by reference
+                offer = ray.put(chunk)
+            admission = ray.get(self._actor(f"mempool-{target}").submit.remote(offer))
         if admission.error is not None:
             raise SubmitError(f"mempool {target}: {admission.error}")
         out.accepted += admission.accepted
