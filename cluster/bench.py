@@ -410,7 +410,8 @@ class E2EResult:
     storage_shards: int = 0
     # CPU time of each kind of actor over the load window, per transaction committed in it
     # (microseconds; all of a role's processes together, every thread, Ray's own included),
-    # and of the load generator (this process)
+    # of the load generator (this process), and of Ray's own processes (``ray``: raylet, GCS,
+    # agents, idle workers; read from /proc, absent elsewhere)
     cpu_us_per_tx: dict[str, float] = field(default_factory=dict)
     # False in a ceiling run: Ed25519 curve math skipped (see bench_e2e)
     signatures_checked: bool = True
@@ -547,6 +548,52 @@ def machine_shares(
     return (end[0] - start[0]) / total, (end[1] - start[1]) / total
 
 
+# Command-line marks of Ray's own processes: raylet, GCS, log monitor, autoscaler monitor,
+# dashboard and its agents, and worker processes started but holding no actor
+_RAY_OWN = (
+    "/ray/core/src/ray/raylet/raylet",
+    "/ray/core/src/ray/gcs/gcs_server",
+    "ray/_private/log_monitor.py",
+    "ray/autoscaler/_private/monitor.py",
+    "ray/dashboard/",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+    "ray::IDLE",
+)
+
+
+def ray_own_cpu(proc: Path = Path("/proc")) -> dict[int, int] | None:
+    """CPU time so far (clock ticks) of each of Ray's own processes on this machine, by pid,
+    from ``/proc``: what runs Ray itself rather than the network's actors (which report
+    their own) or this process. None where there is no ``/proc``."""
+    if not proc.is_dir():
+        return None
+    out: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (
+                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            )
+            if not any(mark in command for mark in _RAY_OWN):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or not a process entry
+            continue
+    return out
+
+
+def cpu_between(start: dict[int, int] | None, end: dict[int, int] | None) -> float | None:
+    """Seconds of CPU between two ``ray_own_cpu`` readings: each process still there at the
+    end, from its first reading (from 0 if it started since); one that exited counts nothing."""
+    if start is None or end is None:
+        return None
+    ticks = sum(t - start.get(pid, 0) for pid, t in end.items())
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def bench_e2e(
     config: Path,
     validators: int = 4,
@@ -680,8 +727,10 @@ def bench_e2e(
 
             threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
             cpu_start = _cpu_by_role(net, validators)
+            ray_start = ray_own_cpu()
             machine_start = machine_cpu_times()
             machine_end = None
+            ray_end: dict[int, int] | None = None
             cpu_end: dict[str, float] | None = None
             t_start = time.time()
             for th in threads:
@@ -697,6 +746,7 @@ def bench_e2e(
                 if cpu_end is None and time.monotonic() >= stop:
                     machine_end = machine_cpu_times()
                     cpu_end = _cpu_by_role(net, validators)
+                    ray_end = ray_own_cpu()
                 for h, at, ids, bad in ray.get(v0.committed_since.remote(seen_height)):
                     seen_height = h
                     if t_start <= at <= t_start + duration_s:
@@ -721,6 +771,7 @@ def bench_e2e(
             if cpu_end is None:
                 machine_end = machine_cpu_times()
                 cpu_end = _cpu_by_role(net, validators)
+                ray_end = ray_own_cpu()
             chains = [net.headers(i) for i in range(validators)]
             common = min(len(c) for c in chains)
             agreement = all(c[:common] == chains[0][:common] for c in chains)
@@ -728,6 +779,15 @@ def bench_e2e(
         finally:
             ray.shutdown()
     tps = committed / duration_s
+    # Nothing committed in the window: no per-transaction figure to give
+    cpu_per_tx: dict[str, float] = {}
+    if committed:
+        cpu_per_tx = {
+            role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end
+        }
+        ray_s = cpu_between(ray_start, ray_end)
+        if ray_s is not None:
+            cpu_per_tx["ray"] = round(ray_s / committed * 1e6, 1)
     shares = machine_shares(machine_start, machine_end)
     # The machine's speed again, quiet as before the run (Ray is down): the ratios use both
     after, after_openssl = _one_core_verify_rates()
@@ -761,10 +821,5 @@ def bench_e2e(
         machine_busy=None if shares is None else shares[0],
         machine_steal=None if shares is None else shares[1],
         failed=failed,
-        # Nothing committed in the window: no per-transaction figure to give
-        cpu_us_per_tx={
-            role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end
-        }
-        if committed
-        else {},
+        cpu_us_per_tx=cpu_per_tx,
     )

@@ -39,6 +39,8 @@ app.add_typer(bench_app, name="bench")
 
 console = Console()
 DEFAULT_CONFIG = Path("configs/local.toml")
+# How `bench e2e` names the CPU rows that are not one kind of actor (the rest: "validators"...)
+_ROLE_LABELS = {"load generator": "load generator", "ray": "Ray's own processes"}
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -511,7 +513,7 @@ def bench_e2e_cmd(
     table.add_row(
         "CPU per committed tx (all processes)",
         ", ".join(
-            f"{role if role == 'load generator' else role + 's'} {us:,.0f} µs"
+            f"{_ROLE_LABELS.get(role, role + 's')} {us:,.0f} µs"
             for role, us in r.cpu_us_per_tx.items()
         )
         or "- (nothing committed in the window)",

@@ -60,6 +60,8 @@ def test_bench_e2e_open_loop_offers_its_rate() -> None:
     assert set(r["cpu_us_per_tx"]) >= {"validator", "mempool", "shard", "load generator"}
     assert all(us > 0 for us in r["cpu_us_per_tx"].values())
     assert "load generator" in result.output
+    if Path("/proc/self/stat").exists():  # Ray's own processes (raylet, GCS...), from /proc
+        assert r["cpu_us_per_tx"]["ray"] > 0 and "Ray's own processes" in result.output
 
 
 def test_bench_e2e_ceiling_run_says_so() -> None:

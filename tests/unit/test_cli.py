@@ -261,3 +261,42 @@ def test_machine_cpu_shares_from_proc_stat(tmp_path: Path) -> None:
     here = machine_cpu_times()
     if here is not None:
         assert 0 <= here[0] + here[1] <= here[2]
+
+
+def test_ray_own_cpu_reads_only_rays_processes(tmp_path: Path) -> None:
+    """Ray's own processes (raylet, GCS, agents, idle workers) by pid from a /proc-like tree;
+    the network's actors, this process and anything else are left out."""
+    import os
+
+    from rayledger.cluster.bench import cpu_between, ray_own_cpu
+
+    def proc(pid: int, command: str, utime: int, stime: int, name: str = "x") -> None:
+        d = tmp_path / str(pid)
+        d.mkdir(exist_ok=True)
+        (d / "cmdline").write_bytes(command.replace(" ", "\0").encode() + b"\0")
+        # comm may hold spaces and parentheses: the fields are read after the last ')'
+        rest = " ".join(["S"] + ["0"] * 10 + [str(utime), str(stime)] + ["0"] * 30)
+        (d / "stat").write_text(f"{pid} ({name}) {rest}\n")
+
+    site = "/venv/lib/python3.11/site-packages/ray"
+    proc(10, f"{site}/core/src/ray/raylet/raylet --raylet_socket_name=x", 100, 50, "raylet")
+    proc(11, f"{site}/core/src/ray/gcs/gcs_server --log_dir=x", 30, 10)
+    proc(12, "ray::DashboardAgent", 7, 3, "ray::Dash (x)")
+    proc(13, "ray::IDLE", 1, 1)
+    proc(20, "ray::Validator.deliver", 900, 100)  # an actor: reports its own CPU
+    proc(21, "python -c from rayledger.cluster.cli import main", 500, 0)
+    proc(22, f"python -u {site}/_private/log_monitor.py --x", 2, 2)
+    (tmp_path / "self").mkdir()  # not a pid
+    (tmp_path / "99").mkdir()  # a process gone between listing and reading
+    start = ray_own_cpu(tmp_path)
+    assert start == {10: 150, 11: 40, 12: 10, 13: 2, 22: 4}
+    # Later: the raylet used 2 s more, an idle worker exited, a new agent started
+    proc(10, f"{site}/core/src/ray/raylet/raylet --raylet_socket_name=x", 200, 50 + 100, "raylet")
+    (tmp_path / "13" / "stat").unlink()
+    proc(14, "ray::RuntimeEnvAgent", 5, 5)
+    end = ray_own_cpu(tmp_path)
+    assert end is not None and 13 not in end and end[14] == 10
+    hz = os.sysconf("SC_CLK_TCK")
+    assert cpu_between(start, end) == (200 + 10) / hz
+    assert cpu_between(None, end) is None and cpu_between(start, None) is None
+    assert ray_own_cpu(tmp_path / "absent") is None
