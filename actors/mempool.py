@@ -38,6 +38,7 @@ from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
 from rayledger.execution import nonce_key
+from rayledger.kernels import byte_rows
 from rayledger.tx import (
     TX_SCHEMA,
     compact_batch,
@@ -258,9 +259,8 @@ class Mempool:
         result = Admission()
         valid = await self._verify(canonical)
         ids = tx_ids_of(canonical)
-        keys = [ids[i].tobytes() for i in range(len(ids))]
-        raw_senders = fixed_rows(canonical.column("sender"), 32).tobytes()
-        senders = [raw_senders[i : i + 32] for i in range(0, len(raw_senders), 32)]
+        keys = byte_rows(ids)
+        senders = byte_rows(fixed_rows(canonical.column("sender"), 32))
         nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
         committed = await self._committed_nonces(list(dict.fromkeys(senders)))
         fresh = np.zeros(len(keys), np.bool_)

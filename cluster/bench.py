@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from rayledger.block import (
     make_results,
 )
 from rayledger.crypto import key_from_seed, public_bytes
-from rayledger.kernels import ed25519_verify_batch
+from rayledger.kernels import byte_rows, ed25519_verify_batch
 from rayledger.kernels.bench import best_seconds
 from rayledger.merkle import merkle_root
 from rayledger.tx import (
@@ -468,9 +469,8 @@ class CommitTracker:
     def learn(self, ids: np.ndarray, at: float, failed_rows: np.ndarray) -> None:
         """A block committed at ``at`` holding the ``(n, 32)`` ``ids``, of which the rows
         ``failed_rows`` committed with an error status."""
-        raw = np.ascontiguousarray(ids, np.uint8).tobytes()
-        self._at.update((raw[i : i + 32], at) for i in range(0, len(raw), 32))
-        self._failed.update(raw[i * 32 : i * 32 + 32] for i in failed_rows.tolist())
+        self._at.update(zip(byte_rows(ids), repeat(at)))
+        self._failed.update(byte_rows(ids[failed_rows]))
 
     def settle(self, chunk: Chunk) -> tuple[float, int] | None:
         """``(commit time of its last transaction, rows that failed)`` once every id of
@@ -714,7 +714,7 @@ def bench_e2e(
                         t = time.time() if interval is None else due
                         res = ray.get(mempool.submit.remote(ref))
                         if not res.busy:
-                            ids = [r.tobytes() for r in tx_ids_of(b)]
+                            ids = byte_rows(tx_ids_of(b))
                             with lock:
                                 pending.append(Chunk(t, ids, res.accepted))
                                 stats["submitted"] += res.accepted
