@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rayledger.execution import Status
 from rayledger.kernels import sha256_batch
@@ -113,13 +114,21 @@ class Entries:
         return len(self.keys)
 
     def take(self, sel: np.ndarray) -> Entries:
+        """The entries at ``sel`` (an index array), in its order."""
         if self.offsets is None:
             return Entries(self.keys[sel], self.data[sel])
-        starts = self.offsets[:-1][sel]
-        lengths = self.offsets[1:][sel] - starts
-        offsets = np.zeros(len(sel) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return Entries(self.keys[sel], self.data[_spans(starts, lengths)], offsets)
+        # Arrow copies each entry's bytes whole (a per-byte index array, the numpy way, costs
+        # about ten times as much on the state entries a merge moves)
+        offsets, data = _binary(_as_binary(self.offsets, self.data).take(pa.array(sel)))
+        return Entries(self.keys[sel], data, offsets)
+
+    def slice(self, start: int, end: int) -> Entries:
+        """Entries ``start`` to ``end - 1``: views of these, no bytes copied."""
+        if self.offsets is None:
+            return Entries(self.keys[start:end], self.data[start:end])
+        offsets = self.offsets[start : end + 1]
+        data = self.data[int(offsets[0]) : int(offsets[-1])]
+        return Entries(self.keys[start:end], data, offsets - offsets[0])
 
 
 def key_array(keys: Sequence[bytes]) -> np.ndarray:
@@ -152,39 +161,41 @@ def tx_entries(
 def state_entries(rows: Sequence[tuple[bytes, bytes, int]]) -> Entries:
     """State rows ``(key, value, height)``, one per key, in run-key order."""
     n = len(rows)
-    keys = pa.array([r[0] for r in rows], pa.binary())
+    keys = pa.array([r[0] for r in rows], pa.large_binary())
     hashes = state_hashes(keys)
     order = np.argsort(hashes, kind="stable")
-    heights = np.array([r[2] for r in rows], np.uint64)[order]
-    k_off, k_data = _binary(keys)
-    v_off, v_data = _binary(pa.array([r[1] for r in rows], pa.binary()))
-    k_len, v_len = np.diff(k_off)[order], np.diff(v_off)[order]
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(STATE_HEAD.size + k_len + v_len, out=offsets[1:])
     head = np.empty(n, [("height", "<u8"), ("key_length", "<u4")])
-    head["height"], head["key_length"] = heights, k_len
-    data = np.empty(int(offsets[-1]), np.uint8)
-    data[_spans(offsets[:-1], np.full(n, STATE_HEAD.size))] = head.view(np.uint8)
-    data[_spans(offsets[:-1] + STATE_HEAD.size, k_len)] = k_data[_spans(k_off[:-1][order], k_len)]
-    v_at = offsets[:-1] + STATE_HEAD.size + k_len
-    data[_spans(v_at, v_len)] = v_data[_spans(v_off[:-1][order], v_len)]
+    head["height"] = [r[2] for r in rows]
+    head["key_length"] = np.diff(_binary(keys)[0])
+    heads = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(STATE_HEAD.size), n, [None, pa.py_buffer(head)]
+    ).cast(pa.large_binary())
+    values = pa.array([r[1] for r in rows], pa.large_binary())
+    # Each entry is its head, key and value, one after the other
+    joined = pc.binary_join_element_wise(heads, keys, values, pa.scalar(b"", pa.large_binary()))
+    offsets, data = _binary(joined.take(pa.array(order)))
     return Entries(hashes[order], data, offsets)
 
 
-def _binary(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The offsets (int64, n + 1) and bytes of a binary array."""
-    _, offsets, data = arr.buffers()
-    off = np.frombuffer(offsets, np.int32)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
-    return off, np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
-
-
-def _spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The indices ``starts[i] .. starts[i] + lengths[i] - 1`` of every ``i``, in order."""
-    lengths = np.asarray(lengths, np.int64)
-    ends = np.cumsum(lengths)
-    return np.repeat(np.asarray(starts, np.int64) - (ends - lengths), lengths) + np.arange(
-        ends[-1] if len(ends) else 0
+def _as_binary(offsets: np.ndarray, data: np.ndarray) -> pa.LargeBinaryArray:
+    """A large binary array over ``data`` split at ``offsets`` (no bytes copied)."""
+    offsets = np.ascontiguousarray(offsets, np.int64)
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(),
+        len(offsets) - 1,
+        [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data, np.uint8))],
     )
+
+
+def _binary(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets (int64, n + 1, from 0) and bytes of a binary or large binary array."""
+    _, off_buf, data_buf = arr.buffers()
+    wide = pa.types.is_large_binary(arr.type)
+    off = np.frombuffer(off_buf, np.int64 if wide else np.int32)
+    off = off[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
+    if data_buf is None:
+        return off - off[0], np.empty(0, np.uint8)
+    return off - off[0], np.frombuffer(data_buf, np.uint8)[int(off[0]) : int(off[-1])]
 
 
 def resolve(kind: int, entries: Entries) -> Entries:
@@ -367,7 +378,7 @@ class RunSet:
         part = concat_entries(run.kind, [_parse(run, *r) for r in rows])
         start = 0 if lo is None else int(np.searchsorted(part.keys, lo, "left"))
         end = len(part) if hi is None else int(np.searchsorted(part.keys, hi, "left"))
-        return part.take(np.arange(start, end))
+        return part.slice(start, end)
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -466,7 +477,7 @@ def _blocks(cur: Db, out: _Out, e: Entries, count: int) -> _Out:
         blocks=out.blocks + len(rows),
         rows=out.rows + count,
         fences=(*out.fences, b"".join(fences)),
-        held=e.take(np.arange(count, len(e))),
+        held=e.slice(count, len(e)),
     )
 
 

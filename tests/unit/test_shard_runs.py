@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -234,6 +235,45 @@ def test_state_runs_answer_the_newest_value(
         assert s.top == len(gens)
 
 
+def _entry_bytes(e: runs.Entries) -> list[bytes]:
+    assert e.offsets is not None and e.offsets[0] == 0 and e.offsets[-1] == len(e.data)
+    return [e.data[a:b].tobytes() for a, b in zip(e.offsets[:-1], e.offsets[1:], strict=True)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.dictionaries(
+        st.binary(max_size=70), st.tuples(st.binary(max_size=300), st.integers(0, 2**64 - 1))
+    ),
+    data=st.data(),
+)
+def test_state_entries_take_and_slice_move_whole_entries(rows: dict, data: st.DataObject) -> None:
+    """An entry is its head (height, key length), key and value, in run-key order; ``take``
+    and ``slice`` give exactly the entries asked for, each whole, offsets from 0."""
+    entries = state_entries([(k, v, h) for k, (v, h) in rows.items()])
+    by_hash = {bytes(state_hashes([k])[0]): k for k in rows}
+    assert list(entries.keys.tolist()) == sorted(by_hash)
+    want = []
+    for h in entries.keys.tolist():
+        k = by_hash[h]
+        v, height = rows[k]
+        want.append(runs.STATE_HEAD.pack(height, len(k)) + k + v)
+    assert _entry_bytes(entries) == want
+    n = len(want)
+    sel = data.draw(st.lists(st.integers(0, n - 1), max_size=2 * n)) if n else []
+    taken = entries.take(np.array(sel, np.int64))
+    assert _entry_bytes(taken) == [want[i] for i in sel]
+    assert taken.keys.tolist() == [entries.keys[i] for i in sel]
+    lo = data.draw(st.integers(0, n))
+    hi = data.draw(st.integers(lo, n))
+    part = entries.slice(lo, hi)
+    assert _entry_bytes(part) == want[lo:hi] and part.keys.tolist() == entries.keys[lo:hi].tolist()
+    # A slice of a slice, and a take from it, still read from the right bytes
+    if hi > lo:
+        assert _entry_bytes(part.take(np.array([hi - lo - 1, 0]))) == [want[hi - 1], want[lo]]
+        assert _entry_bytes(part.slice(1, hi - lo)) == want[lo + 1 : hi]
+
+
 def test_keys_sort_and_compare_as_bytes() -> None:
     raw = [b"\x00" * 32, b"\x00" * 31 + b"\x01", b"a" + b"\x00" * 31, b"a\x01" + b"\x00" * 30]
     raw += [bytes(np.random.default_rng(1).integers(0, 256, 32, np.uint8)) for _ in range(50)]
@@ -333,3 +373,10 @@ def test_a_merge_over_a_damaged_block_changes_nothing(tmp_path: Path) -> None:
             shard.apply(BLOCKS[3:4])  # block 3's run would be merged with the damaged one
         assert (shard.index_runs, shard.height) == before
         shard.close()
+
+
+@pytest.mark.parametrize("kind", ["binary", "large_binary"])
+def test_binary_columns_read_from_a_slice(kind: str) -> None:
+    arr = pa.array([b"ab", b"c", b"def", b""], getattr(pa, kind)()).slice(1, 2)
+    offsets, data = runs._binary(arr)
+    assert offsets.tolist() == [0, 1, 4] and data.tobytes() == b"cdef"
