@@ -38,7 +38,7 @@ from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
 from rayledger.execution import nonce_key
-from rayledger.kernels import byte_rows
+from rayledger.kernels import byte_rows, cpu_verify_work
 from rayledger.tx import (
     TX_SCHEMA,
     compact_batch,
@@ -448,4 +448,6 @@ class Mempool:
             # signatures); the keys themselves are never shown
             "sealing_for": sorted(self.seal_keys),
             "cpu_s": round(time.process_time(), 3),
+            # Signatures checked on this process's CPU, and their checking threads' CPU time
+            "signature_checks": cpu_verify_work(),
         }

@@ -82,6 +82,7 @@ from rayledger.consensus.wire import (
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
 from rayledger.errors import LedgerError
 from rayledger.execution import StateView, Status, execute_block, genesis_state
+from rayledger.kernels import cpu_verify_work
 from rayledger.tx import TX_SCHEMA, compact_batch, tx_ids_of
 
 log = logging.getLogger(__name__)
@@ -1053,6 +1054,8 @@ class Validator:
                 "commit_times": len(self.commit_times),
             },
             "cpu_s": round(time.process_time(), 3),
+            # Signatures checked on this process's CPU, and their checking threads' CPU time
+            "signature_checks": cpu_verify_work(),
             # The height of the state checkpoint the last start re-executed from
             "restored_from_snapshot": self.restored_from,
             # The committed state: checkpointed to disk up to this height, and the entries

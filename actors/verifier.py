@@ -18,7 +18,7 @@ import pyarrow as pa
 from rayledger.chain import admit_batch
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
-from rayledger.kernels import prepare
+from rayledger.kernels import cpu_verify_work, prepare
 from rayledger.kernels._backend import ENV_VAR, forced_backend
 from rayledger.tx import verify_signatures
 
@@ -78,4 +78,6 @@ class Verifier:
             "admission_rows": self.admission_rows,
             "refused": self.refused,
             "cpu_s": round(time.process_time(), 3),
+            # Signatures checked on this process's CPU, and their checking threads' CPU time
+            "signature_checks": cpu_verify_work(),
         }

@@ -431,6 +431,11 @@ class E2EResult:
     # Transactions of the window committed with an error status (a bad nonce, say): final,
     # but failed, so not in ``committed``. Zero unless the network reorders a sender's rows.
     failed: int = 0
+    # The CPU time of one signature check as the network's actors made them in the window
+    # (their checking threads' CPU per row, microseconds), and the efficiency against that
+    # speed instead of the quiet probe's (see in_situ_efficiency; None: checks on a GPU)
+    check_us_in_network: float | None = None
+    efficiency_in_situ: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(v: Any) -> Any:
@@ -497,11 +502,13 @@ def _skip_curve_math() -> None:
     tx.ed25519_verify_batch = free  # type: ignore[assignment]
 
 
-def _cpu_by_role(net: Any, validators: int) -> dict[str, float]:
+def _cpu_by_role(net: Any, validators: int) -> tuple[dict[str, float], tuple[int, float]]:
     """CPU seconds used so far by each kind of actor, summed over the institutions (a status
     without ``cpu_s`` counts nothing; an actor that does not answer within 30 s is an error),
     and by this process under ``"load generator"`` (its clients, its commit tracking and its
-    Ray threads: a cost of the measurement, on the same cores as the network)."""
+    Ray threads: a cost of the measurement, on the same cores as the network); and the
+    signatures the actors checked on their CPUs so far with their checking threads' CPU
+    seconds (``signature_checks`` of their status)."""
     import ray
 
     roles: dict[str, list[Any]] = {"validator": [], "mempool": [], "shard": [], "verifier": []}
@@ -512,13 +519,35 @@ def _cpu_by_role(net: Any, validators: int) -> dict[str, float]:
         if net.settings.get("verifier_actors"):
             roles["verifier"].append(net._actor(f"verifier-{i}"))
     out: dict[str, float] = {}
+    rows, seconds = 0, 0.0
     for role, handles in roles.items():
         if handles:
             answers = ray.get([h.status.remote() for h in handles], timeout=30)
             out[role] = sum(float(a.get("cpu_s", 0.0)) for a in answers)
+            for a in answers:
+                checked, spent = a.get("signature_checks", (0, 0.0))
+                rows, seconds = rows + int(checked), seconds + float(spent)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out["load generator"] = usage.ru_utime + usage.ru_stime
-    return out
+    return out, (rows, seconds)
+
+
+def in_situ_efficiency(
+    tps: float, per_tx: int, cores: int, checks: tuple[int, float], committed: int
+) -> tuple[float | None, float | None]:
+    """``(us per check, efficiency)`` against the speed the network's own signature checks
+    ran at (``checks``: the rows its actors checked on their CPUs in the window and their
+    checking threads' CPU seconds): the raw limit with that speed in place of a quiet core's,
+    so the machine's drift between the probe and the run cancels. The efficiency is None
+    where fewer rows were checked on CPUs than half the committed transactions' checks (a
+    GPU made them), the speed None where none was."""
+    rows, seconds = checks
+    if rows <= 0 or seconds <= 0:
+        return None, None
+    us = seconds / rows * 1e6
+    if rows < per_tx * committed / 2:
+        return us, None
+    return us, tps * per_tx * us / (cores * 1e6)
 
 
 def machine_cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int, int] | None:
@@ -726,12 +755,13 @@ def bench_e2e(
                         return
 
             threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-            cpu_start = _cpu_by_role(net, validators)
+            cpu_start, checks_start = _cpu_by_role(net, validators)
             ray_start = ray_own_cpu()
             machine_start = machine_cpu_times()
             machine_end = None
             ray_end: dict[int, int] | None = None
             cpu_end: dict[str, float] | None = None
+            checks_end = checks_start
             t_start = time.time()
             for th in threads:
                 th.start()
@@ -745,7 +775,7 @@ def bench_e2e(
             ):
                 if cpu_end is None and time.monotonic() >= stop:
                     machine_end = machine_cpu_times()
-                    cpu_end = _cpu_by_role(net, validators)
+                    cpu_end, checks_end = _cpu_by_role(net, validators)
                     ray_end = ray_own_cpu()
                 for h, at, ids, bad in ray.get(v0.committed_since.remote(seen_height)):
                     seen_height = h
@@ -770,7 +800,7 @@ def bench_e2e(
                 th.join()
             if cpu_end is None:
                 machine_end = machine_cpu_times()
-                cpu_end = _cpu_by_role(net, validators)
+                cpu_end, checks_end = _cpu_by_role(net, validators)
                 ray_end = ray_own_cpu()
             chains = [net.headers(i) for i in range(validators)]
             common = min(len(c) for c in chains)
@@ -794,6 +824,13 @@ def bench_e2e(
     before = one_core
     one_core, one_core_openssl = (before + after) / 2, (one_core_openssl + after_openssl) / 2
     raw_limit = one_core * cores / per_tx
+    check_us, efficiency_in_situ = in_situ_efficiency(
+        tps,
+        per_tx,
+        cores,
+        (checks_end[0] - checks_start[0], checks_end[1] - checks_start[1]),
+        committed,
+    )
     return E2EResult(
         validators=validators,
         duration_s=duration_s,
@@ -822,4 +859,6 @@ def bench_e2e(
         machine_steal=None if shares is None else shares[1],
         failed=failed,
         cpu_us_per_tx=cpu_per_tx,
+        check_us_in_network=check_us,
+        efficiency_in_situ=efficiency_in_situ,
     )

@@ -509,6 +509,17 @@ def bench_e2e_cmd(
         )
     else:
         table.add_row("committed / raw limit (signatures NOT checked)", f"{r.efficiency:.0%}")
+    if r.signatures_checked and r.check_us_in_network is not None:
+        against = (
+            ""
+            if r.efficiency_in_situ is None
+            else f"; the efficiency against that speed: {r.efficiency_in_situ:.0%}"
+        )
+        table.add_row(
+            "signature checks in the network",
+            f"{r.check_us_in_network:,.1f} µs of CPU each in the load window (the quiet "
+            f"probe's: {1e6 / r.one_core_verify_per_s:,.1f} µs){against}",
+        )
     table.add_row("busy answers", str(r.busy_answers))
     table.add_row(
         "CPU per committed tx (all processes)",

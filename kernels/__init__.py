@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from rayledger.kernels._backend import available_backends, prepare, resolve_backend
 from rayledger.kernels._inputs import byte_rows
-from rayledger.kernels.ed25519 import ed25519_verify_batch
+from rayledger.kernels.ed25519 import cpu_verify_work, ed25519_verify_batch
 from rayledger.kernels.merkle import merkle_levels, merkle_root, merkle_root_of_leaf_hashes
 from rayledger.kernels.sha import (
     Messages,
@@ -27,6 +27,7 @@ __all__ = [
     "as_offsets_and_values",
     "available_backends",
     "byte_rows",
+    "cpu_verify_work",
     "ed25519_verify_batch",
     "merkle_levels",
     "merkle_root",

@@ -15,6 +15,8 @@ row. ``tests/kernels`` checks both halves of that claim on hostile rows of every
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,6 +32,18 @@ from rayledger.kernels._inputs import Messages, message_buffers
 # Below this many rows a thread hand-off costs more than it saves.
 _PARALLEL_MIN_ROWS = 512
 _pool: ThreadPoolExecutor | None = None
+# Rows the cpu backend checked in this process, and the CPU time of the threads that checked
+# them (inside the checks only): the speed the checks actually ran at here
+_work = [0, 0.0]
+_work_lock = threading.Lock()
+
+
+def cpu_verify_work() -> tuple[int, float]:
+    """``(rows, seconds)``: the signatures the cpu backend checked in this process so far and
+    the CPU seconds its checking threads spent on them (benchmarks compare a network's own
+    checking speed with a quiet core's)."""
+    with _work_lock:
+        return int(_work[0]), float(_work[1])
 
 
 def _workers() -> int:
@@ -53,6 +67,7 @@ def _verify_range(
     out: np.ndarray,
 ) -> None:
     """Rows ``start:stop``; ``signed(i)`` is row i's signature followed by its message."""
+    began = time.thread_time()
     cache: dict[bytes, Ed25519PublicKey | None] = {}
     for i in range(start, stop):
         raw = keys[i].tobytes()
@@ -63,6 +78,10 @@ def _verify_range(
         except CryptoError:
             pass  # refused by the stricter rule: OpenSSL decides
         out[i] = _openssl_verify(cache, raw, sigs[i].tobytes(), message(i))
+    spent = time.thread_time() - began
+    with _work_lock:
+        _work[0] += stop - start
+        _work[1] += spent
 
 
 def _openssl_verify(

@@ -35,6 +35,14 @@ def test_bench_e2e_reports_measured_figures() -> None:
         r["committed_tps"] / (r["one_core_openssl_per_s"] * r["cores"] / 4), rel=1e-2, abs=1e-3
     )
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+    # The network's own checks, timed where they ran: every committed row was checked in
+    # four institutions (on CPUs here), at a speed of the probe's order
+    per_check = r["check_us_in_network"]
+    assert 0.2 < per_check * r["one_core_verify_per_s"] / 1e6 < 5
+    assert r["efficiency_in_situ"] == pytest.approx(
+        r["committed_tps"] * 4 * per_check / (r["cores"] * 1e6), rel=1e-2, abs=1e-3
+    )
+    assert "signature checks in the network" in result.output
     assert r["blocks_per_s"] > 0 and 0 < r["txs_per_block"] <= r["committed"]
     # The whole machine over the window: some of it busy (the network ran), none of it
     # counted twice; the table splits the busy share into the signature checks and the rest
