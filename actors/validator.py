@@ -245,6 +245,9 @@ class Validator:
             committed_head=head,
             known_blocks=[p for p in known if p.block.height <= head.height],
         )
+        # Timers set by the core, with their rounds: those of rounds the core has left are
+        # cancelled (it would drop them when they fire; each firing wakes this process)
+        self._timers: list[tuple[int, asyncio.TimerHandle]] = []
 
     # ---- persistence -----------------------------------------------------------------------
 
@@ -738,7 +741,8 @@ class Validator:
                     outbox.setdefault(to, []).extend(self._hostile(msg, to, False))
                 case SetTimer(round=round_, delay_ms=delay, purpose=purpose):
                     loop = asyncio.get_running_loop()
-                    loop.call_later(delay / 1000, self._on_timer, round_, purpose)
+                    handle = loop.call_later(delay / 1000, self._on_timer, round_, purpose)
+                    self._timers.append((round_, handle))
                 case Commit():
                     commits.append(action)
                 case FetchBatches(digests=digests, source=source):
@@ -755,10 +759,22 @@ class Validator:
                 case Rejected(reason=reason):
                     self._count(reason)
         self._flush(outbox)
+        self._cancel_stale_timers()
         # After the messages: nothing sent depends on the blocks being written, and no other
         # event runs in between (no await here), so nobody sees the commit half done
         for commit in commits:
             self._commit(commit)
+
+    def _cancel_stale_timers(self) -> None:
+        """Cancel the timers of rounds before the core's: ``on_local_timeout`` and
+        ``on_propose_timer`` act only on the current round (a timer that fired already is
+        cancelled harmlessly)."""
+        now = self.core.round
+        stale = [handle for round_, handle in self._timers if round_ < now]
+        if stale:
+            for handle in stale:
+                handle.cancel()
+            self._timers = [(r, h) for r, h in self._timers if r >= now]
 
     def _hostile(self, msg: Message, peer: int, broadcast: bool) -> list[Message]:
         """What a Byzantine strategy sends in place of ``msg`` (honest: ``[msg]``)."""

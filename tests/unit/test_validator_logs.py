@@ -1,12 +1,16 @@
 """The validator's append-only logs: a torn record from a crash is cut so later appends stay
-readable, and the proposals log is compacted to its window (no Ray needed)."""
+readable, and the proposals log is compacted to its window; its timers of rounds left are
+cancelled (no Ray needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from pathlib import Path
+from types import SimpleNamespace
 
 from rayledger.actors.validator import Validator, _read_records, _record
+from rayledger.consensus import SetTimer
 from rayledger.consensus.wire import decode_proposal
 
 from .consensus_harness import Keyring
@@ -116,3 +120,22 @@ def test_an_earlier_commits_log_moves_into_the_store(tmp_path: Path) -> None:
     assert (tmp_path / "commits.log.imported").exists()
     v._import_commit_log()  # nothing left to import
     store.close()
+
+
+def test_timers_of_rounds_the_core_left_are_cancelled() -> None:
+    fired: list[tuple[int, str]] = []
+
+    async def run() -> None:
+        v = Validator.__new__(Validator)
+        v._timers = []
+        v._on_timer = lambda round_, purpose: fired.append((round_, purpose))  # type: ignore[method-assign]
+        v.core = SimpleNamespace(round=3)
+        v._run([SetTimer(3, 30), SetTimer(3, 30, "propose"), SetTimer(4, 60)])
+        assert len(v._timers) == 3
+        v.core.round = 4  # the core moved on: round 3's timers are dropped, round 4's kept
+        v._run([])
+        assert [r for r, _ in v._timers] == [4]
+        await asyncio.sleep(0.2)
+
+    asyncio.run(run())
+    assert fired == [(4, SetTimer(4, 60).purpose)]
