@@ -862,3 +862,101 @@ def bench_e2e(
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,
     )
+
+
+@dataclass
+class RoundsResult:
+    validators: int
+    duration_s: float
+    idle_block_ms: int
+    # Blocks validator 0 committed in the window (every round commits one: they are empty)
+    rounds: int
+    rounds_per_s: float
+    # CPU milliseconds per round by kind of actor (every process of the kind), of this
+    # process (the driver, polling) and of Ray's own processes (read from /proc, absent
+    # elsewhere)
+    cpu_ms_per_round: dict[str, float] = field(default_factory=dict)
+    # The whole machine's busy CPU per round (None: no /proc/stat), and its busy share
+    machine_ms_per_round: float | None = None
+    machine_busy: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, float):
+                v = round(v, 3)
+            elif isinstance(v, dict):
+                v = {key: round(x, 3) for key, x in v.items()}
+            out[k] = v
+        return out
+
+
+def bench_rounds(
+    config: Path, duration_s: float = 20.0, idle_block_ms: int = 10, wan: bool = False
+) -> RoundsResult:
+    """The CPU a consensus round costs the running network on Ray, with no load at all: every
+    leader proposes an empty block ``idle_block_ms`` after its round starts, so rounds follow
+    one another as fast as the protocol goes, and each costs what any round costs whatever it
+    carries: the proposal and the votes (Ray calls, their signatures), the persisted vote,
+    the block store's append, the storage shards' apply, timers. Under load that is the part
+    of the CPU that a block's size does not change (``bench e2e`` commits about 5 blocks a
+    second on 2 cores). ``wan``: emulate the config's latencies (fewer rounds a second)."""
+    import ray
+
+    from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
+    from rayledger.cluster.network import load_network
+
+    spec = load_network(config)
+    validators = len(spec.validators)
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="rayledger-bench-rounds-") as tmp:
+        init_local_ray(spec)
+        try:
+            opts = NetworkOptions(
+                name="bench-rounds",
+                idle_block_ms=idle_block_ms,
+                latency_ms=None if wan else [[0.0] * validators] * validators,
+            )
+            net = Network.create(spec, Path(tmp), opts)
+            deadline = time.monotonic() + 60
+            while net.height(0) < 5:  # started, actors warm
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the network committed nothing in 60 s")
+                time.sleep(0.2)
+            time.sleep(1.0)
+            cpu_start, _ = _cpu_by_role(net, validators)
+            ray_start, machine_start = ray_own_cpu(), machine_cpu_times()
+            h0, t0 = net.height(0), time.monotonic()
+            time.sleep(duration_s)
+            h1, elapsed = net.height(0), time.monotonic() - t0
+            cpu_end, _ = _cpu_by_role(net, validators)
+            ray_end, machine_end = ray_own_cpu(), machine_cpu_times()
+            net.shutdown()
+        finally:
+            ray.shutdown()
+    rounds = h1 - h0
+    per_round: dict[str, float] = {}
+    if rounds > 0:
+        per_round = {
+            role: (cpu_end[role] - cpu_start[role]) / rounds * 1e3
+            for role in cpu_end
+            if role in cpu_start
+        }
+        # This process only polls the height: the driver, not a load generator
+        per_round["driver"] = per_round.pop("load generator")
+        ray_s = cpu_between(ray_start, ray_end)
+        if ray_s is not None:
+            per_round["ray"] = ray_s / rounds * 1e3
+    shares = machine_shares(machine_start, machine_end)
+    return RoundsResult(
+        validators=validators,
+        duration_s=elapsed,
+        idle_block_ms=idle_block_ms,
+        rounds=rounds,
+        rounds_per_s=rounds / elapsed,
+        cpu_ms_per_round=per_round,
+        machine_ms_per_round=(
+            None if shares is None or rounds <= 0 else shares[0] * cores * elapsed / rounds * 1e3
+        ),
+        machine_busy=None if shares is None else shares[0],
+    )

@@ -40,7 +40,11 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 DEFAULT_CONFIG = Path("configs/local.toml")
 # How `bench e2e` names the CPU rows that are not one kind of actor (the rest: "validators"...)
-_ROLE_LABELS = {"load generator": "load generator", "ray": "Ray's own processes"}
+_ROLE_LABELS = {
+    "load generator": "load generator",
+    "driver": "driver (this command)",
+    "ray": "Ray's own processes",
+}
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -435,6 +439,42 @@ def bench_kernels_cmd(
         )
     console.print(table)
     print(json.dumps({"bench": "kernels", "rows": rows}))
+
+
+@bench_app.command("rounds")
+def bench_rounds_cmd(
+    duration: Annotated[float, typer.Option(min=1, help="seconds measured")] = 20.0,
+    config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
+    idle_block_ms: Annotated[
+        int, typer.Option(min=1, help="a leader's wait before its empty block")
+    ] = 10,
+    wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = False,
+) -> None:
+    """CPU per consensus round of the running network with no load: empty blocks back to
+    back, so each round costs what any round costs whatever it carries."""
+    from rayledger.cluster.bench import bench_rounds
+
+    r = bench_rounds(config, duration, idle_block_ms, wan)
+    table = Table("figure", "value", title=f"rayledger bench rounds ({r.validators} validators)")
+    table.add_row(
+        "rounds committed (empty blocks)",
+        f"{r.rounds:,} in {r.duration_s:.1f} s: {r.rounds_per_s:,.1f}/s",
+    )
+    table.add_row(
+        "CPU per round (all processes)",
+        ", ".join(
+            f"{_ROLE_LABELS.get(role, role + 's')} {ms:,.2f} ms"
+            for role, ms in r.cpu_ms_per_round.items()
+        )
+        or "- (no round committed)",
+    )
+    if r.machine_ms_per_round is not None and r.machine_busy is not None:
+        table.add_row(
+            "whole machine per round",
+            f"{r.machine_ms_per_round:,.2f} ms of CPU ({r.machine_busy:.0%} of all cores busy)",
+        )
+    console.print(table)
+    print(json.dumps({"bench": "rounds", **r.as_dict()}))
 
 
 @bench_app.command("e2e")

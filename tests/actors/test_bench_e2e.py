@@ -106,3 +106,21 @@ def test_the_ceiling_hook_skips_only_the_curve_math(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(tx, "ed25519_verify_batch", tx.ed25519_verify_batch)  # restored after
     _skip_curve_math()
     assert verify_signatures(forged).tolist() == [True] * 4
+
+
+def test_bench_rounds_reports_the_cpu_of_a_round() -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "rounds", "--duration", "3", "--config", str(CONFIG)]
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["bench"] == "rounds" and r["validators"] == 4 and r["idle_block_ms"] == 10
+    assert r["rounds"] > 0
+    assert r["rounds_per_s"] == pytest.approx(r["rounds"] / r["duration_s"], rel=1e-3)
+    per = r["cpu_ms_per_round"]
+    assert set(per) >= {"validator", "mempool", "shard", "driver"}
+    # Every round moves the validators (messages, votes, the block store) and the shards
+    assert per["validator"] > 0 and per["shard"] > 0
+    if r["machine_ms_per_round"] is not None:  # the roles fit in the whole machine's CPU
+        assert sum(per.values()) <= r["machine_ms_per_round"] * 1.1 + 1
+    assert "CPU per round" in result.output
