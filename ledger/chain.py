@@ -26,6 +26,9 @@ from rayledger.errors import InvalidBatch, InvalidSignature
 from rayledger.execution import StateView, execute_block
 from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
 
+# The body of a block without batches (immutable: shared)
+_EMPTY_BODY = pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
+
 
 def batch_digest(batch: pa.RecordBatch) -> bytes:
     """A batch is named by the RFC 6962 root of its transaction ids, in order."""
@@ -87,7 +90,7 @@ class LedgerBuilder:
     def body_rows(self, digests: Sequence[bytes]) -> pa.RecordBatch:
         parts = [self.batches[d] for d in digests]
         if not parts:
-            return pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
+            return _EMPTY_BODY
         table = pa.Table.from_batches([p.select(TX_SCHEMA.names) for p in parts])
         combined = table.combine_chunks().to_batches()
         return combined[0] if combined else pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
@@ -110,7 +113,7 @@ class LedgerBuilder:
             parent_view, txs, parent.height + 1, parent.state_root
         )
         ids = tx_ids_of(txs) if txs.num_rows else np.empty((0, 32), np.uint8)
-        leaves = result_leaf_hashes(ids, results)
+        leaves = result_leaf_hashes(ids, results) if len(ids) else np.empty((0, 32), np.uint8)
         header = child_header(
             parent,
             ids,

@@ -10,6 +10,7 @@ import hashlib
 import random
 import struct
 
+import pyarrow as pa
 import pytest
 
 from rayledger import execution
@@ -26,7 +27,7 @@ from rayledger.execution import (
     genesis_state,
     nonce_key,
 )
-from rayledger.tx import TxKind, make_batch
+from rayledger.tx import TX_SCHEMA, TxKind, make_batch
 
 CHAIN = bytes(range(32))
 A, B, C = (key_from_seed(bytes([i]) * 32) for i in (1, 2, 3))
@@ -372,3 +373,14 @@ def test_anchor_block_over_many_senders_and_a_sliced_batch() -> None:
     assert results.column("result").to_pylist() == values
     assert view.writes == ref_view.writes
     assert new_root == reference_root(root, ref_view.writes)
+
+
+def test_an_empty_block_gives_what_the_row_loop_gives() -> None:
+    base, root = genesis_state([Account(PA, 100)])
+    empty = pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
+    view, results, new_root = execute_block(base, empty, 7, root)
+    ref_view, ref_results, ref_root = execution.execute_rows(base, empty, 7, root)
+    assert view.parent is base and view.writes == ref_view.writes == {}
+    assert results.equals(ref_results) and results.schema == ref_results.schema
+    assert new_root == ref_root == compute_state_root(root, {})
+    assert new_root != root  # the root still moves with every block
