@@ -532,6 +532,26 @@ def _cpu_by_role(net: Any, validators: int) -> tuple[dict[str, float], tuple[int
     return out, (rows, seconds)
 
 
+def _cpu_per(
+    start: dict[str, float],
+    end: dict[str, float],
+    ray_start: dict[int, int] | None,
+    ray_end: dict[int, int] | None,
+    units: int,
+    scale: float,
+) -> dict[str, float]:
+    """CPU between two ``_cpu_by_role`` readings by role, and of Ray's own processes between
+    two ``ray_own_cpu`` readings (where read), per unit of work, times ``scale`` (1e6: µs;
+    empty when no unit was done)."""
+    if units <= 0:
+        return {}
+    out = {role: (end[role] - start[role]) / units * scale for role in end}
+    ray_s = cpu_between(ray_start, ray_end)
+    if ray_s is not None:
+        out["ray"] = ray_s / units * scale
+    return out
+
+
 def in_situ_efficiency(
     tps: float, per_tx: int, cores: int, checks: tuple[int, float], committed: int
 ) -> tuple[float | None, float | None]:
@@ -761,7 +781,6 @@ def bench_e2e(
             machine_end = None
             ray_end: dict[int, int] | None = None
             cpu_end: dict[str, float] | None = None
-            checks_end = checks_start
             t_start = time.time()
             for th in threads:
                 th.start()
@@ -810,14 +829,10 @@ def bench_e2e(
             ray.shutdown()
     tps = committed / duration_s
     # Nothing committed in the window: no per-transaction figure to give
-    cpu_per_tx: dict[str, float] = {}
-    if committed:
-        cpu_per_tx = {
-            role: round((cpu_end[role] - cpu_start[role]) / committed * 1e6, 1) for role in cpu_end
-        }
-        ray_s = cpu_between(ray_start, ray_end)
-        if ray_s is not None:
-            cpu_per_tx["ray"] = round(ray_s / committed * 1e6, 1)
+    cpu_per_tx = {
+        role: round(us, 1)
+        for role, us in _cpu_per(cpu_start, cpu_end, ray_start, ray_end, committed, 1e6).items()
+    }
     shares = machine_shares(machine_start, machine_end)
     # The machine's speed again, quiet as before the run (Ray is down): the ratios use both
     after, after_openssl = _one_core_verify_rates()
@@ -935,18 +950,9 @@ def bench_rounds(
         finally:
             ray.shutdown()
     rounds = h1 - h0
-    per_round: dict[str, float] = {}
-    if rounds > 0:
-        per_round = {
-            role: (cpu_end[role] - cpu_start[role]) / rounds * 1e3
-            for role in cpu_end
-            if role in cpu_start
-        }
-        # This process only polls the height: the driver, not a load generator
+    per_round = _cpu_per(cpu_start, cpu_end, ray_start, ray_end, rounds, 1e3)
+    if per_round:  # this process only polls the height: the driver, not a load generator
         per_round["driver"] = per_round.pop("load generator")
-        ray_s = cpu_between(ray_start, ray_end)
-        if ray_s is not None:
-            per_round["ray"] = ray_s / rounds * 1e3
     shares = machine_shares(machine_start, machine_end)
     return RoundsResult(
         validators=validators,

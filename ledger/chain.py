@@ -93,7 +93,7 @@ class LedgerBuilder:
             return _EMPTY_BODY
         table = pa.Table.from_batches([p.select(TX_SCHEMA.names) for p in parts])
         combined = table.combine_chunks().to_batches()
-        return combined[0] if combined else pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
+        return combined[0] if combined else _EMPTY_BODY
 
     def build(
         self,
