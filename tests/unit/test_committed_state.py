@@ -1,6 +1,8 @@
 """A validator's committed state on disk (``actors/storage/state.py``): reads equal an
 in-memory model of the state whatever was checkpointed, memory stays bounded, a checkpoint is
-whole or absent, and a reopened file holds exactly the state of its checkpoint."""
+whole or absent, and a reopened file holds exactly the state of its checkpoint. The Bloom
+filter of the file's keys never hides a key it holds, keeps most absent keys from being
+looked up, grows with the file, and a checkpoint stands when it cannot grow."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayledger.actors.storage.state import CommittedState
+from rayledger.actors.storage.state import CommittedState, KeyFilter
 from rayledger.execution import StateView
 
 
@@ -71,6 +73,10 @@ def test_reads_match_a_model_through_checkpoints_and_a_reopen(
         child = state.child()
         child.set(b"k1", b"mine")
         assert child.get(b"k1") == b"mine" and child.get(b"k2") == model.get(b"k2")
+        # Which keys it holds, asked of many at once (a block's anchors): the reads' answer
+        asked = {b"k%d" % i for i in range(12)} | {b"genesis", b"absent", b"zz"}
+        assert state.present(asked) == {k for k in asked if k in model}
+        assert child.present(sorted(asked)) == {k for k in asked if k in model} | {b"k1"}
         assert state.entries() == model
         # What memory holds: the blocks above the checkpoint, their keys at most
         assert state.held_blocks == height - state.height
@@ -178,6 +184,7 @@ def test_keys_read_ahead_never_go_stale(tmp_path: Path) -> None:
     state.seed(0, block_hash(0), [(b"anc:old", b"1")])
     state.prefetch({b"anc:new", b"anc:old", b"non:x"})
     assert state.get(b"anc:new") is None and state.get(b"anc:old") == b"1"
+    assert state.present({b"anc:new", b"anc:old", b"non:x", b"anc:not-read"}) == {b"anc:old"}
     state.absorb(1, {b"anc:new": b"2", b"anc:old": b"3"})
     state.checkpoint_now(1, block_hash(1))
     assert state.held_entries == 0
@@ -185,9 +192,13 @@ def test_keys_read_ahead_never_go_stale(tmp_path: Path) -> None:
     # Read ahead again after the checkpoint: from the file now
     state.prefetch({b"anc:new", b"anc:old", b"anc:none"})
     assert state.get(b"anc:new") == b"2" and state.get(b"anc:none") is None
+    # Read ahead, not read ahead (looked up), and absent; in memory again after a new block
+    assert state.present([b"anc:new", b"anc:none", b"anc:old"]) == {b"anc:new", b"anc:old"}
+    state.absorb(2, {b"anc:none": b"4"})
+    assert state.present({b"anc:none", b"anc:new", b"bal:x"}) == {b"anc:none", b"anc:new"}
     # More keys than one query takes
-    state.absorb(2, {b"anc:%d" % i: b"v%d" % i for i in range(2000)})
-    state.checkpoint_now(2, block_hash(2))
+    state.absorb(3, {b"anc:%d" % i: b"v%d" % i for i in range(2000)})
+    state.checkpoint_now(3, block_hash(3))
     state.prefetch({b"anc:%d" % i for i in range(0, 4000, 3)})
     assert all(state.get(b"anc:%d" % i) == b"v%d" % i for i in range(0, 2000, 3))
     assert state.get(b"anc:3999") is None
@@ -206,3 +217,90 @@ def test_a_file_without_the_record_of_its_key_kinds_reads_them_once(tmp_path: Pa
     assert state.get(b"anc:a") == b"1" and state.get(b"non:b") == b"2"
     state.close()
     assert CommittedState(path).get(b"non:b") == b"2"
+
+
+# ---- the Bloom filter of the file's keys ---------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=40), max_size=300), st.integers(0, 300))
+def test_the_key_filter_holds_every_key_it_took(keys: list[bytes], capacity: int) -> None:
+    f = KeyFilter(capacity)
+    f.add(keys)
+    assert f.may_hold(keys).all()
+    assert f.may_hold([]).shape == (0,)
+
+
+def test_the_key_filter_lets_few_absent_keys_through() -> None:
+    rng = random.Random(11)
+    f = KeyFilter(200_000)
+    f.add([rng.randbytes(36) for _ in range(200_000)])
+    absent = [b"anc:" + rng.randbytes(32) for _ in range(50_000)]
+    assert f.may_hold(absent).mean() < 0.03
+
+
+def anchors(first: int, n: int) -> dict[bytes, bytes]:
+    return {b"anc:" + hashlib.sha256(b"%d" % i).digest(): b"v%d" % i for i in range(first, n)}
+
+
+def test_read_ahead_asks_the_file_only_for_keys_it_may_hold(tmp_path: Path) -> None:
+    state = CommittedState(tmp_path / "state.db")
+    state.seed(0, block_hash(0), [])
+    held = anchors(0, 3000)
+    state.absorb(1, held)
+    state.checkpoint_now(1, block_hash(1))
+    fresh = list(anchors(3000, 6000))
+    wanted = fresh + list(held)[:100]
+    before = list(state.read_ahead)
+    state.prefetch(wanted)
+    asked, looked_up = (a - b for a, b in zip(state.read_ahead, before, strict=True))
+    assert asked == 3100
+    assert 100 <= looked_up < 100 + 0.03 * 3000, looked_up
+    assert all(state.get(k) is None for k in fresh)
+    assert all(state.get(k) == held[k] for k in list(held)[:100])
+    assert state.present(wanted) == set(list(held)[:100])
+    # Reopened, the filter is built from the file: the same answers
+    state.close()
+    state = CommittedState(tmp_path / "state.db")
+    state.prefetch(wanted)
+    assert state.read_ahead[1] < 100 + 0.03 * 3000
+    assert state.present(wanted) == set(list(held)[:100])
+    state.close()
+
+
+def test_the_filter_grows_with_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(KeyFilter, "MIN_CAPACITY", 64)
+    state = CommittedState(tmp_path / "state.db")
+    state.seed(0, block_hash(0), list(anchors(0, 10).items()))
+    first = state._filter
+    assert first.capacity == 64
+    for h in range(1, 6):  # 500 keys a checkpoint: past the room of every filter so far
+        state.absorb(h, anchors(h * 1000, h * 1000 + 500))
+        state.checkpoint_now(h, block_hash(h))
+    assert state._filter is not first and state._filter.capacity >= state._filter.count >= 2510
+    everything = [k for h in range(1, 6) for k in anchors(h * 1000, h * 1000 + 500)]
+    assert state._filter.may_hold(everything).all()
+    state.prefetch(everything)
+    assert state.present(everything) == set(everything)
+    state.close()
+
+
+def test_a_checkpoint_stands_when_the_bigger_filter_cannot_be_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(KeyFilter, "MIN_CAPACITY", 64)
+    state = CommittedState(tmp_path / "state.db")
+    state.seed(0, block_hash(0), [])
+
+    def broken(cls: type[KeyFilter], db: sqlite3.Connection) -> KeyFilter:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(KeyFilter, "build", classmethod(broken))
+    keys = anchors(0, 300)
+    state.absorb(1, keys)
+    state.checkpoint_now(1, block_hash(1))  # past the filter's room: it would grow
+    assert state.height == 1 and state.held_entries == 0
+    assert state._filter.capacity == 64  # the old filter, which took the keys
+    state.prefetch(list(keys))
+    assert state.present(list(keys)) == set(keys)
+    state.close()

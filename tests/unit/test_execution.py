@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from rayledger import execution
+from rayledger.actors.storage.state import CommittedState
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.execution import (
     MAX_ANCHOR_METADATA,
@@ -113,6 +115,37 @@ def test_anchor_once() -> None:
     )
     assert st == [Status.OK, Status.ALREADY_ANCHORED, Status.BAD_PAYLOAD, Status.BAD_PAYLOAD]
     assert struct.unpack(">Q", res.column("result")[0].as_py())[0] == 7
+
+
+def test_anchors_already_held_at_any_depth_of_the_state(tmp_path: Path) -> None:
+    """A block of anchors (the column-wise path) refuses a digest the state holds wherever
+    it is held: in the file of a validator's committed state, in its memory (committed since
+    the checkpoint), or in an uncommitted parent block; the others anchor."""
+    on_disk, in_memory, in_parent, new = (bytes([b]) * 32 for b in (1, 2, 3, 4))
+    state = CommittedState(tmp_path / "state.db")
+    state.seed(0, bytes(32), [(anchor_key(on_disk), b"x")])
+    state.absorb(1, {anchor_key(in_memory): b"y"})
+    parent = state.child()
+    parent.set(anchor_key(in_parent), b"z")
+    rows = [(C, TxKind.ANCHOR, i, d) for i, d in enumerate((on_disk, in_memory, in_parent, new))]
+    batch = make_batch(*(list(col) for col in zip(*rows, strict=True)), CHAIN)
+    seen = []
+    real = execution._execute_anchor_block
+
+    def spy(*args: object) -> object:
+        seen.append(real(*args))  # type: ignore[arg-type]
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(execution, "_execute_anchor_block", spy)
+        view, results, _ = execute_block(parent, batch, 3, bytes(32))
+    assert seen and seen[0] is not None, "the block did not take the column-wise path"
+    assert results.column("status").to_pylist() == [Status.ALREADY_ANCHORED] * 3 + [Status.OK]
+    assert set(view.writes) == {anchor_key(new), nonce_key(PC)}
+    assert parent.present([anchor_key(d) for d in (on_disk, in_memory, in_parent, new)]) == {
+        anchor_key(d) for d in (on_disk, in_memory, in_parent)
+    }
+    state.close()
 
 
 def test_unsupported_kinds_are_reported() -> None:
