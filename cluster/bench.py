@@ -12,7 +12,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -436,6 +436,11 @@ class E2EResult:
     # speed instead of the quiet probe's (see in_situ_efficiency; None: checks on a GPU)
     check_us_in_network: float | None = None
     efficiency_in_situ: float | None = None
+    # Validators write their committed state to disk every this many blocks (the network's
+    # setting), and the height validator 0 had written when the window closed (0: none yet;
+    # a 30 s run at the default of 1,000 blocks writes none, a long-running network does)
+    checkpoint_every_blocks: int = 0
+    state_checkpoint_height: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(v: Any) -> Any:
@@ -654,6 +659,7 @@ def bench_e2e(
     rate: float | None = None,
     ceiling: bool = False,
     verifier_actors: bool | None = None,
+    checkpoint_every: int | None = None,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -670,6 +676,10 @@ def bench_e2e(
 
     ``verifier_actors``: check signatures in each institution's verifier actor (None: where
     the cluster has a GPU or more than 4 CPUs, as a deployment decides).
+
+    ``checkpoint_every``: validators write their committed state to disk every this many
+    blocks (None: the network's default, 1,000, which a short run never reaches): a steady
+    state's cost, the checkpoints' writes and reads of the state file, in a short run.
 
     ``ceiling``: the pipeline's own limit, as if the transactions' signatures were checked for
     free (what a GPU that kept up would leave): this run's Ray instance, which it starts and
@@ -719,6 +729,12 @@ def bench_e2e(
                 storage_shards=storage_shards,
                 verifier_actors=verifier_actors,
             )
+            if checkpoint_every is not None:
+                opts = replace(
+                    opts,
+                    snapshot_every_blocks=checkpoint_every,
+                    state_lag_blocks=min(opts.state_lag_blocks, checkpoint_every),
+                )
             net = Network.create(spec, Path(tmp), opts)
             shards_used = net.shards
             work: list[list[pa.RecordBatch]] = []
@@ -821,6 +837,9 @@ def bench_e2e(
                 machine_end = machine_cpu_times()
                 cpu_end, checks_end = _cpu_by_role(net, validators)
                 ray_end = ray_own_cpu()
+            checkpointed = int(
+                ray.get(net.validator(0).status.remote(), timeout=30)["state_checkpoint"]
+            )
             chains = [net.headers(i) for i in range(validators)]
             common = min(len(c) for c in chains)
             agreement = all(c[:common] == chains[0][:common] for c in chains)
@@ -873,6 +892,8 @@ def bench_e2e(
         machine_busy=None if shares is None else shares[0],
         machine_steal=None if shares is None else shares[1],
         failed=failed,
+        checkpoint_every_blocks=opts.snapshot_every_blocks,
+        state_checkpoint_height=checkpointed,
         cpu_us_per_tx=cpu_per_tx,
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,

@@ -507,6 +507,14 @@ def bench_e2e_cmd(
             help="signature checks in verifier actors (default: with a GPU or over 4 CPUs)",
         ),
     ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="validators write their state to disk every N blocks (default: the "
+            "network's 1,000, past a short run): the steady state's cost in a short run",
+        ),
+    ] = None,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
@@ -522,6 +530,7 @@ def bench_e2e_cmd(
         rate,
         ceiling,
         verifier_actors,
+        checkpoint_every,
     )
     title = f"rayledger bench e2e ({validators} validators)"
     if ceiling:
@@ -586,6 +595,11 @@ def bench_e2e_cmd(
             f"{r.machine_steal:.0%} taken by the hypervisor",
         )
     table.add_row("storage shards per validator", str(r.storage_shards))
+    table.add_row(
+        "state checkpoints",
+        f"every {r.checkpoint_every_blocks:,} blocks; validator 0's at height "
+        f"{r.state_checkpoint_height:,} when the window closed",
+    )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)
     print(json.dumps({"bench": "e2e", **r.as_dict()}))

@@ -22,6 +22,8 @@ def test_bench_e2e_reports_measured_figures() -> None:
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["agreement"] is True
     assert r["committed"] > 0 and r["committed"] <= r["submitted"]
+    # The network's own checkpoint interval, which a 4 s run does not reach
+    assert r["checkpoint_every_blocks"] == 1000 and r["state_checkpoint_height"] == 0
     # Every client's rows reach the chain in its nonce order: none fails for its nonce
     assert r["failed"] == 0 and "committed with an error status" in result.output
     assert r["verifications_per_tx"] == 4
@@ -55,11 +57,14 @@ def test_bench_e2e_open_loop_offers_its_rate() -> None:
     result = CliRunner().invoke(
         app,
         ["bench", "e2e", "--duration", "4", "--config", str(CONFIG), "--rate", "400"]
-        + ["--batch-rows", "200", "--shards", "2"],
+        + ["--batch-rows", "200", "--shards", "2", "--checkpoint-every", "2"],
     )
     assert result.exit_code == 0, result.output
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["offered_tps"] == 400 and r["storage_shards"] == 2
+    # The validators wrote their state to disk during the run, as asked
+    assert r["checkpoint_every_blocks"] == 2 and r["state_checkpoint_height"] > 0
+    assert "state checkpoints" in result.output
     # On schedule: about the offered rows were submitted, none answered busy
     assert 0.8 * 400 * 4 <= r["submitted"] <= 400 * 4 + 4 * 200 and r["busy_answers"] == 0
     assert 0 < r["committed"] <= r["submitted"] and r["agreement"] is True
