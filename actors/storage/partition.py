@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sqlite3
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,13 +68,17 @@ from rayledger.merkle import (
 from rayledger.receipt import CommitProof, Receipt
 from rayledger.tx import Transaction, tx_ids_of
 
+log = logging.getLogger(__name__)
+
 WRITES_SCHEMA = pa.schema(
     [pa.field("key", pa.binary(), nullable=False), pa.field("value", pa.binary(), nullable=False)]
 )
 
-# SQLite page cache of a shard (KiB) and its WAL checkpoint interval (pages); see ShardStore
+# SQLite page cache of a shard (KiB); see ShardStore
 SHARD_CACHE_KIB = 256 * 1024
-SHARD_CHECKPOINT_PAGES = 50_000
+# Rows applied between two checkpoints of the shard's WAL into its database, made by a thread
+# of the shard's own (see ShardStore): about 1 KB of WAL a row
+SHARD_CHECKPOINT_ROWS = 50_000
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -191,11 +197,15 @@ class ShardStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         # The tx index and the state are keyed by hashes, so every block's inserts land on
         # pages all over their B-trees: a page cache that holds them (SQLite allocates it as
-        # it fills) and a checkpoint every 50,000 WAL pages instead of 1,000 (a page written
-        # by several blocks is copied to the database once) took applying 10,000-row blocks
-        # from 6.8-12.2 to 4.7-9.1 us per transaction (2 shards, 500,000 rows, 2 runs each)
+        # it fills) and rare checkpoints (a page written by several blocks is copied to the
+        # database once: every 50,000 WAL pages instead of 1,000 took applying 10,000-row
+        # blocks from 6.8-12.2 to 4.7-9.1 us per transaction, 2 shards, 500,000 rows).
         self._db.execute(f"PRAGMA cache_size=-{SHARD_CACHE_KIB}")
-        self._db.execute(f"PRAGMA wal_autocheckpoint={SHARD_CHECKPOINT_PAGES}")
+        # The writer never checkpoints: a checkpoint made by the apply that crossed the line
+        # held that apply, and the reads queued behind it (a mempool's nonce reads), for
+        # 0.1-0.5 s in a script (a 200 MB WAL), more on a busy machine. A thread of this
+        # store's own makes them on its own connection instead (``_Checkpointer``).
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA_SQL)
         self._check_meta()
         self._buffer = IndexBuffer(index_batch_rows)
@@ -228,6 +238,8 @@ class ShardStore:
                 path=str(self._seg_path),
             )
         self._seg_end = end
+        self._checkpointer = _Checkpointer(self.path, f"shard-{shard}")
+        self._rows_since_checkpoint = 0
         self._head_hash = self._hash_at(self._height)
         if genesis_state and self._height == 0:
             self._seed(genesis_state)
@@ -316,6 +328,10 @@ class ShardStore:
                 self._apply_one(cur, block)
             self._buffer.write_step(cur)
         self._height, self._head_hash = height, head
+        self._rows_since_checkpoint += sum(b.header.tx_count for b in todo) + len(todo)
+        if self._rows_since_checkpoint >= SHARD_CHECKPOINT_ROWS:
+            self._rows_since_checkpoint = 0
+            self._checkpointer.request()
         return self._height
 
     def flush(self) -> None:
@@ -574,9 +590,68 @@ class ShardStore:
         headers, proof = self.commit_proof(row["height"])
         return row, headers, proof
 
+    @property
+    def wal_checkpoints(self) -> tuple[int, int]:
+        """``(made, failed)``: the WAL checkpoints this store's thread made and those that
+        raised (each logged; the next request tries again)."""
+        return self._checkpointer.made, self._checkpointer.failed
+
     def close(self) -> None:
+        checkpointer = getattr(self, "_checkpointer", None)  # absent if opening failed
+        if checkpointer is not None:
+            checkpointer.stop()
         self._db.close()
         self._seg.close()
+
+
+class _Checkpointer:
+    """A thread that checkpoints a database's WAL on request, on a connection of its own.
+
+    First PASSIVE: the bulk of the WAL is copied without waiting for the writer or the
+    readers, who go on meanwhile (SQLite's step releases the GIL). Then RESTART: the frames
+    written meanwhile are copied while new writes wait (a few milliseconds), and the next
+    writer starts the WAL over, so it stays about ``SHARD_CHECKPOINT_ROWS`` rows long (without
+    that second pass a shard written without pause never has all of its WAL copied, and the
+    WAL grows for ever). A checkpoint that raises is logged and counted, and the next request
+    tries again: until then the WAL only grows."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self._path = path
+        self._wake = threading.Event()
+        self._stopping = False
+        self.made = self.failed = 0
+        self._thread = threading.Thread(target=self._run, name=f"{name}-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=5000")  # RESTART waits for the writer's transaction
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    self._checkpoint(db)
+                    self.made += 1
+                except sqlite3.Error as exc:
+                    self.failed += 1
+                    log.warning("%s: WAL checkpoint failed (%s); retried later", self._path, exc)
+        finally:
+            db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
 
 def assemble_receipt(

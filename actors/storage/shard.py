@@ -125,6 +125,7 @@ class StorageShard:
             "rejected": self.rejected,
             "buffered_rows": self.store.buffered_rows,
             "index_runs": self.store.index_runs,
+            "wal_checkpoints": self.store.wal_checkpoints,
             "set_aside": self.set_aside,
             "cpu_s": round(time.process_time(), 3),
         }

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -536,3 +538,74 @@ def test_result_leaves_of_the_wrong_shape_are_refused_and_change_nothing(
     assert shard.height == 0
     assert shard.apply(blocks) == 5
     shard.close()
+
+
+# ---- the WAL checkpoints, made by the store's own thread ---------------------------------------
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> bool:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _checkpoint_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.endswith("-checkpoint")}
+
+
+def test_the_wal_is_checkpointed_by_the_stores_own_thread(
+    tmp_path: Path,
+    chain,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    genesis, blocks, _ = chain
+    monkeypatch.setattr(partition, "SHARD_CHECKPOINT_ROWS", 1)  # every apply asks for one
+    shard = ShardStore(tmp_path / "s", 0, SHARDS, genesis)
+    # The writer's connection never checkpoints (an apply would wait for it)
+    assert shard._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert "shard-0-checkpoint" in _checkpoint_threads()
+    for block in blocks:
+        shard.apply([block])
+    assert _wait_for(lambda: shard.wal_checkpoints[0] >= 1), shard.wal_checkpoints
+    # Once the thread is done, every frame of the WAL is in the database file
+    other = sqlite3.connect(shard.path)
+    assert _wait_for(
+        lambda: (lambda r: r[0] == 0 and r[1] == r[2])(
+            other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        )
+    )
+    other.close()
+    assert shard.wal_checkpoints[1] == 0
+    shard.close()
+    assert "shard-0-checkpoint" not in _checkpoint_threads()
+    again = ShardStore(tmp_path / "s", 0, SHARDS, genesis)
+    assert again.height == len(blocks)
+    again.close()
+
+
+def test_a_failed_checkpoint_is_counted_and_the_shard_goes_on(
+    tmp_path: Path,
+    chain,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    genesis, blocks, _ = chain
+    monkeypatch.setattr(partition, "SHARD_CHECKPOINT_ROWS", 1)
+
+    def broken(self: object, db: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(partition._Checkpointer, "_checkpoint", broken)
+    shard = ShardStore(tmp_path / "s", 1, SHARDS, genesis)
+    for block in blocks[:3]:
+        shard.apply([block])
+    assert _wait_for(lambda: shard.wal_checkpoints[1] >= 1), shard.wal_checkpoints
+    assert shard.wal_checkpoints[0] == 0
+    # Nothing lost and nothing stuck: the shard applies on and reopens whole
+    assert shard.apply(blocks) == len(blocks)
+    shard.close()
+    again = ShardStore(tmp_path / "s", 1, SHARDS, genesis)
+    assert again.height == len(blocks)
+    again.close()
