@@ -238,12 +238,13 @@ class ShardStore:
                 path=str(self._seg_path),
             )
         self._seg_end = end
-        self._checkpointer = _Checkpointer(self.path, f"shard-{shard}")
-        self._rows_since_checkpoint = 0
         self._head_hash = self._hash_at(self._height)
         if genesis_state and self._height == 0:
             self._seed(genesis_state)
         self._levels = functools.lru_cache(maxsize=16)(self._block_levels)
+        # Last: a store that failed to open leaves no thread behind
+        self._checkpointer = _Checkpointer(self.path, f"shard-{shard}")
+        self._rows_since_checkpoint = 0
 
     def _check_meta(self) -> None:
         want = {
