@@ -348,18 +348,22 @@ class CommittedState(StateView):
             return
         recent, on_disk = self._recent, self._on_disk
         self._ahead = {}
-        # The file's keys reach the filter before they leave memory (a grown filter was
-        # built from the file after this checkpoint's write: it holds them already)
-        if grown is not None:
-            self._filter = grown
-        else:
-            self._filter.add([k for h, layer in self._layers.items() if h <= upto for k in layer])
+        to_file: list[bytes] = []
         for h in [h for h in self._layers if h <= upto]:
-            for k in self._layers.pop(h):
+            layer = self._layers.pop(h)
+            to_file.extend(layer)
+            for k in layer:
                 on_disk.add(k[:PREFIX])
                 hit = recent.get(k)
                 if hit is not None and hit[1] <= upto:
                     del recent[k]
+        # The file's keys reach the filter in the same call that takes them out of memory
+        # (a grown filter was built from the file after this checkpoint's write: it holds
+        # them already)
+        if grown is not None:
+            self._filter = grown
+        else:
+            self._filter.add(to_file)
         self.height, self.block_hash = upto, block_hash
 
     def checkpoint_now(self, upto: int, block_hash: bytes) -> None:
