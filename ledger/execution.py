@@ -360,9 +360,10 @@ def _execute_anchor_block(
     _, first_of_key = np.unique(keyed.view(np.dtype((np.void, 36))).ravel(), return_index=True)
     fresh = np.zeros(len(rows), np.bool_)
     fresh[first_of_key] = True
-    held = parent_view.present([keys[i] for i in first_of_key.tolist()])
+    firsts = first_of_key.tolist()
+    held = parent_view.present([keys[i] for i in firsts])
     if held:
-        for i in first_of_key.tolist():
+        for i in firsts:
             if keys[i] in held:
                 fresh[i] = False
     statuses[rows[~fresh]] = Status.ALREADY_ANCHORED
