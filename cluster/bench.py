@@ -382,6 +382,15 @@ def _one_core_verify_rates(samples: int = 3_000) -> tuple[float, float]:
     return samples / (time.perf_counter() - t0), openssl
 
 
+def _rounded(v: Any) -> Any:
+    """A result's value for JSON: floats to 3 decimals, inside tuples (as lists) and dicts."""
+    if isinstance(v, tuple):
+        return [_rounded(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return round(v, 3) if isinstance(v, float) else v
+
+
 @dataclass
 class E2EResult:
     validators: int
@@ -443,12 +452,7 @@ class E2EResult:
     state_checkpoint_height: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        def rounded(v: Any) -> Any:
-            if isinstance(v, tuple):
-                return [rounded(x) for x in v]
-            return round(v, 3) if isinstance(v, float) else v
-
-        return {k: rounded(v) for k, v in self.__dict__.items()}
+        return {k: _rounded(v) for k, v in self.__dict__.items()}
 
 
 @dataclass(eq=False)
@@ -917,14 +921,7 @@ class RoundsResult:
     machine_busy: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in self.__dict__.items():
-            if isinstance(v, float):
-                v = round(v, 3)
-            elif isinstance(v, dict):
-                v = {key: round(x, 3) for key, x in v.items()}
-            out[k] = v
-        return out
+        return {k: _rounded(v) for k, v in self.__dict__.items()}
 
 
 def bench_rounds(
