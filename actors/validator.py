@@ -49,6 +49,7 @@ from rayledger.actors.storage.engine import fsync_write
 from rayledger.actors.storage.slots import SlotFile
 from rayledger.actors.storage.snapshot import load_snapshot
 from rayledger.actors.storage.state import CommittedState
+from rayledger.actors.streams import Endpoint, StreamSender, StreamServer
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
 from rayledger.codec import Reader, u64, var_bytes
@@ -157,6 +158,13 @@ class Validator:
         self.safety_file = SlotFile(self.dir, "safety", legacy=self.dir / "safety.bin")
         self.latency = latency_ms or [0.0] * self.genesis.validators.n
         self.peers: dict[int, Any] = {}
+        # Consensus messages go on direct streams to the peers (``actors.streams``), by Ray
+        # call while a stream is not up; ``peer_streams: false`` sends every one by Ray
+        self.peer_streams = bool(settings.get("peer_streams", True))
+        self.stream_server: StreamServer | None = None
+        self.stream_out: dict[int, StreamSender] = {}
+        self._frames_out_before = 0  # frames sent on streams since replaced
+        self.ray_sends = 0  # consensus messages' sends by Ray call
         self.mempool: Any = None
         self.verifier_actor: Any = None
         self.batches: dict[bytes, pa.RecordBatch] = {}
@@ -457,10 +465,37 @@ class Validator:
 
     # ---- wiring ------------------------------------------------------------------------------
 
-    def set_peer(self, index: int, handle: Any) -> None:
-        """A peer (re)started: its new handle."""
-        if index != self.index:
-            self.peers[index] = handle
+    async def set_peer(self, index: int, handle: Any, endpoint: Any = None) -> None:
+        """A peer (re)started: its new handle, and where it accepts streams (None: it sends
+        and takes everything by Ray). Answered with this validator's own endpoint, which a
+        restarted peer does not know."""
+        if index == self.index or not 0 <= index < self.genesis.validators.n:
+            return
+        self.peers[index] = handle
+        self._stream_to(index, endpoint)
+        if endpoint is not None and self.stream_server is not None:
+            assert self.stream_server.endpoint is not None
+            handle.peer_endpoint.remote(self.index, self.stream_server.endpoint.as_tuple())
+
+    async def peer_endpoint(self, index: int, endpoint: Any) -> None:
+        """A peer's answer to ``set_peer``: where it accepts streams."""
+        if index != self.index and 0 <= index < self.genesis.validators.n:
+            self._stream_to(index, endpoint)
+
+    def _stream_to(self, index: int, endpoint: Any) -> None:
+        old = self.stream_out.pop(index, None)
+        if old is not None:
+            self._frames_out_before += old.frames_out
+            old.close()
+        if endpoint is None or not self.peer_streams:
+            return
+        try:
+            ep = Endpoint.parse(endpoint)
+        except ValueError as exc:
+            log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
+            self._count("stream: bad_endpoint")
+            return
+        self.stream_out[index] = StreamSender(self.index, ep, self._count)
 
     async def start(self) -> None:
         """Find the peers and the mempool by name, tell them where this validator is, and
@@ -468,6 +503,12 @@ class Validator:
         if self.started:
             return
         me = self.me = ray.get_runtime_context().current_actor
+        endpoint = None
+        if self.peer_streams:
+            self.stream_server = StreamServer(
+                self.index, self.genesis.validators.n, self._on_frame, self._count
+            )
+            endpoint = (await self.stream_server.start(ray.util.get_node_ip_address())).as_tuple()
         for j in range(self.genesis.validators.n):
             if j == self.index:
                 continue
@@ -476,7 +517,7 @@ class Validator:
             except ValueError:  # down: it announces itself when it comes back
                 continue
             self.peers[j] = handle
-            handle.set_peer.remote(self.index, me)
+            handle.set_peer.remote(self.index, me, endpoint)
         try:
             self.verifier_actor = self._actor(f"verifier-{self.index}")
         except ValueError:  # none deployed: verify in this process
@@ -522,24 +563,33 @@ class Validator:
         self.strategy = strategy
 
     async def deliver(self, sender: int, data: bytes, not_before: float | None = None) -> None:
-        """Messages from peer ``sender`` in their canonical wire form (``consensus.wire``):
-        bytes that do not parse are counted and dropped; the core checks the rest.
+        """Messages from peer ``sender`` in their canonical wire form (``consensus.wire``),
+        sent by Ray call (a stream's frames take the same way from ``_on_frame``): bytes that
+        do not parse are counted and dropped; the core checks the rest.
 
         ``not_before``: with the WAN emulated, the wall-clock time (``time.time()``) before
         which they must not be handled; the hold never exceeds the emulated latency of the
         link from ``sender`` (none without emulation). Anything but a finite number is
         counted and the messages dropped."""
+        if not_before is not None and (
+            not isinstance(not_before, (int, float)) or isinstance(not_before, bool)
+        ):
+            self._count("wire: bad_hold")
+            return
+        self._on_frame(sender, data, not_before)
+
+    def _on_frame(self, sender: int, data: bytes, not_before: float | None) -> None:
         if not_before is not None:
-            if (
-                not isinstance(not_before, (int, float))
-                or isinstance(not_before, bool)
-                or not math.isfinite(not_before)
-            ):
+            if not math.isfinite(not_before):
                 self._count("wire: bad_hold")
                 return
             wait = min(not_before - time.time(), self._link_s(sender))
             if wait > 0:
-                await asyncio.sleep(wait)
+                asyncio.get_running_loop().call_later(wait, self._on_messages, sender, data)
+                return
+        self._on_messages(sender, data)
+
+    def _on_messages(self, sender: int, data: bytes) -> None:
         if sender in self.blocked:  # a partition applies to what arrives while it lasts
             return
         try:
@@ -807,6 +857,10 @@ class Validator:
                 continue
             delay = self._link_s(peer)
             data = encode_messages(msgs)
+            stream = self.stream_out.get(peer)
+            if stream is not None and stream.send(data, now + delay if delay > 0 else None):
+                continue
+            self.ray_sends += 1
             if delay > 0:
                 handle.deliver.remote(self.index, data, now + delay)
             else:
@@ -1059,6 +1113,16 @@ class Validator:
             "evidence_kinds": sorted(self.evidence_counts),
             "peers": sorted(self.peers),
             "blocked": sorted(self.blocked),
+            # Direct streams: peers this validator has one up to, frames each way
+            "streams": {
+                "enabled": self.peer_streams,
+                "connected": sorted(k for k, v in self.stream_out.items() if v.connected),
+                "frames_out": self._frames_out_before
+                + sum(v.frames_out for v in self.stream_out.values()),
+                "frames_in": self.stream_server.frames_in if self.stream_server else 0,
+                "inbound": self.stream_server.open_streams if self.stream_server else 0,
+                "ray_sends": self.ray_sends,
+            },
             "strategy": self.strategy,
             "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},
             "timings": {k: round(v, 3) for k, v in self.timings.items()},

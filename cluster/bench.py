@@ -450,6 +450,11 @@ class E2EResult:
     # a 30 s run at the default of 1,000 blocks writes none, a long-running network does)
     checkpoint_every_blocks: int = 0
     state_checkpoint_height: int = 0
+    # Consensus messages on direct streams between validators (else all by Ray call), and
+    # how validator 0 sent its messages over the run: frames on streams, Ray calls
+    peer_streams: bool = True
+    stream_frames: int = 0
+    ray_sends: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
@@ -664,6 +669,7 @@ def bench_e2e(
     ceiling: bool = False,
     verifier_actors: bool | None = None,
     checkpoint_every: int | None = None,
+    peer_streams: bool = True,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -684,6 +690,9 @@ def bench_e2e(
     ``checkpoint_every``: validators write their committed state to disk every this many
     blocks (None: the network's default, 1,000, which a short run never reaches): a steady
     state's cost, the checkpoints' writes and reads of the state file, in a short run.
+
+    ``peer_streams``: False sends every consensus message by Ray call, as before the direct
+    streams between validators (to measure them).
 
     ``ceiling``: the pipeline's own limit, as if the transactions' signatures were checked for
     free (what a GPU that kept up would leave): this run's Ray instance, which it starts and
@@ -732,6 +741,7 @@ def bench_e2e(
                 latency_ms=None if wan else [[0.0] * validators] * validators,
                 storage_shards=storage_shards,
                 verifier_actors=verifier_actors,
+                peer_streams=peer_streams,
             )
             if checkpoint_every is not None:
                 opts = replace(
@@ -841,9 +851,8 @@ def bench_e2e(
                 machine_end = machine_cpu_times()
                 cpu_end, checks_end = _cpu_by_role(net, validators)
                 ray_end = ray_own_cpu()
-            checkpointed = int(
-                ray.get(net.validator(0).status.remote(), timeout=30)["state_checkpoint"]
-            )
+            status0 = ray.get(net.validator(0).status.remote(), timeout=30)
+            checkpointed = int(status0["state_checkpoint"])
             chains = [net.headers(i) for i in range(validators)]
             common = min(len(c) for c in chains)
             agreement = all(c[:common] == chains[0][:common] for c in chains)
@@ -898,6 +907,9 @@ def bench_e2e(
         failed=failed,
         checkpoint_every_blocks=opts.snapshot_every_blocks,
         state_checkpoint_height=checkpointed,
+        peer_streams=peer_streams,
+        stream_frames=int(status0["streams"]["frames_out"]),
+        ray_sends=int(status0["streams"]["ray_sends"]),
         cpu_us_per_tx=cpu_per_tx,
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,
@@ -919,13 +931,18 @@ class RoundsResult:
     # The whole machine's busy CPU per round (None: no /proc/stat), and its busy share
     machine_ms_per_round: float | None = None
     machine_busy: float | None = None
+    peer_streams: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
 
 
 def bench_rounds(
-    config: Path, duration_s: float = 20.0, idle_block_ms: int = 10, wan: bool = False
+    config: Path,
+    duration_s: float = 20.0,
+    idle_block_ms: int = 10,
+    wan: bool = False,
+    peer_streams: bool = True,
 ) -> RoundsResult:
     """The CPU a consensus round costs the running network on Ray, with no load at all: every
     leader proposes an empty block ``idle_block_ms`` after its round starts, so rounds follow
@@ -933,7 +950,8 @@ def bench_rounds(
     carries: the proposal and the votes (Ray calls, their signatures), the persisted vote,
     the block store's append, the storage shards' apply, timers. Under load that is the part
     of the CPU that a block's size does not change (``bench e2e`` commits about 5 blocks a
-    second on 2 cores). ``wan``: emulate the config's latencies (fewer rounds a second)."""
+    second on 2 cores). ``wan``: emulate the config's latencies (fewer rounds a second).
+    ``peer_streams``: False sends every consensus message by Ray call."""
     import ray
 
     from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
@@ -949,6 +967,7 @@ def bench_rounds(
                 name="bench-rounds",
                 idle_block_ms=idle_block_ms,
                 latency_ms=None if wan else [[0.0] * validators] * validators,
+                peer_streams=peer_streams,
             )
             net = Network.create(spec, Path(tmp), opts)
             deadline = time.monotonic() + 60
@@ -983,4 +1002,5 @@ def bench_rounds(
             None if shares is None or rounds <= 0 else shares[0] * cores * elapsed / rounds * 1e3
         ),
         machine_busy=None if shares is None else shares[0],
+        peer_streams=peer_streams,
     )

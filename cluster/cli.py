@@ -449,12 +449,19 @@ def bench_rounds_cmd(
         int, typer.Option(min=1, help="a leader's wait before its empty block")
     ] = 10,
     wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = False,
+    peer_streams: Annotated[
+        bool,
+        typer.Option(
+            "--peer-streams/--ray-calls",
+            help="consensus messages on direct streams (the default), or every one by Ray call",
+        ),
+    ] = True,
 ) -> None:
     """CPU per consensus round of the running network with no load: empty blocks back to
     back, so each round costs what any round costs whatever it carries."""
     from rayledger.cluster.bench import bench_rounds
 
-    r = bench_rounds(config, duration, idle_block_ms, wan)
+    r = bench_rounds(config, duration, idle_block_ms, wan, peer_streams)
     table = Table("figure", "value", title=f"rayledger bench rounds ({r.validators} validators)")
     table.add_row(
         "rounds committed (empty blocks)",
@@ -473,6 +480,10 @@ def bench_rounds_cmd(
             "whole machine per round",
             f"{r.machine_ms_per_round:,.2f} ms of CPU ({r.machine_busy:.0%} of all cores busy)",
         )
+    table.add_row(
+        "consensus messages",
+        "on direct streams between validators" if r.peer_streams else "by Ray call (--ray-calls)",
+    )
     console.print(table)
     print(json.dumps({"bench": "rounds", **r.as_dict()}))
 
@@ -515,6 +526,14 @@ def bench_e2e_cmd(
             "network's 1,000, past a short run): the steady state's cost in a short run",
         ),
     ] = None,
+    peer_streams: Annotated[
+        bool,
+        typer.Option(
+            "--peer-streams/--ray-calls",
+            help="consensus messages on direct streams between validators (the default), or "
+            "every one by Ray call",
+        ),
+    ] = True,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
@@ -531,6 +550,7 @@ def bench_e2e_cmd(
         ceiling,
         verifier_actors,
         checkpoint_every,
+        peer_streams,
     )
     title = f"rayledger bench e2e ({validators} validators)"
     if ceiling:
@@ -599,6 +619,11 @@ def bench_e2e_cmd(
         "state checkpoints",
         f"every {r.checkpoint_every_blocks:,} blocks; validator 0's at height "
         f"{r.state_checkpoint_height:,} when the window closed",
+    )
+    table.add_row(
+        "validator 0's consensus messages",
+        f"{r.stream_frames:,} on direct streams, {r.ray_sends:,} by Ray call"
+        + ("" if r.peer_streams else " (--ray-calls)"),
     )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)

@@ -47,7 +47,7 @@ def status_table(net: Network) -> Table:
         "leader",
         "head",
         "mempool rows/limit",
-        "peers",
+        "peers (streams up)",
         "shards at",
         "state on disk at / held",
         "checks on",
@@ -71,7 +71,7 @@ def status_table(net: Network) -> Table:
             st["head"][:16],
             # Pending + sealed but uncommitted, against the learnt limit (busy beyond it)
             f"{mp['pending_rows']}+{mp['in_flight_rows']}/{mp['limit_rows']}",
-            ",".join(str(p) for p in st["peers"]),
+            _peers(st),
             # Height each storage shard has applied ("?" while it is being reached)
             " ".join("?" if h is None else str(h) for h in st.get("shards", {}).values()) or "-",
             # The committed state: the height checkpointed to the validator's disk, and the
@@ -86,6 +86,18 @@ def status_table(net: Network) -> Table:
             str(sum(st["rejected"].values())),
         )
     return table
+
+
+def _peers(st: dict[str, Any]) -> str:
+    """The peers a validator knows, and those it has a direct stream up to ("ray": every
+    consensus message by Ray call)."""
+    peers = ",".join(str(p) for p in st["peers"])
+    streams = st.get("streams")
+    if not streams:
+        return peers
+    if not streams["enabled"]:
+        return f"{peers} (ray)"
+    return f"{peers} ({','.join(str(p) for p in streams['connected']) or 'none'})"
 
 
 def up(

@@ -121,6 +121,13 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         assert [s["verifier"]["backend"] for s in net.status()] == [available_backends()[0]] * 4
         # Each mempool's admission checks went through its institution's verifier
         assert sum(c["admission_rows"] for c in checked) == 20_000
+        # Consensus messages went on direct streams between the validators (by Ray call
+        # only until each stream was up)
+        for s in net.status():
+            streams = s["streams"]
+            assert streams["connected"] == [j for j in range(4) if j != s["index"]]
+            assert streams["inbound"] == 3 and streams["frames_in"] > 20
+            assert streams["frames_out"] > 10 * streams["ray_sends"]
     finally:
         net.shutdown()
 
@@ -185,6 +192,21 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
         # The restarted validator gave its mempool a new seal key: mempool 3's batch of the
         # third round came tagged under it and was not checked a second time
         assert net.status()[3]["own_batches"] > 0
+        # Its peers dropped their streams to the dead process and opened new ones to the
+        # restarted one (told by it where), and it to them (told in their answers)
+        t0 = time.monotonic()
+        while True:
+            st = net.status()
+            if all(
+                s["streams"]["connected"] == [j for j in range(4) if j != i]
+                for i, s in enumerate(st)
+            ):
+                break
+            assert time.monotonic() - t0 < 30, [s["streams"] for s in st]
+            time.sleep(0.5)
+        frames = st[3]["streams"]["frames_in"]
+        wait_height(net, 3, net.height(0) + 3)
+        assert net.status()[3]["streams"]["frames_in"] > frames
     finally:
         net.shutdown()
 
@@ -239,7 +261,9 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
         t0 = time.monotonic()
         far = time.time() + 3600
         ray.get(net.validator(0).deliver.remote(1, b"\x00\x00\x00\x01garbage", far))
-        assert time.monotonic() - t0 < 5
+        while ray.get(net.validator(0).status.remote())["rejected"]["wire: wrong_length"] < 2:
+            assert time.monotonic() - t0 < 5, "a message was held past its link's latency"
+            time.sleep(0.01)
         rejected = ray.get(net.validator(0).status.remote())["rejected"]
         assert rejected["wire: bad_hold"] == 4 and rejected["wire: wrong_length"] == 2
         # A batch announced with a tag that is not the validator's seal key's (as anyone in
@@ -306,7 +330,8 @@ def test_a_flooded_mempool_answers_busy_below_its_capacity_and_commits_what_it_t
 
 
 def test_equivocating_validator_is_caught_and_cannot_fork(tmp_path: Path) -> None:
-    net = start(tmp_path, "byz")
+    # Every consensus message by Ray call here (the direct streams are off): that path too
+    net = start(tmp_path, "byz", peer_streams=False)
     try:
         net.set_strategy(1, "equivocating-leader")
         batches = client_batches(net, 4_000)
@@ -318,6 +343,9 @@ def test_equivocating_validator_is_caught_and_cannot_fork(tmp_path: Path) -> Non
         honest = [s for s in net.status() if s["index"] != 1]
         assert sum(s["evidence"] for s in honest) > 0
         assert all(set(s["evidence_kinds"]) <= {"equivocating_proposal"} for s in honest)
+        assert all(
+            s["streams"]["frames_out"] == 0 and s["streams"]["ray_sends"] > 0 for s in net.status()
+        )
     finally:
         net.shutdown()
 

@@ -1,0 +1,231 @@
+"""Direct TCP streams between validators for consensus messages.
+
+A Ray actor call between two processes costs this 2-core machine 3.2-3.4 ms of CPU in all at
+160 calls/s (sender 1.2, receiver 2.1: thread wake-ups in Ray's core workers and the reply
+every call carries), where a frame on a TCP stream between the same two async actors costs
+0.36-0.39 ms (script /tmp/exp/callcost.py, 2026-12-03). A busy network sends some six
+consensus messages a round, five rounds a second. So validators keep one stream to each peer
+for proposals, votes and timeouts; Ray stays the control plane (placement, restarts, the
+object store, blocks to storage shards, batch fetches), and the fallback: a message sent while
+a stream is not up (before it connects, after it breaks) goes as a Ray call, as before.
+
+Wire form. The connecting side opens with a hello: ``b"RLS1"``, the receiver's 32-byte token,
+the sender's validator index (u32). The token is made by the receiving validator when it
+starts and reaches its peers only through Ray (``Validator.set_peer`` and its answer), so a
+process that can reach the port but is not a peer cannot open a stream; the messages
+themselves carry their authors' signatures, checked by the core as ever. Then frames: payload
+length (u32), the wall-clock time before which the receiver must not handle the frame (f64,
+NaN for none: the emulated WAN's hold), the payload (``consensus.wire`` bytes). A bad hello or
+an oversize frame is counted and the stream closed; bytes that do not parse are the core's
+business, as on the Ray path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"RLS1"
+HELLO = struct.Struct(">4s32sI")
+HEADER = struct.Struct(">Id")
+# Consensus messages carry batch digests, not transactions: a proposal of 64 batches with its
+# QC is a few KB. Anything near this is not a message of ours.
+MAX_FRAME = 16 << 20
+# A peer that stops reading (stopped, overloaded) makes the sender buffer; past this the
+# stream is dropped and messages go by Ray, which queues them its own way.
+MAX_BUFFERED = 8 << 20
+HELLO_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0
+# A peer that cannot be reached is tried again at most this often (messages go by Ray meanwhile)
+RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a validator accepts streams, and the token a peer must open with."""
+
+    host: str
+    port: int
+    token: bytes
+
+    def as_tuple(self) -> tuple[str, int, bytes]:
+        return (self.host, self.port, self.token)
+
+    @classmethod
+    def parse(cls, value: object) -> Endpoint:
+        """An endpoint from what came over Ray, or ``ValueError`` naming the problem."""
+        if not isinstance(value, (tuple, list)) or len(value) != 3:
+            raise ValueError("endpoint must be (host, port, token)")
+        host, port, token = value
+        if not isinstance(host, str) or not host:
+            raise ValueError("endpoint host must be a non-empty string")
+        if type(port) is not int or not 0 < port < 65536:
+            raise ValueError("endpoint port must be an int in 1..65535")
+        if not isinstance(token, bytes) or len(token) != 32:
+            raise ValueError("endpoint token must be 32 bytes")
+        return cls(host, port, token)
+
+
+OnFrame = Callable[[int, bytes, float | None], None]
+
+
+class StreamServer:
+    """Accepts peers' streams and hands every frame to ``on_frame(sender, payload,
+    not_before)`` on the event loop, in the order each peer sent them."""
+
+    def __init__(self, own_index: int, n: int, on_frame: OnFrame, count: Callable[[str], None]):
+        self.own_index = own_index
+        self.n = n
+        self.on_frame = on_frame
+        self.count = count
+        self.token = os.urandom(32)
+        self.frames_in = 0
+        self.endpoint: Endpoint | None = None
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, host: str) -> Endpoint:
+        self._server = await asyncio.start_server(self._serve, host, 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.endpoint = Endpoint(host, port, self.token)
+        return self.endpoint
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._writers)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            try:
+                hello = await asyncio.wait_for(reader.readexactly(HELLO.size), HELLO_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                self.count("stream: no_hello")
+                return
+            magic, token, sender = HELLO.unpack(hello)
+            if magic != MAGIC:
+                self.count("stream: bad_magic")
+                return
+            if not hmac.compare_digest(token, self.token):
+                self.count("stream: bad_token")
+                return
+            if sender >= self.n or sender == self.own_index:
+                self.count("stream: bad_sender")
+                return
+            while True:
+                try:
+                    size, not_before = HEADER.unpack(await reader.readexactly(HEADER.size))
+                    if size > MAX_FRAME:
+                        self.count("stream: oversize")
+                        return
+                    payload = await reader.readexactly(size)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the peer went away (a crash, a restart): it reconnects
+                self.frames_in += 1
+                self.on_frame(sender, payload, None if math.isnan(not_before) else not_before)
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+
+
+class StreamSender:
+    """One peer's outbound stream. It connects in the background on first use and after it
+    breaks (at most every ``RETRY_S``); until it is up, :meth:`send` answers False and the
+    caller sends by Ray instead."""
+
+    def __init__(self, own_index: int, endpoint: Endpoint, count: Callable[[str], None]):
+        self.own_index = own_index
+        self.endpoint = endpoint
+        self.count = count
+        self.frames_out = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._last_try = -math.inf
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    def send(self, payload: bytes, not_before: float | None = None) -> bool:
+        """Queue one frame; False if the stream is not up (the caller sends another way)."""
+        if len(payload) > MAX_FRAME:
+            return False
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            self._drop()
+            self._maybe_connect()
+            return False
+        if writer.transport.get_write_buffer_size() > MAX_BUFFERED:
+            self.count("stream: peer_not_reading")
+            self._drop()
+            return False
+        hold = math.nan if not_before is None else not_before
+        writer.write(HEADER.pack(len(payload), hold) + payload)
+        self.frames_out += 1
+        return True
+
+    def _maybe_connect(self) -> None:
+        if self._closed or self._connecting is not None:
+            return
+        now = time.monotonic()
+        if now - self._last_try < RETRY_S:
+            return
+        self._last_try = now
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        ep = self.endpoint
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(ep.host, ep.port), CONNECT_TIMEOUT_S
+            )
+        except (OSError, TimeoutError) as exc:
+            log.debug("stream to %s:%d not up: %s", ep.host, ep.port, exc)
+            return
+        finally:
+            self._connecting = None
+        if self._closed:
+            writer.close()
+            return
+        writer.write(HELLO.pack(MAGIC, ep.token, self.own_index))
+        self._writer = writer
+        self._watch = asyncio.get_running_loop().create_task(self._watch_eof(reader, writer))
+
+    async def _watch_eof(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The receiver never writes: end of stream (or an error) means it closed or died."""
+        with contextlib.suppress(ConnectionError, OSError):
+            await reader.read(1)
+        if self._writer is writer:
+            self._drop()
+
+    def _drop(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        self._drop()

@@ -1,0 +1,231 @@
+"""Direct streams between validators (``actors.streams``), without Ray: frames arrive in
+order with their holds; every bad hello and an oversize frame is counted and closes the
+stream; a sender answers False (send by Ray) until its stream is up, after the peer goes
+away, and when the peer stops reading, and connects again after the peer comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from rayledger.actors import streams
+from rayledger.actors.streams import HEADER, HELLO, MAGIC, Endpoint, StreamSender, StreamServer
+
+HOST = "127.0.0.1"
+
+
+class Peer:
+    """A receiving validator (index 0 of 4): its frames and its counts."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, bytes, float | None]] = []
+        self.counts: dict[str, int] = {}
+        self.server = StreamServer(0, 4, self._frame, self._count)
+
+    def _frame(self, sender: int, payload: bytes, not_before: float | None) -> None:
+        self.frames.append((sender, payload, not_before))
+
+    def _count(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 30))
+
+
+async def connected(sender: StreamSender) -> None:
+    assert not sender.send(b"before")  # not up yet: the caller sends by Ray
+    await until(lambda: sender.connected)
+
+
+def test_endpoint_parse_names_each_problem() -> None:
+    token = b"t" * 32
+    assert Endpoint.parse(("h", 5, token)) == Endpoint("h", 5, token)
+    assert Endpoint.parse(["h", 5, token]).as_tuple() == ("h", 5, token)
+    for bad, words in [
+        ("h:5", "(host, port, token)"),
+        (("h", 5), "(host, port, token)"),
+        (("", 5, token), "host"),
+        ((5, 5, token), "host"),
+        (("h", 0, token), "port"),
+        (("h", 65536, token), "port"),
+        (("h", True, token), "port"),
+        (("h", "5", token), "port"),
+        (("h", 5, b"short"), "token"),
+        (("h", 5, "t" * 32), "token"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            Endpoint.parse(bad)
+
+
+def test_frames_arrive_in_order_with_their_holds() -> None:
+    async def body() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        sender = StreamSender(2, ep, peer._count)
+        await connected(sender)
+        payloads = [b"m%d" % i * (i + 1) for i in range(200)] + [b""]
+        for i, p in enumerate(payloads):
+            assert sender.send(p, 1000.5 + i if i % 2 else None)
+        await until(lambda: len(peer.frames) == len(payloads))
+        assert [f[1] for f in peer.frames] == payloads
+        assert all(f[0] == 2 for f in peer.frames)
+        assert [f[2] for f in peer.frames[:4]] == [None, 1001.5, None, 1003.5]
+        assert sender.frames_out == len(payloads) and peer.server.frames_in == len(payloads)
+        assert peer.server.open_streams == 1 and not peer.counts
+        # Larger than any message of ours: refused by the sender, never written
+        assert not sender.send(b"x" * (streams.MAX_FRAME + 1))
+        sender.close()
+        assert not sender.connected and not sender.send(b"after close")
+        peer.server.close()
+
+    run(body)
+
+
+async def raw_stream(ep: Endpoint, data: bytes) -> bytes:
+    """Open a stream, write ``data``, and read until the server closes it."""
+    reader, writer = await asyncio.open_connection(ep.host, ep.port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("hello", "reason"),
+    [
+        (lambda tok: HELLO.pack(b"XXXX", tok, 1), "stream: bad_magic"),
+        (lambda tok: HELLO.pack(MAGIC, b"\x00" * 32, 1), "stream: bad_token"),
+        (lambda tok: HELLO.pack(MAGIC, tok, 4), "stream: bad_sender"),
+        (lambda tok: HELLO.pack(MAGIC, tok, 0), "stream: bad_sender"),  # the server's own
+        (lambda tok: HELLO.pack(MAGIC, tok, 1)[:20], "stream: no_hello"),
+    ],
+)
+def test_a_bad_hello_is_counted_and_closes_the_stream(
+    hello: Callable[[bytes], bytes], reason: str
+) -> None:
+    async def body() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        frame = HEADER.pack(3, math.nan) + b"abc"
+        # The server closes without a word (the short hello: once the client stops writing)
+        reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        writer.write(hello(ep.token) + frame)
+        if reason == "stream: no_hello":
+            writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert peer.counts == {reason: 1}
+        assert peer.frames == [] and peer.server.frames_in == 0
+        await until(lambda: peer.server.open_streams == 0)
+        peer.server.close()
+
+    run(body)
+
+
+def test_a_silent_connection_is_closed_after_the_hello_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(streams, "HELLO_TIMEOUT_S", 0.2)
+
+    async def body() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        assert await raw_stream(ep, b"") == b""
+        assert peer.counts == {"stream: no_hello": 1}
+        peer.server.close()
+
+    run(body)
+
+
+def test_an_oversize_frame_closes_the_stream_after_the_frames_before_it() -> None:
+    async def body() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        good = HEADER.pack(2, 7.0) + b"ok"
+        huge = struct.pack(">Id", streams.MAX_FRAME + 1, math.nan) + b"x" * 100
+        after = HEADER.pack(5, math.nan) + b"later"
+        assert await raw_stream(ep, HELLO.pack(MAGIC, ep.token, 3) + good + huge + after) == b""
+        assert peer.frames == [(3, b"ok", 7.0)]
+        assert peer.counts == {"stream: oversize": 1}
+        peer.server.close()
+
+    run(body)
+
+
+def test_a_peer_that_goes_away_is_noticed_and_reconnected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(streams, "RETRY_S", 0.05)
+
+    async def body() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        sender = StreamSender(1, ep, peer._count)
+        await connected(sender)
+        assert sender.send(b"one")
+        await until(lambda: len(peer.frames) == 1)
+        # The receiving end closes its streams (as a crashed process's do); it still listens
+        for w in list(peer.server._writers):
+            w.close()
+        await until(lambda: not sender.connected)
+        # By Ray meanwhile; sends start a new stream (at most every RETRY_S)
+        await until(lambda: sender.send(b"two"))
+        await until(lambda: len(peer.frames) == 2)
+        assert [f[1] for f in peer.frames] == [b"one", b"two"]
+        # A peer gone for good: refused connections, every message by Ray
+        peer.server.close()
+        await until(lambda: not sender.connected)
+        for _ in range(5):
+            assert not sender.send(b"gone")
+            await asyncio.sleep(0.06)
+        assert not sender.connected
+        sender.close()
+
+    run(body)
+
+
+def test_a_peer_that_stops_reading_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "MAX_BUFFERED", 64 << 10)
+    monkeypatch.setattr(streams, "RETRY_S", 3600)  # no second stream in this test
+    counts: dict[str, int] = {}
+    held: list[Any] = []
+
+    async def body() -> None:
+        async def never_reads(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            held.append(w)
+            w.transport.pause_reading()
+
+        server = await asyncio.start_server(never_reads, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+
+        def count(reason: str) -> None:
+            counts[reason] = counts.get(reason, 0) + 1
+
+        sender = StreamSender(1, Endpoint(HOST, port, b"k" * 32), count)
+        await connected(sender)
+        sent = 0
+        while sender.send(b"y" * 65536):
+            sent += 1
+            assert sent < 10_000, "the sender never noticed"
+        assert counts == {"stream: peer_not_reading": 1}
+        assert not sender.connected and not sender.send(b"z")
+        server.close()
+        for w in held:
+            w.close()
+
+    run(body)
