@@ -132,7 +132,11 @@ class StreamServer:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # the peer went away (a crash, a restart): it reconnects
                 self.frames_in += 1
-                self.on_frame(sender, payload, None if math.isnan(not_before) else not_before)
+                try:
+                    self.on_frame(sender, payload, None if math.isnan(not_before) else not_before)
+                except Exception:  # a fault in handling one frame is not the stream's
+                    log.exception("stream from validator %d: handling a frame failed", sender)
+                    self.count("stream: handler_error")
         finally:
             self._writers.discard(writer)
             writer.close()

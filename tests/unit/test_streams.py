@@ -167,6 +167,31 @@ def test_an_oversize_frame_closes_the_stream_after_the_frames_before_it() -> Non
     run(body)
 
 
+def test_a_frame_whose_handling_fails_is_counted_and_the_stream_goes_on() -> None:
+    async def body() -> None:
+        peer = Peer()
+        seen = peer._frame
+
+        def flaky(sender: int, payload: bytes, not_before: float | None) -> None:
+            if payload == b"bad":
+                raise RuntimeError("a bug in the handler")
+            seen(sender, payload, not_before)
+
+        peer.server.on_frame = flaky
+        ep = await peer.server.start(HOST)
+        sender = StreamSender(3, ep, peer._count)
+        await connected(sender)
+        for p in (b"a", b"bad", b"b"):
+            assert sender.send(p)
+        await until(lambda: len(peer.frames) == 2)
+        assert [f[1] for f in peer.frames] == [b"a", b"b"] and sender.connected
+        assert peer.counts == {"stream: handler_error": 1}
+        sender.close()
+        peer.server.close()
+
+    run(body)
+
+
 def test_a_peer_that_goes_away_is_noticed_and_reconnected(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
