@@ -122,12 +122,12 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         # Each mempool's admission checks went through its institution's verifier
         assert sum(c["admission_rows"] for c in checked) == 20_000
         # Consensus messages went on direct streams between the validators (by Ray call
-        # only until each stream was up)
+        # only until each stream was up: a few at the start)
         for s in net.status():
             streams = s["streams"]
             assert streams["connected"] == [j for j in range(4) if j != s["index"]]
-            assert streams["inbound"] == 3 and streams["frames_in"] > 20
-            assert streams["frames_out"] > 10 * streams["ray_sends"]
+            assert streams["inbound"] == 3 and streams["frames_in"] > 5
+            assert streams["frames_out"] > 5 and streams["frames_out"] > streams["ray_sends"]
     finally:
         net.shutdown()
 
