@@ -45,6 +45,9 @@ MAX_FRAME = 16 << 20
 # stream is dropped and messages go by Ray, which queues them its own way.
 MAX_BUFFERED = 8 << 20
 HELLO_TIMEOUT_S = 5.0
+# Connections still owing their hello, at most (more are closed at once): a process that can
+# reach the port but holds no token cannot pile up idle connections
+MAX_PENDING_HELLOS = 64
 CONNECT_TIMEOUT_S = 2.0
 # A peer that cannot be reached is tried again at most this often (messages go by Ray meanwhile)
 RETRY_S = 1.0
@@ -93,6 +96,10 @@ class StreamServer:
         self.endpoint: Endpoint | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._pending = 0  # connections that have not sent their hello yet
+        # Each peer's current stream: a newer one from the same peer (it restarted, or
+        # reconnected before this side saw the old one end) replaces it
+        self._by_sender: dict[int, asyncio.StreamWriter] = {}
 
     async def start(self, host: str) -> Endpoint:
         self._server = await asyncio.start_server(self._serve, host, 0)
@@ -105,13 +112,21 @@ class StreamServer:
         return len(self._writers)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._pending >= MAX_PENDING_HELLOS:
+            self.count("stream: too_many_pending")
+            writer.close()
+            return
         self._writers.add(writer)
+        sender = -1
         try:
+            self._pending += 1
             try:
                 hello = await asyncio.wait_for(reader.readexactly(HELLO.size), HELLO_TIMEOUT_S)
             except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                 self.count("stream: no_hello")
                 return
+            finally:
+                self._pending -= 1
             magic, token, sender = HELLO.unpack(hello)
             if magic != MAGIC:
                 self.count("stream: bad_magic")
@@ -122,6 +137,10 @@ class StreamServer:
             if sender >= self.n or sender == self.own_index:
                 self.count("stream: bad_sender")
                 return
+            older = self._by_sender.get(sender)
+            self._by_sender[sender] = writer
+            if older is not None:
+                older.close()
             while True:
                 try:
                     size, not_before = HEADER.unpack(await reader.readexactly(HEADER.size))
@@ -139,6 +158,8 @@ class StreamServer:
                     self.count("stream: handler_error")
         finally:
             self._writers.discard(writer)
+            if self._by_sender.get(sender) is writer:
+                del self._by_sender[sender]
             writer.close()
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """Direct streams between validators (``actors.streams``), without Ray: frames arrive in
 order with their holds; every bad hello and an oversize frame is counted and closes the
-stream; a sender answers False (send by Ray) until its stream is up, after the peer goes
+stream; connections owing their hello are bounded, and a peer's newer stream replaces its
+older one; a sender answers False (send by Ray) until its stream is up, after the peer goes
 away, and when the peer stops reading, and connects again after the peer comes back."""
 
 from __future__ import annotations
@@ -195,6 +196,55 @@ def test_a_frame_whose_handling_fails_is_counted_and_the_stream_goes_on() -> Non
         await until(lambda: len(peer.frames) == 2)
         assert [f[1] for f in peer.frames] == [b"a", b"b"] and sender.connected
         assert peer.counts == {"stream: handler_error": 1}
+        sender.close()
+        peer.server.close()
+
+    run(body)
+
+
+def test_a_newer_stream_from_a_peer_replaces_its_older_one() -> None:
+    async def body() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        old_r, old_w = await asyncio.open_connection(ep.host, ep.port)
+        old_w.write(HELLO.pack(MAGIC, ep.token, 2) + HEADER.pack(3, math.nan) + b"old")
+        await until(lambda: len(peer.frames) == 1)
+        new = StreamSender(2, ep, peer._count)
+        await connected(new)
+        assert await until_closed(old_r) == b""  # the server closed the older stream
+        old_w.close()
+        assert new.send(b"new")
+        await until(lambda: len(peer.frames) == 2)
+        assert peer.frames == [(2, b"old", None), (2, b"new", None)]
+        await until(lambda: peer.server.open_streams == 1)
+        assert peer.counts == {} and new.connected
+        new.close()
+        peer.server.close()
+
+    run(body)
+
+
+def test_connections_owing_their_hello_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "MAX_PENDING_HELLOS", 2)
+
+    async def body() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        idle = [await asyncio.open_connection(ep.host, ep.port) for _ in range(2)]
+        await until(lambda: peer.server.open_streams == 2)
+        # A third connection with no hello yet is closed at once
+        assert await raw_stream(ep, b"") == b""
+        assert peer.counts == {"stream: too_many_pending": 1}
+        # Once the first two say hello, connections are taken again
+        for k, (_, w) in enumerate(idle):
+            w.write(HELLO.pack(MAGIC, ep.token, k + 1) + HEADER.pack(1, math.nan) + b"%d" % k)
+        await until(lambda: len(peer.frames) == 2)
+        sender = StreamSender(3, ep, peer._count)
+        await connected(sender)
+        assert sender.send(b"third") and peer.counts == {"stream: too_many_pending": 1}
+        await until(lambda: len(peer.frames) == 3)
+        for _, w in idle:
+            w.close()
         sender.close()
         peer.server.close()
 
