@@ -163,7 +163,7 @@ class Validator:
         self.peer_streams = bool(settings.get("peer_streams", True))
         self.stream_server: StreamServer | None = None
         self.stream_out: dict[int, StreamSender] = {}
-        self._frames_out_before = 0  # frames sent on streams since replaced
+        self._frames_out_before = 0  # frames sent on streams that were replaced since
         self.ray_sends = 0  # consensus messages' sends by Ray call
         self.mempool: Any = None
         self.verifier_actor: Any = None
