@@ -10,7 +10,7 @@ import asyncio
 import math
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -46,6 +46,21 @@ def run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(coro(), 30))
 
 
+def with_peer(body: Callable[[Peer, Endpoint], Awaitable[None]]) -> None:
+    """Run ``body`` with a receiving peer listening; its server is closed afterwards, whatever
+    happens."""
+
+    async def main() -> None:
+        peer = Peer()
+        ep = await peer.server.start(HOST)
+        try:
+            await body(peer, ep)
+        finally:
+            peer.server.close()
+
+    run(main)
+
+
 async def connected(sender: StreamSender) -> None:
     assert not sender.send(b"before")  # not up yet: the caller sends by Ray
     await until(lambda: sender.connected)
@@ -72,9 +87,7 @@ def test_endpoint_parse_names_each_problem() -> None:
 
 
 def test_frames_arrive_in_order_with_their_holds() -> None:
-    async def body() -> None:
-        peer = Peer()
-        ep = await peer.server.start(HOST)
+    async def body(peer: Peer, ep: Endpoint) -> None:
         sender = StreamSender(2, ep, peer._count)
         await connected(sender)
         payloads = [b"m%d" % i * (i + 1) for i in range(200)] + [b""]
@@ -90,9 +103,8 @@ def test_frames_arrive_in_order_with_their_holds() -> None:
         assert not sender.send(b"x" * (streams.MAX_FRAME + 1))
         sender.close()
         assert not sender.connected and not sender.send(b"after close")
-        peer.server.close()
 
-    run(body)
+    with_peer(body)
 
 
 async def until_closed(reader: asyncio.StreamReader) -> bytes:
@@ -128,9 +140,7 @@ async def raw_stream(ep: Endpoint, data: bytes) -> bytes:
 def test_a_bad_hello_is_counted_and_closes_the_stream(
     hello: Callable[[bytes], bytes], reason: str
 ) -> None:
-    async def body() -> None:
-        peer = Peer()
-        ep = await peer.server.start(HOST)
+    async def body(peer: Peer, ep: Endpoint) -> None:
         frame = HEADER.pack(3, math.nan) + b"abc"
         # The server closes without a word (the short hello: once the client stops writing)
         reader, writer = await asyncio.open_connection(ep.host, ep.port)
@@ -142,9 +152,8 @@ def test_a_bad_hello_is_counted_and_closes_the_stream(
         assert peer.counts == {reason: 1}
         assert peer.frames == [] and peer.server.frames_in == 0
         await until(lambda: peer.server.open_streams == 0)
-        peer.server.close()
 
-    run(body)
+    with_peer(body)
 
 
 def test_a_silent_connection_is_closed_after_the_hello_timeout(
@@ -152,34 +161,27 @@ def test_a_silent_connection_is_closed_after_the_hello_timeout(
 ) -> None:
     monkeypatch.setattr(streams, "HELLO_TIMEOUT_S", 0.2)
 
-    async def body() -> None:
-        peer = Peer()
-        ep = await peer.server.start(HOST)
+    async def body(peer: Peer, ep: Endpoint) -> None:
         assert await raw_stream(ep, b"") == b""
         assert peer.counts == {"stream: no_hello": 1}
-        peer.server.close()
 
-    run(body)
+    with_peer(body)
 
 
 def test_an_oversize_frame_closes_the_stream_after_the_frames_before_it() -> None:
-    async def body() -> None:
-        peer = Peer()
-        ep = await peer.server.start(HOST)
+    async def body(peer: Peer, ep: Endpoint) -> None:
         good = HEADER.pack(2, 7.0) + b"ok"
         huge = struct.pack(">Id", streams.MAX_FRAME + 1, math.nan) + b"x" * 100
         after = HEADER.pack(5, math.nan) + b"later"
         assert await raw_stream(ep, HELLO.pack(MAGIC, ep.token, 3) + good + huge + after) == b""
         assert peer.frames == [(3, b"ok", 7.0)]
         assert peer.counts == {"stream: oversize": 1}
-        peer.server.close()
 
-    run(body)
+    with_peer(body)
 
 
 def test_a_frame_whose_handling_fails_is_counted_and_the_stream_goes_on() -> None:
-    async def body() -> None:
-        peer = Peer()
+    async def body(peer: Peer, ep: Endpoint) -> None:
         seen = peer._frame
 
         def flaky(sender: int, payload: bytes, not_before: float | None) -> None:
@@ -188,7 +190,6 @@ def test_a_frame_whose_handling_fails_is_counted_and_the_stream_goes_on() -> Non
             seen(sender, payload, not_before)
 
         peer.server.on_frame = flaky
-        ep = await peer.server.start(HOST)
         sender = StreamSender(3, ep, peer._count)
         await connected(sender)
         for p in (b"a", b"bad", b"b"):
@@ -197,15 +198,12 @@ def test_a_frame_whose_handling_fails_is_counted_and_the_stream_goes_on() -> Non
         assert [f[1] for f in peer.frames] == [b"a", b"b"] and sender.connected
         assert peer.counts == {"stream: handler_error": 1}
         sender.close()
-        peer.server.close()
 
-    run(body)
+    with_peer(body)
 
 
 def test_a_newer_stream_from_a_peer_replaces_its_older_one() -> None:
-    async def body() -> None:
-        peer = Peer()
-        ep = await peer.server.start(HOST)
+    async def body(peer: Peer, ep: Endpoint) -> None:
         old_r, old_w = await asyncio.open_connection(ep.host, ep.port)
         old_w.write(HELLO.pack(MAGIC, ep.token, 2) + HEADER.pack(3, math.nan) + b"old")
         await until(lambda: len(peer.frames) == 1)
@@ -219,17 +217,14 @@ def test_a_newer_stream_from_a_peer_replaces_its_older_one() -> None:
         await until(lambda: peer.server.open_streams == 1)
         assert peer.counts == {} and new.connected
         new.close()
-        peer.server.close()
 
-    run(body)
+    with_peer(body)
 
 
 def test_connections_owing_their_hello_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streams, "MAX_PENDING_HELLOS", 2)
 
-    async def body() -> None:
-        peer = Peer()
-        ep = await peer.server.start(HOST)
+    async def body(peer: Peer, ep: Endpoint) -> None:
         idle = [await asyncio.open_connection(ep.host, ep.port) for _ in range(2)]
         await until(lambda: peer.server.open_streams == 2)
         # A third connection with no hello yet is closed at once
@@ -246,9 +241,8 @@ def test_connections_owing_their_hello_are_bounded(monkeypatch: pytest.MonkeyPat
         for _, w in idle:
             w.close()
         sender.close()
-        peer.server.close()
 
-    run(body)
+    with_peer(body)
 
 
 def test_a_peer_that_goes_away_is_noticed_and_reconnected(
@@ -256,9 +250,7 @@ def test_a_peer_that_goes_away_is_noticed_and_reconnected(
 ) -> None:
     monkeypatch.setattr(streams, "RETRY_S", 0.05)
 
-    async def body() -> None:
-        peer = Peer()
-        ep = await peer.server.start(HOST)
+    async def body(peer: Peer, ep: Endpoint) -> None:
         sender = StreamSender(1, ep, peer._count)
         await connected(sender)
         assert sender.send(b"one")
@@ -280,7 +272,7 @@ def test_a_peer_that_goes_away_is_noticed_and_reconnected(
         assert not sender.connected
         sender.close()
 
-    run(body)
+    with_peer(body)
 
 
 def test_a_peer_that_stops_reading_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -292,7 +284,7 @@ def test_a_peer_that_stops_reading_is_dropped(monkeypatch: pytest.MonkeyPatch) -
     async def body() -> None:
         async def never_reads(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             held.append(w)
-            w.transport.pause_reading()
+            cast(asyncio.Transport, w.transport).pause_reading()
 
         server = await asyncio.start_server(never_reads, HOST, 0)
         port = server.sockets[0].getsockname()[1]
