@@ -856,15 +856,13 @@ class Validator:
             if handle is None or peer in self.blocked or not msgs:
                 continue
             delay = self._link_s(peer)
+            hold = now + delay if delay > 0 else None  # the emulated WAN's, if any
             data = encode_messages(msgs)
             stream = self.stream_out.get(peer)
-            if stream is not None and stream.send(data, now + delay if delay > 0 else None):
+            if stream is not None and stream.send(data, hold):
                 continue
             self.ray_sends += 1
-            if delay > 0:
-                handle.deliver.remote(self.index, data, now + delay)
-            else:
-                handle.deliver.remote(self.index, data)
+            handle.deliver.remote(self.index, data, hold)
         outbox.clear()
 
     def _commit(self, action: Commit) -> None:

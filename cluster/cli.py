@@ -39,6 +39,15 @@ app.add_typer(bench_app, name="bench")
 
 console = Console()
 DEFAULT_CONFIG = Path("configs/local.toml")
+# `bench e2e` and `bench rounds`: the direct streams between validators on or off
+PeerStreamsOption = Annotated[
+    bool,
+    typer.Option(
+        "--peer-streams/--ray-calls",
+        help="consensus messages on direct streams between validators (the default), or "
+        "every one by Ray call",
+    ),
+]
 # How `bench e2e` names the CPU rows that are not one kind of actor (the rest: "validators"...)
 _ROLE_LABELS = {
     "load generator": "load generator",
@@ -449,13 +458,7 @@ def bench_rounds_cmd(
         int, typer.Option(min=1, help="a leader's wait before its empty block")
     ] = 10,
     wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = False,
-    peer_streams: Annotated[
-        bool,
-        typer.Option(
-            "--peer-streams/--ray-calls",
-            help="consensus messages on direct streams (the default), or every one by Ray call",
-        ),
-    ] = True,
+    peer_streams: PeerStreamsOption = True,
 ) -> None:
     """CPU per consensus round of the running network with no load: empty blocks back to
     back, so each round costs what any round costs whatever it carries."""
@@ -526,14 +529,7 @@ def bench_e2e_cmd(
             "network's 1,000, past a short run): the steady state's cost in a short run",
         ),
     ] = None,
-    peer_streams: Annotated[
-        bool,
-        typer.Option(
-            "--peer-streams/--ray-calls",
-            help="consensus messages on direct streams between validators (the default), or "
-            "every one by Ray call",
-        ),
-    ] = True,
+    peer_streams: PeerStreamsOption = True,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
