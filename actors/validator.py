@@ -483,19 +483,22 @@ class Validator:
             self._stream_to(index, endpoint)
 
     def _stream_to(self, index: int, endpoint: Any) -> None:
+        """Stream to peer ``index`` at ``endpoint`` from now on (None: by Ray call only). A
+        malformed endpoint is counted and changes nothing."""
+        ep = None
+        if endpoint is not None and self.peer_streams:
+            try:
+                ep = Endpoint.parse(endpoint)
+            except ValueError as exc:
+                log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
+                self._count("stream: bad_endpoint")
+                return
         old = self.stream_out.pop(index, None)
         if old is not None:
             self._frames_out_before += old.frames_out
             old.close()
-        if endpoint is None or not self.peer_streams:
-            return
-        try:
-            ep = Endpoint.parse(endpoint)
-        except ValueError as exc:
-            log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
-            self._count("stream: bad_endpoint")
-            return
-        self.stream_out[index] = StreamSender(self.index, ep, self._count)
+        if ep is not None:
+            self.stream_out[index] = StreamSender(self.index, ep, self._count)
 
     async def start(self) -> None:
         """Find the peers and the mempool by name, tell them where this validator is, and

@@ -266,6 +266,19 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
             time.sleep(0.01)
         rejected = ray.get(net.validator(0).status.remote())["rejected"]
         assert rejected["wire: bad_hold"] == 4 and rejected["wire: wrong_length"] == 2
+        # A malformed stream endpoint from a peer is counted and changes nothing: the stream
+        # to that peer stays up
+        t0 = time.monotonic()
+        while (
+            1 not in (before := ray.get(net.validator(0).status.remote())["streams"])["connected"]
+        ):
+            assert time.monotonic() - t0 < 30, "no stream from validator 0 to 1"
+            time.sleep(0.1)
+        for bad in (("h", 0, b"t" * 32), ("h", 5, b"short"), "h:5"):
+            ray.get(net.validator(0).peer_endpoint.remote(1, bad))
+        after = ray.get(net.validator(0).status.remote())
+        assert after["rejected"]["stream: bad_endpoint"] == 3
+        assert after["streams"]["connected"] == before["connected"]
         # A batch announced with a tag that is not the validator's seal key's (as anyone in
         # the cluster could send) is checked in full: the bad signature refuses it
         bad = forged.slice(0, 100)
