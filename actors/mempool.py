@@ -7,8 +7,10 @@ below the sender's committed next nonce (read from the institution's storage sha
 stale, and one not above the same sender's previous row in the submission is out of order (a
 later submission may still fill a gap: a row refused for its signature and sent again). The
 accepted rows wait in a bounded buffer and are sealed into a batch when enough rows are
-pending or the batch interval passes. A sealed batch goes to the Ray object store once and
-its digest and reference to every validator. The rows held count those being admitted,
+pending or the batch interval passes. A sealed batch goes to the Ray object store once, and
+to every validator: on this mempool's direct stream to it (the batch itself, as Arrow IPC,
+with its digest and sealing number; see ``encode_batch_frame``), or, while that stream is not
+up, as its digest and object reference by Ray call. The rows held count those being admitted,
 pending, and sealed but not yet committed: when a submission would take them over the limit,
 the whole submission is answered "busy", with a hint of when to retry, and nothing of it is
 kept (never a silent drop). The limit is learnt from how fast this mempool's batches commit
@@ -24,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ import pyarrow as pa
 import ray
 
 from rayledger.actors.storage.partition import rows_by_shard, shard_of_keys
+from rayledger.actors.streams import Endpoint, StreamSender
 from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
@@ -41,6 +45,8 @@ from rayledger.execution import nonce_key
 from rayledger.kernels import byte_rows, cpu_verify_work
 from rayledger.tx import (
     TX_SCHEMA,
+    batch_from_ipc,
+    batch_to_ipc,
     compact_batch,
     fixed_rows,
     tx_ids_of,
@@ -87,6 +93,39 @@ def seal_tag(key: bytes, digest: bytes, batch: pa.RecordBatch) -> bytes:
     mac = hmac.new(key, digest, hashlib.sha256)
     mac.update(signatures.data)
     return mac.digest()
+
+
+# A sealed batch on a stream: its digest, its sealing number, whether a seal tag follows (0 or
+# 1), then the tag (32 bytes) if so, then the batch as an Arrow IPC stream
+BATCH_FRAME = struct.Struct(">32sQB")
+
+
+def encode_batch_frame(digest: bytes, seq: int, tag: bytes | None, ipc: bytes) -> bytes:
+    head = BATCH_FRAME.pack(digest, seq, tag is not None)
+    return head + (tag or b"") + ipc
+
+
+def decode_batch_frame(
+    data: bytes, *, max_rows: int | None = None
+) -> tuple[bytes, int, bytes | None, pa.RecordBatch]:
+    """(digest, sealing number, seal tag or None, batch) of a batch frame, or ``ValueError``
+    naming the problem (the batch's own checks come after, as for one read by reference)."""
+    if len(data) < BATCH_FRAME.size:
+        raise ValueError(f"batch frame of {len(data)} bytes is shorter than its header")
+    digest, seq, tagged = BATCH_FRAME.unpack_from(data)
+    if tagged > 1:
+        raise ValueError(f"batch frame tag flag {tagged} is neither 0 nor 1")
+    at = BATCH_FRAME.size
+    tag = None
+    if tagged:
+        if len(data) < at + 32:
+            raise ValueError("batch frame ends inside its seal tag")
+        tag, at = data[at : at + 32], at + 32
+    try:
+        batch = batch_from_ipc(pa.py_buffer(data)[at:], max_rows=max_rows)
+    except LedgerError as exc:
+        raise ValueError(f"batch frame body: {exc}") from exc
+    return digest, seq, tag, batch
 
 
 class InflightLimit:
@@ -216,12 +255,37 @@ class Mempool:
         self.counts: dict[str, int] = {}
         self._refs: dict[bytes, Any] = {}
         self._ticker: asyncio.Task[None] | None = None
+        # Streams to validators that gave an endpoint, and what went which way
+        self.streams: dict[int, StreamSender] = {}
+        self._frames_out_before = 0
+        self.ray_sends = 0
+        self.stream_events: dict[str, int] = {}
 
-    def set_validator(self, index: int, handle: Any, seal_key: bytes | None = None) -> None:
+    async def set_validator(
+        self, index: int, handle: Any, seal_key: bytes | None = None, endpoint: Any = None
+    ) -> None:
         """Validator ``index`` (re)started: announce batches to this handle from now on.
         ``seal_key``: given by this institution's own validator only, a secret it keeps in
         memory; batches announced to it carry ``seal_tag(seal_key, digest, batch)``, by which it
-        knows them for batches this mempool verified (see ``Validator.batch_ready``)."""
+        knows them for batches this mempool verified (see ``Validator.batch_ready``).
+        ``endpoint``: where the validator accepts streams (None: by Ray call only); this
+        mempool opens one as sender ``n + index`` (validators are senders 0..n-1). A malformed
+        endpoint is counted and leaves the validator reached by Ray."""
+        ep = None
+        if endpoint is not None:
+            try:
+                ep = Endpoint.parse(endpoint)
+            except ValueError as exc:
+                log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
+                self._stream_event("stream: bad_endpoint")
+        old = self.streams.pop(index, None)
+        if old is not None:
+            self._frames_out_before += old.frames_out
+            old.close()
+        if ep is not None:
+            sender = self.genesis.validators.n + self.index
+            self.streams[index] = StreamSender(sender, ep, self._stream_event)
+            self.streams[index].start()
         self.validators[index] = handle
         if seal_key is not None:
             self.seal_keys[index] = seal_key
@@ -356,9 +420,16 @@ class Mempool:
         self.in_flight[digest] = batch.num_rows
         self.sealed_at[digest] = time.monotonic()
         self.sealed += 1
+        ipc = batch_to_ipc(batch) if self.streams else b""
         for i, v in self.validators.items():
             key = self.seal_keys.get(i)
             tag = None if key is None else seal_tag(key, digest, batch)
+            stream = self.streams.get(i)
+            if stream is not None and stream.send(
+                encode_batch_frame(digest, self.sealed, tag, ipc)
+            ):
+                continue
+            self.ray_sends += 1
             v.batch_ready.remote(digest, [ref], (self.index, self.sealed), tag)
 
     async def _tick(self) -> None:
@@ -432,6 +503,9 @@ class Mempool:
     def _count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
+    def _stream_event(self, key: str) -> None:
+        self.stream_events[key] = self.stream_events.get(key, 0) + 1
+
     async def status(self) -> dict[str, Any]:
         target = self.limit.target_s()
         return {
@@ -447,6 +521,15 @@ class Mempool:
             # Validators this mempool tags its batches for (its own: they skip re-checking
             # signatures); the keys themselves are never shown
             "sealing_for": sorted(self.seal_keys),
+            # Batches announced on streams and by Ray call
+            "streams": {
+                "connected": sorted(i for i, st in self.streams.items() if st.connected),
+                "frames_out": self._frames_out_before
+                + sum(st.frames_out for st in self.streams.values()),
+                "ray_sends": self.ray_sends,
+                # A malformed endpoint, a validator that stopped reading
+                "events": dict(self.stream_events),
+            },
             "cpu_s": round(time.process_time(), 3),
             # Signatures checked on this process's CPU, and their checking threads' CPU time
             "signature_checks": cpu_verify_work(),

@@ -1,23 +1,31 @@
-"""Direct TCP streams between validators for consensus messages.
+"""Direct TCP streams into a validator: consensus messages from its peers, sealed batches from
+the mempools.
 
 A Ray actor call between two processes costs this 2-core machine 3.2-3.4 ms of CPU in all at
 160 calls/s (sender 1.2, receiver 2.1: thread wake-ups in Ray's core workers and the reply
 every call carries), where a frame on a TCP stream between the same two async actors costs
-0.36-0.39 ms (script /tmp/exp/callcost.py, 2026-12-03). A busy network sends some six
-consensus messages a round, five rounds a second. So validators keep one stream to each peer
-for proposals, votes and timeouts; Ray stays the control plane (placement, restarts, the
-object store, blocks to storage shards, batch fetches), and the fallback: a message sent while
-a stream is not up (before it connects, after it breaks) goes as a Ray call, as before.
+0.36-0.39 ms (script /tmp/exp/callcost.py, 2026-12-03). A 1,000-row batch handed to four
+actors costs 4-6 ms of the machine's CPU per receiver by object reference and 5.5-7.5 ms as a
+call's argument, against about 1 ms on a stream (script /tmp/exp/datacost.py, same day). A
+busy network sends some six consensus messages a round, five rounds a second, and seals a few
+batches a second for each of four validators. So validators keep one stream to each peer for
+proposals, votes and timeouts, and each mempool one to each validator for its sealed batches;
+Ray stays the control plane (placement, restarts, the object store, blocks to storage shards,
+batch fetches), and the fallback: a frame sent while a stream is not up (before it connects,
+after it breaks) goes as a Ray call, as before.
 
 Wire form. The connecting side opens with a hello: ``b"RLS1"``, the receiver's 32-byte token,
-the sender's validator index (u32). The token is made by the receiving validator when it
-starts and reaches its peers only through Ray (``Validator.set_peer`` and its answer), so a
-process that can reach the port but is not a peer cannot open a stream; the messages
-themselves carry their authors' signatures, checked by the core as ever. Then frames: payload
-length (u32), the wall-clock time before which the receiver must not handle the frame (f64,
-NaN for none: the emulated WAN's hold), the payload (``consensus.wire`` bytes). A bad hello or
-an oversize frame is counted and the stream closed; bytes that do not parse are the core's
-business, as on the Ray path.
+the sender's number (u32): a validator's index, or ``n + i`` for mempool ``i`` of a network of
+``n`` validators. The token is made by the receiving validator when it starts and reaches its
+peers and the mempools only through Ray (``Validator.set_peer`` and its answer,
+``Mempool.set_validator``), so a process that can reach the port but is not one of them cannot
+open a stream; consensus messages carry their authors' signatures, checked by the core as
+ever, and batches are checked as those read by reference are. Then frames: payload length
+(u32), the wall-clock time before which the receiver must not handle the frame (f64, NaN for
+none: the emulated WAN's hold), the payload (``consensus.wire`` bytes from a validator,
+``mempool.encode_batch_frame`` from a mempool). A bad hello or an oversize frame is counted
+and the stream closed; a payload that does not parse is counted by the receiver, as on the
+Ray path.
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ MAGIC = b"RLS1"
 HELLO = struct.Struct(">4s32sI")
 HEADER = struct.Struct(">Id")
 # Consensus messages carry batch digests, not transactions: a proposal of 64 batches with its
-# QC is a few KB. Anything near this is not a message of ours.
-MAX_FRAME = 16 << 20
+# QC is a few KB; a sealed batch of the largest genesis default (65,536 rows of ~200 bytes) is
+# about 13 MB. Anything above this is not a frame of ours.
+MAX_FRAME = 32 << 20
 # A peer that stops reading (stopped, overloaded) makes the sender buffer; past this the
 # stream is dropped and messages go by Ray, which queues them its own way.
 MAX_BUFFERED = 8 << 20
@@ -84,11 +93,20 @@ OnFrame = Callable[[int, bytes, float | None], None]
 
 class StreamServer:
     """Accepts peers' streams and hands every frame to ``on_frame(sender, payload,
-    not_before)`` on the event loop, in the order each peer sent them."""
+    not_before)`` on the event loop, in the order each peer sent them. Senders are the other
+    validators (``0..n-1`` but ``own_index``) and ``mempools`` mempools (``n..n+mempools-1``)."""
 
-    def __init__(self, own_index: int, n: int, on_frame: OnFrame, count: Callable[[str], None]):
+    def __init__(
+        self,
+        own_index: int,
+        n: int,
+        on_frame: OnFrame,
+        count: Callable[[str], None],
+        mempools: int = 0,
+    ):
         self.own_index = own_index
         self.n = n
+        self.mempools = mempools
         self.on_frame = on_frame
         self.count = count
         self.token = os.urandom(32)
@@ -134,7 +152,7 @@ class StreamServer:
             if not hmac.compare_digest(token, self.token):
                 self.count("stream: bad_token")
                 return
-            if sender >= self.n or sender == self.own_index:
+            if sender == self.own_index or sender >= self.n + self.mempools:
                 self.count("stream: bad_sender")
                 return
             older = self._by_sender.get(sender)
@@ -154,7 +172,7 @@ class StreamServer:
                 try:
                     self.on_frame(sender, payload, None if math.isnan(not_before) else not_before)
                 except Exception:  # a fault in handling one frame is not the stream's
-                    log.exception("stream from validator %d: handling a frame failed", sender)
+                    log.exception("stream from sender %d: handling a frame failed", sender)
                     self.count("stream: handler_error")
         finally:
             self._writers.discard(writer)
@@ -188,6 +206,10 @@ class StreamSender:
     @property
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
+
+    def start(self) -> None:
+        """Connect now rather than on the first send (which would then go another way)."""
+        self._maybe_connect()
 
     def send(self, payload: bytes, not_before: float | None = None) -> bool:
         """Queue one frame; False if the stream is not up (the caller sends another way)."""

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.mempool import seal_tag
+from rayledger.actors.mempool import decode_batch_frame, seal_tag
 from rayledger.actors.storage import (
     BlockStore,
     CommittedBlock,
@@ -165,6 +165,10 @@ class Validator:
         self.stream_out: dict[int, StreamSender] = {}
         self._frames_out_before = 0  # frames sent on streams that were replaced since
         self.ray_sends = 0  # consensus messages' sends by Ray call
+        # Sealed batches that came on mempools' streams (the others came by Ray call), and
+        # their handling while it awaits checks
+        self.batch_frames_in = 0
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         self.mempool: Any = None
         self.verifier_actor: Any = None
         self.batches: dict[bytes, pa.RecordBatch] = {}
@@ -508,8 +512,9 @@ class Validator:
         me = self.me = ray.get_runtime_context().current_actor
         endpoint = None
         if self.peer_streams:
+            n = self.genesis.validators.n
             self.stream_server = StreamServer(
-                self.index, self.genesis.validators.n, self._on_frame, self._count
+                self.index, n, self._on_frame, self._count, mempools=n
             )
             endpoint = (await self.stream_server.start(ray.util.get_node_ip_address())).as_tuple()
         for j in range(self.genesis.validators.n):
@@ -530,7 +535,8 @@ class Validator:
                 mempool = self._actor(f"mempool-{j}")
             except ValueError:
                 continue
-            mempool.set_validator.remote(self.index, me, self.seal_key if j == self.index else None)
+            key = self.seal_key if j == self.index else None
+            mempool.set_validator.remote(self.index, me, key, endpoint)
             if j == self.index:
                 self.mempool = mempool
         self.started = True
@@ -582,6 +588,10 @@ class Validator:
         self._on_frame(sender, data, not_before)
 
     def _on_frame(self, sender: int, data: bytes, not_before: float | None) -> None:
+        n = self.genesis.validators.n
+        if sender >= n:  # a mempool's sealed batch (the server admits no other sender)
+            self._on_batch_frame(sender - n, data)
+            return
         if not_before is not None:
             if not math.isfinite(not_before):
                 self._count("wire: bad_hold")
@@ -604,12 +614,32 @@ class Validator:
         self.core.tick(int(time.time() * 1000))
         self._run(self.core.on_messages(messages))
 
+    def _on_batch_frame(self, mempool: int, data: bytes) -> None:
+        """A batch mempool ``mempool`` sealed, on its stream: handled as ``batch_ready``, with
+        the batch at hand instead of a reference. A frame that does not parse is counted."""
+        try:
+            digest, seq, tag, batch = decode_batch_frame(
+                data, max_rows=self.genesis.limits.max_batch_rows
+            )
+        except ValueError as exc:
+            log.warning("validator %d: batch frame from mempool %d: %s", self.index, mempool, exc)
+            self._count("stream: bad_batch_frame")
+            return
+        self.batch_frames_in += 1
+        task = asyncio.get_running_loop().create_task(
+            self.batch_ready(digest, [], (mempool, seq), tag, body=batch)
+        )
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
     async def batch_ready(
         self,
         digest: bytes,
         refs: list[Any],
         origin: tuple[int, int] | None = None,
         tag: bytes | None = None,
+        *,
+        body: pa.RecordBatch | None = None,
     ) -> None:
         """A mempool sealed a batch (``origin``: the mempool and its sealing sequence number):
         check it ourselves (in this institution's verifier when there is one, so the event
@@ -619,7 +649,10 @@ class Validator:
         gave it (over the digest and the signature column), had every signature verified
         there, in this institution: only its shape, ids and digest are checked here. Any other
         batch, and one with a missing or wrong tag, is checked in full: other institutions'
-        checks are never trusted."""
+        checks are never trusted.
+
+        ``body``: the batch itself, where it came on the mempool's stream (``refs`` is then
+        empty)."""
         if origin is not None:
             self._note_origin(digest, origin[0])
             # A mempool's order starts here with the first of its batches to arrive, not the
@@ -629,7 +662,7 @@ class Validator:
             self._in_order(origin, digest, None)
             return
         try:
-            canonical = await self._check_announced(digest, refs, origin, tag)
+            canonical = await self._check_announced(digest, refs, origin, tag, body)
         except Exception as exc:  # unreadable (its object lost) or the verifier failed
             log.warning("validator %d: batch %s: %s", self.index, digest.hex()[:16], exc)
             self._count("batch: unreadable")
@@ -643,12 +676,14 @@ class Validator:
         refs: list[Any],
         origin: tuple[int, int] | None,
         tag: bytes | None,
+        body: pa.RecordBatch | None = None,
     ) -> pa.RecordBatch | None:
         """The canonical batch, or None where it is refused (or held meanwhile)."""
-        batch: pa.RecordBatch | None = None
+        batch = body
         own = False
         if isinstance(tag, bytes):
-            batch = await refs[0]
+            if batch is None:
+                batch = await refs[0]
             own = hmac.compare_digest(tag, seal_tag(self.seal_key, digest, batch))
         if own:
             self.own_batches += 1
@@ -658,12 +693,15 @@ class Validator:
             if batch is None:
                 batch = await refs[0]
             return self._admit(digest, batch, check_signatures=not own)
+        if not refs:  # it came on a stream: the verifier reads it by reference
+            refs = [ray.put(batch)]
         reason = await self.verifier_actor.check.remote(digest, refs)
         if digest in self.batches or reason is not None:
             if reason is not None:
                 self._count(f"batch: {reason}")
             return None
-        batch = await refs[0]
+        if batch is None:
+            batch = await refs[0]
         return batch.select(TX_SCHEMA.names).cast(TX_SCHEMA.with_metadata(batch.schema.metadata))
 
     def _note_origin(self, digest: bytes, mempool: Any) -> None:
@@ -733,7 +771,12 @@ class Validator:
             mempool = self._actor(f"mempool-{self.index}")
         except ValueError:
             return
-        mempool.set_validator.remote(self.index, self.me, self.seal_key)
+        mempool.set_validator.remote(self.index, self.me, self.seal_key, self._endpoint())
+
+    def _endpoint(self) -> tuple[str, int, bytes] | None:
+        """Where this validator accepts streams (None: it takes everything by Ray)."""
+        server = self.stream_server
+        return None if server is None or server.endpoint is None else server.endpoint.as_tuple()
 
     def _admit(
         self, digest: bytes, batch: pa.RecordBatch, *, check_signatures: bool = True
@@ -1123,6 +1166,8 @@ class Validator:
                 "frames_in": self.stream_server.frames_in if self.stream_server else 0,
                 "inbound": self.stream_server.open_streams if self.stream_server else 0,
                 "ray_sends": self.ray_sends,
+                # Of the frames in, sealed batches from the mempools
+                "batch_frames_in": self.batch_frames_in,
             },
             "strategy": self.strategy,
             "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},

@@ -455,6 +455,9 @@ class E2EResult:
     peer_streams: bool = True
     stream_frames: int = 0
     ray_sends: int = 0
+    # How mempool 0 announced its sealed batches over the run: on streams, by Ray call
+    batch_frames: int = 0
+    batch_ray_sends: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
@@ -852,6 +855,7 @@ def bench_e2e(
                 cpu_end, checks_end = _cpu_by_role(net, validators)
                 ray_end = ray_own_cpu()
             status0 = ray.get(net.validator(0).status.remote(), timeout=30)
+            mempool0 = ray.get(net.mempool(0).status.remote(), timeout=30)
             checkpointed = int(status0["state_checkpoint"])
             chains = [net.headers(i) for i in range(validators)]
             common = min(len(c) for c in chains)
@@ -910,6 +914,8 @@ def bench_e2e(
         peer_streams=peer_streams,
         stream_frames=int(status0["streams"]["frames_out"]),
         ray_sends=int(status0["streams"]["ray_sends"]),
+        batch_frames=int(mempool0["streams"]["frames_out"]),
+        batch_ray_sends=int(mempool0["streams"]["ray_sends"]),
         cpu_us_per_tx=cpu_per_tx,
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,

@@ -44,8 +44,8 @@ PeerStreamsOption = Annotated[
     bool,
     typer.Option(
         "--peer-streams/--ray-calls",
-        help="consensus messages on direct streams between validators (the default), or "
-        "every one by Ray call",
+        help="consensus messages between validators and sealed batches from mempools to "
+        "validators on direct streams (the default), or every one by Ray call",
     ),
 ]
 # How `bench e2e` names the CPU rows that are not one kind of actor (the rest: "validators"...)
@@ -620,6 +620,10 @@ def bench_e2e_cmd(
         "validator 0's consensus messages",
         f"{r.stream_frames:,} on direct streams, {r.ray_sends:,} by Ray call"
         + ("" if r.peer_streams else " (--ray-calls)"),
+    )
+    table.add_row(
+        "mempool 0's sealed batches",
+        f"{r.batch_frames:,} to validators on direct streams, {r.batch_ray_sends:,} by Ray call",
     )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)

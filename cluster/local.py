@@ -79,9 +79,10 @@ class NetworkOptions:
     # machine the extra processes cost more than the free event loop saves, measured with
     # `rayledger bench e2e`)
     verifier_actors: bool | None = None
-    # Consensus messages between validators on direct TCP streams (actors.streams), with Ray
-    # calls while a stream is not up; False: every message by Ray call (about 9 times the CPU
-    # per message, measured on 2 cores)
+    # Consensus messages between validators, and sealed batches from mempools to validators,
+    # on direct TCP streams (actors.streams), with Ray calls while a stream is not up; False:
+    # every one by Ray call (about 9 times the CPU per message, 4-6 times per batch, measured
+    # on 2 cores)
     peer_streams: bool = True
     # How long start-up waits for every actor to be placed before it gives up with an error
     place_timeout_s: float = 120.0

@@ -126,8 +126,14 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         for s in net.status():
             streams = s["streams"]
             assert streams["connected"] == [j for j in range(4) if j != s["index"]]
-            assert streams["inbound"] == 3 and streams["frames_in"] > 5
+            # (inbound: from the three peers and the four mempools)
+            assert streams["inbound"] == 7 and streams["frames_in"] > 5
             assert streams["frames_out"] > 5 and streams["frames_out"] > streams["ray_sends"]
+            # and the mempools' sealed batches on the mempools' streams to every validator
+            assert streams["batch_frames_in"] > 0
+            batches_out = s["mempool"]["streams"]
+            assert batches_out["connected"] == [0, 1, 2, 3]
+            assert batches_out["frames_out"] > batches_out["ray_sends"]
     finally:
         net.shutdown()
 
@@ -207,6 +213,10 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
         frames = st[3]["streams"]["frames_in"]
         wait_height(net, 3, net.height(0) + 3)
         assert net.status()[3]["streams"]["frames_in"] > frames
+        # The mempools stream their batches to the restarted process too (it told them where
+        # when it started): the third round's came that way
+        assert st[3]["streams"]["batch_frames_in"] > 0
+        assert all(s["mempool"]["streams"]["connected"] == [0, 1, 2, 3] for s in st)
     finally:
         net.shutdown()
 
@@ -358,6 +368,13 @@ def test_equivocating_validator_is_caught_and_cannot_fork(tmp_path: Path) -> Non
         assert all(set(s["evidence_kinds"]) <= {"equivocating_proposal"} for s in honest)
         assert all(
             s["streams"]["frames_out"] == 0 and s["streams"]["ray_sends"] > 0 for s in net.status()
+        )
+        # and every batch by Ray call too
+        assert all(
+            s["mempool"]["streams"]["frames_out"] == 0
+            and s["mempool"]["streams"]["ray_sends"] > 0
+            and s["streams"]["batch_frames_in"] == 0
+            for s in net.status()
         )
     finally:
         net.shutdown()

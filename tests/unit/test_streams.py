@@ -21,12 +21,13 @@ HOST = "127.0.0.1"
 
 
 class Peer:
-    """A receiving validator (index 0 of 4): its frames and its counts."""
+    """A receiving validator (index 0 of 4, taking streams from 4 mempools too, senders 4-7):
+    its frames and its counts."""
 
     def __init__(self) -> None:
         self.frames: list[tuple[int, bytes, float | None]] = []
         self.counts: dict[str, int] = {}
-        self.server = StreamServer(0, 4, self._frame, self._count)
+        self.server = StreamServer(0, 4, self._frame, self._count, mempools=4)
 
     def _frame(self, sender: int, payload: bytes, not_before: float | None) -> None:
         self.frames.append((sender, payload, not_before))
@@ -103,6 +104,12 @@ def test_frames_arrive_in_order_with_their_holds() -> None:
         assert not sender.send(b"x" * (streams.MAX_FRAME + 1))
         sender.close()
         assert not sender.connected and not sender.send(b"after close")
+        # A mempool's stream: its frames come with its sender number
+        mempool = StreamSender(7, ep, peer._count)
+        await connected(mempool)
+        assert mempool.send(b"batch")
+        await until(lambda: peer.frames[-1] == (7, b"batch", None))
+        mempool.close()
 
     with_peer(body)
 
@@ -132,7 +139,7 @@ async def raw_stream(ep: Endpoint, data: bytes) -> bytes:
     [
         (lambda tok: HELLO.pack(b"XXXX", tok, 1), "stream: bad_magic"),
         (lambda tok: HELLO.pack(MAGIC, b"\x00" * 32, 1), "stream: bad_token"),
-        (lambda tok: HELLO.pack(MAGIC, tok, 4), "stream: bad_sender"),
+        (lambda tok: HELLO.pack(MAGIC, tok, 8), "stream: bad_sender"),  # past the mempools
         (lambda tok: HELLO.pack(MAGIC, tok, 0), "stream: bad_sender"),  # the server's own
         (lambda tok: HELLO.pack(MAGIC, tok, 1)[:20], "stream: no_hello"),
     ],

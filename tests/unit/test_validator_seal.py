@@ -13,14 +13,15 @@ import pyarrow as pa
 import pytest
 
 from rayledger.actors import validator as validator_module
-from rayledger.actors.mempool import seal_tag
+from rayledger.actors.mempool import decode_batch_frame, encode_batch_frame, seal_tag
 from rayledger.actors.validator import Validator
 from rayledger.chain import batch_digest
 from rayledger.crypto import key_from_seed
-from rayledger.tx import TxKind, make_batch, validate_batch
+from rayledger.tx import TxKind, batch_to_ipc, make_batch, validate_batch
 
 CHAIN = b"\x05" * 32
-LIMITS = SimpleNamespace(max_payload_bytes=4096)
+LIMITS = SimpleNamespace(max_payload_bytes=4096, max_batch_rows=100)
+N = 4  # validators: mempool i streams as sender N + i
 
 
 class FakeMempool:
@@ -32,10 +33,11 @@ class FakeMempool:
 def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v = Validator.__new__(Validator)
     v.index = 2
-    v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS)
+    v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS, validators=SimpleNamespace(n=N))
     v.batches, v.rejected = {}, {}
     v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
     v.verifier_actor = None
+    v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
     held: list[bytes] = []
     v._hold = lambda digest, batch: held.append(digest)  # type: ignore[method-assign]
@@ -113,7 +115,7 @@ def test_untagged_or_wrongly_tagged_batches_are_checked_in_full() -> None:
     assert held == [] and v.own_batches == 0
     assert v.rejected == {"batch: invalid_signature": 6}
     # The replayed one claimed to come from our own mempool: it is given the key again
-    assert mempool.calls == [(2, "me", v.seal_key)]
+    assert mempool.calls == [(2, "me", v.seal_key, None)]
     announce(v, good, (0, 2), None)  # checked in full, and valid
     assert held == [digest_of(good)]
     # A batch with no signature column gets an empty tag, which matches none
@@ -126,7 +128,7 @@ def test_our_mempool_announcing_without_the_tag_is_given_the_key_again() -> None
     # Our own mempool (index 2), restarted since start(): checked in full, and re-keyed
     announce(v, bad, (2, 5), None)
     assert v.rejected == {"batch: invalid_signature": 1} and held == []
-    assert mempool.calls == [(2, "me", v.seal_key)]
+    assert mempool.calls == [(2, "me", v.seal_key, None)]
     announce(v, good, (2, 6), None)  # within the second: not re-keyed again
     assert held == [digest_of(good)] and len(mempool.calls) == 1
     v._rekeyed_at -= 1.0
@@ -252,3 +254,85 @@ def test_a_committed_batch_served_to_a_peer_carries_only_its_rows() -> None:
     assert served is not None and served.equals(block_txs.slice(1000, 500))
     assert len(pickle.dumps(served, protocol=5)) * 4 < len(pickle.dumps(block_txs, protocol=5))
     assert asyncio.run(v.get_batch(b"\x34" * 32)) is None
+
+
+def on_stream(v: Validator, frames: list[tuple[int, bytes]]) -> None:
+    """Frames as the validator's stream server hands them over, each from its sender."""
+
+    async def run() -> None:
+        for sender, frame in frames:
+            v._on_frame(sender, frame, None)
+        while v._batch_tasks:
+            await asyncio.gather(*v._batch_tasks)
+
+    asyncio.run(run())
+
+
+def test_batches_on_a_mempools_stream_are_checked_as_those_by_reference() -> None:
+    v, held, _ = validator()
+    good, bad = batches()
+    d = digest_of(good)
+    own = encode_batch_frame(d, 1, seal_tag(v.seal_key, d, bad), batch_to_ipc(bad))
+    # Our mempool's tagged batch is not checked again (the row with a bad signature passes);
+    # another mempool's copy of the bad one is checked in full; the good one passes
+    on_stream(v, [(N + 2, own)])
+    assert held == [d] and v.own_batches == 1 and v.batch_frames_in == 1
+    held.clear()
+    v.batches = {}
+    theirs = encode_batch_frame(d, 1, None, batch_to_ipc(bad))
+    on_stream(v, [(N + 0, theirs), (N + 1, encode_batch_frame(d, 7, None, batch_to_ipc(good)))])
+    assert held == [d] and v.rejected == {"batch: invalid_signature": 1}
+    # The mempool is the sender's, and its sealing number orders its batches
+    assert v.origin_next == {2: 2, 0: 2, 1: 8}
+
+
+def test_a_stream_batch_is_held_in_its_mempools_order() -> None:
+    v, held, _ = validator()
+    good, _ = batches()
+    first, second = good.slice(0, 3), good.slice(3, 3)
+    frame = encode_batch_frame(digest_of(first), 4, None, batch_to_ipc(first))
+
+    async def run() -> None:
+        # The second arrives first (by Ray call while the stream was down): it waits
+        await v.batch_ready(digest_of(second), [], (1, 5), None, body=second)
+        assert held == []
+        v._on_frame(N + 1, frame, None)
+        while v._batch_tasks:
+            await asyncio.gather(*v._batch_tasks)
+
+    v.origin_next[1] = 4
+    asyncio.run(run())
+    assert held == [digest_of(first), digest_of(second)]
+
+
+def test_malformed_batch_frames_are_counted_and_change_nothing() -> None:
+    v, held, _ = validator()
+    good, _ = batches()
+    d = digest_of(good)
+    body = batch_to_ipc(good)
+    frame = encode_batch_frame(d, 1, None, body)
+    tagged = encode_batch_frame(d, 1, b"\x01" * 32, body)
+    big = make_batch(
+        key_from_seed(b"\x12" * 32),
+        TxKind.ANCHOR,
+        range(101),
+        [bytes([i % 256]) * 32 for i in range(101)],
+        CHAIN,
+    )
+    cases = {
+        "shorter than its header": frame[:20],
+        "neither 0 nor 1": frame[:40] + b"\x02" + frame[41:],
+        "ends inside its seal tag": tagged[:50],
+        "not a valid Arrow IPC stream": frame[:41] + b"\x00" * 64,
+        "exceeds the maximum": encode_batch_frame(d, 1, None, batch_to_ipc(big)),
+    }
+    for problem, data in cases.items():
+        with pytest.raises(ValueError, match=problem):
+            decode_batch_frame(data, max_rows=LIMITS.max_batch_rows)
+    on_stream(v, [(N + 0, data) for data in cases.values()])
+    assert held == [] and v.batch_frames_in == 0 and v.origin_next == {}
+    assert v.rejected == {"stream: bad_batch_frame": len(cases)}
+    # The stream goes on: a good frame after them is taken
+    on_stream(v, [(N + 0, frame)])
+    assert held == [d]
+    assert decode_batch_frame(frame)[:3] == (d, 1, None)
