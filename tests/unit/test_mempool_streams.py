@@ -1,0 +1,109 @@
+"""A mempool announces its sealed batches on its streams to the validators, and by Ray call to
+a validator with no stream up (no Ray here: the calls and the object store are stand-ins)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from rayledger.actors import mempool as mempool_module
+from rayledger.actors.mempool import decode_batch_frame, seal_tag
+from rayledger.actors.streams import StreamServer
+from rayledger.chain import batch_digest
+from rayledger.crypto import key_from_seed
+from rayledger.tx import TxKind, make_batch
+from tests.unit.test_mempool_admission import mempool
+
+N = 4
+
+
+class RayValidator:
+    """A validator handle: what was announced to it by Ray call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.batch_ready = SimpleNamespace(remote=lambda *a: self.calls.append(a))
+
+
+def test_sealed_batches_go_on_streams_and_by_ray_where_none_is_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: ("ref", batch.num_rows))
+    m = mempool(tmp_path, batch_rows=4)
+    key = key_from_seed(b"\x0d" * 32)
+    rows = make_batch(
+        key, TxKind.ANCHOR, range(12), [bytes([i]) * 32 for i in range(12)], m.genesis.chain_id
+    )
+    seal_key = b"\x5a" * 32
+
+    async def scenario() -> None:
+        frames: list[list[tuple[int, bytes]]] = [[], []]
+        counts: dict[str, int] = {}
+
+        def taker(i: int) -> Any:
+            return lambda sender, payload, hold: frames[i].append((sender, payload))
+
+        # Validator 0 (this mempool's own, which gives it a seal key) and validator 1 take
+        # streams; validator 2 gave no endpoint; validator 3's endpoint is malformed
+        servers = [StreamServer(i, N, taker(i), counts.setdefault, N) for i in range(2)]
+        endpoints = [(await s.start("127.0.0.1")).as_tuple() for s in servers]
+        handles = [RayValidator() for _ in range(N)]
+        await m.set_validator(0, handles[0], seal_key, endpoints[0])
+        await m.set_validator(1, handles[1], None, endpoints[1])
+        await m.set_validator(2, handles[2])
+        await m.set_validator(3, handles[3], None, ("host", 0, b"short"))
+        assert m.stream_events == {"stream: bad_endpoint": 1} and sorted(m.streams) == [0, 1]
+        for _ in range(50):  # the streams connect when the validator is set, not on first use
+            if all(st.connected for st in m.streams.values()):
+                break
+            await asyncio.sleep(0.02)
+        assert (await m.submit(rows)).accepted == 12  # three batches of 4 rows, sealed
+        for _ in range(100):
+            if sum(map(len, frames)) == 6:
+                break
+            await asyncio.sleep(0.02)
+        sealed = [rows.slice(i, 4) for i in (0, 4, 8)]
+        digests = [batch_digest(b) for b in sealed]
+        # Each of validators 0 and 1 got each batch on its stream, once, in order, from
+        # sender N + 0 (mempool 0); only this institution's validator gets the seal tag
+        for i in (0, 1):
+            assert [s for s, _ in frames[i]] == [N] * 3
+            got = [decode_batch_frame(p) for _, p in frames[i]]
+            assert [(d, seq) for d, seq, _, _ in got] == [(d, k + 1) for k, d in enumerate(digests)]
+            for (digest, _, tag, batch), b in zip(got, sealed, strict=True):
+                assert batch.num_rows == 4 and batch.column("tx_id").equals(b.column("tx_id"))
+                assert tag == (seal_tag(seal_key, digest, batch) if i == 0 else None)
+        # Validators 2 and 3 (no stream) got the digests and references by Ray call
+        for h in handles[2:]:
+            assert [(c[0], c[2]) for c in h.calls] == [
+                (d, (0, i + 1)) for i, d in enumerate(digests)
+            ]
+            assert all(c[1] == [("ref", 4)] and c[3] is None for c in h.calls)
+        assert handles[0].calls == handles[1].calls == []
+        st = (await m.status())["streams"]
+        assert st["connected"] == [0, 1] and st["frames_out"] == 6 and st["ray_sends"] == 6
+        # Validator 1 goes away: the next batch goes to it by Ray call, the rest as before
+        servers[1].close()
+        for _ in range(100):
+            if not m.streams[1].connected:
+                break
+            await asyncio.sleep(0.02)
+        await m.on_commit(digests)  # room for more
+        more = make_batch(key, TxKind.ANCHOR, range(12, 16), [b"\x77" * 32] * 4, m.genesis.chain_id)
+        assert (await m.submit(more)).accepted == 4
+        assert [c[2] for c in handles[1].calls] == [(0, 4)]
+        assert (await m.status())["streams"]["ray_sends"] == 9
+        # A validator set again without an endpoint is reached by Ray only from then on
+        await m.set_validator(0, handles[0], seal_key)
+        assert sorted(m.streams) == [1]
+        servers[0].close()
+        for st_ in m.streams.values():
+            st_.close()
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
