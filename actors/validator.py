@@ -652,8 +652,16 @@ class Validator:
         checks are never trusted.
 
         ``body``: the batch itself, where it came on the mempool's stream (``refs`` is then
-        empty)."""
+        empty).
+
+        With the WAN emulated, a batch from another site's mempool (each sits at its
+        validator's site) is taken only after that link's latency, however it came: batches
+        cross the WAN as consensus messages do. One mempool's batches share their link's
+        latency, so they keep their order."""
         if origin is not None:
+            hold = self._link_s(origin[0])
+            if hold > 0:
+                await asyncio.sleep(hold)
             self._note_origin(digest, origin[0])
             # A mempool's order starts here with the first of its batches to arrive, not the
             # first whose check finishes (one check can overtake another)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,6 +39,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
     v.verifier_actor = None
     v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
+    v.latency = [0.0] * N  # no emulated WAN
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
     held: list[bytes] = []
     v._hold = lambda digest, batch: held.append(digest)  # type: ignore[method-assign]
@@ -336,3 +338,34 @@ def test_malformed_batch_frames_are_counted_and_change_nothing() -> None:
     on_stream(v, [(N + 0, frame)])
     assert held == [d]
     assert decode_batch_frame(frame)[:3] == (d, 1, None)
+
+
+def test_with_the_wan_emulated_a_far_mempools_batch_arrives_after_the_links_latency() -> None:
+    """Batches cross the emulated WAN as consensus messages do, on a stream or by Ray: one
+    from another site's mempool is taken only after that link's latency, one from this
+    site's at once."""
+    v, held, _ = validator()
+    v.latency = [0.0, 0.0, 0.0, 80.0]  # validator (and mempool) 3 is 80 ms away
+    good, _ = batches()
+    near, far, far_by_ray = good.slice(0, 2), good.slice(2, 2), good.slice(4, 2)
+    taken: dict[bytes, float] = {}
+    v._hold = lambda digest, batch: taken.setdefault(digest, time.monotonic())  # type: ignore[method-assign]
+
+    async def ref() -> pa.RecordBatch:
+        return far_by_ray
+
+    async def run() -> float:
+        t0 = time.monotonic()
+        v._on_frame(N + 3, encode_batch_frame(digest_of(far), 1, None, batch_to_ipc(far)), None)
+        v._on_frame(N + 1, encode_batch_frame(digest_of(near), 1, None, batch_to_ipc(near)), None)
+        await asyncio.sleep(0)  # the frames' handling starts: mempool 3's next batch comes by Ray
+        await v.batch_ready(digest_of(far_by_ray), [ref()], (3, 2), None)
+        while v._batch_tasks:
+            await asyncio.gather(*v._batch_tasks)
+        return t0
+
+    t0 = asyncio.run(run())
+    assert taken[digest_of(near)] - t0 < 0.06
+    assert taken[digest_of(far)] - t0 >= 0.08 and taken[digest_of(far_by_ray)] - t0 >= 0.08
+    assert list(taken) == [digest_of(near), digest_of(far), digest_of(far_by_ray)]
+    assert held == []
