@@ -563,7 +563,8 @@ class Validator:
     # ---- inbound -------------------------------------------------------------------------------
 
     async def set_blocked(self, peers: list[int]) -> None:
-        """Drop all traffic to and from these peers (a network partition) until unblocked."""
+        """Drop all traffic to and from these peers and their sites' mempools (a network
+        partition) until unblocked."""
         self.blocked = set(peers)
 
     async def set_strategy(self, strategy: str) -> None:
@@ -657,7 +658,10 @@ class Validator:
         With the WAN emulated, a batch from another site's mempool (each sits at its
         validator's site) is taken only after that link's latency, however it came: batches
         cross the WAN as consensus messages do. One mempool's batches share their link's
-        latency, so they keep their order."""
+        latency, so they keep their order. A partition that cuts a mempool's site off drops
+        its batches as it drops consensus messages (each takes its turn, so the mempool's
+        later batches do not wait for it): a proposal that names one after the heal is served
+        by a peer that holds it."""
         if origin is not None:
             hold = self._link_s(origin[0])
             if hold > 0:
@@ -666,6 +670,10 @@ class Validator:
             # A mempool's order starts here with the first of its batches to arrive, not the
             # first whose check finishes (one check can overtake another)
             self.origin_next.setdefault(origin[0], origin[1])
+            if origin[0] in self.blocked:
+                self._count("batch: partitioned")
+                self._in_order(origin, digest, None)
+                return
         if digest in self.batches:
             self._in_order(origin, digest, None)
             return

@@ -392,9 +392,19 @@ def test_partitioned_site_under_wan_latency_recovers(tmp_path: Path) -> None:
             net.wait_committed(b, validators=[0, 1, 2])
         cut_height = net.height(3)
         assert cut_height < net.height(0)
+        # The cut-off site's own mempool takes rows too: only its validator hears of them
+        # (the others drop that mempool's batches, as validator 3 dropped theirs)
+        cut_off = client_batches(net, 400, start_nonce=500)[3]
+        assert net.submit(cut_off, mempool=3).accepted == cut_off.num_rows
+        deadline = time.monotonic() + 30
+        while not all(s["rejected"].get("batch: partitioned", 0) for s in net.status()):
+            assert time.monotonic() < deadline, [s["rejected"] for s in net.status()]
+            time.sleep(0.2)
         net.heal()
         for b in batches:
             net.wait_committed(b, validators=[3], timeout_s=120)
+        # After the heal validator 3 proposes them in its turn, and the others fetch them
+        net.wait_committed(cut_off, timeout_s=120)
         assert_agreement(net, [0, 1, 2, 3])
     finally:
         net.shutdown()

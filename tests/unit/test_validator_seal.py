@@ -40,6 +40,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.verifier_actor = None
     v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
     v.latency = [0.0] * N  # no emulated WAN
+    v.blocked = set()  # no partition
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
     held: list[bytes] = []
     v._hold = lambda digest, batch: held.append(digest)  # type: ignore[method-assign]
@@ -369,3 +370,18 @@ def test_with_the_wan_emulated_a_far_mempools_batch_arrives_after_the_links_late
     assert taken[digest_of(far)] - t0 >= 0.08 and taken[digest_of(far_by_ray)] - t0 >= 0.08
     assert list(taken) == [digest_of(near), digest_of(far), digest_of(far_by_ray)]
     assert held == []
+
+
+def test_a_partition_drops_a_cut_off_mempools_batches_and_they_take_their_turn() -> None:
+    v, held, _ = validator()
+    good, _ = batches()
+    first, second, third, fourth = (good.slice(i, 1) for i in range(4))
+    v.blocked = {1}  # validator 1's site (and its mempool) is cut off
+    asyncio.run(v.batch_ready(digest_of(first), [], (1, 1), None, body=first))  # by Ray
+    on_stream(v, [(N + 1, encode_batch_frame(digest_of(second), 2, None, batch_to_ipc(second)))])
+    assert held == [] and v.rejected == {"batch: partitioned": 2} and v.batch_frames_in == 1
+    announce(v, third, (0, 1), None)  # another site's mempool: taken
+    assert held == [digest_of(third)]
+    v.blocked = set()  # healed: the mempool's next batch does not wait for the dropped ones
+    announce(v, fourth, (1, 3), None)
+    assert held == [digest_of(third), digest_of(fourth)]
