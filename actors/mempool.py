@@ -269,8 +269,8 @@ class Mempool:
         memory; batches announced to it carry ``seal_tag(seal_key, digest, batch)``, by which it
         knows them for batches this mempool verified (see ``Validator.batch_ready``).
         ``endpoint``: where the validator accepts streams (None: by Ray call only); this
-        mempool opens one as sender ``n + index`` (validators are senders 0..n-1). A malformed
-        endpoint is counted and leaves the validator reached by Ray."""
+        mempool opens one as sender ``n + index`` (validators are senders 0..n-1). A call with
+        a malformed endpoint is counted and changes nothing."""
         ep = None
         if endpoint is not None:
             try:
@@ -278,11 +278,13 @@ class Mempool:
             except ValueError as exc:
                 log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
                 self._stream_event("stream: bad_endpoint")
-        old = self.streams.pop(index, None)
-        if old is not None:
+                return
+        old = self.streams.get(index)
+        if old is not None and (ep is None or old.endpoint != ep):
+            del self.streams[index]
             self._frames_out_before += old.frames_out
             old.close()
-        if ep is not None:
+        if ep is not None and index not in self.streams:  # the same endpoint keeps its stream
             sender = self.genesis.validators.n + self.index
             self.streams[index] = StreamSender(sender, ep, self._stream_event)
             self.streams[index].start()
