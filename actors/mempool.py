@@ -37,7 +37,7 @@ import pyarrow as pa
 import ray
 
 from rayledger.actors.storage.partition import rows_by_shard, shard_of_keys
-from rayledger.actors.streams import Endpoint, StreamSender
+from rayledger.actors.streams import StreamSender, parse_endpoint
 from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError
@@ -273,11 +273,8 @@ class Mempool:
         a malformed endpoint is counted and changes nothing."""
         ep = None
         if endpoint is not None:
-            try:
-                ep = Endpoint.parse(endpoint)
-            except ValueError as exc:
-                log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
-                self._stream_event("stream: bad_endpoint")
+            ep = parse_endpoint(endpoint, index, self._stream_event)
+            if ep is None:
                 return
         old = self.streams.get(index)
         if old is not None and (ep is None or old.endpoint != ep):

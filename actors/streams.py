@@ -88,6 +88,17 @@ class Endpoint:
         return cls(host, port, token)
 
 
+def parse_endpoint(value: object, index: int, count: Callable[[str], None]) -> Endpoint | None:
+    """The endpoint validator ``index`` sent over Ray, or None once a malformed one is logged
+    and counted (``stream: bad_endpoint``): the caller then changes nothing."""
+    try:
+        return Endpoint.parse(value)
+    except ValueError as exc:
+        log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
+        count("stream: bad_endpoint")
+        return None
+
+
 OnFrame = Callable[[int, bytes, float | None], None]
 
 

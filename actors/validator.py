@@ -49,7 +49,7 @@ from rayledger.actors.storage.engine import fsync_write
 from rayledger.actors.storage.slots import SlotFile
 from rayledger.actors.storage.snapshot import load_snapshot
 from rayledger.actors.storage.state import CommittedState
-from rayledger.actors.streams import Endpoint, StreamSender, StreamServer
+from rayledger.actors.streams import StreamSender, StreamServer, parse_endpoint
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
 from rayledger.codec import Reader, u64, var_bytes
@@ -491,11 +491,8 @@ class Validator:
         malformed endpoint is counted and changes nothing."""
         ep = None
         if endpoint is not None and self.peer_streams:
-            try:
-                ep = Endpoint.parse(endpoint)
-            except ValueError as exc:
-                log.warning("validator %d sent a bad stream endpoint: %s", index, exc)
-                self._count("stream: bad_endpoint")
+            ep = parse_endpoint(endpoint, index, self._count)
+            if ep is None:
                 return
         old = self.stream_out.pop(index, None)
         if old is not None:
