@@ -477,9 +477,9 @@ class Validator:
             return
         self.peers[index] = handle
         self._stream_to(index, endpoint)
-        if endpoint is not None and self.stream_server is not None:
-            assert self.stream_server.endpoint is not None
-            handle.peer_endpoint.remote(self.index, self.stream_server.endpoint.as_tuple())
+        mine = self._endpoint()
+        if endpoint is not None and mine is not None:
+            handle.peer_endpoint.remote(self.index, mine)
 
     async def peer_endpoint(self, index: int, endpoint: Any) -> None:
         """A peer's answer to ``set_peer``: where it accepts streams."""
