@@ -70,6 +70,11 @@ POLL_TIMEOUT_S = 5.0
 # Batches a mempool remembers the sealing time of, awaiting their commit
 SEALED_KEEP = 4096
 
+# The weight of the newest commit in a mempool's moving average of commit latency, and the
+# least wait a busy answer asks for
+RECENT_WEIGHT = 0.2
+MIN_RETRY_S = 0.01
+
 
 @dataclass
 class Admission:
@@ -162,6 +167,9 @@ class InflightLimit:
         self.lowest_s: float | None = None
         self._sealed: dict[bytes, tuple[float, int, bool]] = {}
         self.late = 0
+        # The commit latency of recent batches (a moving average, None before the first): when
+        # a batch in flight should commit, for the busy answer's hint
+        self.recent_s: float | None = None
 
     def target_s(self) -> float | None:
         """The commit latency aimed at (None: nothing committed yet to learn it from)."""
@@ -183,6 +191,11 @@ class InflightLimit:
         at, rows, in_use = entry
         latency = now - at
         self.lowest_s = latency if self.lowest_s is None else min(self.lowest_s, latency)
+        self.recent_s = (
+            latency
+            if self.recent_s is None
+            else (1 - RECENT_WEIGHT) * self.recent_s + RECENT_WEIGHT * latency
+        )
         target = self.target_s()
         if target is not None and latency <= target:
             if in_use:  # a limit nobody pushed against says nothing about the network
@@ -200,11 +213,30 @@ class InflightLimit:
             in_flight == 0 or in_flight + rows <= self.limit
         )
 
-    def retry_after_s(self, in_flight: int, rows: int) -> float:
-        """About how long until ``rows`` more fit: the excess at the rate the limit implies."""
+    def retry_after_s(self, in_flight: int, rows: int, now: float | None = None) -> float:
+        """About how long until ``rows`` more fit beside ``in_flight``: when the oldest batches
+        in flight that must commit first should have, each ``recent_s`` after it was sealed
+        (rows not sealed yet: ``recent_s`` from now; a batch already overdue: as long as it
+        has been, from a tenth of ``recent_s`` up to all of it).
+        Before any commit was seen: the excess at the rate the limit implies. Always within
+        [``MIN_RETRY_S``, the target]."""
         target = self.target_s() or 0.5
+        cap = max(target, MIN_RETRY_S)
         excess = in_flight + rows - self.limit  # the limit never exceeds the ceiling
-        return min(max(excess * target / max(self.limit, 1), 0.05), max(target, 0.05))
+        recent = self.recent_s
+        if recent is None:
+            return min(max(excess * target / max(self.limit, 1), MIN_RETRY_S), cap)
+        now = time.monotonic() if now is None else now
+        wait = recent  # enough rows free only once rows not sealed yet have committed
+        freed = 0
+        for at, sealed_rows, _ in self._sealed.values():  # oldest first
+            freed += sealed_rows
+            if freed >= excess:
+                due = at + recent - now
+                # Overdue: back off as it stays so, from a tenth of the usual latency
+                wait = due if due > 0 else max(recent / 10, min(-due, recent))
+                break
+        return min(max(wait, MIN_RETRY_S), cap)
 
 
 class Mempool:
@@ -295,11 +327,19 @@ class Mempool:
         """Admit a batch of signed transactions (rows that fail are counted, not stored)."""
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        if batch.num_rows > self.capacity:
+            # It would not fit into an empty mempool: busy answers would be retried for ever
+            self._count("over_capacity", batch.num_rows)
+            return Admission(
+                error=f"{batch.num_rows} rows exceed this mempool's capacity of "
+                f"{self.capacity} rows: submit them in smaller batches",
+                rejected={"over_capacity": batch.num_rows},
+            )
         # Backpressure: answer busy before doing any work, and keep nothing
         held = self.admitting + self.pending_rows + sum(self.in_flight.values())
         if not self.limit.admits(held, batch.num_rows):
             self._count("busy", batch.num_rows)
-            wait = self.limit.retry_after_s(held, batch.num_rows)
+            wait = self.limit.retry_after_s(held, batch.num_rows, time.monotonic())
             return Admission(busy=True, retry_after_ms=max(1, round(wait * 1000)))
         self.admitting += batch.num_rows
         try:

@@ -310,10 +310,13 @@ def test_mempool_admission_and_backpressure(tmp_path: Path) -> None:
         )
         res = net.submit(other, mempool=0)
         assert res.accepted == 0 and res.rejected == {"wrong_chain": 1}
-        # Overload: pending plus in-flight rows may not exceed 3,000.
+        # Pending plus in-flight rows may not exceed 3,000: a submission larger than that could
+        # never fit, and is refused by name (a busy answer would be retried for ever). Busy
+        # answers under overload: test_a_flooded_mempool_answers_busy_below_its_capacity...
         big = client_batches(net, 16_000, start_nonce=1_000)[2]
         res = net.submit(big, mempool=1)
-        assert res.busy and res.accepted == 0
+        assert not res.busy and res.accepted == 0 and big.num_rows > 3_000
+        assert res.rejected == {"over_capacity": big.num_rows} and "capacity" in str(res.error)
         assert ray.get(net.mempool(1).status.remote())["pending_rows"] == 0
         accepted = [good.slice(100, 400)]
         assert good.num_rows == 500

@@ -99,6 +99,33 @@ def test_admission_rules() -> None:
         InflightLimit(floor_rows=0, ceiling_rows=10)
 
 
+def test_the_hint_is_when_the_batches_in_the_way_should_commit() -> None:
+    limit = InflightLimit(floor_rows=1_000, ceiling_rows=1_000)
+    # Before any commit: the excess at the rate the limit implies, within [10 ms, target]
+    assert limit.recent_s is None and limit.retry_after_s(1_000, 1_000, now=0.0) == 0.5
+    drive(limit, 0.6, 5, 1_000, 0.0)  # commits take 0.6 s: the target is 1.2 s
+    assert limit.recent_s == pytest.approx(0.6)
+    # One batch in flight, sealed at t=10: room once it commits, about t=10.6
+    limit.sealed(b"a", 1_000, in_flight=0, now=10.0)
+    assert limit.retry_after_s(1_000, 1_000, now=10.1) == pytest.approx(0.5)
+    assert limit.retry_after_s(1_000, 1_000, now=10.55) == pytest.approx(0.05)
+    # Overdue: back off as it stays so, from a tenth of the latency up to all of it
+    assert limit.retry_after_s(1_000, 1_000, now=10.61) == pytest.approx(0.06)
+    assert limit.retry_after_s(1_000, 1_000, now=10.9) == pytest.approx(0.3)
+    assert limit.retry_after_s(1_000, 1_000, now=15.0) == pytest.approx(0.6)
+    # The excess needs the second batch too: its due time counts
+    wide = InflightLimit(floor_rows=3_000, ceiling_rows=3_000)
+    drive(wide, 0.6, 5, 1_000, 0.0)
+    wide.sealed(b"a", 1_000, in_flight=0, now=10.0)
+    wide.sealed(b"b", 1_000, in_flight=1_000, now=10.2)
+    assert wide.retry_after_s(2_000, 2_000, now=10.3) == pytest.approx(0.3)
+    assert wide.retry_after_s(2_000, 2_500, now=10.3) == pytest.approx(0.5)
+    # Rows not sealed yet (pending) beyond them: a whole latency from now
+    assert wide.retry_after_s(3_000, 3_000, now=10.3) == pytest.approx(0.6)
+    # The floor: never less than 10 ms
+    assert wide.retry_after_s(2_000, 1_001, now=10.599) == pytest.approx(0.01)
+
+
 def test_foreign_digests_and_lost_batches() -> None:
     limit = InflightLimit(floor_rows=10, ceiling_rows=1_000)
     limit.committed(b"not sealed here", now=1.0)
@@ -143,6 +170,29 @@ def test_busy_keeps_nothing_and_counts_submissions_being_checked(tmp_path: Path)
         assert status["limit_rows"] == 20 and status["target_latency_ms"] is None
         assert m._ticker is not None
         m._ticker.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_submission_larger_than_the_capacity_is_refused_not_busy(tmp_path: Path) -> None:
+    m = mempool(tmp_path, mempool_capacity=20)
+    key = key_from_seed(b"\x0b" * 32)
+    rows = make_batch(
+        key, TxKind.ANCHOR, range(21), [bytes([i]) * 32 for i in range(21)], m.genesis.chain_id
+    )
+
+    async def scenario() -> None:
+        # It could never fit, even into an empty mempool: a busy answer would be retried for
+        # ever, so it is refused by name and nothing of it is kept
+        answer = await m.submit(rows)
+        assert not answer.busy and answer.accepted == 0
+        assert answer.rejected == {"over_capacity": 21}
+        assert answer.error is not None and "capacity of 20 rows" in answer.error
+        assert m.pending_rows == 0 and m.admitting == 0 and m.seen == {}
+        assert m.counts == {"over_capacity": 21}
+        assert (await m.submit(rows.slice(0, 20))).accepted == 20
+        if m._ticker is not None:
+            m._ticker.cancel()
 
     asyncio.run(scenario())
 
