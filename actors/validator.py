@@ -1157,6 +1157,7 @@ class Validator:
             "index": self.index,
             "round": s.round,
             "leader": s.leader,
+            "rounds_by_timeout": s.rounds_by_timeout,
             "height": self.store.height,
             "head": self.store.head.hash.hex(),
             "state_root": self.store.head.state_root.hex(),

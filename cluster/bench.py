@@ -458,6 +458,10 @@ class E2EResult:
     # How mempool 0 announced its sealed batches over the run: on streams, by Ray call
     batch_frames: int = 0
     batch_ray_sends: int = 0
+    # Validator 0's rounds over the run, and those it entered by a timeout certificate (a
+    # leader whose block was not certified in time: each costs the round's timeout)
+    rounds: int = 0
+    rounds_by_timeout: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
@@ -916,6 +920,8 @@ def bench_e2e(
         ray_sends=int(status0["streams"]["ray_sends"]),
         batch_frames=int(mempool0["streams"]["frames_out"]),
         batch_ray_sends=int(mempool0["streams"]["ray_sends"]),
+        rounds=int(status0["round"]),
+        rounds_by_timeout=int(status0["rounds_by_timeout"]),
         cpu_us_per_tx=cpu_per_tx,
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,

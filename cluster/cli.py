@@ -625,6 +625,10 @@ def bench_e2e_cmd(
         "mempool 0's sealed batches",
         f"{r.batch_frames:,} to validators on direct streams, {r.batch_ray_sends:,} by Ray call",
     )
+    table.add_row(
+        "validator 0's rounds",
+        f"{r.rounds:,}, {r.rounds_by_timeout:,} of them entered by a timeout certificate",
+    )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)
     print(json.dumps({"bench": "e2e", **r.as_dict()}))

@@ -43,7 +43,7 @@ def status_table(net: Network) -> Table:
         "validator",
         "site",
         "height",
-        "round",
+        "round (by timeout)",
         "leader",
         "head",
         "mempool rows/limit",
@@ -66,7 +66,8 @@ def status_table(net: Network) -> Table:
             str(st["index"]),
             st["site"],
             str(st["height"]),
-            str(st["round"]),
+            # Rounds entered through a timeout certificate since this validator started
+            f"{st['round']} ({st.get('rounds_by_timeout', '?')})",
             str(st["leader"]),
             st["head"][:16],
             # Pending + sealed but uncommitted, against the learnt limit (busy beyond it)

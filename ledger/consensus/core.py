@@ -144,6 +144,9 @@ class CoreStatus:
     committed_height: int
     committed_hash: bytes
     leader: int
+    # Rounds this core entered through a timeout certificate since it started: rounds whose
+    # leader got no block certified in time (down, partitioned, slow, or Byzantine)
+    rounds_by_timeout: int = 0
 
 
 _Item = tuple[int, bytes, bytes]  # (validator index, 32-byte message, 64-byte signature)
@@ -191,6 +194,7 @@ class Core:
         self.last_tc = state.last_tc
         self.round = 0
         self.timeouts_in_row = 0
+        self.rounds_by_timeout = 0
 
         head = committed_head or genesis
         self.committed = head
@@ -247,6 +251,7 @@ class Core:
             self.committed.height,
             self.committed.hash,
             self.leaders.leader(self.round),
+            self.rounds_by_timeout,
         )
 
     def safety_state(self) -> SafetyState:
@@ -680,6 +685,7 @@ class Core:
             return
         self.round = round_
         self.timeouts_in_row = self.timeouts_in_row + 1 if tc is not None else 0
+        self.rounds_by_timeout += tc is not None
         self.own_timeout = None
         self.propose_blocked = False
         self.idle_round = -1

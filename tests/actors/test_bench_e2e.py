@@ -51,6 +51,9 @@ def test_bench_e2e_reports_measured_figures() -> None:
     assert 0 < r["machine_busy"] <= 1 and 0 <= r["machine_steal"] <= 1
     assert r["machine_busy"] + r["machine_steal"] <= 1 + 1e-9
     assert "whole machine in the load window" in result.output
+    # Validator 0's rounds: a quiet 4-validator network has rounds, few of them by timeout
+    assert r["rounds"] > 0 and 0 <= r["rounds_by_timeout"] < r["rounds"]
+    assert "validator 0's rounds" in result.output
 
 
 def test_bench_e2e_open_loop_offers_its_rate() -> None:

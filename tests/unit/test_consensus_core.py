@@ -381,12 +381,15 @@ def test_quorum_of_timeouts_forms_a_tc_and_advances(keys: Keyring) -> None:
     v0.on_local_timeout(1)
     g = keys.genesis_qc
     assert v0.on_timeout_msg(keys.timeout(1, 1, g)) == []
+    assert v0.status().rounds_by_timeout == 0  # a timeout of its own is not yet a TC
     actions = v0.on_timeout_msg(keys.timeout(2, 1, g))
     tc1 = keys.tc(1, {0: 0, 1: 0, 2: 0})
     assert actions == [SetTimer(2, AFTER_TC_MS)]
     assert v0.last_tc == tc1
     assert tc1.signer_indices() == [0, 1, 2] and tc1.high_qc_rounds == (0, 0, 0)
     assert (v0.round, v0.highest_vote_round) == (2, 1)
+    # The round was entered through the TC: counted for `rayledger status`
+    assert v0.status().rounds_by_timeout == 1
 
 
 def test_f_plus_one_timeouts_make_a_validator_join(keys: Keyring) -> None:

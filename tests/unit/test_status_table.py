@@ -17,6 +17,7 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
         "site": "eu",
         "height": 40,
         "round": 41,
+        "rounds_by_timeout": 2,
         "leader": 1,
         "head": "ab" * 32,
         "mempool": {"pending_rows": 3, "in_flight_rows": 1000, "limit_rows": 4000},
@@ -48,6 +49,7 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
     assert "state on disk at / held" in out
     row = next(line for line in out.splitlines() if "eu" in line)
     assert "16 / 12,345" in row and "40 ?" in row and "3+1000/4000" in row
+    assert "round (by timeout)" in out and "41 (2)" in row
     assert "1,2,3 (1,3)" in row
     assert "0,2 (ray)" in next(line for line in out.splitlines() if "us" in line)
     assert "1,2,3 (none)" in next(line for line in out.splitlines() if "sa" in line)
