@@ -260,6 +260,8 @@ class Validator:
         # Timers set by the core, with their rounds: those of rounds the core has left are
         # cancelled (it would drop them when they fire; each firing wakes this process)
         self._timers: list[tuple[int, asyncio.TimerHandle]] = []
+        # Rounds entered by a timeout certificate so far (each is logged)
+        self._timed_out_rounds = 0
 
     # ---- persistence -----------------------------------------------------------------------
 
@@ -869,6 +871,18 @@ class Validator:
                     self._count(reason)
         self._flush(outbox)
         self._cancel_stale_timers()
+        if self.core.rounds_by_timeout != self._timed_out_rounds:
+            self._timed_out_rounds = self.core.rounds_by_timeout
+            tc = self.core.last_tc
+            ended = tc.round if tc is not None else self.core.round - 1
+            log.warning(
+                "validator %d: round %d ended by a timeout certificate (its leader, validator "
+                "%d, got no block certified in time); now in round %d",
+                self.index,
+                ended,
+                self.core.leaders.leader(ended),
+                self.core.round,
+            )
         # After the messages: nothing sent depends on the blocks being written, and no other
         # event runs in between (no await here), so nobody sees the commit half done
         for commit in commits:

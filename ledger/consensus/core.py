@@ -264,10 +264,13 @@ class Core:
         self.now_ms = max(self.now_ms, now_ms)
 
     def start(self) -> list[Action]:
-        """Enter the first round this validator may act in (after genesis or a restart)."""
+        """Enter the first round this validator may act in (after genesis or a restart). Its
+        leader proposes at once, even an empty block: the others' timers for that round run
+        from their own start, and with this leader's idle wait and then the next leader's
+        the round would outlast its timeout (every network's first round did)."""
         start = max(self.high_qc.round, self.last_tc.round if self.last_tc else 0) + 1
         via_tc = self.last_tc if self.last_tc and self.last_tc.round + 1 == start else None
-        self._enter_round(start, via_tc)
+        self._enter_round(start, via_tc, wait_if_idle=False)
         return self._flush()
 
     def on_proposal(self, proposal: Proposal) -> list[Action]:
@@ -680,7 +683,9 @@ class Core:
         delay = self.cfg.base_timeout_ms * self.cfg.timeout_backoff ** min(self.timeouts_in_row, 16)
         return int(min(delay, self.cfg.max_timeout_ms))
 
-    def _enter_round(self, round_: int, tc: TimeoutCert | None) -> None:
+    def _enter_round(
+        self, round_: int, tc: TimeoutCert | None, *, wait_if_idle: bool = True
+    ) -> None:
         if round_ <= self.round:
             return
         self.round = round_
@@ -702,7 +707,7 @@ class Core:
         self.formed_tc_rounds = {r for r in self.formed_tc_rounds if r >= round_ - 1}
         self._out.append(SetTimer(round_, self._timeout_ms()))
         if self.leaders.leader(round_) == self.index:
-            self._propose()
+            self._propose(wait_if_idle)
 
     # ---- acting: propose, vote, time out ---------------------------------------------------
 

@@ -258,18 +258,26 @@ def test_idle_leaders_still_announce_a_commit_then_wait(keys: Keyring) -> None:
     keys = replace(keys, config=CoreConfig(idle_block_ms=500))
     net = Net(keys)
     net.start()
-    assert not net.proposals  # nothing to order: the first leader waits
+    # The first leader after a start proposes at once, even an empty block: the others' timers
+    # for round 1 run from their own start, and its idle wait followed by the next leader's
+    # would outlast them (a timeout certificate at every network's start)
+    assert [p.round for p in net.proposals.values()] == [1]
+    assert all(not p.block.batch_digests for p in net.proposals.values())
+    net.run(lambda: not net.queue, timeouts=False)
+    # Then nothing to order: round 2's leader, holding the QC of the empty block 1, waits
+    assert [p.round for p in net.proposals.values()] == [1]
+    assert net.cores[keys.leader(2)].idle_round == 2 and max(net.heights()) == 0
     net.batch(digest("a"))
-    net.run(lambda: min(net.heights()) >= 1, timeouts=False)
+    net.run(lambda: min(net.heights()) >= 2, timeouts=False)
     net.run(lambda: not net.queue, timeouts=False)
     rounds = sorted(p.round for p in net.proposals.values())
-    assert rounds == [1, 2, 3]
-    assert all(c[0].block.batch_digests == (digest("a"),) for c in net.committed)
-    # Round 4's leader formed the QC of block 3: it commits the empty block 2, which needs no
+    assert rounds == [1, 2, 3, 4]
+    assert all(c[1].block.batch_digests == (digest("a"),) for c in net.committed)
+    # Round 5's leader formed the QC of block 4: it commits the empty block 3, which needs no
     # announcing, and waits
-    leader = keys.leader(4)
-    assert net.heights()[leader] == 2 and min(net.heights()) == 1
-    assert net.cores[leader].round == 4 and net.cores[leader].idle_round == 4
+    leader = keys.leader(5)
+    assert net.heights()[leader] == 3 and min(net.heights()) == 2
+    assert net.cores[leader].round == 5 and net.cores[leader].idle_round == 5
 
 
 # ---- Persist before send ---------------------------------------------------------------------
