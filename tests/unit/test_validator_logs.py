@@ -129,7 +129,8 @@ def test_timers_of_rounds_the_core_left_are_cancelled() -> None:
         v = Validator.__new__(Validator)
         v._timers = []
         v._on_timer = lambda round_, purpose: fired.append((round_, purpose))  # type: ignore[method-assign]
-        v.core = SimpleNamespace(round=3)
+        v.core = SimpleNamespace(round=3, rounds_by_timeout=0)
+        v._timed_out_rounds = 0
         v._run([SetTimer(3, 30), SetTimer(3, 30, "propose"), SetTimer(4, 60)])
         assert len(v._timers) == 3
         v.core.round = 4  # the core moved on: round 3's timers are dropped, round 4's kept
@@ -139,3 +140,20 @@ def test_timers_of_rounds_the_core_left_are_cancelled() -> None:
 
     asyncio.run(run())
     assert fired == [(4, SetTimer(4, 60).purpose)]
+
+
+def test_each_round_entered_by_a_timeout_certificate_is_logged_once(caplog) -> None:  # type: ignore[no-untyped-def]
+    v = Validator.__new__(Validator)
+    v.index, v._timers, v._timed_out_rounds = 2, [], 0
+    leaders = SimpleNamespace(leader=lambda r: r % 4)
+    v.core = SimpleNamespace(round=8, rounds_by_timeout=0, last_tc=None, leaders=leaders)
+    with caplog.at_level("WARNING", logger="rayledger.actors.validator"):
+        v._run([])  # no round by timeout: nothing logged
+        assert not caplog.records
+        v.core.rounds_by_timeout, v.core.last_tc = 1, SimpleNamespace(round=7)
+        v._run([])
+        v._run([])  # the same count again: not logged twice
+    assert [r.getMessage() for r in caplog.records] == [
+        "validator 2: round 7 ended by a timeout certificate (its leader, validator 3, got no "
+        "block certified in time); now in round 8"
+    ]
