@@ -339,7 +339,7 @@ class Mempool:
         held = self.admitting + self.pending_rows + sum(self.in_flight.values())
         if not self.limit.admits(held, batch.num_rows):
             self._count("busy", batch.num_rows)
-            wait = self.limit.retry_after_s(held, batch.num_rows, time.monotonic())
+            wait = self.limit.retry_after_s(held, batch.num_rows)
             return Admission(busy=True, retry_after_ms=max(1, round(wait * 1000)))
         self.admitting += batch.num_rows
         try:
