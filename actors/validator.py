@@ -252,6 +252,10 @@ class Validator:
                 base_timeout_ms=base_timeout_ms,
                 max_batches_per_block=max_batches_per_block,
                 idle_block_ms=idle_block_ms,
+                # A batch ahead of its sender's earlier nonces waits for them (a partition cut
+                # the earlier batch off, say) for up to three round timeouts, 3 s at least:
+                # enough for the leader that holds them to catch up, come round and propose
+                gap_wait_ms=max(3000, 3 * base_timeout_ms),
             ),
             persisted=persisted,
             committed_head=head,
@@ -818,6 +822,7 @@ class Validator:
 
     def _hold(self, digest: bytes, batch: pa.RecordBatch) -> None:
         self.batches[digest] = batch
+        self.core.tick(int(time.time() * 1000))  # when it became available (a gap's wait)
         self._run(self.core.on_batch_available(digest))
 
     async def get_batch(self, digest: bytes) -> pa.RecordBatch | None:
@@ -1180,6 +1185,9 @@ class Validator:
             # Batches of this institution's own mempool, admitted without checking their
             # signatures a second time (the mempool verified them)
             "own_batches": self.own_batches,
+            # Times a proposal of ours left a batch out to wait for its senders' earlier
+            # nonces (LedgerBuilder.build)
+            "batches_deferred": self.builder.deferred,
             "evidence": sum(self.evidence_counts.values()),
             "rejected": dict(self.rejected),
             "evidence_kinds": sorted(self.evidence_counts),

@@ -9,7 +9,7 @@ a QC certifies the state as well as the order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,8 @@ from rayledger.block import (
     result_leaf_hashes,
 )
 from rayledger.errors import InvalidBatch, InvalidSignature
-from rayledger.execution import StateView, execute_block
+from rayledger.execution import StateView, Status, execute_block, nonce_key
+from rayledger.kernels import as_offsets_and_values
 from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
 
 # The body of a block without batches (immutable: shared)
@@ -86,6 +87,8 @@ class LedgerBuilder:
         self._views: dict[bytes, StateView] = {head.hash: base}
         self._bodies: dict[bytes, tuple[pa.RecordBatch, pa.RecordBatch, np.ndarray]] = {}
         self._headers: dict[bytes, BlockHeader] = {}
+        # Batches a proposal of ours left out to wait for an earlier one (``build``)
+        self.deferred = 0
 
     def body_rows(self, digests: Sequence[bytes]) -> pa.RecordBatch:
         parts = [self.batches[d] for d in digests]
@@ -102,9 +105,16 @@ class LedgerBuilder:
         proposer: bytes,
         timestamp_ms: int,
         digests: tuple[bytes, ...],
+        may_wait: Callable[[bytes], bool] | None = None,
     ) -> BlockHeader:
         """Execute a child of ``parent`` and remember it (a header known already keeps its
-        first execution: blocks built on it point to that one)."""
+        first execution: blocks built on it point to that one).
+
+        ``may_wait`` (our own proposal): a batch with rows that fail because their sender's
+        earlier nonces are not in this branch yet (``gap_rows``) is left out if
+        ``may_wait(digest)``, and the block executed again without it, so that it does not
+        burn those rows before the batch ahead of it is ordered (a leader's choice: voters
+        execute the digests the header names, whatever a leader left out)."""
         parent_view = self._views.get(parent.hash)
         if parent_view is None:
             raise KeyError("the parent block has not been executed here")
@@ -112,6 +122,20 @@ class LedgerBuilder:
         view, results, state_root = execute_block(
             parent_view, txs, parent.height + 1, parent.state_root
         )
+        # Leaving a batch out can open a gap for a later one (its senders' earlier rows went
+        # with it): a few passes settle it, each rare and each one execution
+        for _ in range(4 if may_wait is not None else 0):
+            assert may_wait is not None
+            gaps = gap_rows(parent_view, txs, results)
+            waiting = {digests[i] for i in self._batches_of(digests, gaps) if may_wait(digests[i])}
+            if not waiting:
+                break
+            self.deferred += len(waiting)
+            digests = tuple(d for d in digests if d not in waiting)
+            txs = self.body_rows(digests)
+            view, results, state_root = execute_block(
+                parent_view, txs, parent.height + 1, parent.state_root
+            )
         ids = tx_ids_of(txs) if txs.num_rows else np.empty((0, 32), np.uint8)
         leaves = result_leaf_hashes(ids, results) if len(ids) else np.empty((0, 32), np.uint8)
         header = child_header(
@@ -134,6 +158,13 @@ class LedgerBuilder:
         self._bodies[header.hash] = (txs, results, leaves)
         self._headers[header.hash] = header
         return header
+
+    def _batches_of(self, digests: Sequence[bytes], rows: np.ndarray) -> list[int]:
+        """The positions in ``digests`` of the batches holding body rows ``rows``."""
+        if not len(rows):
+            return []
+        ends = np.cumsum([self.batches[d].num_rows for d in digests])
+        return np.unique(np.searchsorted(ends, rows, side="right")).tolist()
 
     def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
         if parent.hash not in self._views:
@@ -192,3 +223,29 @@ class LedgerBuilder:
             self._forget(h)
         self._views[header.hash] = view
         return Block(header, txs, results, parent_qc)
+
+
+def gap_rows(parent_view: StateView, txs: pa.RecordBatch, results: pa.RecordBatch) -> np.ndarray:
+    """The rows of an executed body that failed ``BAD_NONCE`` because their nonce is ahead of
+    their sender's next one (an earlier nonce is missing: a gap), not behind it (a replay).
+
+    A row's sender's next nonce is its nonce in ``parent_view`` plus the sender's rows before
+    it that consumed one (every status but ``BAD_NONCE``). Only the senders of failed rows
+    are looked at: a body without ``BAD_NONCE`` costs one comparison."""
+    status = results.column("status").to_numpy(zero_copy_only=False)
+    failed = status == int(Status.BAD_NONCE)
+    if not failed.any():
+        return np.empty(0, np.int64)
+    n = txs.num_rows
+    senders = np.ascontiguousarray(as_offsets_and_values(txs.column("sender"))[0]).reshape(n, 32)
+    keyed = senders.view(np.dtype((np.void, 32))).ravel()
+    nonces = txs.column("nonce").to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
+    consumed = ~failed
+    out = []
+    for sender in np.unique(keyed[failed]):
+        rows = np.flatnonzero(keyed == sender)
+        used = consumed[rows]
+        base = parent_view.get_u64(nonce_key(bytes(sender)))
+        expected = np.uint64(base) + (np.cumsum(used) - used).astype(np.uint64)
+        out.append(rows[~used & (nonces[rows] > expected)])
+    return np.sort(np.concatenate(out))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,7 +75,12 @@ class BlockBuilder(Protocol):
         proposer: bytes,
         timestamp_ms: int,
         digests: tuple[bytes, ...],
-    ) -> BlockHeader: ...
+        may_wait: Callable[[bytes], bool] | None = None,
+    ) -> BlockHeader:
+        """``may_wait`` (a leader's proposal only): a builder that knows a batch would fail
+        for want of one not yet ordered may leave it out if ``may_wait`` says so; the
+        header names the batches taken."""
+        ...
 
     def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
         """``None`` if the payload fields are right, else the reason they are not."""
@@ -93,6 +98,7 @@ class DigestBuilder:
         proposer: bytes,
         timestamp_ms: int,
         digests: tuple[bytes, ...],
+        may_wait: Callable[[bytes], bool] | None = None,
     ) -> BlockHeader:
         tx_root = merkle_root(list(digests))
         return BlockHeader(
@@ -132,6 +138,12 @@ class CoreConfig:
     # below the round timeout. It turns an idle network's stream of empty blocks into a slow
     # heartbeat.
     idle_block_ms: int = 0
+    # A leader leaves out a batch whose rows would fail for want of an earlier one not yet
+    # ordered (a sender's later nonces ahead of its earlier ones: the batch before them was
+    # cut off by a partition, or went through another mempool) for at most this long after
+    # the batch became available here, so that the earlier batch can be ordered first (0:
+    # never). Only a builder that executes can tell (``BlockBuilder.build``'s ``may_wait``).
+    gap_wait_ms: int = 3000
 
 
 @dataclass(frozen=True)
@@ -206,7 +218,8 @@ class Core:
         self.tree: dict[bytes, Proposal] = {}
         self.qcs: dict[bytes, QuorumCert] = {}
         # Held batches in arrival order: leaders propose the oldest first (fairness, latency).
-        self.available: dict[bytes, None] = {}
+        # Batches held here and not yet ordered, with the time each became available
+        self.available: dict[bytes, int] = {}
         self.waiting_batches: dict[bytes, Proposal] = {}
         self.waiting_parent: dict[bytes, list[Proposal]] = {}
         self.requested: set[bytes] = set()
@@ -316,7 +329,7 @@ class Core:
         """The batch ``digest`` is held locally and its digest checked by the adapter."""
         if self._is_ordered(digest, set()):
             return []
-        self.available.setdefault(digest, None)
+        self.available.setdefault(digest, self.now_ms)
         if self.idle_round == self.round:
             # An idle leader was waiting for exactly this
             self.idle_round = -1
@@ -740,12 +753,17 @@ class Core:
             self.signer.public_key,
             max(parent.timestamp_ms + 1, self.now_ms),
             digests[: self.cfg.max_batches_per_block],
+            self._may_wait if self.cfg.gap_wait_ms > 0 else None,
         )
         sig = self.signer.sign(proposal_message(self.chain_id, block.hash))
         proposal = Proposal(block, qc, tc, sig)
         # Our own vote (and the Persist guarding it) precedes the broadcast.
         self._process_proposal(proposal)
         self._out.append(Broadcast(proposal))
+
+    def _may_wait(self, digest: bytes) -> bool:
+        """May a batch whose rows would fail for want of an earlier one wait for it?"""
+        return self.now_ms - self.available.get(digest, self.now_ms) < self.cfg.gap_wait_ms
 
     def _announces_commit(self, parent: BlockHeader) -> bool:
         """Does the QC of ``parent``, which this proposal carries, commit a block with batches?
