@@ -111,10 +111,10 @@ class LedgerBuilder:
         first execution: blocks built on it point to that one).
 
         ``may_wait`` (our own proposal): a batch with rows that fail because their sender's
-        earlier nonces are not in this branch yet (``gap_rows``) is left out if
-        ``may_wait(digest)``, and the block executed again without it, so that it does not
-        burn those rows before the batch ahead of it is ordered (a leader's choice: voters
-        execute the digests the header names, whatever a leader left out)."""
+        earlier nonces are not ahead of them (``gap_rows``) is moved after the block's other
+        batches, or left out if ``may_wait(digest)``, and the block executed again, so that
+        it does not burn those rows before the batch ahead of it is ordered (a leader's
+        choice: voters execute the digests the header names, in its order)."""
         parent_view = self._views.get(parent.hash)
         if parent_view is None:
             raise KeyError("the parent block has not been executed here")
@@ -122,16 +122,23 @@ class LedgerBuilder:
         view, results, state_root = execute_block(
             parent_view, txs, parent.height + 1, parent.state_root
         )
-        # Leaving a batch out can open a gap for a later one (its senders' earlier rows went
-        # with it): a few passes settle it, each rare and each one execution
-        for _ in range(4 if may_wait is not None else 0):
+        # A batch with gap rows goes after the others (the batch ahead of it may be among
+        # them: batches reach a validator out of order after a partition or a restart); one
+        # still with gap rows there is left out while it may wait. Each change can open a
+        # gap for another batch (rows of its senders moved or went): a few passes settle it,
+        # each rare and each one execution.
+        for _ in range(6 if may_wait is not None else 0):
             assert may_wait is not None
-            gaps = gap_rows(parent_view, txs, results)
-            waiting = {digests[i] for i in self._batches_of(digests, gaps) if may_wait(digests[i])}
-            if not waiting:
-                break
-            self.deferred += len(waiting)
-            digests = tuple(d for d in digests if d not in waiting)
+            gaps = set(self._batches_of(digests, gap_rows(parent_view, txs, results)))
+            order = [d for i, d in enumerate(digests) if i not in gaps]
+            order += [d for i, d in enumerate(digests) if i in gaps]
+            if tuple(order) == digests:  # last already
+                waiting = {i for i in gaps if may_wait(digests[i])}
+                if not waiting:
+                    break
+                self.deferred += len(waiting)
+                order = [d for i, d in enumerate(digests) if i not in waiting]
+            digests = tuple(order)
             txs = self.body_rows(digests)
             view, results, state_root = execute_block(
                 parent_view, txs, parent.height + 1, parent.state_root

@@ -1,10 +1,12 @@
-"""A leader leaves out a batch whose rows would fail for want of a sender's earlier nonces,
-for a bounded wait (``LedgerBuilder.build``'s ``may_wait``, ``CoreConfig.gap_wait_ms``).
+"""A leader puts a batch whose rows would fail for want of a sender's earlier nonces after the
+block's other batches, and leaves it out while it may wait (``LedgerBuilder.build``'s
+``may_wait``, ``CoreConfig.gap_wait_ms``).
 
 Found by a chaos run: a partition dropped one of a mempool's batches at three validators;
 after the heal those three proposed the mempool's next batch first, its rows failed
 ``BAD_NONCE`` (a gap), the dropped batch committed after it, and every later transaction of
-that sender failed too (40,600 of them in that run).
+that sender failed too (40,600 of them in that run). In the next run a leader held both
+batches, the later one first.
 """
 
 from __future__ import annotations
@@ -93,11 +95,23 @@ def test_leaving_a_batch_out_can_make_a_later_one_wait_too() -> None:
     header = lb.build(genesis, 1, PROPOSER, 2, tuple(digests), lambda d: True)
     assert header.batch_digests == (digests[2],) and statuses(lb, header) == [OK] * 3
     assert lb.deferred == 2
-    # Where only P may still wait, Q goes in on its own and its rows fail: the wait is the
-    # leader's per batch
+    # Where only P may still wait, Q goes in without it (last) and its rows fail: the wait
+    # is the leader's per batch
     header = lb.build(genesis, 1, PROPOSER, 2, tuple(digests), lambda d: d == digests[0])
-    assert header.batch_digests == (digests[1], digests[2])
-    assert statuses(lb, header) == [BAD] * 5 + [OK] * 3
+    assert header.batch_digests == (digests[2], digests[1])
+    assert statuses(lb, header) == [OK] * 3 + [BAD] * 5
+
+
+def test_a_batch_ahead_of_one_in_the_same_block_goes_after_it() -> None:
+    # Batches can become available out of order (the earlier one fetched late, after a
+    # partition): the later one moves behind it, waiting or not, and nothing fails
+    early, late = anchors(A, range(0, 10)), anchors(A, range(10, 20))
+    other = anchors(B, range(0, 4))
+    for may_wait in (lambda d: True, lambda d: False):
+        lb, genesis, (d_early, d_late, d_other) = builder(early, late, other)
+        header = lb.build(genesis, 1, PROPOSER, 2, (d_late, d_other, d_early), may_wait)
+        assert header.batch_digests == (d_other, d_early, d_late)
+        assert statuses(lb, header) == [OK] * 24 and lb.deferred == 0
 
 
 class _Recorder(DigestBuilder):
