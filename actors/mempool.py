@@ -66,6 +66,11 @@ MIN_TARGET_S = 1.0
 COMMIT_POLL_S = 1.0
 STALE_MIN_S = 3.0
 POLL_TIMEOUT_S = 5.0
+# A batch long in flight and not committed is sent to every validator again, at most this
+# often: one that missed it (a partition cut this mempool's site off when it was sealed, or
+# the validator restarted since) then holds it, and its sender's later batches do not wait
+# for it in vain (see LedgerBuilder.build)
+REANNOUNCE_S = 2.0
 
 # Batches a mempool remembers the sealing time of, awaiting their commit
 SEALED_KEEP = 4096
@@ -274,6 +279,8 @@ class Mempool:
         self.expiry_s = float(settings.get("mempool_inflight_expiry_s", 120.0))
         self._poll: asyncio.Task[None] | None = None
         self._polled_at = 0.0
+        # When each batch long in flight was last sent again (``_poll_commits``)
+        self._resent_at: dict[bytes, float] = {}
         # Recently admitted ids, oldest first, bounded: a copy older than the window is still
         # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
         self.seen: dict[bytes, None] = {}
@@ -505,9 +512,26 @@ class Mempool:
                     if committed and digest in self.in_flight:
                         self._count("commits_polled", self.in_flight[digest])
                         self._release(digest)
-                return
+                break
+            await self._reannounce([d for d in stale if d in self.in_flight], now)
         finally:
             self._poll = None
+
+    async def _reannounce(self, digests: list[bytes], now: float) -> None:
+        """Send batches long in flight to every validator again (by reference, outside the
+        sealing order; a validator that holds one already drops it at once)."""
+        for digest in digests:
+            ref = self._refs.get(digest)
+            if ref is None or now - self._resent_at.get(digest, 0.0) < REANNOUNCE_S:
+                continue
+            self._resent_at[digest] = now
+            self._count("reannounced", 1)
+            batch = await ref
+            for i, v in self.validators.items():
+                key = self.seal_keys.get(i)
+                tag = None if key is None else seal_tag(key, digest, batch)
+                self.ray_sends += 1
+                v.batch_ready.remote(digest, [ref], None, tag, resent_by=self.index)
 
     def _expire(self, now: float) -> None:
         """Stop counting batches sealed more than ``expiry_s`` ago and never heard of since
@@ -537,6 +561,7 @@ class Mempool:
         self.in_flight.pop(digest, None)
         self._refs.pop(digest, None)
         self.sealed_at.pop(digest, None)
+        self._resent_at.pop(digest, None)
         self.limit.forget(digest)
 
     def _count(self, key: str, n: int) -> None:

@@ -189,6 +189,8 @@ class Validator:
         # that mempool, and its signatures are not checked a second time here
         self.seal_key = os.urandom(32)
         self.own_batches = 0
+        # Batches a mempool sent again that were new here (``batch_ready``'s ``resent_by``)
+        self.batches_resent = 0
         self._rekeyed_at = 0.0
         self.me: Any = None  # this actor's own handle, known from start()
         # Fault injection (chaos and tests): peers cut off by a partition, and a Byzantine
@@ -253,9 +255,9 @@ class Validator:
                 max_batches_per_block=max_batches_per_block,
                 idle_block_ms=idle_block_ms,
                 # A batch ahead of its sender's earlier nonces waits for them (a partition cut
-                # the earlier batch off, say) for up to three round timeouts, 3 s at least:
+                # the earlier batch off, say) for up to five round timeouts, 5 s at least:
                 # enough for the leader that holds them to catch up, come round and propose
-                gap_wait_ms=max(3000, 3 * base_timeout_ms),
+                gap_wait_ms=max(5000, 5 * base_timeout_ms),
             ),
             persisted=persisted,
             committed_head=head,
@@ -644,6 +646,7 @@ class Validator:
         tag: bytes | None = None,
         *,
         body: pa.RecordBatch | None = None,
+        resent_by: int | None = None,
     ) -> None:
         """A mempool sealed a batch (``origin``: the mempool and its sealing sequence number):
         check it ourselves (in this institution's verifier when there is one, so the event
@@ -664,7 +667,22 @@ class Validator:
         latency, so they keep their order. A partition that cuts a mempool's site off drops
         its batches as it drops consensus messages (each takes its turn, so the mempool's
         later batches do not wait for it): a proposal that names one after the heal is served
-        by a peer that holds it."""
+        by a peer that holds it.
+
+        ``resent_by``: mempool ``resent_by`` sent this batch again, outside its sealing order
+        (it was long in flight: this validator may have missed it); it crosses the WAN and a
+        partition as the mempool's batches do, and is taken at once if it is new here."""
+        if resent_by is not None:
+            hold = self._link_s(resent_by)
+            if hold > 0:
+                await asyncio.sleep(hold)
+            if resent_by in self.blocked:
+                self._count("batch: partitioned")
+                return
+            if digest in self.batches:
+                return
+            self._note_origin(digest, resent_by)
+            self.batches_resent += 1
         if origin is not None:
             hold = self._link_s(origin[0])
             if hold > 0:
@@ -1186,8 +1204,10 @@ class Validator:
             # signatures a second time (the mempool verified them)
             "own_batches": self.own_batches,
             # Times a proposal of ours left a batch out to wait for its senders' earlier
-            # nonces (LedgerBuilder.build)
+            # nonces, and rows it proposed anyway that failed for want of them (logged)
             "batches_deferred": self.builder.deferred,
+            "gap_rows_proposed": self.builder.gap_rows_proposed,
+            "batches_resent": self.batches_resent,
             "evidence": sum(self.evidence_counts.values()),
             "rejected": dict(self.rejected),
             "evidence_kinds": sorted(self.evidence_counts),

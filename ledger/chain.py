@@ -9,6 +9,7 @@ a QC certifies the state as well as the order.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ from rayledger.errors import InvalidBatch, InvalidSignature
 from rayledger.execution import StateView, Status, execute_block, nonce_key
 from rayledger.kernels import as_offsets_and_values
 from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
+
+log = logging.getLogger(__name__)
 
 # The body of a block without batches (immutable: shared)
 _EMPTY_BODY = pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
@@ -87,8 +90,10 @@ class LedgerBuilder:
         self._views: dict[bytes, StateView] = {head.hash: base}
         self._bodies: dict[bytes, tuple[pa.RecordBatch, pa.RecordBatch, np.ndarray]] = {}
         self._headers: dict[bytes, BlockHeader] = {}
-        # Batches a proposal of ours left out to wait for an earlier one (``build``)
+        # Batches a proposal of ours left out to wait for an earlier one, and rows it
+        # proposed that failed for want of their senders' earlier nonces (``build``)
         self.deferred = 0
+        self.gap_rows_proposed = 0
 
     def body_rows(self, digests: Sequence[bytes]) -> pa.RecordBatch:
         parts = [self.batches[d] for d in digests]
@@ -127,13 +132,15 @@ class LedgerBuilder:
         # still with gap rows there is left out while it may wait. Each change can open a
         # gap for another batch (rows of its senders moved or went): a few passes settle it,
         # each rare and each one execution.
+        gaps = np.empty(0, np.int64)
         for _ in range(6 if may_wait is not None else 0):
             assert may_wait is not None
-            gaps = set(self._batches_of(digests, gap_rows(parent_view, txs, results)))
-            order = [d for i, d in enumerate(digests) if i not in gaps]
-            order += [d for i, d in enumerate(digests) if i in gaps]
-            if tuple(order) == digests:  # last already
-                waiting = {i for i in gaps if may_wait(digests[i])}
+            gaps = gap_rows(parent_view, txs, results)
+            held = set(self._batches_of(digests, gaps))
+            order = [d for i, d in enumerate(digests) if i not in held]
+            order += [d for i, d in enumerate(digests) if i in held]
+            if tuple(order) == digests:  # none, or last already
+                waiting = {i for i in held if may_wait(digests[i])}
                 if not waiting:
                     break
                 self.deferred += len(waiting)
@@ -142,6 +149,18 @@ class LedgerBuilder:
             txs = self.body_rows(digests)
             view, results, state_root = execute_block(
                 parent_view, txs, parent.height + 1, parent.state_root
+            )
+        else:
+            if may_wait is not None:
+                gaps = gap_rows(parent_view, txs, results)
+        if len(gaps):
+            self.gap_rows_proposed += len(gaps)
+            log.warning(
+                "block %d: %d rows go in ahead of their senders' earlier nonces and fail"
+                " (batches %s waited their time)",
+                parent.height + 1,
+                len(gaps),
+                ", ".join(digests[i].hex()[:12] for i in self._batches_of(digests, gaps)),
             )
         ids = tx_ids_of(txs) if txs.num_rows else np.empty((0, 32), np.uint8)
         leaves = result_leaf_hashes(ids, results) if len(ids) else np.empty((0, 32), np.uint8)

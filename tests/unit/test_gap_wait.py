@@ -77,6 +77,7 @@ def test_a_batch_ahead_of_its_senders_nonces_waits_then_goes_in() -> None:
     # Once the wait is over it goes in, and fails as before
     header = lb.build(genesis, 1, PROPOSER, 2, (d_late,), lambda d: False)
     assert header.batch_digests == (d_late,) and statuses(lb, header) == [BAD] * 10
+    assert lb.gap_rows_proposed == 10
     # Both here, in order: nothing waits and nothing fails
     header = lb.build(genesis, 1, PROPOSER, 2, (d_early, d_late), may_wait)
     assert header.batch_digests == (d_early, d_late) and statuses(lb, header) == [OK] * 20
