@@ -425,6 +425,41 @@ def test_partitioned_site_under_wan_latency_recovers(tmp_path: Path) -> None:
         net.shutdown()
 
 
+def test_a_batch_only_a_crashed_validator_held_is_sent_again_and_committed(
+    tmp_path: Path,
+) -> None:
+    """A partition cuts site 3 off while its mempool seals a batch (only validator 3 hears of
+    it), then validator 3 crashes and the partition heals: the mempool sends the batch, long
+    in flight, to every validator again, and the others commit it; the client's next rows,
+    submitted at the heal, wait for it rather than fail their nonces. While the partition
+    lasts, the batch sent again is dropped as the first was."""
+    net = start(tmp_path, "resend")
+    try:
+        net.partition([[3]])
+        first, after = (client_batches(net, 400, start_nonce=s)[3] for s in (0, 100))
+        assert net.submit(first, mempool=3).accepted == first.num_rows
+        ids = [r.tobytes() for r in tx_ids_of(first)]
+        deadline = time.monotonic() + 30
+        mempool = net.mempool(3)
+        # Long in flight (3 s): sent again, and dropped again at the partition
+        while not ray.get(mempool.status.remote())["counts"].get("reannounced"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert ray.get(net.validator(0).locate.remote(ids)) == [None] * len(ids)
+        assert net.status()[0]["batches_resent"] == 0
+        net.kill(3)
+        net.heal()
+        assert net.submit(after, mempool=3).accepted == after.num_rows
+        net.wait_committed(first, timeout_s=60, validators=[0, 1, 2])
+        net.wait_committed(after, timeout_s=60, validators=[0, 1, 2])
+        assert sum(s.get("batches_resent", 0) for s in net.status()) >= 1
+        for i in range(3):
+            assert ray.get(net.validator(i).status_counts.remote()) == {int(Status.OK): 200}
+    finally:
+        net.shutdown()
+
+
 def test_an_actor_that_cannot_be_placed_is_a_clear_error(tmp_path: Path) -> None:
     """multisite.toml wants nodes labelled with sites; this single node has none."""
     spec = load_network(CONFIG.with_name("multisite.toml"))
