@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,20 +27,12 @@ from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
 from rayledger.execution import Status
 from rayledger.tx import TxKind, make_batch, tx_ids_of
+from tests.actors.test_network import ray_instance  # noqa: F401 - one local Ray for the module
 
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.toml"
 CHUNK = 200
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance() -> Iterator[None]:
-    ray.init(
-        num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
-    )
-    yield
-    ray.shutdown()
 
 
 def _client(net: Network, k: int, stop: threading.Event, accepted: list[bytes]) -> None:

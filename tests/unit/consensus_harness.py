@@ -109,6 +109,7 @@ class Keyring:
         persisted: SafetyState | None = None,
         committed_head: BlockHeader | None = None,
         known_blocks: Sequence[Proposal] = (),
+        builder: Any = None,
     ) -> Core:
         return Core(
             validators=self.validators,
@@ -116,6 +117,7 @@ class Keyring:
             signer=self.signers[index],
             verifier=self.verifier,
             genesis=self.genesis,
+            builder=builder,
             config=self.config,
             persisted=persisted,
             committed_head=committed_head,

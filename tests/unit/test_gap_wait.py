@@ -12,6 +12,7 @@ batches, the later one first.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pyarrow as pa
 
@@ -131,15 +132,7 @@ def test_the_core_lets_a_batch_wait_for_gap_wait_ms_from_when_it_became_availabl
     leader = keys.leader(1)
 
     def core(cfg: CoreConfig) -> Core:
-        return Core(
-            validators=keys.validators,
-            index=leader,
-            signer=keys.signers[leader],
-            verifier=keys.verifier,
-            genesis=keys.genesis,
-            builder=recorder,
-            config=cfg,
-        )
+        return replace(keys, config=cfg).core(leader, builder=recorder)
 
     c = core(CoreConfig(gap_wait_ms=3000))
     c.tick(keys.genesis.timestamp_ms + 10_000)
