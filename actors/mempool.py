@@ -66,11 +66,15 @@ MIN_TARGET_S = 1.0
 COMMIT_POLL_S = 1.0
 STALE_MIN_S = 3.0
 POLL_TIMEOUT_S = 5.0
-# A batch long in flight and not committed is sent to every validator again, at most this
-# often: one that missed it (a partition cut this mempool's site off when it was sealed, or
-# the validator restarted since) then holds it, and its sender's later batches do not wait
-# for it in vain (see LedgerBuilder.build)
+# A batch long in flight and not committed is sent to every validator again: one that
+# missed it (a partition cut this mempool's site off when it was sealed, or the validator
+# restarted since) then holds it, and its sender's later batches do not wait for it in vain
+# (see LedgerBuilder.build). Again 2 s later, then after twice as long each time up to 32 s,
+# at most 16 batches a poll, oldest first: a network overloaded for long does not spend
+# itself on resending what every validator holds
 REANNOUNCE_S = 2.0
+REANNOUNCE_MAX_S = 32.0
+REANNOUNCE_BATCHES = 16
 
 # Batches a mempool remembers the sealing time of, awaiting their commit
 SEALED_KEEP = 4096
@@ -279,8 +283,9 @@ class Mempool:
         self.expiry_s = float(settings.get("mempool_inflight_expiry_s", 120.0))
         self._poll: asyncio.Task[None] | None = None
         self._polled_at = 0.0
-        # When each batch long in flight was last sent again (``_poll_commits``)
-        self._resent_at: dict[bytes, float] = {}
+        # When each batch long in flight may be sent again, and the wait after that
+        # (``_reannounce``)
+        self._resend: dict[bytes, tuple[float, float]] = {}
         # Recently admitted ids, oldest first, bounded: a copy older than the window is still
         # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
         self.seen: dict[bytes, None] = {}
@@ -520,11 +525,13 @@ class Mempool:
     async def _reannounce(self, digests: list[bytes], now: float) -> None:
         """Send batches long in flight to every validator again (by reference, outside the
         sealing order; a validator that holds one already drops it at once)."""
-        for digest in digests:
+        due = [d for d in digests if now >= self._resend.get(d, (0.0, 0.0))[0]]
+        for digest in due[:REANNOUNCE_BATCHES]:
             ref = self._refs.get(digest)
-            if ref is None or now - self._resent_at.get(digest, 0.0) < REANNOUNCE_S:
+            if ref is None:
                 continue
-            self._resent_at[digest] = now
+            wait = min(self._resend.get(digest, (0.0, REANNOUNCE_S / 2))[1] * 2, REANNOUNCE_MAX_S)
+            self._resend[digest] = (now + wait, wait)
             self._count("reannounced", 1)
             batch = await ref
             for i, v in self.validators.items():
@@ -561,7 +568,7 @@ class Mempool:
         self.in_flight.pop(digest, None)
         self._refs.pop(digest, None)
         self.sealed_at.pop(digest, None)
-        self._resent_at.pop(digest, None)
+        self._resend.pop(digest, None)
         self.limit.forget(digest)
 
     def _count(self, key: str, n: int) -> None:
