@@ -133,25 +133,23 @@ class LedgerBuilder:
         # gap for another batch (rows of its senders moved or went): a few passes settle it,
         # each rare and each one execution.
         gaps = np.empty(0, np.int64)
-        for _ in range(6 if may_wait is not None else 0):
-            assert may_wait is not None
+        if may_wait is not None:
             gaps = gap_rows(parent_view, txs, results)
-            held = set(self._batches_of(digests, gaps))
-            order = [d for i, d in enumerate(digests) if i not in held]
-            order += [d for i, d in enumerate(digests) if i in held]
-            if tuple(order) == digests:  # none, or last already
-                waiting = {i for i in held if may_wait(digests[i])}
-                if not waiting:
-                    break
-                self.deferred += len(waiting)
-                order = [d for i, d in enumerate(digests) if i not in waiting]
-            digests = tuple(order)
-            txs = self.body_rows(digests)
-            view, results, state_root = execute_block(
-                parent_view, txs, parent.height + 1, parent.state_root
-            )
-        else:
-            if may_wait is not None:
+            for _ in range(6):
+                held = set(self._batches_of(digests, gaps))
+                order = [d for i, d in enumerate(digests) if i not in held]
+                order += [d for i, d in enumerate(digests) if i in held]
+                if tuple(order) == digests:  # none, or last already
+                    waiting = {i for i in held if may_wait(digests[i])}
+                    if not waiting:
+                        break
+                    self.deferred += len(waiting)
+                    order = [d for i, d in enumerate(digests) if i not in waiting]
+                digests = tuple(order)
+                txs = self.body_rows(digests)
+                view, results, state_root = execute_block(
+                    parent_view, txs, parent.height + 1, parent.state_root
+                )
                 gaps = gap_rows(parent_view, txs, results)
         if len(gaps):
             self.gap_rows_proposed += len(gaps)

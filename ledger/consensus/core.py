@@ -217,8 +217,8 @@ class Core:
         self.committed_digests: dict[bytes, int] = {}
         self.tree: dict[bytes, Proposal] = {}
         self.qcs: dict[bytes, QuorumCert] = {}
-        # Held batches in arrival order: leaders propose the oldest first (fairness, latency).
-        # Batches held here and not yet ordered, with the time each became available
+        # Held batches in arrival order, with the time each became available: leaders propose
+        # the oldest first (fairness, latency) and let one wait for a gap (``_may_wait``)
         self.available: dict[bytes, int] = {}
         self.waiting_batches: dict[bytes, Proposal] = {}
         self.waiting_parent: dict[bytes, list[Proposal]] = {}
