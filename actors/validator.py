@@ -672,32 +672,27 @@ class Validator:
         ``resent_by``: mempool ``resent_by`` sent this batch again, outside its sealing order
         (it was long in flight: this validator may have missed it); it crosses the WAN and a
         partition as the mempool's batches do, and is taken at once if it is new here."""
-        if resent_by is not None:
-            hold = self._link_s(resent_by)
+        mempool = origin[0] if origin is not None else resent_by
+        if mempool is not None:
+            hold = self._link_s(mempool)
             if hold > 0:
                 await asyncio.sleep(hold)
-            if resent_by in self.blocked:
-                self._count("batch: partitioned")
-                return
-            if digest in self.batches:
-                return
-            self._note_origin(digest, resent_by)
-            self.batches_resent += 1
-        if origin is not None:
-            hold = self._link_s(origin[0])
-            if hold > 0:
-                await asyncio.sleep(hold)
-            self._note_origin(digest, origin[0])
-            # A mempool's order starts here with the first of its batches to arrive, not the
-            # first whose check finishes (one check can overtake another)
-            self.origin_next.setdefault(origin[0], origin[1])
-            if origin[0] in self.blocked:
+            self._note_origin(digest, mempool)
+            if origin is not None:
+                # A mempool's order starts here with the first of its batches to arrive, not
+                # the first whose check finishes (one check can overtake another)
+                self.origin_next.setdefault(origin[0], origin[1])
+            if mempool in self.blocked:
                 self._count("batch: partitioned")
                 self._in_order(origin, digest, None)
                 return
-        if digest in self.batches:
+        # Held, or committed here already (a batch sent again, one that came after a peer's
+        # proposal had it fetched): not checked or held a second time
+        if digest in self.batches or digest in self.committed_batches:
             self._in_order(origin, digest, None)
             return
+        if resent_by is not None:
+            self.batches_resent += 1
         try:
             canonical = await self._check_announced(digest, refs, origin, tag, body)
         except Exception as exc:  # unreadable (its object lost) or the verifier failed

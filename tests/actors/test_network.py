@@ -456,6 +456,17 @@ def test_a_batch_only_a_crashed_validator_held_is_sent_again_and_committed(
         assert sum(s.get("batches_resent", 0) for s in net.status()) >= 1
         for i in range(3):
             assert ray.get(net.validator(i).status_counts.remote()) == {int(Status.OK): 200}
+        # Sent again once committed (a validator answered the mempool's poll before this one
+        # committed it): neither checked nor held again
+        before = net.status()[0]
+        v0 = net.validator(0)
+        assert ray.get(v0.batches_committed.remote([batch_digest(first)])) == [True]
+        ray.get(
+            v0.batch_ready.remote(batch_digest(first), [ray.put(first)], None, None, resent_by=3)
+        )
+        after_status = net.status()[0]
+        assert after_status["batches_resent"] == before["batches_resent"]
+        assert after_status["batches_held"] == before["batches_held"]
     finally:
         net.shutdown()
 

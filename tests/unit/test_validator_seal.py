@@ -35,7 +35,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v = Validator.__new__(Validator)
     v.index = 2
     v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS, validators=SimpleNamespace(n=N))
-    v.batches, v.rejected = {}, {}
+    v.batches, v.rejected, v.committed_batches = {}, {}, {}
     v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
     v.verifier_actor = None
     v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
