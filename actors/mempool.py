@@ -303,6 +303,7 @@ class Mempool:
         self.streams: dict[int, StreamSender] = {}
         self._frames_out_before = 0
         self.ray_sends = 0
+        self.resends = 0  # by Ray call too, but not for want of a stream: see _reannounce
         self.stream_events: dict[str, int] = {}
 
     async def set_validator(
@@ -537,7 +538,7 @@ class Mempool:
             for i, v in self.validators.items():
                 key = self.seal_keys.get(i)
                 tag = None if key is None else seal_tag(key, digest, batch)
-                self.ray_sends += 1
+                self.resends += 1
                 v.batch_ready.remote(digest, [ref], None, tag, resent_by=self.index)
 
     def _expire(self, now: float) -> None:
@@ -592,12 +593,14 @@ class Mempool:
             # Validators this mempool tags its batches for (its own: they skip re-checking
             # signatures); the keys themselves are never shown
             "sealing_for": sorted(self.seal_keys),
-            # Batches announced on streams and by Ray call
+            # Batches announced on streams and by Ray call (where a stream was down), and
+            # long uncommitted batches sent again by Ray call, to each validator
             "streams": {
                 "connected": sorted(i for i, st in self.streams.items() if st.connected),
                 "frames_out": self._frames_out_before
                 + sum(st.frames_out for st in self.streams.values()),
                 "ray_sends": self.ray_sends,
+                "resends": self.resends,
                 # A malformed endpoint, a validator that stopped reading
                 "events": dict(self.stream_events),
             },

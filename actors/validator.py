@@ -172,6 +172,8 @@ class Validator:
         self.mempool: Any = None
         self.verifier_actor: Any = None
         self.batches: dict[bytes, pa.RecordBatch] = {}
+        # Batches whose checks are under way here (a copy sent again meanwhile is dropped)
+        self._checking: set[bytes] = set()
         # Per mempool: the next sealing sequence number to hold, and batches waiting for it
         self.origin_next: dict[int, int] = {}
         self.origin_waiting: dict[int, dict[int, tuple[bytes, pa.RecordBatch | None]]] = {}
@@ -692,13 +694,21 @@ class Validator:
             self._in_order(origin, digest, None)
             return
         if resent_by is not None:
+            # Sent again while its first copy is still being checked here, or checked and
+            # waiting its turn behind its mempool's earlier batches: that copy will be held
+            if digest in self._checking or self._awaits_turn(digest):
+                self._count("batch: resent, in flight here")
+                return
             self.batches_resent += 1
+        self._checking.add(digest)
         try:
             canonical = await self._check_announced(digest, refs, origin, tag, body)
         except Exception as exc:  # unreadable (its object lost) or the verifier failed
             log.warning("validator %d: batch %s: %s", self.index, digest.hex()[:16], exc)
             self._count("batch: unreadable")
             canonical = None
+        finally:
+            self._checking.discard(digest)
         # Its turn is taken whatever the outcome: the mempool's next batches wait for it
         self._in_order(origin, digest, canonical)
 
@@ -781,6 +791,12 @@ class Validator:
             asyncio.get_running_loop().call_later(
                 REORDER_WAIT_S, self._release_waiting, mempool, expected
             )
+
+    def _awaits_turn(self, digest: bytes) -> bool:
+        """Whether ``digest`` was checked and waits for its mempool's earlier batches (a scan:
+        only batches sent again ask, and few batches wait)."""
+        waiting = (entry for w in self.origin_waiting.values() for entry in w.values())
+        return any(d == digest and b is not None for d, b in waiting)
 
     def _release_waiting(self, mempool: int, stalled_at: int) -> None:
         """A predecessor never came (refused, lost with a crashed mempool): stop waiting."""

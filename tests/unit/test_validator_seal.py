@@ -36,6 +36,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.index = 2
     v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS, validators=SimpleNamespace(n=N))
     v.batches, v.rejected, v.committed_batches = {}, {}, {}
+    v._checking, v.batches_resent = set(), 0
     v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
     v.verifier_actor = None
     v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
@@ -385,3 +386,50 @@ def test_a_partition_drops_a_cut_off_mempools_batches_and_they_take_their_turn()
     v.blocked = set()  # healed: the mempool's next batch does not wait for the dropped ones
     announce(v, fourth, (1, 3), None)
     assert held == [digest_of(third), digest_of(fourth)]
+
+
+def test_a_batch_sent_again_while_its_first_copy_is_in_flight_here_is_dropped() -> None:
+    """A mempool sends a batch long uncommitted to every validator again. Here its first copy
+    is still being checked, or was checked and waits for its mempool's earlier batch: the
+    copy is dropped (counted), not checked a second time. A copy of a batch dropped by a
+    partition, waiting its turn, is new here: checked and held."""
+    v, held, _ = validator()
+    good, _ = batches()
+    first, second, third = good.slice(0, 2), good.slice(2, 2), good.slice(4, 2)
+    release = asyncio.Event()
+
+    async def slow(batch: pa.RecordBatch) -> pa.RecordBatch:
+        await release.wait()  # a check queued behind others on a saturated machine
+        return batch
+
+    async def ref(batch: pa.RecordBatch) -> pa.RecordBatch:
+        return batch
+
+    async def resend(batch: pa.RecordBatch) -> None:
+        await v.batch_ready(digest_of(batch), [], None, None, body=batch, resent_by=0)
+
+    async def run() -> None:
+        v.origin_next[0] = 1
+        checking = asyncio.ensure_future(
+            v.batch_ready(digest_of(first), [slow(first)], (0, 1), None)
+        )
+        await asyncio.sleep(0)  # its check starts
+        await v.batch_ready(digest_of(second), [ref(second)], (0, 2), None)  # waits for 1
+        assert held == [] and v._checking == {digest_of(first)}
+        await resend(first)  # its check is under way
+        await resend(second)  # checked, waiting its turn
+        assert held == [] and v.batches_resent == 0
+        release.set()
+        await checking
+        assert held == [digest_of(first), digest_of(second)] and v._checking == set()
+        # Dropped by a partition while mempool 0's batch 3 is missing: it waits its turn
+        # empty, and the copy sent again after the heal is checked and held
+        v.blocked = {0}
+        await v.batch_ready(digest_of(third), [], (0, 4), None, body=third)
+        v.blocked = set()
+        await resend(third)
+
+    asyncio.run(run())
+    assert held == [digest_of(first), digest_of(second), digest_of(third)]
+    assert v.batches_resent == 1 and not v._checking
+    assert v.rejected == {"batch: resent, in flight here": 2, "batch: partitioned": 1}
