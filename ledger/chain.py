@@ -10,6 +10,7 @@ a QC certifies the state as well as the order.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # The body of a block without batches (immutable: shared)
 _EMPTY_BODY = pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
+
+# Gaps (a sender, the nonce it is missing) a leader remembers having found: the oldest are
+# forgotten past this many (one found again is then waited for again, once)
+GAPS_KEEP = 65_536
 
 
 def batch_digest(batch: pa.RecordBatch) -> bytes:
@@ -94,6 +99,10 @@ class LedgerBuilder:
         # proposed that failed for want of their senders' earlier nonces (``build``)
         self.deferred = 0
         self.gap_rows_proposed = 0
+        # Gaps found by our proposals: (sender, the nonce it is missing) -> when first found
+        # (a proposal's timestamp), oldest first: a gap is waited for from then, not anew
+        # for each batch that has rows behind it
+        self._gap_seen: OrderedDict[tuple[bytes, int], int] = OrderedDict()
 
     def body_rows(self, digests: Sequence[bytes]) -> pa.RecordBatch:
         parts = [self.batches[d] for d in digests]
@@ -110,16 +119,20 @@ class LedgerBuilder:
         proposer: bytes,
         timestamp_ms: int,
         digests: tuple[bytes, ...],
-        may_wait: Callable[[bytes], bool] | None = None,
+        may_wait: Callable[[bytes, int], bool] | None = None,
     ) -> BlockHeader:
         """Execute a child of ``parent`` and remember it (a header known already keeps its
         first execution: blocks built on it point to that one).
 
         ``may_wait`` (our own proposal): a batch with rows that fail because their sender's
         earlier nonces are not ahead of them (``gap_rows``) is moved after the block's other
-        batches, or left out if ``may_wait(digest)``, and the block executed again, so that
-        it does not burn those rows before the batch ahead of it is ordered (a leader's
-        choice: voters execute the digests the header names, in its order)."""
+        batches, or left out if ``may_wait(digest, found_ms)``, and the block executed again,
+        so that it does not burn those rows before the batch ahead of it is ordered (a
+        leader's choice: voters execute the digests the header names, in its order).
+        ``found_ms``: when a proposal of ours first found the latest found of the batch's
+        gaps (a sender and the nonce it is missing), this proposal's ``timestamp_ms`` for a
+        new one. A gap is waited for once: a sender that skipped a nonce, whose later rows
+        all fail, makes batches wait only until its gap is old, not each one anew."""
         parent_view = self._views.get(parent.hash)
         if parent_view is None:
             raise KeyError("the parent block has not been executed here")
@@ -134,13 +147,14 @@ class LedgerBuilder:
         # each rare and each one execution.
         gaps = np.empty(0, np.int64)
         if may_wait is not None:
-            gaps = gap_rows(parent_view, txs, results)
+            gaps, missing = gaps_and_missing(parent_view, txs, results)
             for _ in range(6):
                 held = set(self._batches_of(digests, gaps))
                 order = [d for i, d in enumerate(digests) if i not in held]
                 order += [d for i, d in enumerate(digests) if i in held]
                 if tuple(order) == digests:  # none, or last already
-                    waiting = {i for i in held if may_wait(digests[i])}
+                    found = self._gaps_found(digests, txs, gaps, missing, timestamp_ms)
+                    waiting = {i for i in held if may_wait(digests[i], found[i])}
                     if not waiting:
                         break
                     self.deferred += len(waiting)
@@ -150,7 +164,7 @@ class LedgerBuilder:
                 view, results, state_root = execute_block(
                     parent_view, txs, parent.height + 1, parent.state_root
                 )
-                gaps = gap_rows(parent_view, txs, results)
+                gaps, missing = gaps_and_missing(parent_view, txs, results)
         if len(gaps):
             self.gap_rows_proposed += len(gaps)
             log.warning(
@@ -182,6 +196,41 @@ class LedgerBuilder:
         self._bodies[header.hash] = (txs, results, leaves)
         self._headers[header.hash] = header
         return header
+
+    def _gaps_found(
+        self,
+        digests: Sequence[bytes],
+        txs: pa.RecordBatch,
+        gaps: np.ndarray,
+        missing: np.ndarray,
+        now_ms: int,
+    ) -> dict[int, int]:
+        """For each batch with gap rows (its position in ``digests``), when our proposals
+        first found the latest found of its gaps; new ones are found at ``now_ms``."""
+        if not len(gaps):
+            return {}
+        ends = np.cumsum([self.batches[d].num_rows for d in digests])
+        where = np.searchsorted(ends, gaps, side="right").astype(">i8")
+        n = txs.num_rows
+        senders = np.ascontiguousarray(as_offsets_and_values(txs.column("sender"))[0])
+        keys = np.concatenate(
+            [
+                where.view(np.uint8).reshape(-1, 8),
+                senders.reshape(n, 32)[gaps],
+                missing.astype(">u8").view(np.uint8).reshape(-1, 8),
+            ],
+            axis=1,
+        )
+        found: dict[int, int] = {}
+        for key in np.unique(keys.view(np.dtype((np.void, 48))).ravel()):
+            raw = bytes(key)
+            gap = (raw[8:40], int.from_bytes(raw[40:], "big"))
+            at = self._gap_seen.setdefault(gap, now_ms)
+            if len(self._gap_seen) > GAPS_KEEP:
+                self._gap_seen.popitem(last=False)
+            i = int.from_bytes(raw[:8], "big")
+            found[i] = max(found.get(i, at), at)
+        return found
 
     def _batches_of(self, digests: Sequence[bytes], rows: np.ndarray) -> list[int]:
         """The positions in ``digests`` of the batches holding body rows ``rows``."""
@@ -256,20 +305,32 @@ def gap_rows(parent_view: StateView, txs: pa.RecordBatch, results: pa.RecordBatc
     A row's sender's next nonce is its nonce in ``parent_view`` plus the sender's rows before
     it that consumed one (every status but ``BAD_NONCE``). Only the senders of failed rows
     are looked at: a body without ``BAD_NONCE`` costs one comparison."""
+    return gaps_and_missing(parent_view, txs, results)[0]
+
+
+def gaps_and_missing(
+    parent_view: StateView, txs: pa.RecordBatch, results: pa.RecordBatch
+) -> tuple[np.ndarray, np.ndarray]:
+    """``gap_rows``, and for each the nonce its sender is missing there (its next one)."""
     status = results.column("status").to_numpy(zero_copy_only=False)
     failed = status == int(Status.BAD_NONCE)
     if not failed.any():
-        return np.empty(0, np.int64)
+        return np.empty(0, np.int64), np.empty(0, np.uint64)
     n = txs.num_rows
     senders = np.ascontiguousarray(as_offsets_and_values(txs.column("sender"))[0]).reshape(n, 32)
     keyed = senders.view(np.dtype((np.void, 32))).ravel()
     nonces = txs.column("nonce").to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
     consumed = ~failed
-    out = []
+    out: list[np.ndarray] = []
+    next_nonce: list[np.ndarray] = []
     for sender in np.unique(keyed[failed]):
         rows = np.flatnonzero(keyed == sender)
         used = consumed[rows]
         base = parent_view.get_u64(nonce_key(bytes(sender)))
         expected = np.uint64(base) + (np.cumsum(used) - used).astype(np.uint64)
-        out.append(rows[~used & (nonces[rows] > expected)])
-    return np.sort(np.concatenate(out))
+        ahead = ~used & (nonces[rows] > expected)
+        out.append(rows[ahead])
+        next_nonce.append(expected[ahead])
+    gaps = np.concatenate(out)
+    order = np.argsort(gaps, kind="stable")
+    return gaps[order], np.concatenate(next_nonce)[order]

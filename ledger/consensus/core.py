@@ -75,10 +75,11 @@ class BlockBuilder(Protocol):
         proposer: bytes,
         timestamp_ms: int,
         digests: tuple[bytes, ...],
-        may_wait: Callable[[bytes], bool] | None = None,
+        may_wait: Callable[[bytes, int], bool] | None = None,
     ) -> BlockHeader:
         """``may_wait`` (a leader's proposal only): a builder that knows a batch would fail
-        for want of one not yet ordered may leave it out if ``may_wait`` says so; the
+        for want of one not yet ordered may leave it out if ``may_wait(digest, found_ms)``
+        says so, ``found_ms`` being when this builder first found what the batch lacks; the
         header names the batches taken."""
         ...
 
@@ -98,7 +99,7 @@ class DigestBuilder:
         proposer: bytes,
         timestamp_ms: int,
         digests: tuple[bytes, ...],
-        may_wait: Callable[[bytes], bool] | None = None,
+        may_wait: Callable[[bytes, int], bool] | None = None,
     ) -> BlockHeader:
         tx_root = merkle_root(list(digests))
         return BlockHeader(
@@ -141,8 +142,10 @@ class CoreConfig:
     # A leader leaves out a batch whose rows would fail for want of an earlier one not yet
     # ordered (a sender's later nonces ahead of its earlier ones: the batch before them was
     # cut off by a partition, or went through another mempool) for at most this long after
-    # the batch became available here, so that the earlier batch can be ordered first (0:
-    # never). Only a builder that executes can tell (``BlockBuilder.build``'s ``may_wait``).
+    # the batch became available here, and after the leader first found what it lacks (a
+    # sender's missing nonce, waited for once, not for each batch behind it), so that the
+    # earlier batch can be ordered first (0: never). Only a builder that executes can tell
+    # (``BlockBuilder.build``'s ``may_wait``).
     gap_wait_ms: int = 3000
 
 
@@ -761,9 +764,11 @@ class Core:
         self._process_proposal(proposal)
         self._out.append(Broadcast(proposal))
 
-    def _may_wait(self, digest: bytes) -> bool:
-        """May a batch whose rows would fail for want of an earlier one wait for it?"""
-        return self.now_ms - self.available.get(digest, self.now_ms) < self.cfg.gap_wait_ms
+    def _may_wait(self, digest: bytes, found_ms: int) -> bool:
+        """May a batch whose rows would fail for want of an earlier one wait for it? Yes while
+        both it and the gap (found at ``found_ms``) are younger than ``gap_wait_ms``."""
+        since = min(self.available.get(digest, self.now_ms), found_ms)
+        return self.now_ms - since < self.cfg.gap_wait_ms
 
     def _announces_commit(self, parent: BlockHeader) -> bool:
         """Does the QC of ``parent``, which this proposal carries, commit a block with batches?

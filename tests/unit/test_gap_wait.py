@@ -15,9 +15,11 @@ import os
 from dataclasses import replace
 
 import pyarrow as pa
+import pytest
 
+from rayledger import chain
 from rayledger.block import genesis_header
-from rayledger.chain import LedgerBuilder, batch_digest, gap_rows
+from rayledger.chain import LedgerBuilder, batch_digest, gap_rows, gaps_and_missing
 from rayledger.consensus import Core, CoreConfig, DigestBuilder
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.execution import Account, Status, execute_block, genesis_state
@@ -56,6 +58,9 @@ def test_gap_rows_are_nonces_ahead_not_behind() -> None:
     _, results, _ = execute_block(base.child(), body, 1, bytes(32))
     assert results.column("status").to_pylist() == [OK, BAD, BAD, BAD]
     assert gap_rows(base, body, results).tolist() == [1, 3]
+    # and the nonce each of those senders is missing there
+    rows, missing = gaps_and_missing(base, body, results)
+    assert rows.tolist() == [1, 3] and missing.tolist() == [1, 0]
     # Nothing failed: nothing to look at
     fine = anchors(A, range(3))
     _, results, _ = execute_block(base.child(), fine, 1, bytes(32))
@@ -68,7 +73,7 @@ def test_a_batch_ahead_of_its_senders_nonces_waits_then_goes_in() -> None:
     # Only the later batch is here: it waits while the leader may wait
     asked: list[bytes] = []
 
-    def may_wait(d: bytes) -> bool:
+    def may_wait(d: bytes, found_ms: int) -> bool:
         asked.append(d)
         return True
 
@@ -76,7 +81,7 @@ def test_a_batch_ahead_of_its_senders_nonces_waits_then_goes_in() -> None:
     assert header.batch_digests == () and header.tx_count == 0
     assert asked == [d_late] and lb.deferred == 1
     # Once the wait is over it goes in, and fails as before
-    header = lb.build(genesis, 1, PROPOSER, 2, (d_late,), lambda d: False)
+    header = lb.build(genesis, 1, PROPOSER, 2, (d_late,), lambda d, f: False)
     assert header.batch_digests == (d_late,) and statuses(lb, header) == [BAD] * 10
     assert lb.gap_rows_proposed == 10
     # Both here, in order: nothing waits and nothing fails
@@ -94,12 +99,12 @@ def test_leaving_a_batch_out_can_make_a_later_one_wait_too() -> None:
     p = mixed(anchors(A, range(10, 20)), anchors(B, range(0, 5)))
     q, r = anchors(B, range(5, 10)), anchors(key_from_seed(b"\x03" * 32), range(0, 3))
     lb, genesis, digests = builder(p, q, r)
-    header = lb.build(genesis, 1, PROPOSER, 2, tuple(digests), lambda d: True)
+    header = lb.build(genesis, 1, PROPOSER, 2, tuple(digests), lambda d, f: True)
     assert header.batch_digests == (digests[2],) and statuses(lb, header) == [OK] * 3
     assert lb.deferred == 2
     # Where only P may still wait, Q goes in without it (last) and its rows fail: the wait
     # is the leader's per batch
-    header = lb.build(genesis, 1, PROPOSER, 2, tuple(digests), lambda d: d == digests[0])
+    header = lb.build(genesis, 1, PROPOSER, 2, tuple(digests), lambda d, f: d == digests[0])
     assert header.batch_digests == (digests[2], digests[1])
     assert statuses(lb, header) == [OK] * 3 + [BAD] * 5
 
@@ -109,7 +114,7 @@ def test_a_batch_ahead_of_one_in_the_same_block_goes_after_it() -> None:
     # partition): the later one moves behind it, waiting or not, and nothing fails
     early, late = anchors(A, range(0, 10)), anchors(A, range(10, 20))
     other = anchors(B, range(0, 4))
-    for may_wait in (lambda d: True, lambda d: False):
+    for may_wait in (lambda d, f: True, lambda d, f: False):
         lb, genesis, (d_early, d_late, d_other) = builder(early, late, other)
         header = lb.build(genesis, 1, PROPOSER, 2, (d_late, d_other, d_early), may_wait)
         assert header.batch_digests == (d_other, d_early, d_late)
@@ -117,34 +122,112 @@ def test_a_batch_ahead_of_one_in_the_same_block_goes_after_it() -> None:
 
 
 class _Recorder(DigestBuilder):
-    def __init__(self) -> None:
+    def __init__(self, found: int = 0) -> None:
         self.answers: list[tuple[bytes, bool]] = []
+        self.found = found  # when the builder found each batch's gap
 
     def build(self, parent, round_, proposer, timestamp_ms, digests, may_wait=None):  # type: ignore[no-untyped-def]
         if may_wait is not None:
-            self.answers += [(d, may_wait(d)) for d in digests]
+            self.answers += [(d, may_wait(d, self.found)) for d in digests]
         return super().build(parent, round_, proposer, timestamp_ms, digests)
 
 
 def test_the_core_lets_a_batch_wait_for_gap_wait_ms_from_when_it_became_available() -> None:
     keys = Keyring.make(4, crypto="mac")
-    recorder = _Recorder()
+    t0 = keys.genesis.timestamp_ms
+    recorder = _Recorder(found=t0 + 13_000)  # the builder found the gaps just now
     leader = keys.leader(1)
 
     def core(cfg: CoreConfig) -> Core:
         return replace(keys, config=cfg).core(leader, builder=recorder)
 
-    c = core(CoreConfig(gap_wait_ms=3000))
-    c.tick(keys.genesis.timestamp_ms + 10_000)
-    c.on_batch_available(digest("old"))
-    c.tick(keys.genesis.timestamp_ms + 12_500)
-    c.on_batch_available(digest("new"))
-    c.tick(keys.genesis.timestamp_ms + 13_200)  # "old" 3.2 s here, "new" 0.7 s
-    c.start()
-    assert recorder.answers == [(digest("old"), False), (digest("new"), True)]
+    def answers(found_ms: int) -> list[tuple[bytes, bool]]:
+        recorder.answers.clear()
+        recorder.found = found_ms
+        c = core(CoreConfig(gap_wait_ms=3000))
+        c.tick(t0 + 10_000)
+        c.on_batch_available(digest("old"))
+        c.tick(t0 + 12_500)
+        c.on_batch_available(digest("new"))
+        c.tick(t0 + 13_200)  # "old" 3.2 s here, "new" 0.7 s
+        c.start()
+        return recorder.answers
+
+    assert answers(t0 + 13_000) == [(digest("old"), False), (digest("new"), True)]
+    # A gap the builder found 3.1 s ago: waited for long enough, by any batch
+    assert answers(t0 + 10_100) == [(digest("old"), False), (digest("new"), False)]
+    assert answers(t0 + 10_300) == [(digest("old"), False), (digest("new"), True)]
     # 0: a leader never waits (the builder is not asked)
     recorder.answers.clear()
     c = core(CoreConfig(gap_wait_ms=0))
     c.on_batch_available(digest("old"))
     c.start()
     assert recorder.answers == [] and c.status().round == 1
+
+
+def test_a_sender_that_skipped_a_nonce_makes_batches_wait_once_not_each_anew() -> None:
+    """A sender missing nonce 0 for good (a client that skipped it): all its later rows fail.
+    The leader waits for that gap once, from when it found it; each new batch with rows of
+    that sender (and other senders' rows that share it) is not held back for it again.
+
+    Found with a load run: one client skipping a nonce, sharing a mempool with three honest
+    ones, made every batch wait the full gap wait; the mempool filled and answered busy."""
+    a_rows = [anchors(A, range(1 + 5 * k, 6 + 5 * k)) for k in range(3)]  # 0 never comes
+    honest = [anchors(B, range(10 * k, 10 * k + 10)) for k in range(3)]
+    batches = [mixed(a, b) for a, b in zip(a_rows, honest, strict=True)]
+    lb, genesis, digests = builder(*batches)
+    wait_ms = 3000
+    available = {d: 1000 * (k + 1) for k, d in enumerate(digests)}  # one a second
+    asked: list[tuple[int, int]] = []
+
+    def proposal(now: int, digests_: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        def may_wait(d: bytes, found_ms: int) -> bool:  # CoreConfig.gap_wait_ms's rule
+            asked.append((digests.index(d), found_ms))
+            return now - min(available[d], found_ms) < wait_ms
+
+        return lb.build(genesis, 1, PROPOSER, now, digests_, may_wait).batch_digests
+
+    # The first batch is found lacking A's 0 at 1,500 and waits
+    assert proposal(1_500, tuple(digests[:1])) == ()
+    assert asked == [(0, 1_500)] and lb.deferred == 1
+    # At 4,600 the gap is 3.1 s old: the batches of 2 s and 1 s ago go in at once, A's rows
+    # failing and B's committing, where each would have waited 3 s of its own
+    asked.clear()
+    header = lb.build(
+        genesis,
+        1,
+        PROPOSER,
+        4_600,
+        tuple(digests),
+        lambda d, f: 4_600 - min(available[d], f) < wait_ms,
+    )
+    assert header.batch_digests == tuple(digests) and lb.deferred == 1
+    assert statuses(lb, header) == ([BAD] * 5 + [OK] * 10) * 3
+    # The gap is remembered with when it was found, not found anew
+    assert lb._gap_seen == {(public_bytes(A), 0): 1_500}
+
+
+def test_a_batch_waits_for_the_latest_found_of_its_gaps() -> None:
+    """A's gap is old (a broken sender), B's new (its earlier batch is on its way): a batch
+    with rows behind both still waits, for B's."""
+    lb, genesis, digests = builder(mixed(anchors(A, [1]), anchors(B, [5])))
+    lb._gap_seen[(public_bytes(A), 0)] = 100
+    found: list[int] = []
+
+    def may_wait(d: bytes, found_ms: int) -> bool:
+        found.append(found_ms)
+        return True
+
+    assert lb.build(genesis, 1, PROPOSER, 9_000, tuple(digests), may_wait).batch_digests == ()
+    assert found == [9_000]
+    assert lb._gap_seen == {(public_bytes(A), 0): 100, (public_bytes(B), 0): 9_000}
+
+
+def test_the_memory_of_gaps_found_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chain, "GAPS_KEEP", 2)
+    keys = [key_from_seed(bytes([k + 10]) * 32) for k in range(3)]
+    lb, genesis, digests = builder(*(anchors(k, [1]) for k in keys))
+    for t, d in enumerate(digests):
+        lb.build(genesis, 1, PROPOSER, 100 + t, (d,), lambda d, f: True)
+    # The oldest gap is forgotten
+    assert lb._gap_seen == {(public_bytes(keys[1]), 0): 101, (public_bytes(keys[2]), 0): 102}
