@@ -10,6 +10,8 @@ Scenarios (one Ray instance for the module, 2 CPUs pinned, fractional actors):
   chain's batch is refused whole, and an overloaded mempool answers busy and keeps nothing of
   that submission while everything it accepted is committed; a flood is answered busy far
   below the configured capacity (the limit is learnt from commit latency).
+- a client that skipped a nonce: leaders hold back its first batch for the gap wait, not each
+  later batch that carries its rows (and other clients') anew.
 """
 
 from __future__ import annotations
@@ -471,6 +473,45 @@ def test_a_batch_only_a_crashed_validator_held_is_sent_again_and_committed(
         after_status = net.status()[0]
         assert after_status["batches_resent"] == before["batches_resent"]
         assert after_status["batches_held"] == before["batches_held"]
+    finally:
+        net.shutdown()
+
+
+def test_a_client_that_skipped_a_nonce_holds_batches_back_once_not_each_time(
+    tmp_path: Path,
+) -> None:
+    """A client skipped its nonce 0 for good: all its rows fail ``BAD_NONCE``. Leaders hold
+    back the first batch with its rows for the gap wait (its nonce 0 might be on its way), but
+    not the batches after it, which carry other clients' rows too (they would each have waited
+    the gap wait in turn, and the mempool filled up)."""
+    net = start(tmp_path, "gap")
+    try:
+        broken, honest = (net.client_key(name) for name in net.clients[1:3])
+
+        def rows(broken_nonce: int, honest_nonces: range) -> pa.RecordBatch:
+            parts = [
+                make_batch(
+                    key, TxKind.ANCHOR, nonces, [os.urandom(32) for _ in nonces], net.chain_id
+                )
+                for key, nonces in ((broken, [broken_nonce]), (honest, honest_nonces))
+            ]
+            return pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
+
+        first = rows(1, range(0, 50))
+        assert net.submit(first).accepted == 51
+        net.wait_committed(first, timeout_s=60)
+        held_back = [s["batches_deferred"] for s in net.status()]
+        assert sum(held_back) > 0
+        time.sleep(5.5)  # the gap is older than the gap wait (5 s here) at every leader
+        later = [rows(2 + k, range(50 + 10 * k, 60 + 10 * k)) for k in range(5)]
+        for b in later:
+            assert net.submit(b).accepted == 11
+            time.sleep(0.2)
+        for b in later:
+            net.wait_committed(b, timeout_s=60)
+        assert [s["batches_deferred"] for s in net.status()] == held_back
+        counts = ray.get(net.validator(0).status_counts.remote())
+        assert counts == {int(Status.OK): 100, int(Status.BAD_NONCE): 6}
     finally:
         net.shutdown()
 
