@@ -462,6 +462,12 @@ class E2EResult:
     # leader whose block was not certified in time: each costs the round's timeout)
     rounds: int = 0
     rounds_by_timeout: int = 0
+    # With ``gap_client``: the broken client's rows admitted (every one fails: its nonce 0
+    # never came), and over all validators the times a leader held a batch back for a
+    # sender's missing nonce, and the rows it proposed that failed for one
+    gap_client_rows: int | None = None
+    batches_deferred: int = 0
+    gap_rows_proposed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
@@ -677,6 +683,7 @@ def bench_e2e(
     verifier_actors: bool | None = None,
     checkpoint_every: int | None = None,
     peer_streams: bool = True,
+    gap_client: bool = False,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -700,6 +707,11 @@ def bench_e2e(
 
     ``peer_streams``: False sends every consensus message by Ray call, as before the direct
     streams between validators (to measure them).
+
+    ``gap_client``: one more client, a broken one that skipped its nonce 0, sends 5 anchors
+    every 0.5 s through mempool 0 (answered busy, it tries again at its next tick). Every row
+    of it fails ``BAD_NONCE`` and is not counted; the figures are the others' and show what it
+    costs them (the leaders wait for its missing nonce once).
 
     ``ceiling``: the pipeline's own limit, as if the transactions' signatures were checked for
     free (what a GPU that kept up would leave): this run's Ray instance, which it starts and
@@ -779,7 +791,7 @@ def bench_e2e(
             hist = HdrHistogram(1, 600_000, 3)
             lock = threading.Lock()
             pending: list[Chunk] = []  # submitted, not yet seen committed
-            stats = {"submitted": 0, "busy": 0}
+            stats = {"submitted": 0, "busy": 0, "gap_rows": 0}
             stop = time.monotonic() + duration_s
 
             interval = None if rate is None else batch_rows * clients / rate
@@ -811,7 +823,26 @@ def bench_e2e(
                     if time.monotonic() >= stop:
                         return
 
+            def broken_client() -> None:
+                key = key_from_seed(hashlib.sha256(b"rayledger bench: gap client").digest())
+                mempool, nonce, tick = net.mempool(0), 1, time.monotonic()
+                while tick < stop:
+                    digests = [
+                        hashlib.sha256(b"gap %d" % i).digest() for i in range(nonce, nonce + 5)
+                    ]
+                    b = make_batch(
+                        key, TxKind.ANCHOR, range(nonce, nonce + 5), digests, net.chain_id
+                    )
+                    res = ray.get(mempool.submit.remote(b))
+                    nonce += res.accepted
+                    with lock:
+                        stats["gap_rows"] += res.accepted
+                    tick += 0.5
+                    time.sleep(max(0.0, tick - time.monotonic()))
+
             threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            if gap_client:
+                threads.append(threading.Thread(target=broken_client))
             cpu_start, checks_start = _cpu_by_role(net, validators)
             ray_start = ray_own_cpu()
             machine_start = machine_cpu_times()
@@ -858,7 +889,10 @@ def bench_e2e(
                 machine_end = machine_cpu_times()
                 cpu_end, checks_end = _cpu_by_role(net, validators)
                 ray_end = ray_own_cpu()
-            status0 = ray.get(net.validator(0).status.remote(), timeout=30)
+            statuses = [
+                ray.get(net.validator(i).status.remote(), timeout=30) for i in range(validators)
+            ]
+            status0 = statuses[0]
             mempool0 = ray.get(net.mempool(0).status.remote(), timeout=30)
             checkpointed = int(status0["state_checkpoint"])
             chains = [net.headers(i) for i in range(validators)]
@@ -922,6 +956,9 @@ def bench_e2e(
         batch_ray_sends=int(mempool0["streams"]["ray_sends"]),
         rounds=int(status0["round"]),
         rounds_by_timeout=int(status0["rounds_by_timeout"]),
+        gap_client_rows=stats["gap_rows"] if gap_client else None,
+        batches_deferred=sum(int(s["batches_deferred"]) for s in statuses),
+        gap_rows_proposed=sum(int(s["gap_rows_proposed"]) for s in statuses),
         cpu_us_per_tx=cpu_per_tx,
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,

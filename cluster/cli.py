@@ -530,6 +530,13 @@ def bench_e2e_cmd(
         ),
     ] = None,
     peer_streams: PeerStreamsOption = True,
+    gap_client: Annotated[
+        bool,
+        typer.Option(
+            help="add a broken client that skipped its nonce 0 (all its rows fail), sending 5 "
+            "rows every 0.5 s through mempool 0: what it costs the others"
+        ),
+    ] = False,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
@@ -547,6 +554,7 @@ def bench_e2e_cmd(
         verifier_actors,
         checkpoint_every,
         peer_streams,
+        gap_client,
     )
     title = f"rayledger bench e2e ({validators} validators)"
     if ceiling:
@@ -629,6 +637,13 @@ def bench_e2e_cmd(
         "validator 0's rounds",
         f"{r.rounds:,}, {r.rounds_by_timeout:,} of them entered by a timeout certificate",
     )
+    if r.gap_client_rows is not None:
+        table.add_row(
+            "broken client (nonce 0 skipped)",
+            f"{r.gap_client_rows:,} rows admitted, each to fail; leaders held batches back "
+            f"{r.batches_deferred:,} times for a missing nonce and proposed "
+            f"{r.gap_rows_proposed:,} rows that failed for one",
+        )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)
     print(json.dumps({"bench": "e2e", **r.as_dict()}))

@@ -26,6 +26,7 @@ def test_bench_e2e_reports_measured_figures() -> None:
     assert r["checkpoint_every_blocks"] == 1000 and r["state_checkpoint_height"] == 0
     # Every client's rows reach the chain in its nonce order: none fails for its nonce
     assert r["failed"] == 0 and "committed with an error status" in result.output
+    assert r["gap_rows_proposed"] == 0 and r["gap_client_rows"] is None
     assert r["verifications_per_tx"] == 4
     assert abs(r["raw_limit_tps"] - r["one_core_verify_per_s"] * r["cores"] / 4) < 1
     before, after = r["one_core_verify_before_after"]
@@ -84,13 +85,17 @@ def test_bench_e2e_ceiling_run_says_so() -> None:
     result = CliRunner().invoke(
         app,
         ["bench", "e2e", "--duration", "3", "--config", str(CONFIG), "--rate", "400"]
-        + ["--batch-rows", "200", "--ceiling", "--verifier-actors"],
+        + ["--batch-rows", "200", "--ceiling", "--verifier-actors", "--gap-client"],
     )
     assert result.exit_code == 0, result.output
     assert "CEILING RUN" in result.output and "NOT checked" in result.output
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["signatures_checked"] is False and r["agreement"] is True
     assert 0 < r["committed"] <= r["submitted"]
+    # A broken client beside the others: its rows are admitted (and fail), not counted, and
+    # none of the others' rows fails
+    assert r["gap_client_rows"] > 0 and r["failed"] == 0
+    assert "broken client (nonce 0 skipped)" in result.output
     # The GPU machine's layout, asked for on a small one: checks in verifier actors
     assert r["cpu_us_per_tx"]["verifier"] > 0
 
