@@ -37,6 +37,10 @@ _EMPTY_BODY = pa.RecordBatch.from_pylist([], schema=TX_SCHEMA)
 # Gaps (a sender, the nonce it is missing) a leader remembers having found: the oldest are
 # forgotten past this many (one found again is then waited for again, once)
 GAPS_KEEP = 65_536
+# Passes a leader's proposal may take to put batches behind a gap after the ones ahead of
+# them (each one execution of the block); past them, those still behind one are left out
+# while they may wait
+REORDER_PASSES = 4
 
 
 def batch_digest(batch: pa.RecordBatch) -> bytes:
@@ -141,18 +145,21 @@ class LedgerBuilder:
             parent_view, txs, parent.height + 1, parent.state_root
         )
         # A batch with gap rows goes after the others (the batch ahead of it may be among
-        # them: batches reach a validator out of order after a partition or a restart); one
-        # still with gap rows there is left out while it may wait. Each change can open a
-        # gap for another batch (rows of its senders moved or went): a few passes settle it,
-        # each rare and each one execution.
+        # them: batches reach a validator out of order after a partition or a restart), those
+        # nearest to their senders' next nonces first; one still with gap rows there is left
+        # out while it may wait. Each change can open a gap for another batch (rows of its
+        # senders moved or went): a few passes settle it, each rare and each one execution.
+        # Past REORDER_PASSES every pass leaves batches out, or ends.
         gaps = np.empty(0, np.int64)
         if may_wait is not None:
             gaps, missing = gaps_and_missing(parent_view, txs, results)
-            for _ in range(6):
-                held = set(self._batches_of(digests, gaps))
+            passes = 0
+            while True:
+                passes += 1
+                held = self._gap_distances(digests, txs, gaps, missing)
                 order = [d for i, d in enumerate(digests) if i not in held]
-                order += [d for i, d in enumerate(digests) if i in held]
-                if tuple(order) == digests:  # none, or last already
+                order += [digests[i] for i in sorted(held, key=lambda i: (held[i], i))]
+                if tuple(order) == digests or passes > REORDER_PASSES:
                     found = self._gaps_found(digests, txs, gaps, missing, timestamp_ms)
                     waiting = {i for i in held if may_wait(digests[i], found[i])}
                     if not waiting:
@@ -196,6 +203,21 @@ class LedgerBuilder:
         self._bodies[header.hash] = (txs, results, leaves)
         self._headers[header.hash] = header
         return header
+
+    def _gap_distances(
+        self, digests: Sequence[bytes], txs: pa.RecordBatch, gaps: np.ndarray, missing: np.ndarray
+    ) -> dict[int, int]:
+        """For each batch with gap rows (its position in ``digests``), how far ahead of its
+        sender's next nonce its nearest gap row is."""
+        if not len(gaps):
+            return {}
+        ends = np.cumsum([self.batches[d].num_rows for d in digests])
+        where = np.searchsorted(ends, gaps, side="right")
+        nonces = txs.column("nonce").to_numpy(zero_copy_only=False).astype(np.uint64)
+        ahead = nonces[gaps] - missing.astype(np.uint64)
+        batches, starts = np.unique(where, return_index=True)  # gaps are in row order
+        nearest = np.minimum.reduceat(ahead, starts)
+        return dict(zip(batches.tolist(), nearest.tolist(), strict=True))
 
     def _gaps_found(
         self,

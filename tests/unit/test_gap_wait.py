@@ -231,3 +231,30 @@ def test_the_memory_of_gaps_found_is_bounded(monkeypatch: pytest.MonkeyPatch) ->
         lb.build(genesis, 1, PROPOSER, 100 + t, (d,), lambda d, f: True)
     # The oldest gap is forgotten
     assert lb._gap_seen == {(public_bytes(keys[1]), 0): 101, (public_bytes(keys[2]), 0): 102}
+
+
+def test_batches_of_one_sender_in_reverse_order_go_in_in_nonce_order() -> None:
+    """A mempool sends its batches long in flight again, outside its sealing order (after a
+    partition): a leader can hold a sender's batches in any order, here the reverse of eight.
+    Batches behind a gap go after the others, nearest to their sender's next nonce first, so
+    one pass puts them in order (moved as they were, it took a pass per batch and, past the
+    passes allowed, proposed rows that failed)."""
+    parts = [anchors(A, range(10 * k, 10 * k + 10)) for k in range(8)]
+    lb, genesis, digests = builder(*parts)
+    header = lb.build(genesis, 1, PROPOSER, 2, tuple(reversed(digests)), lambda d, f: True)
+    assert header.batch_digests == tuple(digests)
+    assert statuses(lb, header) == [OK] * 80 and lb.deferred == 0 and lb.gap_rows_proposed == 0
+
+
+def test_when_reordering_does_not_settle_the_batches_that_may_wait_are_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the reordering passes allowed, the batches still behind a gap are left out while
+    they may wait, not proposed to fail."""
+    monkeypatch.setattr(chain, "REORDER_PASSES", 0)
+    early, late = anchors(A, range(0, 10)), anchors(A, range(10, 20))
+    other = anchors(B, range(0, 4))
+    lb, genesis, (d_early, d_late, d_other) = builder(early, late, other)
+    header = lb.build(genesis, 1, PROPOSER, 2, (d_late, d_other, d_early), lambda d, f: True)
+    assert header.batch_digests == (d_other, d_early) and lb.deferred == 1
+    assert statuses(lb, header) == [OK] * 14 and lb.gap_rows_proposed == 0
