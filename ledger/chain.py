@@ -129,7 +129,7 @@ class LedgerBuilder:
         first execution: blocks built on it point to that one).
 
         ``may_wait`` (our own proposal): a batch with rows that fail because their sender's
-        earlier nonces are not ahead of them (``gap_rows``) is moved after the block's other
+        earlier nonces are not ahead of them (``gaps_and_missing``) is moved after the block's other
         batches, or left out if ``may_wait(digest, found_ms)``, and the block executed again,
         so that it does not burn those rows before the batch ahead of it is ordered (a
         leader's choice: voters execute the digests the header names, in its order).
@@ -211,8 +211,7 @@ class LedgerBuilder:
         sender's next nonce its nearest gap row is."""
         if not len(gaps):
             return {}
-        ends = np.cumsum([self.batches[d].num_rows for d in digests])
-        where = np.searchsorted(ends, gaps, side="right")
+        where = self._batch_of_rows(digests, gaps)
         nonces = txs.column("nonce").to_numpy(zero_copy_only=False).astype(np.uint64)
         ahead = nonces[gaps] - missing.astype(np.uint64)
         batches, starts = np.unique(where, return_index=True)  # gaps are in row order
@@ -231,8 +230,7 @@ class LedgerBuilder:
         first found the latest found of its gaps; new ones are found at ``now_ms``."""
         if not len(gaps):
             return {}
-        ends = np.cumsum([self.batches[d].num_rows for d in digests])
-        where = np.searchsorted(ends, gaps, side="right").astype(">i8")
+        where = self._batch_of_rows(digests, gaps).astype(">i8")
         n = txs.num_rows
         senders = np.ascontiguousarray(as_offsets_and_values(txs.column("sender"))[0])
         keys = np.concatenate(
@@ -254,12 +252,16 @@ class LedgerBuilder:
             found[i] = max(found.get(i, at), at)
         return found
 
+    def _batch_of_rows(self, digests: Sequence[bytes], rows: np.ndarray) -> np.ndarray:
+        """For each of the body rows ``rows``, the position in ``digests`` of its batch."""
+        ends = np.cumsum([self.batches[d].num_rows for d in digests])
+        return np.searchsorted(ends, rows, side="right")
+
     def _batches_of(self, digests: Sequence[bytes], rows: np.ndarray) -> list[int]:
         """The positions in ``digests`` of the batches holding body rows ``rows``."""
         if not len(rows):
             return []
-        ends = np.cumsum([self.batches[d].num_rows for d in digests])
-        return np.unique(np.searchsorted(ends, rows, side="right")).tolist()
+        return np.unique(self._batch_of_rows(digests, rows)).tolist()
 
     def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
         if parent.hash not in self._views:
@@ -320,20 +322,17 @@ class LedgerBuilder:
         return Block(header, txs, results, parent_qc)
 
 
-def gap_rows(parent_view: StateView, txs: pa.RecordBatch, results: pa.RecordBatch) -> np.ndarray:
+def gaps_and_missing(
+    parent_view: StateView, txs: pa.RecordBatch, results: pa.RecordBatch
+) -> tuple[np.ndarray, np.ndarray]:
     """The rows of an executed body that failed ``BAD_NONCE`` because their nonce is ahead of
     their sender's next one (an earlier nonce is missing: a gap), not behind it (a replay).
 
     A row's sender's next nonce is its nonce in ``parent_view`` plus the sender's rows before
     it that consumed one (every status but ``BAD_NONCE``). Only the senders of failed rows
-    are looked at: a body without ``BAD_NONCE`` costs one comparison."""
-    return gaps_and_missing(parent_view, txs, results)[0]
+    are looked at: a body without ``BAD_NONCE`` costs one comparison.
 
-
-def gaps_and_missing(
-    parent_view: StateView, txs: pa.RecordBatch, results: pa.RecordBatch
-) -> tuple[np.ndarray, np.ndarray]:
-    """``gap_rows``, and for each the nonce its sender is missing there (its next one)."""
+    Returned with them: for each, the nonce its sender is missing there (its next one)."""
     status = results.column("status").to_numpy(zero_copy_only=False)
     failed = status == int(Status.BAD_NONCE)
     if not failed.any():
