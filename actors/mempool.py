@@ -5,9 +5,14 @@ Admission checks a submitted batch's schema, chain and sizes, verifies every sig
 it has already seen, and refuses nonces that could only fail execution: a row whose nonce is
 below the sender's committed next nonce (read from the institution's storage shards) is
 stale, and one not above the same sender's previous row in the submission is out of order (a
-later submission may still fill a gap: a row refused for its signature and sent again). The
-accepted rows wait in a bounded buffer and are sealed into a batch when enough rows are
-pending or the batch interval passes. A sealed batch goes to the Ray object store once, and
+later submission may still fill a gap: a row refused for its signature and sent again).
+Each sender's rows are sealed in nonce order: a row ahead of its sender's sequence (the nonce
+before it neither committed nor admitted here) is held apart ("parked") until the nonces
+before it arrive or commit, and one whose gap stays open past ``mempool_gap_hold_ms`` is
+sealed in a batch of its own; so a sender that skipped a nonce never holds back the rows of
+others in the same batch (see ``Mempool._admit``). The accepted rows in sequence wait in a
+bounded buffer and are sealed into a batch when enough rows are pending or the batch interval
+passes. A sealed batch goes to the Ray object store once, and
 to every validator: on this mempool's direct stream to it (the batch itself, as Arrow IPC,
 with its digest and sealing number; see ``encode_batch_frame``), or, while that stream is not
 up, as its digest and object reference by Ray call. The rows held count those being admitted,
@@ -78,6 +83,10 @@ REANNOUNCE_BATCHES = 16
 
 # Batches a mempool remembers the sealing time of, awaiting their commit
 SEALED_KEEP = 4096
+
+# How often a mempool holding rows ahead of their sender's sequence asks its storage shards
+# whether the nonces before them have committed (through another mempool, or before a restart)
+PARK_POLL_S = 0.25
 
 # The weight of the newest commit in a mempool's moving average of commit latency, and the
 # least wait a busy answer asks for
@@ -290,6 +299,18 @@ class Mempool:
         # harmless, since execution gives it BAD_NONCE (its nonce was consumed).
         self.seen: dict[bytes, None] = {}
         self.seen_limit = int(settings.get("mempool_seen_ids", 2_000_000))
+        # Each sender's nonce after the last of its rows sealed or pending here, most recently
+        # used last, bounded (a sender forgotten falls back to its committed nonce)
+        self.next_nonce: dict[bytes, int] = {}
+        self.senders_limit = int(settings.get("mempool_senders", 262_144))
+        # Rows ahead of their sender's sequence: sender -> nonce -> (when parked, the row)
+        self.parked: dict[bytes, dict[int, tuple[float, pa.RecordBatch]]] = {}
+        self.parked_rows = 0
+        self.park_hold_s = float(settings.get("mempool_gap_hold_ms", 5000)) / 1000
+        self.park_limit = int(settings.get("mempool_park_rows", 65_536))
+        self.park_per_sender = int(settings.get("mempool_park_per_sender", 4_096))
+        self._park_poll: asyncio.Task[None] | None = None
+        self._park_polled = 0.0
         self.network = settings.get("name", "")
         self.shards = int(settings.get("storage_shards", 0))
         self._shard_handles: dict[int, Any] = {}
@@ -380,8 +401,13 @@ class Mempool:
         nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
         committed = await self._committed_nonces(list(dict.fromkeys(senders)))
         fresh = np.zeros(len(keys), np.bool_)
+        ahead = np.zeros(len(keys), np.bool_)
         batch_seen: dict[bytes, None] = {}
         last: dict[bytes, int] = {}  # each sender's last nonce admitted from this submission
+        # Each sender's next nonce in sequence as this submission's rows go in (None: not known,
+        # nothing is held back for it)
+        expect: dict[bytes, int | None] = {}
+        parking: dict[bytes, int] = {}  # rows of each sender parked by this submission
         for i, k in enumerate(keys):
             sender, nonce = senders[i], nonces[i]
             if not valid[i]:
@@ -393,6 +419,28 @@ class Mempool:
             elif nonce <= last.get(sender, -1):
                 reason = "nonce_order"
             else:
+                if sender not in expect:
+                    expect[sender] = self._expected(sender, committed)
+                nxt = expect[sender]
+                if nxt is None or nonce <= nxt:  # in sequence, or a nonce already taken
+                    expect[sender] = max(nonce + 1, nxt or 0)
+                else:
+                    held = self.parked.get(sender, {})
+                    n = parking.get(sender, 0)
+                    if nonce in held:
+                        reason = "nonce_parked"
+                    elif (
+                        len(held) + n >= self.park_per_sender
+                        or self.parked_rows + sum(parking.values()) >= self.park_limit
+                    ):
+                        reason = "nonce_gap_limit"
+                    else:
+                        ahead[i] = True
+                        parking[sender] = n + 1
+                        reason = ""
+                    if reason:
+                        result.rejected[reason] = result.rejected.get(reason, 0) + 1
+                        continue
                 fresh[i] = True
                 batch_seen[k] = None
                 last[sender] = nonce
@@ -400,20 +448,77 @@ class Mempool:
             result.rejected[reason] = result.rejected.get(reason, 0) + 1
         for reason, n in result.rejected.items():
             self._count(reason, n)
-        kept = canonical.filter(pa.array(fresh)) if not fresh.all() else canonical
         self.seen.update(batch_seen)
         excess = len(self.seen) - self.seen_limit
         if excess > 0:
             for key in list(itertools.islice(self.seen, excess)):
                 del self.seen[key]
-        result.accepted = kept.num_rows
+        result.accepted = int(fresh.sum())
+        if result.accepted:
+            self._count("accepted", result.accepted)
+        in_sequence = fresh & ~ahead
+        kept = canonical.filter(pa.array(in_sequence)) if not in_sequence.all() else canonical
         if kept.num_rows:
             self.pending.append(kept)
             self.pending_rows += kept.num_rows
-            self._count("accepted", kept.num_rows)
+        if parking:
+            self._park(canonical.filter(pa.array(ahead)))
+        # The senders whose sequence moved on: their parked rows that now follow it go too
+        self._unpark({s: n for s, n in expect.items() if n is not None})
         while self.pending_rows >= self.batch_rows:
             self._seal(self.batch_rows)
         return result
+
+    def _expected(self, sender: bytes, committed: dict[bytes, int]) -> int | None:
+        """``sender``'s next nonce in sequence here: after its last row sealed or pending here,
+        or its committed one if later; None when neither is known (a storage shard did not
+        answer, and no row of it came here lately)."""
+        seq = self.next_nonce.get(sender)
+        known = committed.get(sender)
+        if seq is None or known is None:
+            return known if seq is None else seq
+        return max(seq, known)
+
+    def _park(self, rows: pa.RecordBatch) -> None:
+        """Hold rows ahead of their senders' sequence, each by sender and nonce."""
+        now = time.monotonic()
+        senders = byte_rows(fixed_rows(rows.column("sender"), 32))
+        nonces = rows.column("nonce").to_numpy(zero_copy_only=False).tolist()
+        for i, (sender, nonce) in enumerate(zip(senders, nonces, strict=True)):
+            self.parked.setdefault(sender, {})[nonce] = (now, rows.slice(i, 1))
+        self.parked_rows += rows.num_rows
+        self._count("parked", rows.num_rows)
+
+    def _unpark(self, expect: dict[bytes, int]) -> None:
+        """Record each sender's next nonce in sequence, and move its parked rows that no
+        longer wait for a gap (those below it: another row took their nonce, execution refuses
+        them at once; then those that continue it) to the pending rows, in nonce order."""
+        released: list[pa.RecordBatch] = []
+        for sender, nxt in expect.items():
+            nxt = max(nxt, self.next_nonce.pop(sender, nxt))  # most recently used goes last
+            held = self.parked.get(sender)
+            if held:
+                for nonce in sorted(n for n in held if n < nxt):
+                    released.append(held.pop(nonce)[1])
+                while nxt in held:
+                    released.append(held.pop(nxt)[1])
+                    nxt += 1
+                if not held:
+                    del self.parked[sender]
+            self.next_nonce[sender] = nxt
+        excess = len(self.next_nonce) - self.senders_limit
+        if excess > 0:
+            for sender in list(itertools.islice(self.next_nonce, excess)):
+                del self.next_nonce[sender]
+        if released:
+            self._count("unparked", len(released))
+            self._queue(released)
+
+    def _queue(self, rows: list[pa.RecordBatch]) -> None:
+        self.parked_rows -= len(rows)
+        batch = pa.Table.from_batches(rows).combine_chunks().to_batches()[0]
+        self.pending.append(batch)
+        self.pending_rows += batch.num_rows
 
     async def _verify(self, batch: pa.RecordBatch) -> np.ndarray:
         """Signature checks through the institution's verifier actor where it has one (the
@@ -433,7 +538,8 @@ class Mempool:
 
     async def _committed_nonces(self, senders: list[bytes]) -> dict[bytes, int]:
         """Each sender's next nonce as committed, from this institution's storage shards
-        (empty where there are none or they do not answer: the order check still applies)."""
+        (0 for a sender without one; absent where there are no shards or they do not answer:
+        the order check still applies)."""
         if not self.shards or not senders:
             return {}
         keys = [nonce_key(s) for s in senders]
@@ -451,8 +557,7 @@ class Mempool:
                 self._shard_handles.pop(k, None)
                 continue
             for i, v in zip(rows, values, strict=True):
-                if v is not None:
-                    out[senders[i]] = int.from_bytes(v, "big")
+                out[senders[i]] = 0 if v is None else int.from_bytes(v, "big")
         return out
 
     def _seal(self, limit: int) -> None:
@@ -462,6 +567,10 @@ class Mempool:
         rest = table.slice(take)
         self.pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self.pending_rows = rest.num_rows
+        self._send(head)
+
+    def _send(self, head: pa.RecordBatch) -> None:
+        """Seal ``head`` into a batch and announce it to every validator."""
         # Its own buffers: a batch sealed from part of a larger submission would otherwise
         # carry the whole of it into the object store and to every validator
         batch = compact_batch(head.cast(TX_SCHEMA.with_metadata(head.schema.metadata)))
@@ -490,10 +599,51 @@ class Mempool:
             if self.pending_rows:
                 self._seal(self.batch_rows)
             now = time.monotonic()
+            if self.parked:
+                self._seal_expired_gaps(now)
+                if self._park_poll is None and now - self._park_polled >= PARK_POLL_S:
+                    self._park_polled = now
+                    self._park_poll = asyncio.get_running_loop().create_task(self._poll_parked())
             self._expire(now)
             if self._poll is None and now - self._polled_at >= COMMIT_POLL_S:
                 self._polled_at = now
                 self._poll = asyncio.get_running_loop().create_task(self._poll_commits(now))
+
+    def _seal_expired_gaps(self, now: float) -> None:
+        """Rows parked longer than the hold are sealed, in batches of their own (sender and
+        nonce order), never with rows in sequence: their gaps are likely never filled, and a
+        leader holds back a batch with such rows for a while (see ``LedgerBuilder.build``).
+        Their sender's sequence stays where it was: its later rows ahead of it are held, and
+        sealed apart, in their turn (a fill that comes late goes with the rows in sequence,
+        and a leader puts it before them)."""
+        due: list[pa.RecordBatch] = []
+        for sender in list(self.parked):
+            held = self.parked[sender]
+            for nonce in sorted(n for n, (at, _) in held.items() if now - at >= self.park_hold_s):
+                due.append(held.pop(nonce)[1])
+            if not held:
+                del self.parked[sender]
+        if not due:
+            return
+        self.parked_rows -= len(due)
+        self._count("gap_expired", len(due))
+        rows = pa.Table.from_batches(due).combine_chunks()
+        for start in range(0, rows.num_rows, self.batch_rows):
+            self._send(rows.slice(start, self.batch_rows).combine_chunks().to_batches()[0])
+
+    async def _poll_parked(self) -> None:
+        """Release parked rows whose gap closed elsewhere: the nonces before them committed
+        (through another mempool, or sealed here before a restart)."""
+        try:
+            senders = list(self.parked)
+            committed = await asyncio.wait_for(
+                self._committed_nonces(senders), timeout=POLL_TIMEOUT_S
+            )
+            self._unpark({s: n for s, n in committed.items() if s in self.parked})
+        except Exception:  # noqa: BLE001 - shards slow or down: the hold still ends it
+            log.debug("mempool %d: parked rows' senders not polled", self.index, exc_info=True)
+        finally:
+            self._park_poll = None
 
     async def _poll_commits(self, now: float) -> None:
         """Ask the validators whether batches in flight for long were committed: while this
@@ -583,6 +733,8 @@ class Mempool:
         return {
             "index": self.index,
             "pending_rows": self.pending_rows,
+            # Rows ahead of their sender's sequence, held until it reaches them
+            "parked_rows": self.parked_rows,
             "in_flight_rows": sum(self.in_flight.values()),
             "sealed_batches": self.sealed,
             "capacity_rows": self.capacity,

@@ -45,6 +45,12 @@ class NetworkOptions:
     # A sealed batch whose commit a mempool never hears of stops counting against its limit
     # after this long (its validator crashed before telling it; the batch was refused)
     mempool_inflight_expiry_s: float = 120.0
+    # Rows ahead of their sender's sequence (a nonce before them neither committed nor
+    # admitted) wait in their mempool this long for it, then are sealed in batches of their
+    # own; at most this many such rows per sender, and in all (more are refused)
+    mempool_gap_hold_ms: int = 5000
+    mempool_park_per_sender: int = 4_096
+    mempool_park_rows: int = 65_536
     max_batches_per_block: int = 64
     # An idle leader's wait for a batch before an empty block (None: a tenth of the timeout)
     idle_block_ms: int | None = None
