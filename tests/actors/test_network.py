@@ -36,7 +36,7 @@ from rayledger.chain import batch_digest
 from rayledger.cluster.client import Client, SubmitError
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
-from rayledger.crypto import public_bytes
+from rayledger.crypto import SigningKey, public_bytes
 from rayledger.errors import InvalidBlock, NotFound, StoreError
 from rayledger.execution import Status
 from rayledger.kernels import available_backends
@@ -480,10 +480,11 @@ def test_a_batch_only_a_crashed_validator_held_is_sent_again_and_committed(
 def test_a_client_that_skipped_a_nonce_holds_batches_back_once_not_each_time(
     tmp_path: Path,
 ) -> None:
-    """A client skipped its nonce 0 for good: all its rows fail ``BAD_NONCE``. Leaders hold
-    back the first batch with its rows for the gap wait (its nonce 0 might be on its way), but
-    not the batches after it, which carry other clients' rows too (they would each have waited
-    the gap wait in turn, and the mempool filled up)."""
+    """A client skipped its nonce 0 for good: all its rows fail ``BAD_NONCE``. Its mempool
+    holds each of its rows for the gap hold, then seals it apart (see the next test). Leaders
+    hold back the first batch with its rows for the gap wait (its nonce 0 might be on its way
+    through another mempool), but not the batches after it (they would each have waited the
+    gap wait in turn)."""
     net = start(tmp_path, "gap")
     try:
         broken, honest = (net.client_key(name) for name in net.clients[1:3])
@@ -512,6 +513,42 @@ def test_a_client_that_skipped_a_nonce_holds_batches_back_once_not_each_time(
         assert [s["batches_deferred"] for s in net.status()] == held_back
         counts = ray.get(net.validator(0).status_counts.remote())
         assert counts == {int(Status.OK): 100, int(Status.BAD_NONCE): 6}
+    finally:
+        net.shutdown()
+
+
+def test_rows_ahead_of_their_senders_nonce_wait_apart_and_commit_once_it_comes(
+    tmp_path: Path,
+) -> None:
+    """One submission mixes a client whose nonce 0 is late (its rows 1..5 come first) with
+    another client's rows in order: the mempool seals the rows in order at once and parks
+    the others, so the other client's rows commit while they wait; nonce 0 then arrives and
+    all six commit OK, in order."""
+    net = start(tmp_path, "park", mempool_gap_hold_ms=120_000)
+    try:
+        late, prompt = (net.client_key(name) for name in net.clients[1:3])
+
+        def rows(key: SigningKey, nonces: list[int]) -> pa.RecordBatch:
+            return make_batch(
+                key, TxKind.ANCHOR, nonces, [os.urandom(32) for _ in nonces], net.chain_id
+            )
+
+        ahead, in_order = rows(late, [1, 2, 3, 4, 5]), rows(prompt, list(range(40)))
+        mixed = pa.Table.from_batches([ahead, in_order]).combine_chunks().to_batches()[0]
+        assert net.submit(mixed, mempool=2).accepted == 45
+        net.wait_committed(in_order, timeout_s=60)
+        status = ray.get(net.mempool(2).status.remote())
+        assert status["parked_rows"] == 5 and status["counts"]["parked"] == 5
+        assert (
+            ray.get(net.validator(0).locate.remote([r.tobytes() for r in tx_ids_of(ahead)]))
+            == [None] * 5
+        )
+        fill = rows(late, [0])
+        assert net.submit(fill, mempool=2).accepted == 1
+        net.wait_committed(ahead, timeout_s=60)
+        counts = ray.get(net.validator(0).status_counts.remote())
+        assert counts == {int(Status.OK): 46}
+        assert ray.get(net.mempool(2).status.remote())["parked_rows"] == 0
     finally:
         net.shutdown()
 
