@@ -468,6 +468,10 @@ class E2EResult:
     gap_client_rows: int | None = None
     batches_deferred: int = 0
     gap_rows_proposed: int = 0
+    # Mempool 0's rows parked ahead of their sender's sequence, and those sealed apart after
+    # the hold (the broken client's, where it runs)
+    rows_parked: int = 0
+    rows_sealed_apart: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
@@ -711,7 +715,8 @@ def bench_e2e(
     ``gap_client``: one more client, a broken one that skipped its nonce 0, sends 5 anchors
     every 0.5 s through mempool 0 (answered busy, it tries again at its next tick). Every row
     of it fails ``BAD_NONCE`` and is not counted; the figures are the others' and show what it
-    costs them (the leaders wait for its missing nonce once).
+    costs them (its mempool parks its rows, then seals them apart; the leaders wait for its
+    missing nonce once).
 
     ``ceiling``: the pipeline's own limit, as if the transactions' signatures were checked for
     free (what a GPU that kept up would leave): this run's Ray instance, which it starts and
@@ -959,6 +964,8 @@ def bench_e2e(
         gap_client_rows=stats["gap_rows"] if gap_client else None,
         batches_deferred=sum(int(s["batches_deferred"]) for s in statuses),
         gap_rows_proposed=sum(int(s["gap_rows_proposed"]) for s in statuses),
+        rows_parked=int(mempool0["counts"].get("parked", 0)),
+        rows_sealed_apart=int(mempool0["counts"].get("gap_expired", 0)),
         cpu_us_per_tx=cpu_per_tx,
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,

@@ -640,9 +640,10 @@ def bench_e2e_cmd(
     if r.gap_client_rows is not None:
         table.add_row(
             "broken client (nonce 0 skipped)",
-            f"{r.gap_client_rows:,} rows admitted, each to fail; leaders held batches back "
-            f"{r.batches_deferred:,} times for a missing nonce and proposed "
-            f"{r.gap_rows_proposed:,} rows that failed for one",
+            f"{r.gap_client_rows:,} rows admitted, each to fail; mempool 0 parked "
+            f"{r.rows_parked:,} rows and sealed {r.rows_sealed_apart:,} apart after the hold; "
+            f"leaders held batches back {r.batches_deferred:,} times for a missing nonce and "
+            f"proposed {r.gap_rows_proposed:,} rows that failed for one",
         )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)

@@ -27,6 +27,7 @@ def test_bench_e2e_reports_measured_figures() -> None:
     # Every client's rows reach the chain in its nonce order: none fails for its nonce
     assert r["failed"] == 0 and "committed with an error status" in result.output
     assert r["gap_rows_proposed"] == 0 and r["gap_client_rows"] is None
+    assert r["rows_parked"] == 0 and r["rows_sealed_apart"] == 0
     assert r["verifications_per_tx"] == 4
     assert abs(r["raw_limit_tps"] - r["one_core_verify_per_s"] * r["cores"] / 4) < 1
     before, after = r["one_core_verify_before_after"]
@@ -95,6 +96,8 @@ def test_bench_e2e_ceiling_run_says_so() -> None:
     # A broken client beside the others: its rows are admitted (and fail), not counted, and
     # none of the others' rows fails
     assert r["gap_client_rows"] > 0 and r["failed"] == 0
+    # Its mempool parked every one of its rows (none of the others'), apart from theirs
+    assert r["rows_parked"] == r["gap_client_rows"]
     assert "broken client (nonce 0 skipped)" in result.output
     # The GPU machine's layout, asked for on a small one: checks in verifier actors
     assert r["cpu_us_per_tx"]["verifier"] > 0
