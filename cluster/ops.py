@@ -70,8 +70,10 @@ def status_table(net: Network) -> Table:
             f"{st['round']} ({st.get('rounds_by_timeout', '?')})",
             str(st["leader"]),
             st["head"][:16],
-            # Pending + sealed but uncommitted, against the learnt limit (busy beyond it)
-            f"{mp['pending_rows']}+{mp['in_flight_rows']}/{mp['limit_rows']}",
+            # Pending + sealed but uncommitted, against the learnt limit (busy beyond it), and
+            # the rows parked ahead of their sender's sequence, if any
+            f"{mp['pending_rows']}+{mp['in_flight_rows']}/{mp['limit_rows']}"
+            + (f" ({mp['parked_rows']} parked)" if mp.get("parked_rows") else ""),
             _peers(st),
             # Height each storage shard has applied ("?" while it is being reached)
             " ".join("?" if h is None else str(h) for h in st.get("shards", {}).values()) or "-",

@@ -36,7 +36,13 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
         "peers": [0, 2],
         "streams": {"enabled": False, "connected": []},
     }
-    unlinked = {**up, "index": 2, "site": "sa", "streams": {"enabled": True, "connected": []}}
+    unlinked = {
+        **up,
+        "index": 2,
+        "site": "sa",
+        "streams": {"enabled": True, "connected": []},
+        "mempool": {"pending_rows": 0, "in_flight_rows": 5, "limit_rows": 90, "parked_rows": 7},
+    }
     down = {"index": 3, "site": "ap", "down": "killed"}
     net = SimpleNamespace(
         name="t",
@@ -52,5 +58,7 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
     assert "round (by timeout)" in out and "41 (2)" in row
     assert "1,2,3 (1,3)" in row
     assert "0,2 (ray)" in next(line for line in out.splitlines() if "us" in line)
-    assert "1,2,3 (none)" in next(line for line in out.splitlines() if "sa" in line)
+    assert "3+1000/4000 " in row and "parked" not in row
+    sa = next(line for line in out.splitlines() if "sa" in line)
+    assert "1,2,3 (none)" in sa and "0+5/90 (7 parked)" in sa
     assert "down (killed)" in out
