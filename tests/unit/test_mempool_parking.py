@@ -48,6 +48,18 @@ def pending_order(m: Mempool) -> list[tuple[bytes, int]]:
     )
 
 
+def sealing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: object
+) -> tuple[Mempool, list[pa.RecordBatch]]:
+    """A mempool whose shards know no sender yet, and the batches it seals (as put into the
+    object store)."""
+    m = mempool(tmp_path, **settings)
+    m._committed_nonces = committed_at({})  # type: ignore[method-assign]
+    put: list[pa.RecordBatch] = []
+    monkeypatch.setattr(mempool_mod.ray, "put", lambda obj: put.append(obj) or object())
+    return m, put
+
+
 def run(m: Mempool, scenario) -> None:  # type: ignore[no-untyped-def]
     async def wrapped() -> None:
         try:
@@ -94,11 +106,8 @@ def test_rows_ahead_wait_for_the_nonce_before_them_then_follow_it_in_order(
 def test_another_senders_gap_does_not_hold_back_rows_in_sequence(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = mempool(tmp_path, batch_rows=4)
+    m, put = sealing(tmp_path, monkeypatch, batch_rows=4)
     a, b = public_bytes(A), public_bytes(B)
-    m._committed_nonces = committed_at({})  # type: ignore[method-assign]
-    put: list[pa.RecordBatch] = []
-    monkeypatch.setattr(mempool_mod.ray, "put", lambda obj: put.append(obj) or object())
 
     async def scenario() -> None:
         # Sender a skipped its nonce 0; sender b is in order: b's four rows seal at once
@@ -121,11 +130,8 @@ def test_another_senders_gap_does_not_hold_back_rows_in_sequence(
 def test_rows_whose_gap_stays_open_are_sealed_apart_after_the_hold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = mempool(tmp_path, mempool_gap_hold_ms=2000)
+    m, put = sealing(tmp_path, monkeypatch, mempool_gap_hold_ms=2000)
     a, b = public_bytes(A), public_bytes(B)
-    m._committed_nonces = committed_at({})  # type: ignore[method-assign]
-    put: list[pa.RecordBatch] = []
-    monkeypatch.setattr(mempool_mod.ray, "put", lambda obj: put.append(obj) or object())
 
     async def scenario() -> None:
         await m.submit(rows(m, A, [2, 3]))
