@@ -248,6 +248,9 @@ class Network:
             i,
             num_cpus=self.settings.get("verifier_cpus", 0.2),
             num_gpus=self.settings.get("verifier_gpus", 0.0),
+            # Stateless: a crashed verifier comes back at once, however often (its callers
+            # check signatures themselves meanwhile)
+            max_restarts=-1,
             max_concurrency=4,
         )
 
@@ -258,8 +261,10 @@ class Network:
             i,
             k,
             num_cpus=self.settings.get("shard_cpus", 0.01),
-            # A crashed shard comes back from its own disk; its validator resends the rest
-            max_restarts=3,
+            # A crashed shard comes back from its own disk, however often it crashes over the
+            # network's life (a bounded count would leave it dead for good after a few
+            # crashes, months apart); its validator resends the rest
+            max_restarts=-1,
             max_concurrency=16,
         )
 

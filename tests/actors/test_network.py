@@ -553,6 +553,37 @@ def test_rows_ahead_of_their_senders_nonce_wait_apart_and_commit_once_it_comes(
         net.shutdown()
 
 
+def test_a_shard_or_verifier_comes_back_however_often_it_crashes(tmp_path: Path) -> None:
+    """Ray restarts a crashed storage shard (from its disk) and a crashed verifier every time,
+    not only the first few: a network runs for months."""
+    net = start(tmp_path, "crashes", verifier_actors=True)
+    try:
+        batches = client_batches(net, 400)
+        for k, b in enumerate(batches):
+            net.submit(b, mempool=k)
+        for b in batches:
+            net.wait_committed(b, timeout_s=60)
+        for _ in range(5):
+            net.crash_shard(0, 0)
+            ray.kill(net._actor("verifier-0"), no_restart=False)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    ray.get(net.shard(0, 0).height.remote(), timeout=10)
+                    ray.get(net._actor("verifier-0").status.remote(), timeout=10)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    assert time.monotonic() < deadline, "not restarted"
+                    time.sleep(0.2)
+        more = client_batches(net, 400, start_nonce=100)
+        for k, b in enumerate(more):
+            net.submit(b, mempool=k)
+        for b in [*batches, *more]:
+            net.wait_committed(b, validators=[0], timeout_s=60)  # read through its shard
+    finally:
+        net.shutdown()
+
+
 def test_an_actor_that_cannot_be_placed_is_a_clear_error(tmp_path: Path) -> None:
     """multisite.toml wants nodes labelled with sites; this single node has none."""
     spec = load_network(CONFIG.with_name("multisite.toml"))
