@@ -303,6 +303,9 @@ class Mempool:
         # used last, bounded (a sender forgotten falls back to its committed nonce)
         self.next_nonce: dict[bytes, int] = {}
         self.senders_limit = int(settings.get("mempool_senders", 262_144))
+        # Senders seen to send through other mempools too (their rows committed beyond those
+        # admitted here): never parked, the leaders order their rows (see _note_spread)
+        self.spread: set[bytes] = set()
         # Rows ahead of their sender's sequence: sender -> nonce -> (when parked, the row)
         self.parked: dict[bytes, dict[int, tuple[float, pa.RecordBatch]]] = {}
         self.parked_rows = 0
@@ -472,12 +475,49 @@ class Mempool:
     def _expected(self, sender: bytes, committed: dict[bytes, int]) -> int | None:
         """``sender``'s next nonce in sequence here: after its last row sealed or pending here,
         or its committed one if later; None when neither is known (a storage shard did not
-        answer, and no row of it came here lately)."""
+        answer, and no row of it came here lately), or when the sender spreads its rows over
+        several mempools (none is held back for it)."""
         seq = self.next_nonce.get(sender)
         known = committed.get(sender)
+        if self._note_spread(sender, known):
+            return None
         if seq is None or known is None:
             return known if seq is None else seq
         return max(seq, known)
+
+    def _note_spread(self, sender: bytes, committed: int | None) -> bool:
+        """Whether ``sender`` sends through other mempools too: rows of it committed beyond the
+        sequence known here, which came another way. This mempool cannot see those in flight,
+        so it would hold each of its rows until the rows before them commit (one commit
+        latency each, in a chain when the sender alternates mempools faster than that); its
+        rows go on at once instead, and the leaders order them. Its parked rows go on too,
+        each run of consecutive nonces sealed in a batch of its own: all in one batch (or with
+        its later rows), rows that can commit would wait with rows behind a gap whose rows are
+        parked in another mempool, which waits for them to commit."""
+        if sender in self.spread:
+            return True
+        seq = self.next_nonce.get(sender)
+        if committed is None or seq is None or committed <= seq:
+            return False
+        self.spread.add(sender)
+        self._count("spread_senders", 1)
+        held = self.parked.pop(sender, None)
+        if held:
+            self.parked_rows -= len(held)
+            self._count("unparked", len(held))
+            run: list[pa.RecordBatch] = []
+            for nonce in sorted(held):
+                run.append(held[nonce][1])
+                if nonce + 1 not in held:
+                    self._send(pa.Table.from_batches(run).combine_chunks().to_batches()[0])
+                    run = []
+        return True
+        seq = self.next_nonce.get(sender)
+        if committed is None or seq is None or committed <= seq:
+            return False
+        self.spread.add(sender)
+        self._count("spread_senders", 1)
+        return True
 
     def _park(self, rows: pa.RecordBatch) -> None:
         """Hold rows ahead of their senders' sequence, each by sender and nonce."""
@@ -510,6 +550,7 @@ class Mempool:
         if excess > 0:
             for sender in list(itertools.islice(self.next_nonce, excess)):
                 del self.next_nonce[sender]
+                self.spread.discard(sender)
         if released:
             self._count("unparked", len(released))
             self._queue(released)
@@ -639,7 +680,8 @@ class Mempool:
             committed = await asyncio.wait_for(
                 self._committed_nonces(senders), timeout=POLL_TIMEOUT_S
             )
-            self._unpark({s: n for s, n in committed.items() if s in self.parked})
+            moved = {s: n for s, n in committed.items() if s in self.parked}
+            self._unpark({s: n for s, n in moved.items() if not self._note_spread(s, n)})
         except Exception:  # noqa: BLE001 - shards slow or down: the hold still ends it
             log.debug("mempool %d: parked rows' senders not polled", self.index, exc_info=True)
         finally:

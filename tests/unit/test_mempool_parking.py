@@ -156,25 +156,54 @@ def test_rows_whose_gap_stays_open_are_sealed_apart_after_the_hold(
     run(m, scenario)
 
 
-def test_a_gap_closed_by_a_commit_elsewhere_releases_the_rows_behind_it(tmp_path: Path) -> None:
-    m = mempool(tmp_path)
-    a = public_bytes(A)
-    table = {a: 0}
+def test_a_gap_closed_by_a_commit_elsewhere_releases_the_rows_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of the sender committed that this mempool never admitted: it sends through other
+    mempools too. Its parked rows go on at once, each run of consecutive nonces sealed in a
+    batch of its own (a batch with rows that can commit and rows behind a gap whose rows are
+    parked elsewhere could wait for ever), and its later rows are not held."""
+    m, put = sealing(tmp_path, monkeypatch)
+    a, b = public_bytes(A), public_bytes(B)
+    table = {a: 0, b: 0}
     m._committed_nonces = committed_at(table)  # type: ignore[method-assign]
 
     async def scenario() -> None:
         await m.submit(rows(m, A, [4, 5, 9]))
-        assert m.parked_rows == 3
-        table[a] = 4  # nonces 0..3 committed through another mempool
+        await m.submit(rows(m, B, [3]))
+        assert m.parked_rows == 4 and m.next_nonce[a] == 0
+        await m._poll_parked()  # nothing committed yet: they wait
+        assert m.parked_rows == 4 and m._park_poll is None and not put
+        table[a] = 4  # a's nonces 0..3 committed through another mempool
         await m._poll_parked()
-        assert [n for _, n in pending_order(m)] == [4, 5]
-        assert m.parked_rows == 1 and m.next_nonce[a] == 6
-        # Nonce 9's place was taken meanwhile: it goes on, and execution refuses it at once
-        table[a] = 12
-        await m._poll_parked()
-        assert [n for _, n in pending_order(m)] == [4, 5, 9]
-        assert not m.parked and m.next_nonce[a] == 12
-        assert m._park_poll is None
+        assert [b_.column("nonce").to_pylist() for b_ in put] == [[4, 5], [9]]
+        assert sorted(m.parked) == [b] and m.parked_rows == 1 and a in m.spread
+        assert m.counts["spread_senders"] == 1 and m.counts["unparked"] == 3
+        await m.submit(rows(m, A, [12]))
+        assert m.parked_rows == 1 and pending_order(m) == [(a, 12)]
+        # b's gap closed through this mempool: its parked row follows into the pending rows
+        await m.submit(rows(m, B, [0, 1, 2]))
+        assert not m.parked and b not in m.spread
+        assert pending_order(m) == [(a, 12), (b, 0), (b, 1), (b, 2), (b, 3)]
+
+    run(m, scenario)
+
+
+def test_a_sender_seen_committed_beyond_its_rows_here_is_not_held(tmp_path: Path) -> None:
+    m = mempool(tmp_path)
+    a, b = public_bytes(A), public_bytes(B)
+    table = {a: 0, b: 0}
+    m._committed_nonces = committed_at(table)  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await m.submit(rows(m, A, list(range(10))))
+        await m.submit(rows(m, B, list(range(10))))
+        assert m.next_nonce[a] == 10 and m.next_nonce[b] == 10
+        table[a] = 15  # a's 10..14 came through another mempool; b's 10.. not committed
+        await m.submit(rows(m, A, [17]))
+        await m.submit(rows(m, B, [17]))
+        assert a in m.spread and b not in m.spread
+        assert m.pending_rows == 21 and sorted(m.parked) == [b]
 
     run(m, scenario)
 
