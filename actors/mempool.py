@@ -314,6 +314,8 @@ class Mempool:
         self.park_per_sender = int(settings.get("mempool_park_per_sender", 4_096))
         self._park_poll: asyncio.Task[None] | None = None
         self._park_polled = 0.0
+        # No parked row is due to be sealed apart before this (a scan of them all finds it)
+        self._park_due = float("inf")
         self.network = settings.get("name", "")
         self.shards = int(settings.get("storage_shards", 0))
         self._shard_handles: dict[int, Any] = {}
@@ -527,6 +529,7 @@ class Mempool:
         for i, (sender, nonce) in enumerate(zip(senders, nonces, strict=True)):
             self.parked.setdefault(sender, {})[nonce] = (now, rows.slice(i, 1))
         self.parked_rows += rows.num_rows
+        self._park_due = min(self._park_due, now + self.park_hold_s)
         self._count("parked", rows.num_rows)
 
     def _unpark(self, expect: dict[bytes, int]) -> None:
@@ -657,13 +660,19 @@ class Mempool:
         Their sender's sequence stays where it was: its later rows ahead of it are held, and
         sealed apart, in their turn (a fill that comes late goes with the rows in sequence,
         and a leader puts it before them)."""
+        if now < self._park_due:
+            return
         due: list[pa.RecordBatch] = []
+        oldest = float("inf")  # of the rows that stay
         for sender in list(self.parked):
             held = self.parked[sender]
             for nonce in sorted(n for n, (at, _) in held.items() if now - at >= self.park_hold_s):
                 due.append(held.pop(nonce)[1])
             if not held:
                 del self.parked[sender]
+            else:
+                oldest = min(oldest, min(at for at, _ in held.values()))
+        self._park_due = oldest + self.park_hold_s
         if not due:
             return
         self.parked_rows -= len(due)

@@ -146,6 +146,7 @@ def test_rows_whose_gap_stays_open_are_sealed_apart_after_the_hold(
         assert [bytes(s) for s in put[0].column("sender").to_pylist()] == [a, a]
         assert put[0].column("nonce").to_pylist() == [2, 3]
         assert m.counts["gap_expired"] == 2 and m.parked_rows == 1
+        assert m._park_due == later + 2  # no scan of the parked rows before 5 is due
         assert pending_order(m) == [(b, 0), (b, 1)]  # never sealed with a's
         assert m.in_flight == {d: 2 for d in m.in_flight} and m.sealed == 1
         # a's sequence did not move: its later row ahead waits its own turn
