@@ -514,12 +514,6 @@ class Mempool:
                     self._send(pa.Table.from_batches(run).combine_chunks().to_batches()[0])
                     run = []
         return True
-        seq = self.next_nonce.get(sender)
-        if committed is None or seq is None or committed <= seq:
-            return False
-        self.spread.add(sender)
-        self._count("spread_senders", 1)
-        return True
 
     def _park(self, rows: pa.RecordBatch) -> None:
         """Hold rows ahead of their senders' sequence, each by sender and nonce."""
