@@ -257,6 +257,16 @@ class InflightLimit:
         return min(max(wait, MIN_RETRY_S), cap)
 
 
+def _restarted() -> bool:
+    """Whether this actor is a restart after a crash (False outside Ray)."""
+    if not ray.is_initialized():  # a mempool built outside Ray (tests): never start Ray
+        return False
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not in an actor
+        return False
+
+
 class Mempool:
     def __init__(self, data_dir: str, index: int) -> None:
         root = Path(data_dir)
@@ -331,6 +341,19 @@ class Mempool:
         self.ray_sends = 0
         self.resends = 0  # by Ray call too, but not for want of a stream: see _reannounce
         self.stream_events: dict[str, int] = {}
+        if _restarted():
+            self._ask_validators(self.genesis.validators.n)
+
+    def _ask_validators(self, n: int) -> None:
+        """Ray restarted this mempool after a crash: it knows no validator (each gives its
+        handle at its own start). Ask the live ones to give them again (the rows this mempool
+        held unsealed when it crashed are lost: their clients' waits for commits time out)."""
+        for i in range(n):
+            try:
+                handle = ray.get_actor(f"{self.network}-validator-{i}", namespace="rayledger")
+            except ValueError:  # down: it gives its handle when it starts again
+                continue
+            handle.mempool_back.remote(self.index)
 
     async def set_validator(
         self, index: int, handle: Any, seal_key: bytes | None = None, endpoint: Any = None

@@ -479,6 +479,21 @@ class Validator:
 
     # ---- wiring ------------------------------------------------------------------------------
 
+    async def mempool_back(self, index: int) -> None:
+        """Mempool ``index`` restarted (Ray brought it back after a crash) and knows no
+        validator: give it this one's handle, stream endpoint and, if it is this institution's,
+        the seal key, as at start."""
+        if not self.started or not 0 <= index < self.genesis.validators.n:
+            return
+        try:
+            mempool = self._actor(f"mempool-{index}")
+        except ValueError:
+            return
+        key = self.seal_key if index == self.index else None
+        mempool.set_validator.remote(self.index, self.me, key, self._endpoint())
+        if index == self.index:
+            self.mempool = mempool
+
     async def set_peer(self, index: int, handle: Any, endpoint: Any = None) -> None:
         """A peer (re)started: its new handle, and where it accepts streams (None: it sends
         and takes everything by Ray). Answered with this validator's own endpoint, which a

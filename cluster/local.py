@@ -270,7 +270,13 @@ class Network:
 
     def _start_mempool(self, i: int) -> Any:
         return self._start(
-            self._mempool_cls, f"mempool-{i}", i, num_cpus=self.settings["mempool_cpus"]
+            self._mempool_cls,
+            f"mempool-{i}",
+            i,
+            num_cpus=self.settings["mempool_cpus"],
+            # A crashed mempool comes back and asks the validators for their handles again
+            # (the rows it held unsealed are lost with it)
+            max_restarts=-1,
         )
 
     # ---- handles -------------------------------------------------------------------------------

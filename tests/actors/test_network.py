@@ -553,9 +553,10 @@ def test_rows_ahead_of_their_senders_nonce_wait_apart_and_commit_once_it_comes(
         net.shutdown()
 
 
-def test_a_shard_or_verifier_comes_back_however_often_it_crashes(tmp_path: Path) -> None:
-    """Ray restarts a crashed storage shard (from its disk) and a crashed verifier every time,
-    not only the first few: a network runs for months."""
+def test_a_shard_verifier_or_mempool_comes_back_however_often_it_crashes(tmp_path: Path) -> None:
+    """Ray restarts a crashed storage shard (from its disk), verifier or mempool every time,
+    not only the first few: a network runs for months. A restarted mempool asks the
+    validators for their handles again: the rows submitted to it after its crashes commit."""
     net = start(tmp_path, "crashes", verifier_actors=True)
     try:
         batches = client_batches(net, 400)
@@ -566,11 +567,13 @@ def test_a_shard_or_verifier_comes_back_however_often_it_crashes(tmp_path: Path)
         for _ in range(5):
             net.crash_shard(0, 0)
             ray.kill(net._actor("verifier-0"), no_restart=False)
+            ray.kill(net.mempool(1), no_restart=False)
             deadline = time.monotonic() + 60
             while True:
                 try:
                     ray.get(net.shard(0, 0).height.remote(), timeout=10)
                     ray.get(net._actor("verifier-0").status.remote(), timeout=10)
+                    ray.get(net.mempool(1).status.remote(), timeout=10)
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     assert time.monotonic() < deadline, "not restarted"
