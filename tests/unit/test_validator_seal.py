@@ -433,3 +433,22 @@ def test_a_batch_sent_again_while_its_first_copy_is_in_flight_here_is_dropped() 
     assert held == [digest_of(first), digest_of(second), digest_of(third)]
     assert v.batches_resent == 1 and not v._checking
     assert v.rejected == {"batch: resent, in flight here": 2, "batch: partitioned": 1}
+
+
+def test_a_restarted_mempool_is_given_the_handle_again_and_the_key_only_if_ours() -> None:
+    v, _, mempool = validator()
+    v.started = False
+    asyncio.run(v.mempool_back(2))
+    assert mempool.calls == []  # not started: its start gives the handles
+    v.started = True
+    v._endpoint = lambda: ("10.0.0.2", 9000, b"t")  # type: ignore[method-assign]
+    asyncio.run(v.mempool_back(2))
+    asyncio.run(v.mempool_back(0))
+    assert mempool.calls == [
+        (2, "me", v.seal_key, ("10.0.0.2", 9000, b"t")),
+        (2, "me", None, ("10.0.0.2", 9000, b"t")),
+    ]
+    assert v.mempool is mempool
+    for bad in (-1, N, 10**6):  # no such mempool: nothing is sent
+        asyncio.run(v.mempool_back(bad))
+    assert len(mempool.calls) == 2
