@@ -92,8 +92,12 @@ class LedgerBuilder:
         batches: Mapping[bytes, pa.RecordBatch],
         head: BlockHeader,
         base: StateView,
+        max_txs: int | None = None,
     ) -> None:
+        """``max_txs``: the most rows a block may hold (the genesis ``max_block_txs``): a
+        block built here holds no more, and one proposed with more is refused."""
         self.batches = batches
+        self.max_txs = max_txs
         self.base = base
         self.head = head
         self._views: dict[bytes, StateView] = {head.hash: base}
@@ -140,6 +144,7 @@ class LedgerBuilder:
         parent_view = self._views.get(parent.hash)
         if parent_view is None:
             raise KeyError("the parent block has not been executed here")
+        digests = self._fit(digests)
         txs = self.body_rows(digests)
         view, results, state_root = execute_block(
             parent_view, txs, parent.height + 1, parent.state_root
@@ -263,11 +268,30 @@ class LedgerBuilder:
             return []
         return np.unique(self._batch_of_rows(digests, rows)).tolist()
 
+    def _fit(self, digests: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        """The batches, in order, that fit in one block: each that would take the block past
+        ``max_txs`` rows is left for a later one (the batches after it are still taken while
+        they fit, so a large batch does not hold small ones back)."""
+        if self.max_txs is None:
+            return digests
+        room = self.max_txs
+        taken = []
+        for d in digests:
+            rows = self.batches[d].num_rows
+            if rows <= room:
+                taken.append(d)
+                room -= rows
+        return digests if len(taken) == len(digests) else tuple(taken)
+
     def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
         if parent.hash not in self._views:
             return "parent state unknown"
         if any(d not in self.batches for d in block.batch_digests):
             return "a named batch is not held"
+        if self.max_txs is not None:
+            rows = sum(self.batches[d].num_rows for d in block.batch_digests)
+            if rows > self.max_txs:
+                return f"{rows} rows exceed the block limit of {self.max_txs}"
         if block.hash in self._headers and block.parent_hash == parent.hash:
             # This builder executed exactly this header already (a leader checking its own
             # proposal, a proposal delivered twice): the hash covers every field, so the

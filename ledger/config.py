@@ -95,6 +95,14 @@ class Limits:
     max_batch_rows: int = 65_536
     max_block_txs: int = 100_000
 
+    def __post_init__(self) -> None:
+        if self.max_batch_rows > self.max_block_txs:
+            # A batch that fits in no block would never be ordered
+            raise ConfigError(
+                f"limits.max_batch_rows ({self.max_batch_rows}) exceeds"
+                f" limits.max_block_txs ({self.max_block_txs})"
+            )
+
 
 @dataclass(frozen=True)
 class Genesis:
@@ -252,7 +260,12 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
     unknown = set(lim) - {"max_payload_bytes", "max_batch_rows", "max_block_txs"}
     if unknown:
         raise ConfigError(f"{source}: unknown limits {sorted(unknown)}")
-    limits = Limits(**{k: _positive_int(val, f"{source}: limits.{k}") for k, val in lim.items()})
+    try:
+        limits = Limits(
+            **{k: _positive_int(val, f"{source}: limits.{k}") for k, val in lim.items()}
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     genesis = Genesis(
         str(doc["chain_name"]),
         _hex(doc["chain_id"], 32, f"{source}: chain_id"),

@@ -211,7 +211,8 @@ def _genesis_docs(draw: st.DrawFn) -> Genesis:
         )
     )
     positive = st.integers(1, (1 << 63) - 1)
-    limits = Limits(draw(positive), draw(positive), draw(positive))
+    batch_rows = draw(positive)
+    limits = Limits(draw(positive), batch_rows, draw(st.integers(batch_rows, (1 << 63) - 1)))
     return new_genesis(draw(_names), vals, draw(positive), orgs, limits)
 
 
@@ -346,10 +347,18 @@ def _edit(path: str, value: Any) -> dict[str, Any]:
         ("limits.max_block_txs", "100"),
         ("limits.max_block_txs", False),
         ("limits.max_rows", 10),
+        # Batches of up to 65,536 rows (the default) could never fit in a block
+        ("limits.max_block_txs", 1000),
     ],
 )
 def test_load_genesis_rejects(tmp_path: Path, path: str, value: Any) -> None:
     _assert_config_error(_load, tmp_path, _edit(path, value))
+
+
+def test_a_batch_must_fit_in_a_block() -> None:
+    assert Limits(max_batch_rows=50, max_block_txs=50).max_block_txs == 50
+    with pytest.raises(ConfigError, match=r"max_batch_rows \(51\) exceeds .*max_block_txs \(50\)"):
+        Limits(max_batch_rows=51, max_block_txs=50)
 
 
 @pytest.mark.parametrize(
