@@ -113,6 +113,15 @@ COMMIT_TIMES_KEEP = 65_536
 COMMIT_IDS_KEEP_ROWS = 1_000_000
 # Pieces of evidence kept in memory (all are counted)
 EVIDENCE_KEEP = 1024
+# Announced batches' checks under way at once (each fetches its batch, then checks it here or
+# in the verifier); the others wait in a queue per mempool, and the mempools share the checks
+# fairly by rows: one that floods this validator (Byzantine, or far busier than the rest)
+# delays only its own batches, not the others' nor the event loop. At most INTAKE_BATCHES
+# batches, and INTAKE_ROWS rows that came in memory (on a stream), wait per mempool: more are
+# dropped and counted (an honest mempool announces a batch again that stays uncommitted).
+CHECKS_AT_ONCE = 2
+INTAKE_BATCHES = 1024
+INTAKE_ROWS = 262_144
 # Announced batches whose mempool is remembered until they commit (at most this many), so
 # that commits of other institutions' batches are not reported to this institution's mempool
 BATCH_ORIGINS_KEEP = 8192
@@ -174,6 +183,18 @@ class Validator:
         self.batches: dict[bytes, pa.RecordBatch] = {}
         # Batches whose checks are under way here (a copy sent again meanwhile is dropped)
         self._checking: set[bytes] = set()
+        # Checks waiting their turn: per mempool (-1: announced with none), the waiters and
+        # the rows of the batches among them that came in memory; mempools in turn order
+        self.checks_at_once = max(1, int(settings.get("validator_checks_at_once", CHECKS_AT_ONCE)))
+        self.intake_batches = max(1, int(settings.get("validator_intake_batches", INTAKE_BATCHES)))
+        self.intake_rows = max(1, int(settings.get("validator_intake_rows", INTAKE_ROWS)))
+        self._intake: dict[int, collections.deque[tuple[asyncio.Future[None], int]]] = {}
+        self._intake_rows: dict[int, int] = {}
+        self._checks_running = 0
+        # Rows checked per mempool (by announcement), and those of the mempool served last:
+        # the fair queue's clock
+        self._served: dict[int, int] = {}
+        self._clock = 0
         # Per mempool: the next sealing sequence number to hold, and batches waiting for it
         self.origin_next: dict[int, int] = {}
         self.origin_waiting: dict[int, dict[int, tuple[bytes, pa.RecordBatch | None]]] = {}
@@ -239,7 +260,9 @@ class Validator:
         base, head, self.restored_from, self.replayed_writes = self._replay(keep_from)
         assert isinstance(base, CommittedState)
         self.state = base
-        self.builder = LedgerBuilder(self.batches, head, base)
+        self.builder = LedgerBuilder(
+            self.batches, head, base, max_txs=self.genesis.limits.max_block_txs
+        )
         self._recent_proposals: collections.deque[bytes] = collections.deque(
             maxlen=CoreConfig().committed_window
         )
@@ -717,15 +740,81 @@ class Validator:
             self.batches_resent += 1
         self._checking.add(digest)
         try:
-            canonical = await self._check_announced(digest, refs, origin, tag, body)
-        except Exception as exc:  # unreadable (its object lost) or the verifier failed
-            log.warning("validator %d: batch %s: %s", self.index, digest.hex()[:16], exc)
-            self._count("batch: unreadable")
-            canonical = None
+            canonical = await self._check_in_turn(digest, refs, origin, tag, body, mempool)
         finally:
             self._checking.discard(digest)
         # Its turn is taken whatever the outcome: the mempool's next batches wait for it
         self._in_order(origin, digest, canonical)
+
+    async def _check_in_turn(
+        self,
+        digest: bytes,
+        refs: list[Any],
+        origin: tuple[int, int] | None,
+        tag: bytes | None,
+        body: pa.RecordBatch | None,
+        mempool: int | None,
+    ) -> pa.RecordBatch | None:
+        """``_check_announced`` once this batch's turn comes: at most ``checks_at_once`` run
+        at once, and the mempools with batches waiting share the checking fairly by rows
+        (``_next_checks``), each mempool's batches in the order they came. ``None`` also
+        where its mempool has too many waiting (dropped, counted)."""
+        source = -1 if mempool is None else mempool
+        rows = 0 if body is None else body.num_rows
+        queue = self._intake.get(source)
+        if queue is not None and (
+            len(queue) >= self.intake_batches
+            or self._intake_rows.get(source, 0) + rows > self.intake_rows
+        ):
+            self._count("batch: intake full")
+            return None
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if queue is None:
+            queue = self._intake[source] = collections.deque()
+            # Back from idle: it starts level with the mempools being served, without credit
+            # for the time it sent nothing
+            self._served[source] = max(self._served.get(source, 0), self._clock)
+        queue.append((turn, rows))
+        self._intake_rows[source] = self._intake_rows.get(source, 0) + rows
+        self._next_checks()
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # its turn had come: give it up
+                self._checks_running -= 1
+                self._next_checks()
+            raise
+        try:
+            if body is None:  # by reference: its rows are charged once it is here
+                body = await refs[0]
+                self._served[source] = self._served.get(source, 0) + body.num_rows
+            return await self._check_announced(digest, refs, origin, tag, body)
+        except Exception as exc:  # unreadable (its object lost) or the verifier failed
+            log.warning("validator %d: batch %s: %s", self.index, digest.hex()[:16], exc)
+            self._count("batch: unreadable")
+            return None
+        finally:
+            self._checks_running -= 1
+            self._next_checks()
+
+    def _next_checks(self) -> None:
+        """Start waiting checks while fewer than ``checks_at_once`` run. Start-time fair
+        queueing by rows: the mempool with batches waiting that has had the fewest rows
+        checked starts its oldest (a mempool sealing 2,000-row batches gets one checked
+        while one sealing 40-row batches gets fifty)."""
+        while self._checks_running < self.checks_at_once and self._intake:
+            source = min(self._intake, key=self._served.__getitem__)
+            self._clock = self._served[source]
+            queue = self._intake[source]
+            turn, rows = queue.popleft()
+            self._intake_rows[source] -= rows
+            if not queue:
+                del self._intake[source], self._intake_rows[source]
+            if turn.done():  # its caller went away (cancelled)
+                continue
+            turn.set_result(None)
+            self._served[source] += rows
+            self._checks_running += 1
 
     async def _check_announced(
         self,
@@ -799,7 +888,7 @@ class Validator:
         while expected in waiting:
             d, b = waiting.pop(expected)
             if b is not None and d not in self.batches:
-                self._hold(d, b)
+                self._hold(d, b, mempool)
             expected += 1
         self.origin_next[mempool] = expected
         if waiting:
@@ -864,10 +953,12 @@ class Validator:
         self._hold(digest, canonical)
         return True
 
-    def _hold(self, digest: bytes, batch: pa.RecordBatch) -> None:
+    def _hold(self, digest: bytes, batch: pa.RecordBatch, mempool: int | None = None) -> None:
+        """Hold a checked batch for proposals (``mempool``: the one that sealed it, where
+        known: a leader takes each mempool's batches in turn)."""
         self.batches[digest] = batch
         self.core.tick(int(time.time() * 1000))  # when it became available (a gap's wait)
-        self._run(self.core.on_batch_available(digest))
+        self._run(self.core.on_batch_available(digest, mempool))
 
     async def get_batch(self, digest: bytes) -> pa.RecordBatch | None:
         batch = self.batches.get(digest)
@@ -1234,6 +1325,9 @@ class Validator:
             "batches_deferred": self.builder.deferred,
             "gap_rows_proposed": self.builder.gap_rows_proposed,
             "batches_resent": self.batches_resent,
+            # Announced batches being checked, and waiting their mempool's turn to be
+            "checks_running": self._checks_running,
+            "checks_waiting": sum(len(q) for q in self._intake.values()),
             "evidence": sum(self.evidence_counts.values()),
             "rejected": dict(self.rejected),
             "evidence_kinds": sorted(self.evidence_counts),

@@ -221,8 +221,11 @@ class Core:
         self.tree: dict[bytes, Proposal] = {}
         self.qcs: dict[bytes, QuorumCert] = {}
         # Held batches in arrival order, with the time each became available: leaders propose
-        # the oldest first (fairness, latency) and let one wait for a gap (``_may_wait``)
+        # the oldest first (latency), sources taking turns (``_in_turn``: fairness), and let
+        # one wait for a gap (``_may_wait``)
         self.available: dict[bytes, int] = {}
+        # Where each came from (its mempool, for the adapter): sources take turns in a block
+        self.sources: dict[bytes, int] = {}
         self.waiting_batches: dict[bytes, Proposal] = {}
         self.waiting_parent: dict[bytes, list[Proposal]] = {}
         self.requested: set[bytes] = set()
@@ -328,11 +331,15 @@ class Core:
             self._propose(wait_if_idle=False)
         return self._flush()
 
-    def on_batch_available(self, digest: bytes) -> list[Action]:
-        """The batch ``digest`` is held locally and its digest checked by the adapter."""
+    def on_batch_available(self, digest: bytes, source: int | None = None) -> list[Action]:
+        """The batch ``digest`` is held locally and its digest checked by the adapter.
+        ``source``: where it came from (the mempool that sealed it), if known: a leader's
+        proposal takes batches from each source in turn (``_in_turn``)."""
         if self._is_ordered(digest, set()):
             return []
         self.available.setdefault(digest, self.now_ms)
+        if source is not None:
+            self.sources.setdefault(digest, source)
         if self.idle_round == self.round:
             # An idle leader was waiting for exactly this
             self.idle_round = -1
@@ -665,6 +672,7 @@ class Core:
             self.committed_digests.update(dict.fromkeys(p.block.batch_digests, p.block.height))
             for d in p.block.batch_digests:
                 self.available.pop(d, None)
+                self.sources.pop(d, None)
         self.committed = chain[-1].block
         self._prune()
 
@@ -755,7 +763,7 @@ class Core:
             self.round,
             self.signer.public_key,
             max(parent.timestamp_ms + 1, self.now_ms),
-            digests[: self.cfg.max_batches_per_block],
+            self._in_turn(digests)[: self.cfg.max_batches_per_block],
             self._may_wait if self.cfg.gap_wait_ms > 0 else None,
         )
         sig = self.signer.sign(proposal_message(self.chain_id, block.hash))
@@ -763,6 +771,27 @@ class Core:
         # Our own vote (and the Persist guarding it) precedes the broadcast.
         self._process_proposal(proposal)
         self._out.append(Broadcast(proposal))
+
+    def _in_turn(self, digests: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        """``digests`` (in arrival order) with their sources taking turns: the first batch of
+        each source (the one with the oldest first), then the second of each, and so on, each
+        source's own in arrival order. A source with a backlog (a flooding or Byzantine
+        mempool, or one far busier than the rest) then fills at most its share of a block
+        while others have batches waiting, instead of holding them back for blocks on end."""
+        limit = self.cfg.max_batches_per_block
+        if len(digests) <= 1 or not self.sources:
+            return digests
+        queues: dict[int | None, list[bytes]] = {}
+        for d in digests:
+            queues.setdefault(self.sources.get(d), []).append(d)
+        if len(queues) == 1:
+            return digests
+        out: list[bytes] = []
+        for turn in range(max(len(q) for q in queues.values())):
+            out.extend(q[turn] for q in queues.values() if turn < len(q))
+            if len(out) >= limit:
+                break
+        return tuple(out)
 
     def _may_wait(self, digest: bytes, found_ms: int) -> bool:
         """May a batch whose rows would fail for want of an earlier one wait for it? Yes while

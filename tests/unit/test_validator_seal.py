@@ -43,8 +43,10 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.latency = [0.0] * N  # no emulated WAN
     v.blocked = set()  # no partition
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
+    v.checks_at_once, v.intake_batches, v.intake_rows = 2, 1024, 262_144
+    v._intake, v._intake_rows, v._checks_running, v._served, v._clock = {}, {}, 0, {}, 0
     held: list[bytes] = []
-    v._hold = lambda digest, batch: held.append(digest)  # type: ignore[method-assign]
+    v._hold = lambda digest, batch, mempool=None: held.append(digest)  # type: ignore[method-assign]
     mempool = FakeMempool()
     v._actor = lambda role: mempool  # type: ignore[method-assign]
     return v, held, mempool
@@ -351,7 +353,7 @@ def test_with_the_wan_emulated_a_far_mempools_batch_arrives_after_the_links_late
     good, _ = batches()
     near, far, far_by_ray = good.slice(0, 2), good.slice(2, 2), good.slice(4, 2)
     taken: dict[bytes, float] = {}
-    v._hold = lambda digest, batch: taken.setdefault(digest, time.monotonic())  # type: ignore[method-assign]
+    v._hold = lambda digest, batch, mempool=None: taken.setdefault(digest, time.monotonic())  # type: ignore[method-assign]
 
     async def ref() -> pa.RecordBatch:
         return far_by_ray

@@ -1,0 +1,172 @@
+"""One mempool cannot crowd the others out: a leader takes each mempool's batches in turn, a
+block holds at most the genesis ``max_block_txs`` rows (a larger one is refused), and a
+validator checks announced batches in their mempools' turns, with a bounded queue each.
+
+Found with a load run: a driver announcing 60 batches of 2,000 rows as mempool 3 held the
+other mempools' batches back behind all of them, at every validator (their checks queued
+behind the flood's, then their proposals behind its batches)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+from typing import Any
+
+import pyarrow as pa
+
+from rayledger.block import genesis_header
+from rayledger.chain import LedgerBuilder, batch_digest
+from rayledger.consensus import Broadcast, CoreConfig, Proposal
+from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.execution import genesis_state
+from rayledger.tx import TxKind, make_batch
+from tests.unit.consensus_harness import Keyring, digest
+from tests.unit.test_validator_seal import validator
+
+CHAIN = bytes(range(32))
+PROPOSER = public_bytes(key_from_seed(b"\x09" * 32))
+
+
+def proposed(sources: list[tuple[str, int | None]], max_batches: int = 4) -> list[str]:
+    """The batches (by label) a leader's first proposal names, given ``(label, source)`` in
+    the order they became available."""
+    keys = replace(
+        Keyring.make(4, crypto="mac"), config=CoreConfig(max_batches_per_block=max_batches)
+    )
+    leader = keys.leader(1)
+    core = keys.core(leader)
+    names = {digest(label): label for label, _ in sources}
+    for label, source in sources:
+        core.on_batch_available(digest(label), source)
+    proposals = [a.message for a in core.start() if isinstance(a, Broadcast)]
+    assert len(proposals) == 1 and isinstance(proposals[0], Proposal)
+    return [names[d] for d in proposals[0].block.batch_digests]
+
+
+def test_a_leader_takes_each_mempools_batches_in_turn() -> None:
+    # Mempool 3 announced six batches before mempools 0 and 1 announced theirs
+    flood = [(f"m3-{k}", 3) for k in range(6)]
+    others = [("m0-0", 0), ("m0-1", 0), ("m1-0", 1)]
+    assert proposed(flood + others) == ["m3-0", "m0-0", "m1-0", "m3-1"]
+    assert proposed(flood + others, max_batches=8) == [
+        "m3-0", "m0-0", "m1-0", "m3-1", "m0-1", "m3-2", "m3-3", "m3-4",
+    ]  # fmt: skip
+    # A batch whose source is not known (fetched for a peer's proposal) is a source of its own
+    assert proposed(flood + [("fetched", None)]) == ["m3-0", "fetched", "m3-1", "m3-2"]
+
+
+def test_one_source_or_none_keeps_the_arrival_order() -> None:
+    flood = [(f"m3-{k}", 3) for k in range(6)]
+    assert proposed(flood) == ["m3-0", "m3-1", "m3-2", "m3-3"]
+    assert proposed([(f"b{k}", None) for k in range(6)]) == ["b0", "b1", "b2", "b3"]
+
+
+def anchors(seed: int, rows: int) -> pa.RecordBatch:
+    key = key_from_seed(bytes([seed]) * 32)
+    return make_batch(key, TxKind.ANCHOR, range(rows), [os.urandom(32) for _ in range(rows)], CHAIN)
+
+
+def test_a_block_holds_at_most_max_block_txs_rows_and_a_larger_one_is_refused() -> None:
+    ten, twenty, five = anchors(1, 10), anchors(2, 20), anchors(3, 5)
+    held = {batch_digest(b): b for b in (ten, twenty, five)}
+    d10, d20, d5 = held
+    base, root = genesis_state([])
+    genesis = genesis_header(CHAIN, 1, root)
+    limited = LedgerBuilder(held, genesis, base, max_txs=25)
+    # The 20-row batch would take the block to 30 rows: it waits, the 5-row one after it goes
+    header = limited.build(genesis, 1, PROPOSER, 2, (d10, d20, d5))
+    assert header.batch_digests == (d10, d5) and header.tx_count == 15
+    assert limited.check(header, genesis) is None
+    # Exactly at the limit is allowed
+    assert limited.build(genesis, 1, PROPOSER, 2, (d20, d5)).tx_count == 25
+    # A leader without the limit (Byzantine, or another configuration) proposes all 35 rows
+    unlimited = LedgerBuilder(held, genesis, base)
+    over = unlimited.build(genesis, 1, PROPOSER, 2, (d10, d20, d5))
+    assert over.tx_count == 35
+    assert limited.check(over, genesis) == "35 rows exceed the block limit of 25"
+
+
+Announced = tuple[bytes, int, pa.RecordBatch, bool]  # digest, mempool, batch, by reference
+
+
+def run_checks(v: Any, announced: list[Announced]) -> list[bytes]:
+    """Announce each at once (on a stream, or by reference); each check takes a few ms. The
+    digests in the order their checks started."""
+    started: list[bytes] = []
+
+    async def check(digest: bytes, refs: Any, origin: Any, tag: Any, body: Any) -> None:
+        assert body is not None  # fetched before the check where it came by reference
+        started.append(digest)
+        await asyncio.sleep(0.005)
+        return None
+
+    v._check_announced = check
+
+    async def fetch(batch: pa.RecordBatch) -> pa.RecordBatch:
+        return batch
+
+    async def run() -> None:
+        tasks = [
+            asyncio.ensure_future(
+                v.batch_ready(d, [fetch(b)], (m, seq), None)
+                if by_ref
+                else v.batch_ready(d, [], (m, seq), None, body=b)
+            )
+            for seq, (d, m, b, by_ref) in enumerate(announced, start=1)
+        ]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    return started
+
+
+def batches_of(mempool: int, count: int, rows: int, by_ref: bool = False) -> list[Announced]:
+    body = anchors(mempool + 1, rows)
+    return [(digest(f"m{mempool}-{rows}-{k}"), mempool, body, by_ref) for k in range(count)]
+
+
+def ids(announced: list[Announced]) -> list[bytes]:
+    return [d for d, _, _, _ in announced]
+
+
+def test_announced_batches_are_checked_fairly_by_rows_across_mempools() -> None:
+    v, _, _ = validator()
+    v.checks_at_once = 1
+    for by_ref in (False, True):
+        flood = batches_of(3, 5, 20, by_ref)  # five batches of 20 rows
+        honest = batches_of(1, 4, 2)  # then four of 2 rows from another mempool
+        started = run_checks(v, flood + honest)
+        # First come, first served, the honest batches waited for every one of the flood's;
+        # fair by rows, all four go before the flood's second (8 rows checked against 20)
+        assert started == ids(flood[:1] + honest + flood[1:])
+        assert v._checks_running == 0 and v._intake == {} and v._intake_rows == {}
+    # Back after a pause (the first round), mempool 1 started level with mempool 3 (100 rows
+    # checked then), without credit for the time it sent nothing: 8 rows more since
+    assert v._served == {3: 200, 1: 108}
+    flood, honest = batches_of(3, 3, 20), batches_of(1, 3, 20)
+    assert run_checks(v, flood + honest) == ids(
+        [flood[0], honest[0], flood[1], honest[1], flood[2], honest[2]]
+    )
+
+
+def test_a_mempool_with_too_many_batches_waiting_has_the_next_dropped_and_counted() -> None:
+    v, _, _ = validator()
+    v.checks_at_once, v.intake_batches = 1, 2
+    flood, other = batches_of(3, 5, 1), batches_of(1, 1, 1)
+    started = run_checks(v, flood + other)
+    # The first runs, two wait, the last two are dropped; mempool 1's is not held back by them
+    assert started == ids(flood[:1] + other + flood[1:3])
+    assert v.rejected == {"batch: intake full": 2}
+    # The dropped batches took their turn: mempool 3's order goes on past them
+    assert v.origin_next[3] == 6 and v.origin_waiting[3] == {}
+
+
+def test_rows_that_came_in_memory_are_bounded_per_mempool_too() -> None:
+    v, _, _ = validator()
+    v.checks_at_once, v.intake_rows = 1, 10
+    # Each frame brings 4 rows: two fit while waiting, a third does not
+    flood, other = batches_of(3, 4, 4), batches_of(0, 1, 4)
+    started = run_checks(v, flood + other)
+    assert started == ids(flood[:1] + other + flood[1:3])
+    assert v.rejected == {"batch: intake full": 1}
