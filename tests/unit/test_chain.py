@@ -198,3 +198,49 @@ def test_admit_batch_accepts_a_sound_batch_and_names_each_problem() -> None:
         admit_batch(forged, digests[0], **kw)
     with pytest.raises(SchemaMismatch):
         admit_batch(good.drop_columns(["nonce"]), digests[0], **kw)
+
+
+def test_a_large_batch_of_forged_rows_is_refused_on_a_sample_of_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch is refused whole for one bad signature: in a large batch, a random sample is
+    verified first, so a flood of forged rows costs its samples (a forged row costs about
+    three sound ones to verify); one bad row the sample misses is still found."""
+    from rayledger.chain import SPOT_MIN_ROWS, SPOT_ROWS, admit_batch
+    from rayledger.errors import InvalidSignature
+
+    n = SPOT_MIN_ROWS + 88
+    good = make_batch(A, TxKind.ANCHOR, range(n), [bytes([i % 256]) * 32 for i in range(n)], CHAIN)
+    digest = batch_digest(good)
+    checked: list[int] = []
+    verify = chain.verify_signatures
+
+    def counting(batch, chain_id, *, ids):  # type: ignore[no-untyped-def]
+        checked.append(batch.num_rows)
+        return verify(batch, chain_id, ids=ids)
+
+    monkeypatch.setattr(chain, "verify_signatures", counting)
+    kw = {"chain_id": CHAIN, "max_payload": 1024}
+
+    def forge(rows: range | list[int]) -> pa.RecordBatch:
+        sigs = np.frombuffer(good.column("signature").buffers()[1], np.uint8).reshape(n, 64).copy()
+        sigs[list(rows), 7] ^= 1
+        column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(64), n, [None, pa.py_buffer(sigs)])
+        return good.set_column(good.schema.get_field_index("signature"), "signature", column)
+
+    assert admit_batch(good, digest, **kw).equals(good)
+    assert checked == [SPOT_ROWS, n]  # a sound batch: its sample, then every row
+    checked.clear()
+    with pytest.raises(InvalidSignature, match=r"row \d+ of the batch"):
+        admit_batch(forge(range(n)), digest, **kw)
+    assert checked == [SPOT_ROWS]  # every row forged: the sample finds it
+    for _ in range(3):  # one forged row: the sample finds it or the full check does
+        checked.clear()
+        with pytest.raises(InvalidSignature, match=f"row {n - 1} of the batch"):
+            admit_batch(forge([n - 1]), digest, **kw)
+        assert checked in ([SPOT_ROWS], [SPOT_ROWS, n])
+    # Below SPOT_MIN_ROWS rows: one check of every row
+    small = good.slice(0, SPOT_MIN_ROWS - 1)
+    checked.clear()
+    assert admit_batch(small, batch_digest(small), **kw).num_rows == SPOT_MIN_ROWS - 1
+    assert checked == [SPOT_MIN_ROWS - 1]
