@@ -118,7 +118,8 @@ EVIDENCE_KEEP = 1024
 # fairly by rows: one that floods this validator (Byzantine, or far busier than the rest)
 # delays only its own batches, not the others' nor the event loop. At most INTAKE_BATCHES
 # batches, and INTAKE_ROWS rows that came in memory (on a stream), wait per mempool: more are
-# dropped and counted (an honest mempool announces a batch again that stays uncommitted).
+# dropped and counted (an honest mempool announces a batch again that stays uncommitted;
+# and it holds at most its capacity uncommitted: INTAKE_ROWS is raised to twice that).
 CHECKS_AT_ONCE = 2
 INTAKE_BATCHES = 1024
 INTAKE_ROWS = 262_144
@@ -187,7 +188,11 @@ class Validator:
         # the rows of the batches among them that came in memory; mempools in turn order
         self.checks_at_once = max(1, int(settings.get("validator_checks_at_once", CHECKS_AT_ONCE)))
         self.intake_batches = max(1, int(settings.get("validator_intake_batches", INTAKE_BATCHES)))
-        self.intake_rows = max(1, int(settings.get("validator_intake_rows", INTAKE_ROWS)))
+        # An honest mempool has at most its capacity uncommitted: never dropped for it
+        intake_rows = settings.get("validator_intake_rows")
+        if intake_rows is None:
+            intake_rows = max(INTAKE_ROWS, 2 * int(settings.get("mempool_capacity", 0)))
+        self.intake_rows = max(1, int(intake_rows))
         self._intake: dict[int, collections.deque[tuple[asyncio.Future[None], int]]] = {}
         self._intake_rows: dict[int, int] = {}
         self._checks_running = 0
