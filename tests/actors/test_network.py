@@ -32,7 +32,7 @@ import ray
 
 from rayledger.actors.mempool import seal_tag
 from rayledger.actors.storage import shard_of_tx_ids
-from rayledger.chain import batch_digest
+from rayledger.chain import SPOT_ROWS, batch_digest
 from rayledger.cluster.client import Client, SubmitError
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
@@ -473,6 +473,59 @@ def test_a_batch_only_a_crashed_validator_held_is_sent_again_and_committed(
         after_status = net.status()[0]
         assert after_status["batches_resent"] == before["batches_resent"]
         assert after_status["batches_held"] == before["batches_held"]
+    finally:
+        net.shutdown()
+
+
+def test_a_mempool_flooding_the_validators_with_forged_batches_costs_them_little(
+    tmp_path: Path,
+) -> None:
+    """A Byzantine mempool (this driver, announcing as mempool 3) sends every validator 30
+    batches of 1,000 rows, every signature forged: each validator refuses each one on a
+    sample of its rows (not 1,000 checks, each about three times the cost of a sound one),
+    and the other mempools' transactions commit meanwhile, every one."""
+    net = start(tmp_path, "forged")
+    try:
+        key = net.client_key(net.clients[3])
+        flood = []
+        for j in range(30):
+            nonces = range(1000 * j, 1000 * (j + 1))
+            b = make_batch(
+                key, TxKind.ANCHOR, nonces, [os.urandom(32) for _ in nonces], net.chain_id
+            )
+            sigs = np.frombuffer(b.column("signature").buffers()[1], np.uint8).copy()
+            sigs[7::64] ^= 1
+            forged = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(64), b.num_rows, [None, pa.py_buffer(sigs)]
+            )
+            b = b.set_column(b.schema.get_field_index("signature"), "signature", forged)
+            digest = batch_digest(validate_batch(b, chain_id=net.chain_id, max_payload=4096))
+            flood.append((digest, ray.put(b)))
+        checked_before = [s["signature_checks"][0] for s in net.status()]
+        for seq, (digest, ref) in enumerate(flood, start=1):
+            for i in range(4):
+                net.validator(i).batch_ready.remote(digest, [ref], (3, seq), None)
+        honest = client_batches(net, 2000)[:3]  # 500 rows of each of three clients
+        for k, b in enumerate(honest):
+            assert net.submit(b, mempool=k).accepted == b.num_rows
+        for b in honest:
+            net.wait_committed(b, timeout_s=60)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            refused = [s["rejected"].get("batch: invalid_signature", 0) for s in net.status()]
+            if refused == [30] * 4:
+                break
+            time.sleep(0.5)
+        assert refused == [30] * 4
+        after = [s["signature_checks"][0] for s in net.status()]
+        checked = [a - b for a, b in zip(after, checked_before, strict=True)]
+        # The honest rows of the other institutions' mempools (1,000 or 1,500) and the
+        # sample of each forged batch (32 rows, each perhaps checked by both libraries); all
+        # of their rows would be 31,000 or more
+        assert all(c <= 1500 + 30 * 2 * SPOT_ROWS for c in checked), checked
+        counts = ray.get(net.validator(0).status_counts.remote())
+        assert counts == {int(Status.OK): 1500}
+        assert_agreement(net, [0, 1, 2, 3])
     finally:
         net.shutdown()
 
