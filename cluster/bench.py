@@ -40,6 +40,7 @@ from rayledger.tx import (
     compute_tx_ids,
     make_batch,
     tx_ids_of,
+    validate_batch,
     verify_signatures,
 )
 
@@ -472,6 +473,10 @@ class E2EResult:
     # the hold (the broken client's, where it runs)
     rows_parked: int = 0
     rows_sealed_apart: int = 0
+    # With ``forged_rate``: the forged rows announced to every validator, and the forged
+    # batches each validator refused (the mean over the validators)
+    forged_rows: int | None = None
+    forged_batches_refused: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
@@ -688,6 +693,7 @@ def bench_e2e(
     checkpoint_every: int | None = None,
     peer_streams: bool = True,
     gap_client: bool = False,
+    forged_rate: float | None = None,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -718,6 +724,11 @@ def bench_e2e(
     costs them (its mempool parks its rows, then seals them apart; the leaders wait for its
     missing nonce once).
 
+    ``forged_rate``: an impostor in the cluster (this process, not a mempool) announces to
+    every validator batches of ``batch_rows`` rows whose every signature is forged, at this
+    many rows per second over the run: what checking and refusing them costs the network
+    (each validator refuses a large batch on a sample of its rows) and its clients.
+
     ``ceiling``: the pipeline's own limit, as if the transactions' signatures were checked for
     free (what a GPU that kept up would leave): this run's Ray instance, which it starts and
     stops itself, skips the Ed25519 curve math of batch checks in every worker. Everything
@@ -729,6 +740,7 @@ def bench_e2e(
     import ray
     from hdrh.histogram import HdrHistogram
 
+    from rayledger.chain import batch_digest
     from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
     from rayledger.cluster.network import load_network
 
@@ -845,9 +857,43 @@ def bench_e2e(
                     tick += 0.5
                     time.sleep(max(0.0, tick - time.monotonic()))
 
+            def forger(rate: float) -> None:
+                # One signed batch; each announcement gets new payloads (new ids, a new
+                # digest), so that every row's signature is forged
+                key = key_from_seed(hashlib.sha256(b"rayledger bench: forger").digest())
+                base = make_batch(
+                    key, TxKind.ANCHOR, range(batch_rows), [bytes(32)] * batch_rows, net.chain_id
+                )
+                payload = base.schema.get_field_index("payload")
+                limits = net.genesis.limits
+                offsets = np.arange(0, 32 * (batch_rows + 1), 32, dtype=np.int32)
+                period, tick = batch_rows / rate, time.monotonic()
+                validators_ = [net.validator(i) for i in range(validators)]
+                while tick < stop:
+                    fresh = pa.Array.from_buffers(
+                        pa.binary(),
+                        batch_rows,
+                        [None, pa.py_buffer(offsets), pa.py_buffer(os.urandom(32 * batch_rows))],
+                    )
+                    forged = base.set_column(payload, base.schema.field(payload), fresh)
+                    canonical = validate_batch(
+                        forged, chain_id=net.chain_id, max_payload=limits.max_payload_bytes
+                    )
+                    ref = ray.put(canonical)
+                    digest = batch_digest(canonical)
+                    for v in validators_:
+                        v.batch_ready.remote(digest, [ref])
+                    with lock:
+                        stats["forged_rows"] += batch_rows
+                    tick += period
+                    time.sleep(max(0.0, tick - time.monotonic()))
+
+            stats["forged_rows"] = 0
             threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
             if gap_client:
                 threads.append(threading.Thread(target=broken_client))
+            if forged_rate:
+                threads.append(threading.Thread(target=forger, args=(forged_rate,)))
             cpu_start, checks_start = _cpu_by_role(net, validators)
             ray_start = ray_own_cpu()
             machine_start = machine_cpu_times()
@@ -966,6 +1012,11 @@ def bench_e2e(
         gap_rows_proposed=sum(int(s["gap_rows_proposed"]) for s in statuses),
         rows_parked=int(mempool0["counts"].get("parked", 0)),
         rows_sealed_apart=int(mempool0["counts"].get("gap_expired", 0)),
+        forged_rows=stats["forged_rows"] if forged_rate else None,
+        forged_batches_refused=sum(
+            int(s["rejected"].get("batch: invalid_signature", 0)) for s in statuses
+        )
+        / len(statuses),
         cpu_us_per_tx=cpu_per_tx,
         check_us_in_network=check_us,
         efficiency_in_situ=efficiency_in_situ,

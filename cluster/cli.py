@@ -537,6 +537,14 @@ def bench_e2e_cmd(
             "rows every 0.5 s through mempool 0: what it costs the others"
         ),
     ] = False,
+    forged_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=1,
+            help="an impostor announces batches of forged rows to every validator at this many "
+            "rows/s: what refusing them costs the others",
+        ),
+    ] = None,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
@@ -555,6 +563,7 @@ def bench_e2e_cmd(
         checkpoint_every,
         peer_streams,
         gap_client,
+        forged_rate,
     )
     title = f"rayledger bench e2e ({validators} validators)"
     if ceiling:
@@ -644,6 +653,12 @@ def bench_e2e_cmd(
             f"{r.rows_parked:,} rows and sealed {r.rows_sealed_apart:,} apart after the hold; "
             f"leaders held batches back {r.batches_deferred:,} times for a missing nonce and "
             f"proposed {r.gap_rows_proposed:,} rows that failed for one",
+        )
+    if r.forged_rows is not None:
+        table.add_row(
+            "impostor's forged batches",
+            f"{r.forged_rows:,} rows announced to every validator; each validator refused "
+            f"{r.forged_batches_refused:,.0f} batches",
         )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)

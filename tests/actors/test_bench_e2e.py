@@ -16,11 +16,17 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.toml"
 
 def test_bench_e2e_reports_measured_figures() -> None:
     result = CliRunner().invoke(
-        app, ["bench", "e2e", "--duration", "4", "--config", str(CONFIG), "--batch-rows", "500"]
+        app,
+        ["bench", "e2e", "--duration", "4", "--config", str(CONFIG), "--batch-rows", "500"]
+        + ["--forged-rate", "1000"],
     )
     assert result.exit_code == 0, result.output
     r = json.loads(result.output.strip().splitlines()[-1])
     assert r["agreement"] is True
+    # An impostor announced batches of 500 forged rows twice a second: refused, none counted
+    assert 2_000 <= r["forged_rows"] <= 5_000 and r["forged_rows"] % 500 == 0
+    assert 0 < r["forged_batches_refused"] <= r["forged_rows"] / 500
+    assert "impostor's forged batches" in result.output
     assert r["committed"] > 0 and r["committed"] <= r["submitted"]
     # The network's own checkpoint interval, which a 4 s run does not reach
     assert r["checkpoint_every_blocks"] == 1000 and r["state_checkpoint_height"] == 0
@@ -73,7 +79,7 @@ def test_bench_e2e_open_loop_offers_its_rate() -> None:
     # On schedule: about the offered rows were submitted, none answered busy
     assert 0.8 * 400 * 4 <= r["submitted"] <= 400 * 4 + 4 * 200 and r["busy_answers"] == 0
     assert 0 < r["committed"] <= r["submitted"] and r["agreement"] is True
-    assert r["failed"] == 0
+    assert r["failed"] == 0 and r["forged_rows"] is None and r["forged_batches_refused"] == 0
     # Where the cores went, per committed transaction, by kind of actor
     assert set(r["cpu_us_per_tx"]) >= {"validator", "mempool", "shard", "load generator"}
     assert all(us > 0 for us in r["cpu_us_per_tx"].values())
