@@ -113,16 +113,18 @@ COMMIT_TIMES_KEEP = 65_536
 COMMIT_IDS_KEEP_ROWS = 1_000_000
 # Pieces of evidence kept in memory (all are counted)
 EVIDENCE_KEEP = 1024
-# Announced batches' checks under way at once (each fetches its batch, then checks it here or
-# in the verifier); the others wait in a queue per mempool, and the mempools share the checks
-# fairly by rows: one that floods this validator (Byzantine, or far busier than the rest)
-# delays only its own batches, not the others' nor the event loop. At most INTAKE_BATCHES
-# batches, and INTAKE_ROWS rows that came in memory (on a stream), wait per mempool: more are
-# dropped and counted (an honest mempool announces a batch again that stays uncommitted;
-# and it holds at most its capacity uncommitted: INTAKE_ROWS is raised to twice that).
+# Announced batches' checks under way at once (here, or in the verifier); the others wait in
+# a queue per mempool, and the mempools share the checks fairly by rows: one that floods this
+# validator (Byzantine, or far busier than the rest) delays only its own batches, not the
+# others' nor the event loop. A batch announced by reference is fetched before it queues (a
+# reference that never resolves holds no check back), within FETCH_TIMEOUT_S. At most
+# INTAKE_BATCHES batches and INTAKE_ROWS rows wait per mempool: more are dropped and counted
+# (an honest mempool announces a batch again that stays uncommitted; and it holds at most its
+# capacity uncommitted: INTAKE_ROWS is raised to twice that).
 CHECKS_AT_ONCE = 2
 INTAKE_BATCHES = 1024
 INTAKE_ROWS = 262_144
+FETCH_TIMEOUT_S = 60.0
 # Announced batches whose mempool is remembered until they commit (at most this many), so
 # that commits of other institutions' batches are not reported to this institution's mempool
 BATCH_ORIGINS_KEEP = 8192
@@ -763,9 +765,18 @@ class Validator:
         """``_check_announced`` once this batch's turn comes: at most ``checks_at_once`` run
         at once, and the mempools with batches waiting share the checking fairly by rows
         (``_next_checks``), each mempool's batches in the order they came. ``None`` also
-        where its mempool has too many waiting (dropped, counted)."""
+        where its mempool has too many waiting (dropped, counted), or where a batch announced
+        by reference cannot be fetched."""
         source = -1 if mempool is None else mempool
-        rows = 0 if body is None else body.num_rows
+        if body is None:
+            try:
+                fetched: pa.RecordBatch = await asyncio.wait_for(refs[0], FETCH_TIMEOUT_S)
+            except Exception as exc:  # its object lost, or it never came
+                log.warning("validator %d: batch %s: %r", self.index, digest.hex()[:16], exc)
+                self._count("batch: unreadable")
+                return None
+            body = fetched
+        rows = body.num_rows
         queue = self._intake.get(source)
         if queue is not None and (
             len(queue) >= self.intake_batches
@@ -790,9 +801,6 @@ class Validator:
                 self._next_checks()
             raise
         try:
-            if body is None:  # by reference: its rows are charged once it is here
-                body = await refs[0]
-                self._served[source] = self._served.get(source, 0) + body.num_rows
             return await self._check_announced(digest, refs, origin, tag, body)
         except Exception as exc:  # unreadable (its object lost) or the verifier failed
             log.warning("validator %d: batch %s: %s", self.index, digest.hex()[:16], exc)

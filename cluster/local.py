@@ -53,9 +53,9 @@ class NetworkOptions:
     mempool_park_rows: int = 65_536
     max_batches_per_block: int = 64
     # A validator checks at most this many announced batches at once; the rest wait in a
-    # queue per mempool, served fairly by rows, of at most this many batches and (of those
-    # that came on a stream) rows each (None: twice ``mempool_capacity``, 262,144 at least);
-    # more are dropped, and announced again by an honest mempool while uncommitted
+    # queue per mempool, served fairly by rows, of at most this many batches and rows each
+    # (None: twice ``mempool_capacity``, 262,144 at least); more are dropped, and announced
+    # again by an honest mempool while uncommitted
     validator_checks_at_once: int = 2
     validator_intake_batches: int = 1024
     validator_intake_rows: int | None = None

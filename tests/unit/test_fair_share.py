@@ -135,7 +135,7 @@ def test_announced_batches_are_checked_fairly_by_rows_across_mempools() -> None:
     v.checks_at_once = 1
     for by_ref in (False, True):
         flood = batches_of(3, 5, 20, by_ref)  # five batches of 20 rows
-        honest = batches_of(1, 4, 2)  # then four of 2 rows from another mempool
+        honest = batches_of(1, 4, 2, by_ref)  # then four of 2 rows from another mempool
         started = run_checks(v, flood + honest)
         # First come, first served, the honest batches waited for every one of the flood's;
         # fair by rows, all four go before the flood's second (8 rows checked against 20)
@@ -170,3 +170,39 @@ def test_rows_that_came_in_memory_are_bounded_per_mempool_too() -> None:
     started = run_checks(v, flood + other)
     assert started == ids(flood[:1] + other + flood[1:3])
     assert v.rejected == {"batch: intake full": 1}
+
+
+def test_a_reference_that_never_resolves_holds_no_check_back(monkeypatch: Any) -> None:
+    """Announced by reference, a batch is fetched before it waits for its turn: a reference
+    that never resolves (a Byzantine announcer's) costs its own task until the fetch times
+    out, and the other mempools' checks go on meanwhile."""
+    from rayledger.actors import validator as validator_module
+
+    monkeypatch.setattr(validator_module, "FETCH_TIMEOUT_S", 0.2)
+    v, _, _ = validator()
+    v.checks_at_once = 1
+    started: list[bytes] = []
+
+    async def check(digest: bytes, refs: Any, origin: Any, tag: Any, body: Any) -> None:
+        started.append(digest)
+
+    v._check_announced = check
+    honest = batches_of(1, 3, 2)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        hung = [
+            asyncio.ensure_future(
+                v.batch_ready(digest(f"hung-{k}"), [loop.create_future()], (3, k + 1), None)
+            )
+            for k in range(2)
+        ]
+        await asyncio.sleep(0)
+        for seq, (d, m, b, _) in enumerate(honest, start=1):
+            await v.batch_ready(d, [], (m, seq), None, body=b)
+        # Checked while the two fetches still hang
+        assert started == ids(honest) and not any(t.done() for t in hung)
+        await asyncio.gather(*hung)
+
+    asyncio.run(run())
+    assert v.rejected == {"batch: unreadable": 2} and v._checks_running == 0
