@@ -202,6 +202,10 @@ class Validator:
         # the fair queue's clock
         self._served: dict[int, int] = {}
         self._clock = 0
+        # Batches waiting their turn (digest -> turn, mempool, rows), and announcements being
+        # checked (digest -> done once checked and held or refused)
+        self._turns: dict[bytes, tuple[asyncio.Future[None], int, int]] = {}
+        self._checks_done: dict[bytes, asyncio.Future[None]] = {}
         # Per mempool: the next sealing sequence number to hold, and batches waiting for it
         self.origin_next: dict[int, int] = {}
         self.origin_waiting: dict[int, dict[int, tuple[bytes, pa.RecordBatch | None]]] = {}
@@ -221,6 +225,8 @@ class Validator:
         self.own_batches = 0
         # Batches a mempool sent again that were new here (``batch_ready``'s ``resent_by``)
         self.batches_resent = 0
+        # Rows of batches fetched from a peer for a proposal (checked here, in full)
+        self.fetched_rows = 0
         self._rekeyed_at = 0.0
         self.me: Any = None  # this actor's own handle, known from start()
         # Fault injection (chaos and tests): peers cut off by a partition, and a Byzantine
@@ -746,12 +752,22 @@ class Validator:
                 return
             self.batches_resent += 1
         self._checking.add(digest)
+        # Done once this announcement is checked and took its turn (``_fetch`` waits for it)
+        done = self._checks_done.get(digest)
+        mine = done is None
+        if done is None:
+            done = self._checks_done[digest] = asyncio.get_running_loop().create_future()
         try:
-            canonical = await self._check_in_turn(digest, refs, origin, tag, body, mempool)
+            try:
+                canonical = await self._check_in_turn(digest, refs, origin, tag, body, mempool)
+            finally:
+                self._checking.discard(digest)
+            # Its turn is taken whatever the outcome: the mempool's next batches wait for it
+            self._in_order(origin, digest, canonical)
         finally:
-            self._checking.discard(digest)
-        # Its turn is taken whatever the outcome: the mempool's next batches wait for it
-        self._in_order(origin, digest, canonical)
+            if mine:
+                del self._checks_done[digest]
+                done.set_result(None)
 
     async def _check_in_turn(
         self,
@@ -792,6 +808,7 @@ class Validator:
             self._served[source] = max(self._served.get(source, 0), self._clock)
         queue.append((turn, rows))
         self._intake_rows[source] = self._intake_rows.get(source, 0) + rows
+        self._turns[digest] = (turn, source, rows)
         self._next_checks()
         try:
             await turn
@@ -800,6 +817,9 @@ class Validator:
                 self._checks_running -= 1
                 self._next_checks()
             raise
+        finally:
+            if self._turns.get(digest, (None,))[0] is turn:
+                del self._turns[digest]
         try:
             return await self._check_announced(digest, refs, origin, tag, body)
         except Exception as exc:  # unreadable (its object lost) or the verifier failed
@@ -809,6 +829,18 @@ class Validator:
         finally:
             self._checks_running -= 1
             self._next_checks()
+
+    def _promote(self, digest: bytes) -> None:
+        """A proposal names this batch while its check waits its turn: it starts now (past
+        ``checks_at_once`` if need be), charged to its mempool as in its turn."""
+        entry = self._turns.get(digest)
+        if entry is None or entry[0].done():
+            return
+        turn, source, rows = entry
+        turn.set_result(None)  # _next_checks passes over it (done) when it comes up
+        self._served[source] = self._served.get(source, 0) + rows
+        self._checks_running += 1
+        self._count("batch: checked ahead of its turn")
 
     def _next_checks(self) -> None:
         """Start waiting checks while fewer than ``checks_at_once`` run. Start-time fair
@@ -1010,7 +1042,9 @@ class Validator:
                 case Commit():
                     commits.append(action)
                 case FetchBatches(digests=digests, source=source):
-                    asyncio.get_running_loop().create_task(self._fetch(digests, source))
+                    task = asyncio.get_running_loop().create_task(self._fetch(digests, source))
+                    self._batch_tasks.add(task)  # held until done (the loop keeps weak refs)
+                    task.add_done_callback(self._batch_tasks.discard)
                 case Evidence():
                     self.evidence.append(action)
                     self.evidence_counts[action.kind] = self.evidence_counts.get(action.kind, 0) + 1
@@ -1300,6 +1334,20 @@ class Validator:
                     await asyncio.sleep(0.5)
 
     async def _fetch(self, digests: tuple[bytes, ...], source: int) -> None:
+        """Batches a proposal names that are not held here. One announced to this validator
+        and still being checked (or waiting its turn: it starts now) is waited for rather
+        than fetched and checked a second time; once checked, one that waits for its
+        mempool's earlier batches is held at once (the proposal orders it). The rest, and any
+        whose announced copy was refused, come from the proposer or another peer."""
+        checking = [self._checks_done[d] for d in digests if d in self._checks_done]
+        if checking:
+            for d in digests:
+                self._promote(d)
+            await asyncio.wait(checking)
+            for mempool, waiting in self.origin_waiting.items():
+                for d, b in list(waiting.values()):
+                    if b is not None and d in digests and d not in self.batches:
+                        self._hold(d, b, mempool)
         order = [source] + [i for i in self.peers if i != source]
         for d in digests:
             for peer in order:
@@ -1311,6 +1359,8 @@ class Validator:
                 except Exception:  # a crashed peer: ask the next one
                     continue
                 if batch is not None and self._admit_batch(d, batch):
+                    self._count("batch: fetched for a proposal")
+                    self.fetched_rows += batch.num_rows
                     break
 
     def _count(self, reason: str) -> None:
@@ -1338,6 +1388,7 @@ class Validator:
             "batches_deferred": self.builder.deferred,
             "gap_rows_proposed": self.builder.gap_rows_proposed,
             "batches_resent": self.batches_resent,
+            "fetched_rows": self.fetched_rows,
             # Announced batches being checked, and waiting their mempool's turn to be
             "checks_running": self._checks_running,
             "checks_waiting": sum(len(q) for q in self._intake.values()),

@@ -206,3 +206,94 @@ def test_a_reference_that_never_resolves_holds_no_check_back(monkeypatch: Any) -
 
     asyncio.run(run())
     assert v.rejected == {"batch: unreadable": 2} and v._checks_running == 0
+
+
+class FakePeer:
+    """A peer serving ``get_batch`` from what it holds, recording what it was asked."""
+
+    def __init__(self, held: dict[bytes, pa.RecordBatch]) -> None:
+        self.asked: list[bytes] = []
+
+        async def get_batch(digest: bytes) -> pa.RecordBatch | None:
+            self.asked.append(digest)
+            return held.get(digest)
+
+        self.get_batch = type("Method", (), {"remote": staticmethod(get_batch)})
+
+
+def fetching_validator() -> tuple[Any, list[bytes]]:
+    v, _, _ = validator()
+    v.checks_at_once = 1
+    held: list[bytes] = []
+
+    def hold(digest: bytes, batch: pa.RecordBatch, mempool: int | None = None) -> None:
+        held.append(digest)
+        v.batches[digest] = batch
+
+    v._hold = hold
+    return v, held
+
+
+def test_a_batch_a_proposal_names_is_checked_ahead_of_its_turn_not_fetched_again() -> None:
+    """A proposal names a batch whose announced copy waits its turn here: its check starts at
+    once, and the proposal's fetch waits for it instead of fetching and checking it again."""
+    v, held = fetching_validator()
+    slow, named = batches_of(3, 1, 4), batches_of(1, 1, 4)
+    peer = FakePeer({})
+    v.peers = {0: peer}
+    release = asyncio.Event()
+    started: list[bytes] = []
+
+    async def check(digest: bytes, refs: Any, origin: Any, tag: Any, body: Any) -> Any:
+        started.append(digest)
+        if digest == slow[0][0]:
+            await release.wait()
+        return body
+
+    v._check_announced = check
+
+    async def run() -> None:
+        first = asyncio.ensure_future(v.batch_ready(slow[0][0], [], (3, 1), None, body=slow[0][2]))
+        second = asyncio.ensure_future(
+            v.batch_ready(named[0][0], [], (1, 1), None, body=named[0][2])
+        )
+        await asyncio.sleep(0.01)
+        assert started == [slow[0][0]]  # one check at a time: the named batch waits its turn
+        await asyncio.wait_for(v._fetch((named[0][0],), 0), 1.0)
+        assert held == [named[0][0]] and peer.asked == [] and not first.done()
+        release.set()
+        await asyncio.gather(first, second)
+
+    asyncio.run(run())
+    assert started == [slow[0][0], named[0][0]] and held == [named[0][0], slow[0][0]]
+    assert v.rejected == {"batch: checked ahead of its turn": 1} and v._checks_running == 0
+    assert v._turns == {} and v._checks_done == {}
+
+
+def test_a_named_batch_whose_announced_copy_is_refused_comes_from_a_peer() -> None:
+    from tests.unit.test_validator_seal import batches as sound_and_forged
+    from tests.unit.test_validator_seal import digest_of
+
+    v, held = fetching_validator()
+    good, bad = sound_and_forged()
+    d = digest_of(good)  # the digest covers the ids, not the signatures
+    peer = FakePeer({d: good})
+    v.peers = {0: peer}
+    check = v._check_announced
+
+    async def slow_check(*args: Any) -> Any:
+        await asyncio.sleep(0.02)
+        return await check(*args)
+
+    v._check_announced = slow_check
+
+    async def run() -> None:
+        announced = asyncio.ensure_future(v.batch_ready(d, [], (3, 1), None, body=bad))
+        await asyncio.sleep(0.005)
+        assert d in v._checks_done  # under check: the fetch waits for it, then asks a peer
+        await v._fetch((d,), 0)
+        assert announced.done()
+
+    asyncio.run(run())
+    assert v.rejected == {"batch: invalid_signature": 1, "batch: fetched for a proposal": 1}
+    assert peer.asked == [d] and held == [d] and v.fetched_rows == good.num_rows

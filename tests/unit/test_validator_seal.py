@@ -36,7 +36,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.index = 2
     v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS, validators=SimpleNamespace(n=N))
     v.batches, v.rejected, v.committed_batches = {}, {}, {}
-    v._checking, v.batches_resent = set(), 0
+    v._checking, v.batches_resent, v.fetched_rows = set(), 0, 0
     v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
     v.verifier_actor = None
     v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
@@ -45,6 +45,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
     v.checks_at_once, v.intake_batches, v.intake_rows = 2, 1024, 262_144
     v._intake, v._intake_rows, v._checks_running, v._served, v._clock = {}, {}, 0, {}, 0
+    v._turns, v._checks_done = {}, {}
     held: list[bytes] = []
     v._hold = lambda digest, batch, mempool=None: held.append(digest)  # type: ignore[method-assign]
     mempool = FakeMempool()
