@@ -117,8 +117,13 @@ def test_twenty_thousand_transactions_committed_once_everywhere(tmp_path: Path) 
         # its validator's seal key and were not checked a second time
         checked = [ray.get(net._actor(f"verifier-{i}").status.remote()) for i in range(4)]
         # (a batch a mempool sent again while its first copy was being checked is not
-        # checked again)
-        assert all(c["checked_rows"] == 15_000 and not c["refused"] for c in checked), checked
+        # checked again). On a loaded machine a proposal can name a batch before its
+        # announcement reaches a validator: that validator fetches it from a peer and checks
+        # it itself, in full (``fetched_rows``), and its verifier may never see it.
+        fetched = [(s["fetched_rows"], s["rejected"]) for s in net.status()]
+        for c, (rows, _) in zip(checked, fetched, strict=True):
+            assert c["checked_rows"] <= 15_000 <= c["checked_rows"] + rows, (checked, fetched)
+            assert not c["refused"], checked
         assert all(s["own_batches"] > 0 for s in net.status())
         assert [s["mempool"]["sealing_for"] for s in net.status()] == [[0], [1], [2], [3]]
         assert {c["backend"] for c in checked} == {available_backends()[0]}
