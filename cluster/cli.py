@@ -295,6 +295,48 @@ def chaos(
 
 
 @app.command()
+def soak(
+    duration: Annotated[float, typer.Option(min=1, help="seconds of faults under load")] = 300.0,
+    seed: Annotated[int, typer.Option(help="the fault sequence's seed")] = 1,
+    config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
+    forged_rows: Annotated[
+        int,
+        typer.Option(
+            min=0, help="an impostor announces a batch of this many forged rows every second"
+        ),
+    ] = 0,
+    settle: Annotated[
+        float, typer.Option(min=1, help="seconds allowed after the load for the last commits")
+    ] = 300.0,
+) -> None:
+    """A local network under load through random faults (partitions, crashes of one and two
+    validators, Byzantine strategies, storage shard crashes), then checked: every accepted
+    transaction committed once, OK, on every validator, and the validators agree. The last
+    line is JSON; the exit code is 0 only when everything holds."""
+    from rayledger.cluster.soak import soak as run_soak
+
+    r = run_soak(
+        config, duration, seed, forged_rows=forged_rows, settle_s=settle, say=console.print
+    )
+    table = Table("figure", "value", title=f"rayledger soak (seed {seed}, {duration:g} s)")
+    table.add_row("faults", f"{len(r.faults)}: " + ", ".join(r.faults))
+    table.add_row("transactions accepted", f"{r.accepted:,}")
+    table.add_row("committed per validator", ", ".join(f"{c:,}" for c in r.committed))
+    table.add_row(
+        "committed twice / missing / not OK", f"{r.duplicates} / {r.missing} / {r.not_ok}"
+    )
+    table.add_row("validators agree", f"{'yes' if r.agreement else 'NO'} (heights {r.heights})")
+    if forged_rows:
+        table.add_row("impostor's forged batches", f"{r.forged_batches:,} announced")
+    table.add_row("evidence of misbehaviour", f"{r.evidence:,}")
+    table.add_row("verdict", "OK" if r.ok else "FAILED")
+    console.print(table)
+    print(json.dumps({"soak": True, **r.as_dict()}))
+    if not r.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def simulate(
     validators: Annotated[int, typer.Option(min=1, help="n")] = 4,
     byzantine: Annotated[int, typer.Option(min=0, help="how many run the strategy")] = 0,

@@ -13,8 +13,6 @@ that sender failed ``BAD_NONCE`` (40,600 rows in one run).
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -25,46 +23,13 @@ import ray
 
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
+from rayledger.cluster.soak import client
 from rayledger.execution import Status
-from rayledger.tx import TxKind, make_batch, tx_ids_of
 from tests.actors.test_network import ray_instance  # noqa: F401 - one local Ray for the module
 
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.toml"
-CHUNK = 200
-
-
-def _client(net: Network, k: int, stop: threading.Event, accepted: list[bytes]) -> None:
-    """Client ``k``: chunks of rows in nonce order to mempool ``k``, each resent until taken
-    (busy: after the mempool's hint; an error, a mempool call that failed: a second later)."""
-    key = net.client_key(net.clients[k])
-    to = net.genesis.accounts[1].public_key
-    nonce = 0
-    while not stop.is_set():
-        nonces = range(nonce, nonce + CHUNK)
-        if k == 0:
-            batch = make_batch(
-                key, TxKind.TRANSFER, nonces, [to + struct.pack(">Q", 1)] * CHUNK, net.chain_id
-            )
-        else:
-            payloads = [os.urandom(32) + b'{"n":%d}' % i for i in nonces]
-            batch = make_batch(key, TxKind.ANCHOR, nonces, payloads, net.chain_id)
-        while not stop.is_set():
-            try:
-                res = net.submit(batch, mempool=k)
-            except ray.exceptions.RayError:
-                time.sleep(1.0)
-                continue
-            if res.busy:
-                time.sleep(max(0.01, res.retry_after_ms / 1000))
-                continue
-            # Taken whole, or (a resend of a chunk whose first answer was lost) as duplicates
-            assert res.accepted == CHUNK or set(res.rejected) == {"duplicate"}, res
-            accepted.extend(r.tobytes() for r in tx_ids_of(batch))
-            nonce += CHUNK
-            break
-        time.sleep(0.05)
 
 
 def _faults(net: Network) -> list[tuple[str, Callable[[], None], float]]:
@@ -99,7 +64,7 @@ def test_every_accepted_transaction_commits_once_and_ok_through_faults(tmp_path:
     stop = threading.Event()
     accepted: list[list[bytes]] = [[] for _ in range(4)]
     clients = [
-        threading.Thread(target=_client, args=(net, k, stop, accepted[k]), daemon=True)
+        threading.Thread(target=client, args=(net, k, stop, accepted[k]), daemon=True)
         for k in range(4)
     ]
     try:
