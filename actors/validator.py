@@ -1345,9 +1345,12 @@ class Validator:
                 self._promote(d)
             await asyncio.wait(checking)
             for mempool, waiting in self.origin_waiting.items():
-                for d, b in list(waiting.values()):
+                for seq, (d, b) in list(waiting.items()):
                     if b is not None and d in digests and d not in self.batches:
                         self._hold(d, b, mempool)
+                        # It still takes its turn there, with nothing left to hold (held
+                        # again then, after its commit, it would stay in memory for good)
+                        waiting[seq] = (d, None)
         order = [source] + [i for i in self.peers if i != source]
         for d in digests:
             for peer in order:

@@ -297,3 +297,33 @@ def test_a_named_batch_whose_announced_copy_is_refused_comes_from_a_peer() -> No
     asyncio.run(run())
     assert v.rejected == {"batch: invalid_signature": 1, "batch: fetched for a proposal": 1}
     assert peer.asked == [d] and held == [d] and v.fetched_rows == good.num_rows
+
+
+def test_a_named_batch_waiting_for_its_mempools_earlier_one_is_held_once() -> None:
+    """Checked, a batch waits for its mempool's earlier batch; a proposal names it: it is held
+    at once, and not held a second time when the earlier batch comes (by then it may have
+    committed and left the held batches: held again, it would stay in memory for good)."""
+    v, held = fetching_validator()
+    first, second = batches_of(1, 2, 4)
+    peer = FakePeer({})
+    v.peers = {0: peer}
+
+    async def check(digest: bytes, refs: Any, origin: Any, tag: Any, body: Any) -> Any:
+        await asyncio.sleep(0.01)
+        return body
+
+    v._check_announced = check
+
+    async def run() -> None:
+        v.origin_next[1] = 1  # the mempool's first batch is still on its way
+        announced = asyncio.ensure_future(
+            v.batch_ready(second[0], [], (1, 2), None, body=second[2])
+        )
+        await asyncio.sleep(0.001)
+        await v._fetch((second[0],), 0)  # waits for its check, then holds it out of turn
+        assert announced.done() and held == [second[0]] and peer.asked == []
+        del v.batches[second[0]]  # committed since
+        await v.batch_ready(first[0], [], (1, 1), None, body=first[2])
+
+    asyncio.run(run())
+    assert held == [second[0], first[0]] and v.origin_next[1] == 3
