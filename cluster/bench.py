@@ -40,7 +40,6 @@ from rayledger.tx import (
     compute_tx_ids,
     make_batch,
     tx_ids_of,
-    validate_batch,
     verify_signatures,
 )
 
@@ -740,9 +739,9 @@ def bench_e2e(
     import ray
     from hdrh.histogram import HdrHistogram
 
-    from rayledger.chain import batch_digest
     from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
     from rayledger.cluster.network import load_network
+    from rayledger.cluster.soak import Forger
 
     spec = load_network(config)
     if validators != len(spec.validators):
@@ -858,31 +857,11 @@ def bench_e2e(
                     time.sleep(max(0.0, tick - time.monotonic()))
 
             def forger(rate: float) -> None:
-                # One signed batch; each announcement gets new payloads (new ids, a new
-                # digest), so that every row's signature is forged
                 key = key_from_seed(hashlib.sha256(b"rayledger bench: forger").digest())
-                base = make_batch(
-                    key, TxKind.ANCHOR, range(batch_rows), [bytes(32)] * batch_rows, net.chain_id
-                )
-                payload = base.schema.get_field_index("payload")
-                limits = net.genesis.limits
-                offsets = np.arange(0, 32 * (batch_rows + 1), 32, dtype=np.int32)
+                impostor = Forger(net, batch_rows, key)
                 period, tick = batch_rows / rate, time.monotonic()
-                validators_ = [net.validator(i) for i in range(validators)]
                 while tick < stop:
-                    fresh = pa.Array.from_buffers(
-                        pa.binary(),
-                        batch_rows,
-                        [None, pa.py_buffer(offsets), pa.py_buffer(os.urandom(32 * batch_rows))],
-                    )
-                    forged = base.set_column(payload, base.schema.field(payload), fresh)
-                    canonical = validate_batch(
-                        forged, chain_id=net.chain_id, max_payload=limits.max_payload_bytes
-                    )
-                    ref = ray.put(canonical)
-                    digest = batch_digest(canonical)
-                    for v in validators_:
-                        v.batch_ready.remote(digest, [ref])
+                    impostor.announce()
                     with lock:
                         stats["forged_rows"] += batch_rows
                     tick += period

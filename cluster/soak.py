@@ -108,35 +108,42 @@ def client(
         time.sleep(0.05)
 
 
-def forger(net: Any, stop: threading.Event, rows: int, sent: list[int]) -> None:
-    """An impostor in the cluster: once a second, a batch of ``rows`` rows whose every
-    signature is forged (new payloads under one signed batch's signatures), announced to every
-    validator. ``sent[0]`` counts them."""
-    import ray
+class Forger:
+    """An impostor in the cluster: batches of ``rows`` rows whose every signature is forged
+    (one batch signed by ``key``; each announcement gets new payloads, so new ids and a new
+    digest under the old signatures), announced to every validator by reference (one that is
+    down misses it)."""
 
-    from rayledger.chain import batch_digest
+    def __init__(self, net: Any, rows: int, key: Any) -> None:
+        self.net, self.rows = net, rows
+        self.base = make_batch(key, TxKind.ANCHOR, range(rows), [bytes(32)] * rows, net.chain_id)
+        self.payload = self.base.schema.get_field_index("payload")
+        self.offsets = pa.py_buffer(np.arange(0, 32 * (rows + 1), 32, dtype=np.int32))
 
-    base = make_batch(
-        net.client_key(net.clients[-1]),
-        TxKind.ANCHOR,
-        range(rows),
-        [bytes(32)] * rows,
-        net.chain_id,
-    )
-    payload = base.schema.get_field_index("payload")
-    offsets = pa.py_buffer(np.arange(0, 32 * (rows + 1), 32, dtype=np.int32))
-    limit = net.genesis.limits.max_payload_bytes
-    while not stop.wait(1.0):
+    def announce(self) -> None:
+        import ray
+
+        from rayledger.chain import batch_digest
+
         fresh = pa.Array.from_buffers(
-            pa.binary(), rows, [None, offsets, pa.py_buffer(os.urandom(32 * rows))]
+            pa.binary(), self.rows, [None, self.offsets, pa.py_buffer(os.urandom(32 * self.rows))]
         )
-        forged = base.set_column(payload, base.schema.field(payload), fresh)
-        batch = validate_batch(forged, chain_id=net.chain_id, max_payload=limit)
+        forged = self.base.set_column(self.payload, self.base.schema.field(self.payload), fresh)
+        limit = self.net.genesis.limits.max_payload_bytes
+        batch = validate_batch(forged, chain_id=self.net.chain_id, max_payload=limit)
         digest = batch_digest(batch)
         ref = ray.put(batch)
-        for i in range(net.n):
+        for i in range(self.net.n):
             with contextlib.suppress(Exception):  # a validator down: it misses this one
-                net.validator(i).batch_ready.remote(digest, [ref])
+                self.net.validator(i).batch_ready.remote(digest, [ref])
+
+
+def forger(net: Any, stop: threading.Event, rows: int, sent: list[int]) -> None:
+    """A ``Forger`` announcing a batch of ``rows`` forged rows once a second; ``sent[0]``
+    counts them."""
+    impostor = Forger(net, rows, net.client_key(net.clients[-1]))
+    while not stop.wait(1.0):
+        impostor.announce()
         sent[0] += 1
 
 
