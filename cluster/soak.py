@@ -207,6 +207,43 @@ def run_faults(
         time.sleep(rng.uniform(3, 8))
 
 
+def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]:
+    """What must hold once the load stopped, as ``SoakResult`` fields: every id in ``ids``
+    located on every validator (waiting up to ``settle_s`` for the last commits), and per
+    validator the transactions committed, those committed more than once, those not found,
+    and those not OK (a status other than OK, or committed but never accepted); whether the
+    validators agree on every block they share, and their heights."""
+    import ray
+
+    settled = time.monotonic()
+    while True:
+        located = [ray.get(net.validator(i).locate.remote(ids), timeout=120) for i in range(net.n)]
+        missing = [sum(h is None for h in hs) for hs in located]
+        if not any(missing) or time.monotonic() > settled + settle_s:
+            break
+        time.sleep(2.0)
+    chains = [net.headers(i) for i in range(net.n)]
+    common = min(len(c) for c in chains)
+    committed, duplicates, not_ok = [], [], []
+    accepted = set(ids)
+    for i in range(net.n):
+        rows = [r.tobytes() for r in ray.get(net.validator(i).committed_ids.remote())]
+        committed.append(len(rows))
+        duplicates.append(len(rows) - len(set(rows)))
+        counts = ray.get(net.validator(i).status_counts.remote())
+        # Committed but never accepted (a forged row, say): counted as not OK
+        not_ok.append(sum(v for s, v in counts.items() if s != 0) + len(set(rows) - accepted))
+    return {
+        "committed": committed,
+        "duplicates": duplicates,
+        "missing": missing,
+        "not_ok": not_ok,
+        "agreement": all(c[:common] == chains[0][:common] for c in chains),
+        "heights": [len(c) for c in chains],
+        "settle_s": round(time.monotonic() - settled, 1),
+    }
+
+
 def soak(
     config: Path,
     duration_s: float,
@@ -248,44 +285,15 @@ def soak(
                 t.join(timeout=120)
             ids = [x for part in accepted for x in part]
             say(f"{len(ids):,} transactions accepted; waiting for them on every validator")
-            settled = time.monotonic()
-            deadline = settled + settle_s
-            while True:
-                located = [
-                    ray.get(net.validator(i).locate.remote(ids), timeout=120) for i in range(net.n)
-                ]
-                missing = [sum(h is None for h in hs) for hs in located]
-                if not any(missing) or time.monotonic() > deadline:
-                    break
-                time.sleep(2.0)
-            chains = [net.headers(i) for i in range(net.n)]
-            common = min(len(c) for c in chains)
-            agreement = all(c[:common] == chains[0][:common] for c in chains)
-            committed, duplicates, not_ok = [], [], []
-            accepted_set = set(ids)
-            for i in range(net.n):
-                rows = [r.tobytes() for r in ray.get(net.validator(i).committed_ids.remote())]
-                committed.append(len(rows))
-                duplicates.append(len(rows) - len(set(rows)))
-                counts = ray.get(net.validator(i).status_counts.remote())
-                not_ok.append(sum(v for s, v in counts.items() if s != 0))
-                # Committed but never accepted (a forged row, say): counted as not OK
-                not_ok[-1] += len(set(rows) - accepted_set)
-            statuses = net.status()
+            checked = check_commits(net, ids, settle_s)
             return SoakResult(
                 seed=seed,
                 duration_s=duration_s,
                 faults=faults,
                 accepted=len(ids),
-                committed=committed,
-                duplicates=duplicates,
-                missing=missing,
-                not_ok=not_ok,
-                agreement=agreement,
-                heights=[len(c) for c in chains],
                 forged_batches=sent[0],
-                evidence=sum(int(s.get("evidence", 0)) for s in statuses),
-                settle_s=round(time.monotonic() - settled, 1),
+                evidence=sum(int(s.get("evidence", 0)) for s in net.status()),
+                **checked,
             )
         finally:
             stop.set()

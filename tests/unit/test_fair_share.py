@@ -162,7 +162,7 @@ def test_a_mempool_with_too_many_batches_waiting_has_the_next_dropped_and_counte
     assert v.origin_next[3] == 6 and v.origin_waiting[3] == {}
 
 
-def test_rows_that_came_in_memory_are_bounded_per_mempool_too() -> None:
+def test_the_rows_waiting_are_bounded_per_mempool_too() -> None:
     v, _, _ = validator()
     v.checks_at_once, v.intake_rows = 1, 10
     # Each frame brings 4 rows: two fit while waiting, a third does not
