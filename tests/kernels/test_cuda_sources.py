@@ -6,9 +6,11 @@ Scenarios:
 - the concatenated module source compiles, every kernel _cuda.py launches is defined there as
   an extern "C" __global__ function, and ptxas reports no register spills (and no stack frame
   but Ed25519's point tables);
-- the sources ship as package data.
+- the module source also compiles under NVRTC, the compiler cupy.RawModule uses at first use
+  on the GPU machine (its version may differ from nvcc's), for sm_90, with an empty log.
 
-Skipped when nvcc is not on PATH.
+The nvcc tests are skipped when nvcc is not on PATH, the NVRTC test where CuPy's NVRTC binding
+does not load (CuPy absent, or no libnvrtc). Neither needs a device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,6 +90,26 @@ def test_module_source_compiles_without_spills(
     for name in ("ed25519_verify", "ed25519_verify_var"):
         stack, spills = frames[name]
         assert spills == "0" and int(stack) <= 2 * 9 * 128 + 256, (name, frames[name])
+
+
+def _nvrtc() -> Any:
+    try:
+        from cupy_backends.cuda.libs import nvrtc  # type: ignore[import-not-found]
+
+        nvrtc.getVersion()
+    except Exception as exc:  # no CuPy, or CuPy without a loadable libnvrtc
+        pytest.skip(f"CuPy's NVRTC binding does not load ({type(exc).__name__})")
+    return nvrtc
+
+
+def test_module_source_compiles_under_nvrtc() -> None:
+    nvrtc = _nvrtc()
+    program = nvrtc.createProgram(_cuda.module_source(), "module.cu", [], [])
+    try:
+        nvrtc.compileProgram(program, ["--gpu-architecture=sm_90"])
+    except Exception as exc:
+        pytest.fail(f"NVRTC {nvrtc.getVersion()}: {exc}\n{nvrtc.getProgramLog(program)}")
+    assert nvrtc.getProgramLog(program).strip("\x00\n ") == ""
 
 
 def test_every_launched_kernel_is_defined() -> None:
