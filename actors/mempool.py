@@ -33,6 +33,7 @@ import logging
 import os
 import struct
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,11 @@ def _restarted() -> bool:
     if not ray.is_initialized():  # a mempool built outside Ray (tests): never start Ray
         return False
     try:
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():
+            # Ray's property reads its own deprecated ``actor_id``: its warning would reach
+            # the driver's console (``rayledger up``) from every mempool
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - not in an actor
         return False
 

@@ -204,14 +204,31 @@ def up(
 @app.command()
 def status(
     data_dir: Annotated[Path, typer.Option(help="the network's data directory")] = DEFAULT_DATA,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="every validator's whole status as JSON (for scripts), not the table"
+        ),
+    ] = False,
 ) -> None:
     """Height, round, leader, mempool depth and peers of every validator."""
     from rayledger.cluster.ops import connect, status_table
 
     try:
-        console.print(status_table(connect(data_dir)))
+        net = connect(data_dir)
+        if as_json:
+            print(json.dumps(net.status(), indent=2, default=_json_default))
+            return
+        # Piped into a log or a narrow CI console, rich would squeeze the 13 columns into 80
+        out = console if console.is_terminal else Console(width=max(console.width, 220))
+        out.print(status_table(net))
     except (LedgerError, OSError) as exc:
         raise _fail(exc) from None
+
+
+def _json_default(value: object) -> object:
+    """What ``json`` cannot write itself in a status: bytes as hex, the rest as text."""
+    return value.hex() if isinstance(value, bytes) else str(value)
 
 
 @app.command()

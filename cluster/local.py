@@ -346,9 +346,7 @@ class Network:
                     st = self._status_of(i)
                 out.append(st)
             except (ValueError, ray.exceptions.RayError, TimeoutError) as exc:
-                out.append(
-                    {"index": i, "site": self.settings["sites"][i], "down": type(exc).__name__}
-                )
+                out.append({"index": i, "site": self.settings["sites"][i], "down": _why_down(exc)})
         return out
 
     def _status_of(self, i: int) -> dict[str, Any]:
@@ -438,3 +436,14 @@ class Network:
                 except ValueError:  # already gone
                     continue
         self._handles.clear()
+
+
+def _why_down(exc: Exception) -> str:
+    """A validator's status call failed: why, in words an operator can act on."""
+    if isinstance(exc, ray.exceptions.GetTimeoutError | TimeoutError):
+        return "no answer in 10 s"
+    if isinstance(exc, ValueError):  # ray.get_actor: no live actor by that name
+        return "no actor (killed, or not started)"
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return "actor died"
+    return type(exc).__name__

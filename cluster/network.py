@@ -4,6 +4,7 @@ belong to which organisation; and how a description becomes a genesis with keys.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,36 @@ def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
     return tuple(out)
 
 
+def bundled_configs() -> list[str]:
+    """The names of the network configs shipped with the package."""
+    root = importlib.resources.files("rayledger.configs")
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """``path`` where it exists; else, for a relative ``configs/NAME.toml`` or ``NAME.toml``
+    (the commands' default is ``configs/local.toml``, relative to where they run), the config
+    of that name shipped with the package, so that a command run outside a source checkout
+    finds it. Anything else is returned as it is (reading it then fails, naming it)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute() or p.parent not in (Path("."), Path("configs")):
+        return p
+    if p.name in bundled_configs():
+        return Path(str(importlib.resources.files("rayledger.configs").joinpath(p.name)))
+    return p
+
+
 def load_network(path: str | Path) -> NetworkSpec:
+    """The network described by the TOML file ``path`` (see ``config_path``)."""
+    path = config_path(path)
     try:
-        doc = tomllib.loads(Path(path).read_text())
+        doc = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read network config {path}: {exc}") from exc
+        shipped = ", ".join(bundled_configs())
+        raise ConfigError(
+            f"cannot read network config {path}: {exc} (shipped with rayledger, found from any "
+            f"directory as configs/NAME: {shipped})"
+        ) from exc
     if "chain_name" not in doc:
         raise ConfigError(f"{path}: missing 'chain_name'")
     validators = _members(doc, "validators", str(path))

@@ -16,6 +16,7 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rayledger.cluster.cli import app
@@ -231,8 +232,6 @@ def test_receipt_refuses_bad_ids_and_a_missing_network(tmp_path: Path) -> None:
 
 
 def test_client_connect_needs_a_recorded_network(tmp_path: Path) -> None:
-    import pytest
-
     from rayledger.cluster.client import Client
 
     with pytest.raises(FileNotFoundError, match="no running network recorded"):
@@ -300,3 +299,32 @@ def test_ray_own_cpu_reads_only_rays_processes(tmp_path: Path) -> None:
     assert cpu_between(start, end) == (200 + 10) / hz
     assert cpu_between(None, end) is None and cpu_between(start, None) is None
     assert ray_own_cpu(tmp_path / "absent") is None
+
+
+def test_the_default_config_is_found_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commands' default ``configs/local.toml`` is relative to where they run: outside a
+    source checkout the copy shipped with the package serves; a file of that name where the
+    command runs wins; an unknown name fails naming the shipped ones."""
+    from rayledger.cluster.network import bundled_configs, config_path, load_network
+    from rayledger.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    assert bundled_configs() == ["local.toml", "multisite.toml"]
+    assert load_network("configs/local.toml") == load_network(CONFIG)
+    assert load_network("multisite.toml") == load_network(CONFIG.with_name("multisite.toml"))
+    out = tmp_path / "genesis.toml"
+    made = runner.invoke(app, ["genesis", "new", "--out", str(out), "--dev"])
+    assert made.exit_code == 0, made.output
+    assert load_genesis(out).validators.n == 4
+    (tmp_path / "configs").mkdir()
+    own = tmp_path / "configs" / "local.toml"
+    own.write_text(CONFIG.read_text().replace("rayledger-local", "my-chain", 1))
+    assert config_path("configs/local.toml") == Path("configs/local.toml")
+    assert load_network("configs/local.toml").chain_name == "my-chain"
+    with pytest.raises(ConfigError, match="shipped with rayledger.*local.toml, multisite.toml"):
+        load_network("configs/nope.toml")
+    with pytest.raises(ConfigError, match="cannot read network config"):
+        load_network(tmp_path / "elsewhere" / "local.toml")
+    assert config_path("other/local.toml") == Path("other/local.toml")

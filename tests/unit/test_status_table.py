@@ -1,17 +1,26 @@
 """`rayledger status`'s table: a row per validator, down ones included, with where each one's
 committed state stands (checkpointed height / entries held in memory) and the peers it has a
-direct stream up to."""
+direct stream up to. Printed whole where the output is not a terminal (a log, a pipe), and as
+JSON with ``--json``; a validator that does not answer says why."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
+from typing import Any
 
+import pytest
+import ray
 from rich.console import Console
+from typer.testing import CliRunner
 
+from rayledger.cluster import ops
+from rayledger.cluster.cli import app
+from rayledger.cluster.local import _why_down
 from rayledger.cluster.ops import status_table
 
 
-def test_status_table_shows_each_validator_and_its_state() -> None:
+def _statuses() -> list[dict[str, Any]]:
     up = {
         "index": 0,
         "site": "eu",
@@ -44,11 +53,18 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
         "mempool": {"pending_rows": 0, "in_flight_rows": 5, "limit_rows": 90, "parked_rows": 7},
     }
     down = {"index": 3, "site": "ap", "down": "killed"}
-    net = SimpleNamespace(
-        name="t",
-        genesis=SimpleNamespace(chain_name="chain"),
-        status=lambda: [up, by_ray, unlinked, down],
+    return [up, by_ray, unlinked, down]
+
+
+def _net() -> SimpleNamespace:
+    statuses = _statuses()
+    return SimpleNamespace(
+        name="t", genesis=SimpleNamespace(chain_name="chain"), status=lambda: statuses
     )
+
+
+def test_status_table_shows_each_validator_and_its_state() -> None:
+    net = _net()
     console = Console(width=300, record=True)
     console.print(status_table(net))  # type: ignore[arg-type]
     out = console.export_text()
@@ -62,3 +78,36 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
     sa = next(line for line in out.splitlines() if "sa" in line)
     assert "1,2,3 (none)" in sa and "0+5/90 (7 parked)" in sa
     assert "down (killed)" in out
+
+
+def test_status_command_prints_the_whole_table_into_a_pipe_and_json_on_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = _net()
+    net.status()[0]["raw"] = b"\x01\xff"  # bytes a status may carry: written as hex
+    monkeypatch.setattr(ops, "connect", lambda data_dir: net)
+    runner = CliRunner()
+    table = runner.invoke(app, ["status"])
+    assert table.exit_code == 0, table.output
+    # Not a terminal: every heading on one line, not squeezed into 80 columns
+    header = next(line for line in table.output.splitlines() if "validator" in line)
+    assert "round (by timeout)" in header and "state on disk at / held" in header
+    assert "down (killed)" in table.output
+    as_json = runner.invoke(app, ["status", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    doc = json.loads(as_json.output)
+    assert [st["index"] for st in doc] == [0, 1, 2, 3]
+    assert doc[0]["raw"] == "01ff" and doc[0]["mempool"]["limit_rows"] == 4000
+    assert doc[3] == {"index": 3, "site": "ap", "down": "killed"}
+
+
+def test_status_command_without_a_network_fails_clearly(tmp_path: Any) -> None:
+    result = CliRunner().invoke(app, ["status", "--json", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no running network" in result.output
+
+
+def test_a_validator_that_does_not_answer_says_why() -> None:
+    assert _why_down(ValueError("Failed to look up actor")) == "no actor (killed, or not started)"
+    assert _why_down(ray.exceptions.GetTimeoutError()) == "no answer in 10 s"
+    assert _why_down(ray.exceptions.ActorDiedError()) == "actor died"
+    assert _why_down(ray.exceptions.RaySystemError("x")) == "RaySystemError"
