@@ -42,11 +42,12 @@ GAPS_KEEP = 65_536
 # while they may wait
 REORDER_PASSES = 4
 # A batch is refused whole for one bad signature: in a batch of at least SPOT_MIN_ROWS rows,
-# SPOT_ROWS rows drawn at random are verified first, so that a batch of forged rows (a
-# flood) costs its sample rather than every row, each about three times over (a signature
-# libsodium refuses is checked again by OpenSSL). A sound batch costs its sample more.
+# SPOT_ROWS rows drawn at random are verified first, then the others, so that a batch of
+# forged rows (a flood) costs its sample rather than every row, each about three times over
+# (a signature libsodium refuses is checked again by OpenSSL). A sound batch has each row
+# verified once, as without the sample: it costs one more call (about 50 us here).
 SPOT_ROWS = 32
-SPOT_MIN_ROWS = 512
+SPOT_MIN_ROWS = 2 * SPOT_ROWS
 _spot_rng = np.random.default_rng()  # seeded from the OS: a sender cannot predict the rows
 
 
@@ -81,17 +82,23 @@ def admit_batch(
         return canonical
     # The canonical ids were derived just now from the content: not hashed a second time
     ids = tx_ids_of(canonical)
+    rest = None
     if canonical.num_rows >= SPOT_MIN_ROWS:
-        rows = np.sort(_spot_rng.choice(canonical.num_rows, SPOT_ROWS, replace=False))
-        valid = verify_signatures(canonical.take(pa.array(rows)), chain_id, ids=ids[rows])
-        if not bool(valid.all()):
-            raise InvalidSignature(
-                f"row {int(rows[np.argmin(valid)])} of the batch has a bad signature"
-            )
-    valid = verify_signatures(canonical, chain_id, ids=ids)
-    if not bool(valid.all()):
-        raise InvalidSignature(f"row {int(np.argmin(valid))} of the batch has a bad signature")
+        spot = np.sort(_spot_rng.choice(canonical.num_rows, SPOT_ROWS, replace=False))
+        _refuse_bad_row(verify_signatures(canonical, chain_id, ids=ids, rows=spot), spot)
+        rest = np.ones(canonical.num_rows, bool)
+        rest[spot] = False
+        rest = np.flatnonzero(rest)
+    _refuse_bad_row(verify_signatures(canonical, chain_id, ids=ids, rows=rest), rest)
     return canonical
+
+
+def _refuse_bad_row(valid: np.ndarray, rows: np.ndarray | None) -> None:
+    """``InvalidSignature`` naming the first row (of ``rows``, else of the batch) that failed."""
+    if not bool(valid.all()):
+        first = int(np.argmin(valid))
+        row = first if rows is None else int(rows[first])
+        raise InvalidSignature(f"row {row} of the batch has a bad signature")
 
 
 class LedgerBuilder:

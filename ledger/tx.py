@@ -342,20 +342,30 @@ def validate_batch(
 
 
 def verify_signatures(
-    batch: pa.RecordBatch, chain_id: bytes | None = None, *, ids: np.ndarray | None = None
+    batch: pa.RecordBatch,
+    chain_id: bytes | None = None,
+    *,
+    ids: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean mask of rows whose signature verifies over their recomputed tx id, by a sender
     key that is not of small order (see ``crypto.SMALL_ORDER_KEYS``).
 
     ``ids``: the rows' ids as the caller itself just derived them from this batch's content
     (the canonical batch ``validate_batch`` returned, in the same process), so that they are
-    not hashed twice; never ids that arrived with the batch."""
+    not hashed twice; never ids that arrived with the batch.
+
+    ``rows``: only these rows (indices or a boolean mask; the mask returned is theirs, in
+    their order), without copying the rest of the batch."""
     if ids is None:
         ids = compute_tx_ids(batch, chain_id)
     elif ids.shape != (batch.num_rows, 32):
         raise ValueError(f"ids must have shape ({batch.num_rows}, 32), got {ids.shape}")
     senders = fixed_rows(batch.column("sender"), 32)
-    ok = ed25519_verify_batch(senders, fixed_rows(batch.column("signature"), 64), ids)
+    signatures = fixed_rows(batch.column("signature"), 64)
+    if rows is not None:
+        senders, signatures, ids = senders[rows], signatures[rows], ids[rows]
+    ok = ed25519_verify_batch(senders, signatures, ids)
     return ok & ~small_order_mask(senders)
 
 

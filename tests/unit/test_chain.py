@@ -204,8 +204,9 @@ def test_a_large_batch_of_forged_rows_is_refused_on_a_sample_of_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A batch is refused whole for one bad signature: in a large batch, a random sample is
-    verified first, so a flood of forged rows costs its samples (a forged row costs about
-    three sound ones to verify); one bad row the sample misses is still found."""
+    verified first, then the other rows, so a flood of forged rows costs its samples (a forged
+    row costs about three sound ones to verify) and a sound batch each row once; one bad row
+    the sample misses is still found, and named."""
     from rayledger.chain import SPOT_MIN_ROWS, SPOT_ROWS, admit_batch
     from rayledger.errors import InvalidSignature
 
@@ -215,9 +216,9 @@ def test_a_large_batch_of_forged_rows_is_refused_on_a_sample_of_them(
     checked: list[int] = []
     verify = chain.verify_signatures
 
-    def counting(batch, chain_id, *, ids):  # type: ignore[no-untyped-def]
-        checked.append(batch.num_rows)
-        return verify(batch, chain_id, ids=ids)
+    def counting(batch, chain_id, *, ids, rows=None):  # type: ignore[no-untyped-def]
+        checked.append(batch.num_rows if rows is None else len(rows))
+        return verify(batch, chain_id, ids=ids, rows=rows)
 
     monkeypatch.setattr(chain, "verify_signatures", counting)
     kw = {"chain_id": CHAIN, "max_payload": 1024}
@@ -229,16 +230,24 @@ def test_a_large_batch_of_forged_rows_is_refused_on_a_sample_of_them(
         return good.set_column(good.schema.get_field_index("signature"), "signature", column)
 
     assert admit_batch(good, digest, **kw).equals(good)
-    assert checked == [SPOT_ROWS, n]  # a sound batch: its sample, then every row
+    assert checked == [SPOT_ROWS, n - SPOT_ROWS]  # a sound batch: its sample, then the rest
     checked.clear()
     with pytest.raises(InvalidSignature, match=r"row \d+ of the batch"):
         admit_batch(forge(range(n)), digest, **kw)
     assert checked == [SPOT_ROWS]  # every row forged: the sample finds it
-    for _ in range(3):  # one forged row: the sample finds it or the full check does
+    for bad in (0, 1, n // 2, n - 1, n - 1):  # one forged row: the sample or the rest finds it
         checked.clear()
-        with pytest.raises(InvalidSignature, match=f"row {n - 1} of the batch"):
-            admit_batch(forge([n - 1]), digest, **kw)
-        assert checked in ([SPOT_ROWS], [SPOT_ROWS, n])
+        with pytest.raises(InvalidSignature, match=f"row {bad} of the batch"):
+            admit_batch(forge([bad]), digest, **kw)
+        assert checked in ([SPOT_ROWS], [SPOT_ROWS, n - SPOT_ROWS])
+    # Two: the one in the sample, or the first where the sample holds neither
+    monkeypatch.setattr(chain, "_spot_rng", np.random.default_rng(5))
+    spot = set(np.random.default_rng(5).choice(n, SPOT_ROWS, replace=False).tolist())
+    first, second = sorted(set(range(n)) - spot)[:: n // 3][1:3]
+    for forged, named in (([first, second], first), ([first, min(spot)], min(spot))):
+        monkeypatch.setattr(chain, "_spot_rng", np.random.default_rng(5))
+        with pytest.raises(InvalidSignature, match=f"row {named} of the batch"):
+            admit_batch(forge(forged), digest, **kw)
     # Below SPOT_MIN_ROWS rows: one check of every row
     small = good.slice(0, SPOT_MIN_ROWS - 1)
     checked.clear()
