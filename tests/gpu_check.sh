@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything the open GPU work needs from a lent GPU machine, in as few device calls as possible.
 #
-# On this machine, once:   EXTRA_WHEELS=pynacl ../shared/tools/device-pack.sh   (builds .device/,
-#                          git-ignored; the GPU image lacks PyNaCl, which the cpu backend uses)
+# On this machine, once:   make device   (builds .device/, git-ignored: every runtime dependency
+#                          the GPU image lacks, listed from pyproject.toml; until 2026-12-04 the
+#                          recipe named PyNaCl alone, and `import rayledger` would have failed
+#                          there for want of tomli-w)
 # Then ONE device call, with carry [".device"] and timeout_s 600:
 #   bash .device/setup.sh && bash tests/gpu_check.sh all        (steps capped at 470 s in all)
 # A drawn task has 15 minutes of device time, the machine's start included, so "all" is sized
@@ -37,6 +39,18 @@ else
 fi
 
 { nvidia-smi -L; python3 -c 'import cupy; print("cupy", cupy.__version__)'; } >"$out/device.txt" 2>&1
+
+# Everything the steps import, first: a package missing there costs seconds, not the budget
+step imports 60 python3 -c 'import sys; import cupy, nacl, ray, hdrh, tomli_w
+import rayledger.cluster.cli, rayledger.cluster.bench, rayledger.actors.validator
+from rayledger.kernels import available_backends
+print(sys.version, "ray", ray.__version__, "backends", available_backends())'
+if ! tail -n 1 "$summary" | grep -q "rc=0 "; then
+    cat "$out/imports.log" "$out/device.txt"
+    echo "=== summary"
+    cat "$summary"
+    exit 3
+fi
 
 compile_step() {
     # Fails unless CuPy sees the device; times the cold compile of the kernel module.
