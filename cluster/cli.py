@@ -719,6 +719,12 @@ def bench_e2e_cmd(
             f"{r.forged_rows:,} rows announced to every validator; each validator refused "
             f"{r.forged_batches_refused:,.0f} batches",
         )
+    if r.clients_out_of_work:
+        table.add_row(
+            "clients out of work",
+            f"{r.clients_out_of_work} ran out of pre-signed transactions before the window "
+            "closed: the committed rate is a floor",
+        )
     table.add_row("validators agree", "yes" if r.agreement else "NO")
     console.print(table)
     print(json.dumps({"bench": "e2e", **r.as_dict()}))

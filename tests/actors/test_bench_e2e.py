@@ -62,6 +62,36 @@ def test_bench_e2e_reports_measured_figures() -> None:
     # Validator 0's rounds: a quiet 4-validator network has rounds, few of them by timeout
     assert r["rounds"] > 0 and 0 <= r["rounds_by_timeout"] < r["rounds"]
     assert "validator 0's rounds" in result.output
+    # Pre-signed work for the whole window: the rate is the network's, not the clients'
+    assert r["clients_out_of_work"] == 0 and "clients out of work" not in result.output
+
+
+def test_bench_e2e_says_when_its_clients_ran_out_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closed loop, work sized for 40 tx/s: the clients spend it within the window, and the
+    result says the committed rate is a floor."""
+    from rayledger.cluster import bench
+
+    monkeypatch.setattr(bench, "CLOSED_LOOP_GPU_PACE", 40)
+    result = CliRunner().invoke(
+        app,
+        ["bench", "e2e", "--duration", "3", "--config", str(CONFIG), "--batch-rows", "100"],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["clients_out_of_work"] == 4 and r["submitted"] <= 40 * 3 * 1.5 + 100 * 4
+    assert "clients out of work" in result.output and r["agreement"] is True
+
+
+def test_closed_loop_work_is_sized_for_a_gpu_where_the_verifiers_have_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rayledger.kernels
+    from rayledger.cluster.bench import _gpu_checks
+
+    monkeypatch.setattr(rayledger.kernels, "available_backends", lambda: ["cuda", "cpu"])
+    assert _gpu_checks(None) and _gpu_checks(True) and not _gpu_checks(False)
+    monkeypatch.setattr(rayledger.kernels, "available_backends", lambda: ["cpu"])
+    assert not _gpu_checks(None) and not _gpu_checks(True)
 
 
 def test_bench_e2e_open_loop_offers_its_rate() -> None:
