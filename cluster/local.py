@@ -440,7 +440,7 @@ class Network:
 
 def _why_down(exc: Exception) -> str:
     """A validator's status call failed: why, in words an operator can act on."""
-    if isinstance(exc, ray.exceptions.GetTimeoutError | TimeoutError):
+    if isinstance(exc, TimeoutError):  # ray.exceptions.GetTimeoutError is one
         return "no answer in 10 s"
     if isinstance(exc, ValueError):  # ray.get_actor: no live actor by that name
         return "no actor (killed, or not started)"

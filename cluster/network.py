@@ -74,9 +74,8 @@ def config_path(path: str | Path) -> Path:
     p = Path(path)
     if p.exists() or p.is_absolute() or p.parent not in (Path("."), Path("configs")):
         return p
-    if p.name in bundled_configs():
-        return Path(str(importlib.resources.files("rayledger.configs").joinpath(p.name)))
-    return p
+    shipped = importlib.resources.files("rayledger.configs").joinpath(p.name)
+    return Path(str(shipped)) if p.suffix == ".toml" and shipped.is_file() else p
 
 
 def load_network(path: str | Path) -> NetworkSpec:
