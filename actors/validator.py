@@ -1067,7 +1067,7 @@ class Validator:
                 "%d, got no block certified in time); now in round %d",
                 self.index,
                 ended,
-                self.core.leaders.leader(ended),
+                self.core.leader(ended),
                 self.core.round,
             )
         # After the messages: nothing sent depends on the blocks being written, and no other
@@ -1098,7 +1098,7 @@ class Validator:
             case "equivocating-leader" if isinstance(msg, Proposal) and broadcast:
                 # Half the peers see another block; the next leader sees both
                 other = conflicting_proposal(self.core, msg)
-                if peer == self.core.leaders.leader(msg.round + 1):
+                if peer == self.core.leader(msg.round + 1):
                     return [msg, other]
                 return [other] if peer % 2 else [msg]
         return [msg]

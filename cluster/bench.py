@@ -492,6 +492,9 @@ class E2EResult:
     # Clients whose pre-signed work ran out before the window closed: the committed rate is
     # then a floor of what the network can do (0 in a run sized right)
     clients_out_of_work: int = 0
+    # Validators crashed before the load and kept down (``down``): the figures are the
+    # others'
+    down: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in self.__dict__.items()}
@@ -553,7 +556,9 @@ def _skip_curve_math() -> None:
     tx.ed25519_verify_batch = free  # type: ignore[assignment]
 
 
-def _cpu_by_role(net: Any, validators: int) -> tuple[dict[str, float], tuple[int, float]]:
+def _cpu_by_role(
+    net: Any, validators: int, down: int = 0
+) -> tuple[dict[str, float], tuple[int, float]]:
     """CPU seconds used so far by each kind of actor, summed over the institutions (a status
     without ``cpu_s`` counts nothing; an actor that does not answer within 30 s is an error),
     and by this process under ``"load generator"`` (its clients, its commit tracking and its
@@ -564,7 +569,8 @@ def _cpu_by_role(net: Any, validators: int) -> tuple[dict[str, float], tuple[int
 
     roles: dict[str, list[Any]] = {"validator": [], "mempool": [], "shard": [], "verifier": []}
     for i in range(validators):
-        roles["validator"].append(net.validator(i))
+        if i < validators - down:  # the last ``down`` validators were crashed for the run
+            roles["validator"].append(net.validator(i))
         roles["mempool"].append(net.mempool(i))
         roles["shard"].extend(net.shard(i, k) for k in range(net.shards))
         if net.settings.get("verifier_actors"):
@@ -709,6 +715,7 @@ def bench_e2e(
     peer_streams: bool = True,
     gap_client: bool = False,
     forged_rate: float | None = None,
+    down: int = 0,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -744,6 +751,11 @@ def bench_e2e(
     many rows per second over the run: what checking and refusing them costs the network
     (each validator refuses a large batch on a sample of its rows) and its clients.
 
+    ``down``: crash this many validators (the last ones, at most f) once the network is up,
+    before the load starts, and keep them down: what running on the quorum alone costs. Their
+    institutions' mempools and clients go on; the rounds those validators would lead end by
+    timeout.
+
     ``ceiling``: the pipeline's own limit, as if the transactions' signatures were checked for
     free (what a GPU that kept up would leave): this run's Ray instance, which it starts and
     stops itself, skips the Ed25519 curve math of batch checks in every worker. Everything
@@ -762,6 +774,10 @@ def bench_e2e(
     spec = load_network(config)
     if validators != len(spec.validators):
         raise ValueError(f"{config} describes {len(spec.validators)} validators, not {validators}")
+    if not 0 <= down <= (validators - 1) // 3:
+        raise ValueError(
+            f"down must be between 0 and f = {(validators - 1) // 3} for {validators} validators"
+        )
     one_core, one_core_openssl = _one_core_verify_rates()
     cores = os.cpu_count() or 1
     # Each transaction's signature is checked once in every institution: by the mempool that
@@ -807,6 +823,9 @@ def bench_e2e(
                 )
             net = Network.create(spec, Path(tmp), opts)
             shards_used = net.shards
+            up = range(validators - down)
+            for i in range(validators - down, validators):
+                net.kill(i)
             work: list[list[pa.RecordBatch]] = []
             for k, name in enumerate(net.clients):
                 key = net.client_key(name)
@@ -896,7 +915,7 @@ def bench_e2e(
                 threads.append(threading.Thread(target=broken_client))
             if forged_rate:
                 threads.append(threading.Thread(target=forger, args=(forged_rate,)))
-            cpu_start, checks_start = _cpu_by_role(net, validators)
+            cpu_start, checks_start = _cpu_by_role(net, validators, down)
             ray_start = ray_own_cpu()
             machine_start = machine_cpu_times()
             machine_end = None
@@ -915,7 +934,7 @@ def bench_e2e(
             ):
                 if cpu_end is None and time.monotonic() >= stop:
                     machine_end = machine_cpu_times()
-                    cpu_end, checks_end = _cpu_by_role(net, validators)
+                    cpu_end, checks_end = _cpu_by_role(net, validators, down)
                     ray_end = ray_own_cpu()
                 for h, at, ids, bad in ray.get(v0.committed_since.remote(seen_height)):
                     seen_height = h
@@ -940,15 +959,13 @@ def bench_e2e(
                 th.join()
             if cpu_end is None:
                 machine_end = machine_cpu_times()
-                cpu_end, checks_end = _cpu_by_role(net, validators)
+                cpu_end, checks_end = _cpu_by_role(net, validators, down)
                 ray_end = ray_own_cpu()
-            statuses = [
-                ray.get(net.validator(i).status.remote(), timeout=30) for i in range(validators)
-            ]
+            statuses = [ray.get(net.validator(i).status.remote(), timeout=30) for i in up]
             status0 = statuses[0]
             mempool0 = ray.get(net.mempool(0).status.remote(), timeout=30)
             checkpointed = int(status0["state_checkpoint"])
-            chains = [net.headers(i) for i in range(validators)]
+            chains = [net.headers(i) for i in up]
             common = min(len(c) for c in chains)
             agreement = all(c[:common] == chains[0][:common] for c in chains)
             net.shutdown()
@@ -1016,6 +1033,7 @@ def bench_e2e(
         rows_sealed_apart=int(mempool0["counts"].get("gap_expired", 0)),
         forged_rows=stats["forged_rows"] if forged_rate else None,
         clients_out_of_work=stats["out_of_work"],
+        down=down,
         forged_batches_refused=sum(
             int(s["rejected"].get("batch: invalid_signature", 0)) for s in statuses
         )

@@ -371,6 +371,13 @@ def simulate(
     timeout_ms: Annotated[int, typer.Option(min=1, help="base round timeout")] = 400,
     crypto: Annotated[str, typer.Option(help="ed25519, or mac for fast large runs")] = "ed25519",
     max_time_ms: Annotated[float, typer.Option(help="simulated time limit")] = 600_000.0,
+    leader_reputation: Annotated[
+        bool,
+        typer.Option(
+            help="pass over validators not seen live lately as leaders (off: round robin, "
+            "a crashed validator's rounds time out for as long as it is down)"
+        ),
+    ] = True,
 ) -> None:
     """Run n consensus cores in a seeded, simulated network under faults and attacks.
 
@@ -396,6 +403,7 @@ def simulate(
             base_timeout_ms=timeout_ms,
             crypto=crypto,
             max_time_ms=max_time_ms,
+            leader_reputation=leader_reputation,
         )
     except ValueError as exc:
         raise _fail(exc) from None
@@ -604,6 +612,14 @@ def bench_e2e_cmd(
             "rows/s: what refusing them costs the others",
         ),
     ] = None,
+    down: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="crash this many validators (the last ones, at most f) before the load and "
+            "keep them down: the rounds they would lead end by timeout",
+        ),
+    ] = 0,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
@@ -623,8 +639,11 @@ def bench_e2e_cmd(
         peer_streams,
         gap_client,
         forged_rate,
+        down,
     )
     title = f"rayledger bench e2e ({validators} validators)"
+    if down:
+        title += f", {down} of them DOWN from the start"
     if ceiling:
         title += " CEILING RUN: signature curve math skipped"
     table = Table("figure", "value", title=title)

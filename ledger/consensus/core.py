@@ -147,6 +147,13 @@ class CoreConfig:
     # earlier batch can be ordered first (0: never). Only a builder that executes can tell
     # (``BlockBuilder.build``'s ``may_wait``).
     gap_wait_ms: int = 3000
+    # Leader reputation (``Core.leader``): a validator that neither proposed a committed block
+    # nor signed a certificate one carries, over the 2n rounds that end n + 2 rounds before a
+    # round, is passed over as that round's leader. Without it, a crashed validator of four
+    # costs two round timeouts in every four rounds for as long as it is down (its own round,
+    # and the one before, whose votes go to it): in a 30 s `bench e2e --down 1` here, 1,367
+    # committed tx/s and p50 2.4 s, against some 7,000 tx/s and 0.5 s with all four up.
+    leader_reputation: bool = True
 
 
 @dataclass(frozen=True)
@@ -238,7 +245,12 @@ class Core:
         self.timeouts: dict[int, dict[int, tuple[int, bytes]]] = {}
         self.formed_tc_rounds: set[int] = set()
         self.own_timeout: TimeoutMsg | None = None
-        self.proposal_at: dict[int, Proposal] = {}
+        self.proposal_at: dict[tuple[int, int], Proposal] = {}
+        # Leader reputation: the committed window behind each round asked about, for the
+        # current committed head (``_window``)
+        self._windows: dict[int, tuple[bool, tuple[int, ...]]] = {}
+        self._window_span = 2 * validators.n
+        self._window_lag = validators.n + 2
         self.evidence_seen: set[tuple[str, int, int]] = set()
         self.verified_certs: set[bytes] = set()
         self._out: list[Action] = []
@@ -255,7 +267,8 @@ class Core:
                 self.committed_digests.update(dict.fromkeys(b.batch_digests, b.height))
             elif self._header(b.parent_hash) is not None:
                 self.tree[b.hash] = p
-                self.proposal_at.setdefault(b.round, p)
+                self.proposal_at.setdefault((b.round, self.vs.index_of(b.proposer)), p)
+        self._windows.clear()
         self._prune()
 
     # ---- public entry points ---------------------------------------------------------------
@@ -269,9 +282,72 @@ class Core:
             self.high_qc.round,
             self.committed.height,
             self.committed.hash,
-            self.leaders.leader(self.round),
+            self.leader(self.round),
             self.rounds_by_timeout,
         )
+
+    def leader(self, round_: int) -> int:
+        """The leader of ``round_``: the schedule's (``leaders``, round robin by default),
+        unless leader reputation passes it over, when it is one of the validators seen live in
+        the committed window behind the round (``_window``), in turn.
+
+        Every validator whose committed chain has passed the window computes the same answer
+        (the committed chain is the same everywhere). One whose commits lag behind it (after a
+        restart, or after many rounds in a row ended by timeout) cannot tell: it takes the
+        schedule's leader for its own acts, and accepts a proposal for the round from any
+        validator (``_process_proposal``), so that it can catch up. Safety never depends on
+        who leads: only the voting rules do."""
+        base = self.leaders.leader(round_)
+        if not self.cfg.leader_reputation:
+            return base
+        final, live = self._window(round_)
+        if not final or not live or base in live:
+            return base
+        return live[round_ % len(live)]
+
+    def _leader_known(self, round_: int) -> bool:
+        """Can this validator tell who leads ``round_`` (see ``leader``)?"""
+        return not self.cfg.leader_reputation or self._window(round_)[0]
+
+    def _window(self, round_: int) -> tuple[bool, tuple[int, ...]]:
+        """(final, live): the validators that proposed a committed block whose round lies in
+        the window of ``2n`` rounds ending ``n + 2`` rounds before ``round_``, or signed the
+        QC or TC it carries, sorted; ``final`` is whether this validator's committed chain
+        holds all of that window's blocks (it reaches past the window's end, and its log
+        reaches back to the window's start or to genesis). An empty window (a long stall),
+        and the network's first rounds, whose window would reach back before genesis, pass
+        nobody over."""
+        hit = self._windows.get(round_)
+        if hit is not None:
+            return hit
+        end = round_ - self._window_lag
+        start = end - self._window_span  # exclusive
+        live: set[int] = set()
+        final = start < 0  # the network's first rounds: no full window behind them yet
+        if not final and self.committed.round >= end:
+            height = self.committed.height
+            while True:
+                if height == 0:  # genesis: nothing older
+                    final = True
+                    break
+                p = self.committed_log.get(height)
+                if p is None:  # older than this validator's log holds
+                    break
+                b = p.block
+                if b.round <= start:
+                    final = True
+                    break
+                if b.round <= end:
+                    live.add(self.vs.index_of(b.proposer))
+                    live.update(bitmap_indices(p.qc.signers))
+                    if p.tc is not None:
+                        live.update(bitmap_indices(p.tc.signers))
+                height -= 1
+        out = (final, tuple(sorted(live)))
+        if len(self._windows) >= 64:
+            self._windows.clear()
+        self._windows[round_] = out
+        return out
 
     def safety_state(self) -> SafetyState:
         return SafetyState(
@@ -506,8 +582,14 @@ class Core:
     def _process_proposal(self, p: Proposal) -> None:
         b = p.block
         proposer = self.vs.index_of(b.proposer)
-        # Verify the proposer is the leader of this round
-        if proposer != self.leaders.leader(b.round):
+        # Verify the proposer leads this round: by leader reputation, or by the schedule (a
+        # validator whose commits lag, after a restart say, proposes in its scheduled rounds
+        # until it can tell), or anyone where this validator cannot tell (``leader``)
+        if (
+            proposer != self.leader(b.round)
+            and proposer != self.leaders.leader(b.round)
+            and self._leader_known(b.round)
+        ):
             return self._reject(f"proposal for round {b.round} not from its leader", proposer)
         # Verify the block is on this chain and its QC certifies its parent
         if b.chain_id != self.chain_id:
@@ -593,9 +675,11 @@ class Core:
         return seen
 
     def _check_equivocation(self, p: Proposal, proposer: int) -> None:
-        first = self.proposal_at.get(p.round)
+        # Two proposals of one proposer for one round (keyed by proposer too: where the leader
+        # is not known here, another validator's proposal for the round is not a second one)
+        first = self.proposal_at.get((p.round, proposer))
         if first is None:
-            self.proposal_at[p.round] = p
+            self.proposal_at[(p.round, proposer)] = p
         elif first.block.hash != p.block.hash:
             self._evidence("equivocating_proposal", proposer, p.round, first, p)
 
@@ -674,6 +758,7 @@ class Core:
                 self.available.pop(d, None)
                 self.sources.pop(d, None)
         self.committed = chain[-1].block
+        self._windows.clear()
         self._prune()
 
     def _prune(self) -> None:
@@ -725,12 +810,12 @@ class Core:
             del self.vote_by[key2]
         for r in [r for r in self.timeouts if r < round_ - 1]:
             del self.timeouts[r]
-        for r in [r for r in self.proposal_at if r < keep]:
-            del self.proposal_at[r]
+        for at in [at for at in self.proposal_at if at[0] < keep]:
+            del self.proposal_at[at]
         self.formed_qc_rounds = {r for r in self.formed_qc_rounds if r >= round_ - 1}
         self.formed_tc_rounds = {r for r in self.formed_tc_rounds if r >= round_ - 1}
         self._out.append(SetTimer(round_, self._timeout_ms()))
-        if self.leaders.leader(round_) == self.index:
+        if self.leader(round_) == self.index:
             self._propose(wait_if_idle)
 
     # ---- acting: propose, vote, time out ---------------------------------------------------
@@ -839,15 +924,20 @@ class Core:
         self._out.append(Persist(self.safety_state(), p))
         sig = self.signer.sign(vote_message(self.chain_id, b.hash, b.round))
         vote = Vote(b.hash, b.round, self.index, sig)
-        next_leader = self.leaders.leader(b.round + 1)
+        next_leader = self.leader(b.round + 1)
         if next_leader == self.index:
             self._process_vote(vote)
         else:
             self._out.append(Send(next_leader, vote))
 
     def _process_vote(self, v: Vote) -> None:
-        # Votes go to the leader of the next round; anyone else ignores them
-        if self.leaders.leader(v.round + 1) != self.index or v.round + 1 < self.round:
+        # Votes go to the leader of the next round; anyone else ignores them, but for the
+        # schedule's leader and one that cannot tell who leads (``leader``): a voter whose
+        # commits lag sends its vote there, and a QC is sound whoever formed it
+        if v.round + 1 < self.round or (
+            self.index not in (self.leader(v.round + 1), self.leaders.leader(v.round + 1))
+            and self._leader_known(v.round + 1)
+        ):
             return
         first = self.vote_by.get((v.round, v.voter))
         if first is not None:

@@ -178,6 +178,8 @@ class SimConfig:
     # Restart crashed validators without their persisted safety state (a lost disk): shows
     # what the Persist-before-send rule prevents.
     lose_disk_on_restart: bool = False
+    # Pass over validators not seen live lately as leaders (CoreConfig.leader_reputation)
+    leader_reputation: bool = True
 
     def __post_init__(self) -> None:
         if self.validators < 1:
@@ -295,7 +297,9 @@ class Simulation:
         )
         self.genesis = genesis_header(hashlib.sha256(f"sim/{cfg.seed}".encode()).digest(), 1)
         self.core_cfg = CoreConfig(
-            base_timeout_ms=cfg.base_timeout_ms, idle_block_ms=cfg.idle_block_ms
+            base_timeout_ms=cfg.base_timeout_ms,
+            idle_block_ms=cfg.idle_block_ms,
+            leader_reputation=cfg.leader_reputation,
         )
         personas = 2 if cfg.strategy == "equivocate" else 1
         self.nodes = [
@@ -547,7 +551,7 @@ class Simulation:
             msg = corrupt_signature(msg)
         next_leader = -1
         if isinstance(msg, Proposal):
-            next_leader = node.personas[persona].leaders.leader(msg.round + 1)
+            next_leader = node.personas[persona].leader(msg.round + 1)
         # Each persona shows its face to one half; its proposals also reach the next leader
         if (
             strategy == "equivocate"

@@ -6,6 +6,10 @@ Scenarios (n validators; f = (n - 1) // 3; the last k validators run the strateg
   holds and commits resume after the attackers' rounds; equivocation and double votes are
   reported as evidence against the attackers only.
 - leader crash (validator 1 stops for good): agreement, commits continue.
+- leader reputation: crashed validators (1 of 4, 2 of 7) are passed over as leaders once the
+  committed window behind a round no longer shows them, so their rounds stop timing out (with
+  round robin, half the rounds time out for as long as one of four is down); a restarted one
+  leads again; honest validators that can tell who leads a round agree on it.
 - partition of f+1 validators: nothing new commits while it lasts, commits resume after heal.
 - restart mid-round, many seeds: the restarted validator never votes or proposes twice in a
   round (no evidence against any honest validator); the same crashes with lost disks do
@@ -79,6 +83,75 @@ def test_leader_crash_commits_continue() -> None:
     assert r.safety == "ok"
     after = {h for t, node, h in sim.checker.log if t > 2_000}
     assert len(after) >= 10
+
+
+@pytest.mark.parametrize(
+    ("n", "crashes"), [(4, (Crash(3, 500),)), (7, (Crash(6, 500), Crash(2, 900)))]
+)
+def test_crashed_validators_are_passed_over_as_leaders(n: int, crashes: tuple[Crash, ...]) -> None:
+    def run(reputation: bool) -> tuple[Simulation, list[int]]:
+        sim = Simulation(
+            SimConfig(
+                validators=n,
+                rounds=200,
+                seed=2,
+                crashes=crashes,
+                crypto="mac",
+                leader_reputation=reputation,
+            )
+        )
+        r = sim.run()
+        assert r.safety == "ok" and r.progress_after_faults
+        return sim, sorted(sim.timeout_rounds)
+
+    sim, timeouts = run(True)
+    # Only the rounds until the window behind a round (3n + 2 rounds) stops showing a crashed
+    # validator end by timeout, the last crash's included
+    assert timeouts and timeouts[-1] - timeouts[0] <= 4 * n, timeouts
+    down = {c.node for c in crashes}
+    idx = sim.validators.index_of
+    proposers = {
+        idx(p.block.proposer) for p in sim.nodes[0].committed if p.block.round > timeouts[-1]
+    }
+    assert proposers == set(range(n)) - down
+    # Round robin: the crashed validators' rounds, and those before them, time out for good
+    _, round_robin = run(False)
+    assert len(round_robin) > 8 * len(timeouts) and round_robin[-1] > 190, round_robin
+
+
+def test_a_restarted_validator_leads_again() -> None:
+    sim = Simulation(
+        SimConfig(validators=4, rounds=300, seed=2, crashes=(Crash(3, 500, 6_000),), crypto="mac")
+    )
+    r = sim.run()
+    assert r.safety == "ok" and r.progress_after_faults
+    idx = sim.validators.index_of
+    late = [p for p in sim.nodes[3].committed if p.block.round > 200]
+    assert {idx(p.block.proposer) for p in late} == {0, 1, 2, 3}
+    # Once it was passed over, neither its going nor its return cost a round timeout
+    assert max(sim.timeout_rounds) < 60, sorted(sim.timeout_rounds)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_validators_that_can_tell_who_leads_a_round_agree(seed: int) -> None:
+    sim = Simulation(
+        SimConfig(
+            validators=7,
+            rounds=120,
+            seed=seed,
+            drop=0.05,
+            crypto="mac",
+            crashes=(Crash(seed % 7, 300 + 100 * seed, 2_500), Crash((seed + 3) % 7, 800)),
+        )
+    )
+    assert sim.run().safety == "ok"
+    cores = [node.personas[0] for node in sim.nodes if node.up]
+    told = 0
+    for round_ in range(1, max(c.round for c in cores) + 3):
+        views = {c.leader(round_) for c in cores if c._leader_known(round_)}
+        assert len(views) <= 1, (round_, views)
+        told += len(views)
+    assert told > 100
 
 
 def test_partition_of_f_plus_one_then_heal() -> None:

@@ -146,7 +146,9 @@ def test_each_round_entered_by_a_timeout_certificate_is_logged_once(caplog) -> N
     v = Validator.__new__(Validator)
     v.index, v._timers, v._timed_out_rounds = 2, [], 0
     leaders = SimpleNamespace(leader=lambda r: r % 4)
-    v.core = SimpleNamespace(round=8, rounds_by_timeout=0, last_tc=None, leaders=leaders)
+    v.core = SimpleNamespace(
+        round=8, rounds_by_timeout=0, last_tc=None, leaders=leaders, leader=leaders.leader
+    )
     with caplog.at_level("WARNING", logger="rayledger.actors.validator"):
         v._run([])  # no round by timeout: nothing logged
         assert not caplog.records
