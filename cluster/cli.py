@@ -624,6 +624,13 @@ def bench_e2e_cmd(
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e
 
+    if not 0 <= down <= (validators - 1) // 3:
+        raise _fail(
+            ValueError(
+                f"down must be between 0 and f = {(validators - 1) // 3} for {validators} "
+                "validators"
+            )
+        )
     r = bench_e2e(
         config,
         validators,

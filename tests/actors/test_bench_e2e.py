@@ -139,6 +139,34 @@ def test_bench_e2e_ceiling_run_says_so() -> None:
     assert r["cpu_us_per_tx"]["verifier"] > 0
 
 
+def test_bench_e2e_with_a_validator_down_runs_on_the_other_three() -> None:
+    result = CliRunner().invoke(
+        app,
+        ["bench", "e2e", "--duration", "6", "--config", str(CONFIG), "--rate", "600"]
+        + ["--batch-rows", "200", "--down", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 of them DOWN from the start" in result.output
+    r = json.loads(result.output.strip().splitlines()[-1])
+    assert r["down"] == 1 and r["agreement"] is True
+    # Every client's rows commit, its validator's crash or not (the clients of institution 3
+    # submit through its mempool, which the other three validators read)
+    assert 0 < r["committed"] <= r["submitted"] and r["failed"] == 0
+    assert r["cpu_us_per_tx"]["validator"] > 0
+    # The rounds validator 3 would lead (and those before them, whose votes go to it) end by
+    # timeout until the committed window behind a round no longer shows it (3n + 2 rounds:
+    # a few seconds here), then it is passed over (tests/unit/test_consensus_sim.py)
+    assert 0 < r["rounds_by_timeout"] < r["rounds"], r
+
+
+def test_bench_e2e_refuses_more_validators_down_than_f() -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "e2e", "--duration", "1", "--config", str(CONFIG), "--down", "2"]
+    )
+    assert result.exit_code == 2
+    assert "down must be between 0 and f = 1" in result.output
+
+
 def test_the_ceiling_hook_skips_only_the_curve_math(monkeypatch: pytest.MonkeyPatch) -> None:
     from rayledger import tx
     from rayledger.cluster.bench import _skip_curve_math
