@@ -258,9 +258,9 @@ class InflightLimit:
         return min(max(wait, MIN_RETRY_S), cap)
 
 
-def _restarted() -> bool:
+def restarted() -> bool:
     """Whether this actor is a restart after a crash (False outside Ray)."""
-    if not ray.is_initialized():  # a mempool built outside Ray (tests): never start Ray
+    if not ray.is_initialized():  # an actor's class built outside Ray (tests): never start Ray
         return False
     try:
         with warnings.catch_warnings():
@@ -346,7 +346,7 @@ class Mempool:
         self.ray_sends = 0
         self.resends = 0  # by Ray call too, but not for want of a stream: see _reannounce
         self.stream_events: dict[str, int] = {}
-        if _restarted():
+        if restarted():
             self._ask_validators(self.genesis.validators.n)
 
     def _ask_validators(self, n: int) -> None:

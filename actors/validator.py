@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.mempool import decode_batch_frame, seal_tag
+from rayledger.actors.mempool import decode_batch_frame, restarted, seal_tag
 from rayledger.actors.storage import (
     BlockStore,
     CommittedBlock,
@@ -306,6 +306,13 @@ class Validator:
         self._timers: list[tuple[int, asyncio.TimerHandle]] = []
         # Rounds entered by a timeout certificate so far (each is logged)
         self._timed_out_rounds = 0
+        self._starting: asyncio.Future[None] | None = None
+        if restarted():
+            # Ray brought this validator back after its process died (a crash, its node
+            # lost and a node of its site there again): rebuilt from its disk above, it finds
+            # its peers and its mempool again as `rayledger chaos restart` would have it do
+            log.warning("validator %d: restarted by Ray after a crash; rejoining", index)
+            ray.get_runtime_context().current_actor.start.remote()
 
     # ---- persistence -----------------------------------------------------------------------
 
@@ -564,7 +571,13 @@ class Validator:
 
     async def start(self) -> None:
         """Find the peers and the mempool by name, tell them where this validator is, and
-        enter the first round. Called once all validators exist, and after every restart."""
+        enter the first round. Called once all validators exist, and after every restart;
+        a call while another runs (Ray's restart and an operator's) waits for that one."""
+        if self._starting is None or (self._starting.done() and not self.started):
+            self._starting = asyncio.ensure_future(self._start())  # first, or again if it failed
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
         if self.started:
             return
         me = self.me = ray.get_runtime_context().current_actor
@@ -1375,6 +1388,8 @@ class Validator:
         s = self.core.status()
         return {
             "index": self.index,
+            # This process's (a validator that Ray restarted after a crash has a new one)
+            "pid": os.getpid(),
             "round": s.round,
             "leader": s.leader,
             "rounds_by_timeout": s.rounds_by_timeout,

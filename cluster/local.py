@@ -246,6 +246,10 @@ class Network:
             i,
             num_cpus=self.settings["validator_cpus"],
             max_concurrency=1000,
+            # A validator whose process dies (a crash, its node lost) comes back from its own
+            # disk, however often: a quorum that loses members to crashes one at a time heals
+            # itself. `kill` (`rayledger chaos kill`) stops one for good, until `restart`.
+            max_restarts=-1,
         )
 
     def _start_verifier(self, i: int) -> Any:
@@ -398,9 +402,19 @@ class Network:
             time.sleep(0.05)
 
     def restart(self, i: int) -> None:
-        """Start validator ``i`` again from its own disk; it finds its peers and catches up."""
-        handle = self._start_validator(i)
-        ray.get(handle.start.remote())
+        """Start validator ``i`` again from its own disk; it finds its peers and catches up.
+        One that Ray is bringing back already (its process died: see ``_start_validator``)
+        is only waited for."""
+        try:
+            handle = self.validator(i)
+        except ValueError:  # killed for good
+            handle = self._start_validator(i)
+        try:
+            ray.get(handle.start.remote(), timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"validator {i} did not start within 120 s: has its site a node with room for it?"
+            ) from None
 
     def crash_shard(self, i: int, k: int) -> None:
         """Crash storage shard ``k`` of validator ``i``: Ray restarts its process, which

@@ -665,6 +665,42 @@ def test_a_shard_verifier_or_mempool_comes_back_however_often_it_crashes(tmp_pat
         net.shutdown()
 
 
+def test_a_validator_whose_process_dies_comes_back_by_itself(tmp_path: Path) -> None:
+    """A validator's process that dies (a crash, not `rayledger chaos kill`) is restarted by
+    Ray from its own disk, rejoins its peers and its mempool by itself and catches up: no
+    operator needed, however often it happens."""
+    net = start(tmp_path, "vcrash")
+    try:
+        batches = client_batches(net, 400)
+        for k, b in enumerate(batches):
+            net.submit(b, mempool=k)
+        for b in batches:
+            net.wait_committed(b)
+        for crash in range(2):
+            pid = net.status()[2]["pid"]
+            ray.kill(net.validator(2), no_restart=False)
+            more = client_batches(net, 400, start_nonce=100 * (crash + 1))
+            for k, b in enumerate(more):
+                net.submit(b, mempool=k)
+            t0 = time.monotonic()
+            while True:
+                st = net.status()[2]
+                if "down" not in st and st["pid"] != pid and st["height"] >= net.height(0):
+                    break
+                assert time.monotonic() - t0 < 60, f"validator 2 not back: {st}"
+                time.sleep(0.2)
+            for b in more:
+                net.wait_committed(b, validators=[0, 1, 2, 3])
+        assert_agreement(net, [0, 1, 2, 3])
+        # Its peers and the mempools stream to the new process (it told them where)
+        t0 = time.monotonic()
+        while not all(2 in s["streams"]["connected"] for i, s in enumerate(net.status()) if i != 2):
+            assert time.monotonic() - t0 < 30, "peers did not reconnect to validator 2"
+            time.sleep(0.5)
+    finally:
+        net.shutdown()
+
+
 def test_an_actor_that_cannot_be_placed_is_a_clear_error(tmp_path: Path) -> None:
     """multisite.toml wants nodes labelled with sites; this single node has none."""
     spec = load_network(CONFIG.with_name("multisite.toml"))
