@@ -322,7 +322,7 @@ class Core:
             return hit
         end = round_ - self._window_lag
         start = end - self._window_span  # exclusive
-        live: set[int] = set()
+        seen = 0  # bit i: validator i (the certificates' signer bitmaps, as integers)
         final = start < 0  # the network's first rounds: no full window behind them yet
         if not final and self.committed.round >= end:
             height = self.committed.height
@@ -338,12 +338,12 @@ class Core:
                     final = True
                     break
                 if b.round <= end:
-                    live.add(self.vs.index_of(b.proposer))
-                    live.update(bitmap_indices(p.qc.signers))
+                    seen |= 1 << self.vs.index_of(b.proposer)
+                    seen |= int.from_bytes(p.qc.signers, "little")
                     if p.tc is not None:
-                        live.update(bitmap_indices(p.tc.signers))
+                        seen |= int.from_bytes(p.tc.signers, "little")
                 height -= 1
-        out = (final, tuple(sorted(live)))
+        out = (final, tuple(i for i in range(self.vs.n) if seen >> i & 1))
         if len(self._windows) >= 64:
             self._windows.clear()
         self._windows[round_] = out
