@@ -569,13 +569,17 @@ class Validator:
         if ep is not None:
             self.stream_out[index] = StreamSender(self.index, ep, self._count)
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
         """Find the peers and the mempool by name, tell them where this validator is, and
         enter the first round. Called once all validators exist, and after every restart;
-        a call while another runs (Ray's restart and an operator's) waits for that one."""
-        if self._starting is None or (self._starting.done() and not self.started):
+        a call while another runs (Ray's restart and an operator's) waits for that one.
+        False if this process had started before the call (nothing done)."""
+        if self.started:
+            return False
+        if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start())  # first, or again if it failed
         await asyncio.shield(self._starting)
+        return True
 
     async def _start(self) -> None:
         if self.started:

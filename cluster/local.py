@@ -401,16 +401,16 @@ class Network:
         while i in self.live() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def restart(self, i: int) -> None:
+    def restart(self, i: int) -> bool:
         """Start validator ``i`` again from its own disk; it finds its peers and catches up.
         One that Ray is bringing back already (its process died: see ``_start_validator``)
-        is only waited for."""
+        is only waited for. False if it was up all along (nothing to do)."""
         try:
             handle = self.validator(i)
         except ValueError:  # killed for good
             handle = self._start_validator(i)
         try:
-            ray.get(handle.start.remote(), timeout=120)
+            return bool(ray.get(handle.start.remote(), timeout=120))
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(
                 f"validator {i} did not start within 120 s: has its site a node with room for it?"

@@ -180,7 +180,8 @@ def chaos(data_dir: Path, action: str, args: list[str]) -> str:
             net.kill(int(i))
             return f"validator {i} killed"
         case "restart", [i]:
-            net.restart(int(i))
+            if not net.restart(int(i)):
+                return f"validator {i} is up: nothing to restart"
             return f"validator {i} restarted from its disk"
         case "partition", [spec]:
             groups = [[int(x) for x in g.split(",") if x] for g in spec.split("|")]

@@ -190,7 +190,9 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
             assert time.monotonic() - t0 < 60, "mempool 3 never learnt its batches committed"
             time.sleep(0.5)
         assert ray.get(net.mempool(3).status.remote())["counts"]["commits_polled"] > 0
-        other.restart(3)
+        assert other.restart(3)
+        # Up now: a second restart (an operator's, after Ray's own) has nothing to do
+        assert not other.restart(3)
         # The live view (`rayledger up`) finds the restarted validator by its name
         restored = net.status()[3]["restored_from_snapshot"]
         assert restored >= 5
