@@ -154,7 +154,7 @@ def test_bench_e2e_with_a_validator_down_runs_on_the_other_three() -> None:
     assert 0 < r["committed"] <= r["submitted"] and r["failed"] == 0
     assert r["cpu_us_per_tx"]["validator"] > 0
     # The rounds validator 3 would lead (and those before them, whose votes go to it) end by
-    # timeout until the committed window behind a round no longer shows it (3n + 2 rounds:
+    # timeout until the committed window behind a round no longer shows it (n + 3 rounds:
     # a few seconds here), then it is passed over (tests/unit/test_consensus_sim.py)
     assert 0 < r["rounds_by_timeout"] < r["rounds"], r
 

@@ -105,7 +105,7 @@ def test_crashed_validators_are_passed_over_as_leaders(n: int, crashes: tuple[Cr
         return sim, sorted(sim.timeout_rounds)
 
     sim, timeouts = run(True)
-    # Only the rounds until the window behind a round (3n + 2 rounds) stops showing a crashed
+    # Only the rounds until the window behind a round (n + 3 rounds) stops showing a crashed
     # validator end by timeout, the last crash's included
     assert timeouts and timeouts[-1] - timeouts[0] <= 4 * n, timeouts
     down = {c.node for c in crashes}
