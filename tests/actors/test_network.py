@@ -81,6 +81,15 @@ def headers(net: Network, i: int) -> list[tuple[int, bytes, bytes]]:
     return net.headers(i)
 
 
+def commit_all(net: Network, batches: list[pa.RecordBatch]) -> None:
+    """Submit client k's batch through mempool k, then wait until every live validator has
+    committed them all."""
+    for k, b in enumerate(batches):
+        net.submit(b, mempool=k)
+    for b in batches:
+        net.wait_committed(b)
+
+
 def assert_agreement(net: Network, live: list[int]) -> int:
     chains = [headers(net, i) for i in live]
     common = min(len(c) for c in chains)
@@ -159,11 +168,7 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
     # last one, not from genesis
     net = start(tmp_path, "kill1", snapshot_every_blocks=5, state_lag_blocks=2)
     try:
-        first = client_batches(net, 2_000)
-        for k, b in enumerate(first):
-            net.submit(b, mempool=k)
-        for b in first:
-            net.wait_committed(b)
+        commit_all(net, client_batches(net, 2_000))
         # Killed only once it has checkpointed its state (at a height of 5 or more; idle
         # blocks come every half round timeout)
         t0 = time.monotonic()
@@ -673,11 +678,7 @@ def test_a_validator_whose_process_dies_comes_back_by_itself(tmp_path: Path) -> 
     operator needed, however often it happens."""
     net = start(tmp_path, "vcrash")
     try:
-        batches = client_batches(net, 400)
-        for k, b in enumerate(batches):
-            net.submit(b, mempool=k)
-        for b in batches:
-            net.wait_committed(b)
+        commit_all(net, client_batches(net, 400))
         for crash in range(2):
             pid = net.status()[2]["pid"]
             ray.kill(net.validator(2), no_restart=False)
