@@ -147,6 +147,7 @@ class Validator:
         self.network = settings["name"]
         base_timeout_ms = int(settings.get("base_timeout_ms", 1000))
         idle_block_ms = int(settings.get("idle_block_ms", base_timeout_ms // 2))
+        straggler_wait_ms = int(settings.get("straggler_wait_ms", CoreConfig.straggler_wait_ms))
         max_batches_per_block = int(settings.get("max_batches_per_block", 64))
         matrix = settings.get("latency_ms")
         latency_ms = list(matrix[index]) if matrix else None
@@ -292,6 +293,7 @@ class Validator:
                 base_timeout_ms=base_timeout_ms,
                 max_batches_per_block=max_batches_per_block,
                 idle_block_ms=idle_block_ms,
+                straggler_wait_ms=straggler_wait_ms,
                 # A batch ahead of its sender's earlier nonces waits for them (a partition cut
                 # the earlier batch off, say) for up to five round timeouts, 5 s at least:
                 # enough for the leader that holds them to catch up, come round and propose

@@ -353,6 +353,16 @@ def soak(
         raise typer.Exit(1)
 
 
+def _far(spec: str) -> tuple[int, float]:
+    node, sep, ms = spec.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(node), float(ms)
+    except ValueError:
+        raise ValueError(f"--far {spec!r}: expected NODE:MS, e.g. 3:60") from None
+
+
 @app.command()
 def simulate(
     validators: Annotated[int, typer.Option(min=1, help="n")] = 4,
@@ -378,6 +388,18 @@ def simulate(
             "a crashed validator's rounds time out for as long as it is down)"
         ),
     ] = True,
+    far: Annotated[
+        list[str] | None,
+        typer.Option(help="NODE:MS: every message to or from NODE takes MS longer (repeatable)"),
+    ] = None,
+    straggler_wait_ms: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="a leader waits at most this long for a late voter that leader reputation "
+            "passes over (0: never)",
+        ),
+    ] = 150,
 ) -> None:
     """Run n consensus cores in a seeded, simulated network under faults and attacks.
 
@@ -404,6 +426,8 @@ def simulate(
             crypto=crypto,
             max_time_ms=max_time_ms,
             leader_reputation=leader_reputation,
+            far=tuple(_far(f) for f in far or ()),
+            straggler_wait_ms=straggler_wait_ms,
         )
     except ValueError as exc:
         raise _fail(exc) from None
@@ -416,7 +440,8 @@ def simulate(
         f"(max {result.max_committed_height})  rounds {result.rounds}  timeouts "
         f"{result.timeouts}  evidence {result.evidence}  commit p50 {result.p50_commit_ms} ms "
         f"p99 {result.p99_commit_ms} ms  ({result.sim_time_ms / 1000:.1f} s simulated in "
-        f"{wall:.2f} s)"
+        f"{wall:.2f} s)  committed blocks by proposer, last half of the heights: "
+        f"{result.proposed_late}"
     )
     for line in result.violations:
         console.print(f"[red]{escape(line)}[/]")

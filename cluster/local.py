@@ -25,6 +25,7 @@ from rayledger.actors.validator import Validator
 from rayledger.actors.verifier import Verifier
 from rayledger.cluster.network import NetworkSpec, make_genesis
 from rayledger.config import Genesis, load_genesis
+from rayledger.consensus import CoreConfig
 from rayledger.crypto import SigningKey, read_key_file
 from rayledger.tx import compact_batch, tx_ids_of
 
@@ -61,6 +62,10 @@ class NetworkOptions:
     validator_intake_rows: int | None = None
     # An idle leader's wait for a batch before an empty block (None: a tenth of the timeout)
     idle_block_ms: int | None = None
+    # A leader's wait for the vote of a validator that leader reputation passes over but
+    # whose votes come late (a far site), so that it is seen live and leads again (0: never;
+    # see CoreConfig.straggler_wait_ms)
+    straggler_wait_ms: int = CoreConfig.straggler_wait_ms
     # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
     verifier_backend: str = "auto"

@@ -180,6 +180,11 @@ class SimConfig:
     lose_disk_on_restart: bool = False
     # Pass over validators not seen live lately as leaders (CoreConfig.leader_reputation)
     leader_reputation: bool = True
+    # (validator, ms): every message to or from the validator takes this much longer (a far
+    # site: its votes come last, so it is never in a QC)
+    far: tuple[tuple[int, float], ...] = ()
+    # CoreConfig.straggler_wait_ms
+    straggler_wait_ms: int = CoreConfig.straggler_wait_ms
 
     def __post_init__(self) -> None:
         if self.validators < 1:
@@ -192,6 +197,9 @@ class SimConfig:
             raise ValueError("crypto must be ed25519 or mac")
         if not (0 <= self.drop < 1 and 0 <= self.duplicate < 1):
             raise ValueError("drop and duplicate are probabilities below 1")
+        for node, ms in self.far:
+            if not (0 <= node < self.validators and ms >= 0):
+                raise ValueError(f"far: validator {node} with {ms} ms is not one of these")
 
 
 # ---- results -----------------------------------------------------------------------------
@@ -209,6 +217,8 @@ class Checker:
     last_commit_ms: float = 0.0
     # (time, validator, height) of every honest commit
     log: list[tuple[float, int, int]] = field(default_factory=list)
+    # The proposer's key of each committed height
+    proposers: dict[int, bytes] = field(default_factory=dict)
 
     def record(
         self, node: int, block: BlockHeader, now: float, created: dict[bytes, float]
@@ -223,6 +233,7 @@ class Checker:
         self.heights[node] = block.height
         self.log.append((now, node, block.height))
         first = self.by_height.setdefault(block.height, block.hash)
+        self.proposers.setdefault(block.height, block.proposer)
         if first != block.hash:
             self.violations.append(
                 f"fork at height {block.height}: validator {node} committed "
@@ -250,6 +261,9 @@ class SimResult:
     sim_time_ms: float
     violations: list[str]
     progress_after_faults: bool
+    # Committed blocks each validator proposed, in the last half of the committed heights
+    # (who leads once faults are past)
+    proposed_late: list[int] = field(default_factory=list)
 
     def as_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -300,7 +314,9 @@ class Simulation:
             base_timeout_ms=cfg.base_timeout_ms,
             idle_block_ms=cfg.idle_block_ms,
             leader_reputation=cfg.leader_reputation,
+            straggler_wait_ms=cfg.straggler_wait_ms,
         )
+        self.far = dict(cfg.far)
         personas = 2 if cfg.strategy == "equivocate" else 1
         self.nodes = [
             _Node(
@@ -372,8 +388,9 @@ class Simulation:
             return
         self.messages += 1
         copies = 2 if self.rng.random() < self.cfg.duplicate else 1
+        far = self.far.get(src, 0.0) + self.far.get(dst, 0.0) if self.far else 0.0
         for _ in range(copies):
-            self._at(self.now + self._delay(), "deliver", dst, (msg, src, persona))
+            self._at(self.now + self._delay() + far, "deliver", dst, (msg, src, persona))
 
     # ---- running -----------------------------------------------------------------------
 
@@ -584,6 +601,11 @@ class Simulation:
                 return None
             return round(lat[min(len(lat) - 1, math.ceil(q * len(lat)) - 1)], 1)
 
+        proposed = [0] * self.cfg.validators
+        top = max(self.checker.proposers, default=0)
+        for height, key in self.checker.proposers.items():
+            if height > top // 2:
+                proposed[self.validators.index_of(key)] += 1
         kinds: dict[str, int] = {}
         for e in self.evidence:
             kinds[e.kind] = kinds.get(e.kind, 0) + 1
@@ -602,6 +624,7 @@ class Simulation:
             sim_time_ms=round(self.now, 1),
             violations=self.checker.violations[:10],
             progress_after_faults=self.checker.last_commit_ms > last_fault,
+            proposed_late=proposed,
         )
 
 

@@ -61,6 +61,14 @@ Restart (rebuilt from what the adapter stored: last Persist, committed head, sto
 - v2 restarts after 3 heights; every proposal it saw before, replayed, gets no vote.
 - all four restart at once while B1, B2 are certified but uncommitted: the chain resumes.
 - v0 committed B1 (ordering D1) and restarts: it still rejects B3 naming D1, and never votes.
+Leader reputation, a late voter (HMAC signatures)
+- v3 is cut off until v0..v2 commit 20 heights, so it is passed over as a leader; back, its
+  vote is always the fourth to arrive. A leader that saw its votes come late holds its next
+  proposal for v3's vote; that QC brings v3 back, and it leads again. With the wait off, v3
+  is in no QC and never leads again.
+- the same, but v3's awaited vote never comes: the leader set a "propose" timer of at most
+  150 ms for its round and broadcast nothing; another round's timer does nothing; its own
+  timer makes it propose on the QC without v3; the chain goes on.
 Stale input
 - after a run with a timed-out round, every delivered message is delivered again: no action
   at all, and no state change, on any validator.
@@ -777,6 +785,63 @@ def test_restarted_validator_still_rejects_a_committed_batch(keys: Keyring) -> N
     actions = v0.on_proposal(again_d1) + v0.on_batch_available(D1)
     assert Rejected("proposal repeats an ordered batch", 3) in actions
     assert not votes_sent(actions)
+
+
+# ---- leader reputation: a late voter ---------------------------------------------------------
+
+
+def _v3_passed_over(wait_ms: int) -> tuple[Net, int]:
+    """v3 cut off until v0..v2 commit 20 heights (leader reputation passes it over), then
+    back. Delivered in order, its vote is always the fourth, so it is in no QC unless a
+    leader waits for it. Returns the net and the committed height when v3 came back."""
+    keys = Keyring.make(crypto="mac")
+    keys.config = replace(keys.config, straggler_wait_ms=wait_ms)
+    net = Net(keys)
+    net.isolated.add(3)
+    net.start()
+    net.run(lambda: min(net.heights()[:3]) >= 20, max_steps=50_000)
+    assert 3 not in net.cores[0]._window(net.cores[0].round)[1]
+    net.isolated.clear()
+    return net, max(net.heights())
+
+
+@pytest.mark.parametrize("wait_ms", [150, 0])
+def test_a_passed_over_validator_whose_votes_come_last_leads_again(wait_ms: int) -> None:
+    net, back = _v3_passed_over(wait_ms)
+    net.run(lambda: min(net.heights()) >= back + 40, max_steps=100_000)
+    check_agreement(net)
+    later = net.committed[0][back:]
+    idx = net.keys.validators.index_of
+    led = sum(idx(p.block.proposer) == 3 for p in later)
+    signed = sum(int.from_bytes(p.qc.signers, "little") >> 3 & 1 for p in later)
+    if wait_ms:
+        # A leader held its proposal for v3's vote; that QC brought v3 back into the window
+        assert led >= 5 and signed >= 1, (led, signed)
+    else:
+        # Without the wait v3 is in no QC, so it is never seen live again, though up
+        assert led == 0 and signed == 0
+
+
+def test_a_leader_waiting_for_a_late_vote_proposes_on_its_timer_without_it() -> None:
+    net, _ = _v3_passed_over(150)
+    net.run(lambda: any(c.straggler_round == c.round for c in net.cores), max_steps=20_000)
+    i, leader = next((i, c) for i, c in enumerate(net.cores) if c.straggler_round == c.round)
+    r = leader.round
+    timers = [a for a in net.trace[-1][1] if isinstance(a, SetTimer) and a.purpose == "propose"]
+    assert net.trace[-1][0] == i and [t.round for t in timers] == [r]
+    assert 0 < timers[0].delay_ms <= 150
+    assert not [m for m in of_type(net.trace[-1][1], Broadcast) if isinstance(m.message, Proposal)]
+    # v3's vote never comes; another round's timer changes nothing
+    net.isolated.add(3)
+    net.queue = [e for e in net.queue if 3 not in (e.src, e.dst)]
+    assert leader.on_propose_timer(r + 1) == []
+    out = net.execute(i, leader.on_propose_timer(r))
+    (proposal,) = [a.message for a in of_type(out, Broadcast) if isinstance(a.message, Proposal)]
+    assert proposal.block.round == r and proposal.qc.round == r - 1
+    assert int.from_bytes(proposal.qc.signers, "little") >> 3 & 1 == 0
+    # It waits at most once in n rounds: the next rounds go on without v3
+    net.run(lambda: min(net.heights()[:3]) >= proposal.block.height + 4, max_steps=20_000)
+    check_agreement(net)
 
 
 # ---- stale input -----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Scenarios (n validators; f = (n - 1) // 3; the last k validators run the strateg
 - leader reputation: crashed validators (1 of 4, 2 of 7) are passed over as leaders once the
   committed window behind a round no longer shows them, so their rounds stop timing out (with
   round robin, half the rounds time out for as long as one of four is down); a restarted one
-  leads again; honest validators that can tell who leads a round agree on it.
+  leads again; honest validators that can tell who leads a round agree on it; a far
+  validator (its vote always the last, so in no QC) that was down leads again once back,
+  because a leader waits for its vote once (and never leads again without that wait).
 - partition of f+1 validators: nothing new commits while it lasts, commits resume after heal.
 - restart mid-round, many seeds: the restarted validator never votes or proposes twice in a
   round (no evidence against any honest validator); the same crashes with lost disks do
@@ -130,6 +132,43 @@ def test_a_restarted_validator_leads_again() -> None:
     assert {idx(p.block.proposer) for p in late} == {0, 1, 2, 3}
     # Once it was passed over, neither its going nor its return cost a round timeout
     assert max(sim.timeout_rounds) < 60, sorted(sim.timeout_rounds)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_far_validator_leads_again_after_a_restart(seed: int) -> None:
+    """Validator 3's links are 60 ms longer, so its vote is always the last: it is in no QC.
+    While down it is passed over; back, it is seen live only once a leader waits for its
+    vote (``straggler_wait_ms``), and then takes its turns again. Without the wait it never
+    leads again: passed over for good, though up."""
+
+    def run(wait: int) -> tuple[list[int], int]:
+        sim = Simulation(
+            SimConfig(
+                validators=4,
+                rounds=600,
+                seed=seed,
+                crypto="mac",
+                crashes=(Crash(3, 3_000, 6_000),),
+                far=((3, 60.0),),
+                straggler_wait_ms=wait,
+            )
+        )
+        r = sim.run()
+        assert r.safety == "ok" and r.progress_after_faults
+        return r.proposed_late, r.timeouts
+
+    proposed, timeouts = run(150)
+    assert proposed[3] >= 0.8 * min(proposed[:3]), proposed
+    assert timeouts <= 4
+    never, _ = run(0)
+    assert never[3] == 0 and min(never[:3]) > 90, never
+
+
+def test_far_must_name_a_validator() -> None:
+    with pytest.raises(ValueError, match="far: validator 4"):
+        SimConfig(validators=4, far=((4, 10.0),))
+    with pytest.raises(ValueError, match="far: validator 1 with -1"):
+        SimConfig(validators=4, far=((1, -1.0),))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -350,6 +389,14 @@ def test_cli_simulate_json_and_exit_codes() -> None:
     assert bad.exit_code == 2
     bad = runner.invoke(app, ["simulate", "--partition", "nonsense"])
     assert bad.exit_code == 2
+    for spec in ("3", "x:5", "3:fast", "9:5"):
+        bad = runner.invoke(app, ["simulate", "--far", spec])
+        assert bad.exit_code == 2, (spec, bad.output)
+    far = runner.invoke(
+        app, ["simulate", "--rounds", "20", "--crypto", "mac", "--far", "1:30", "--far", "2:5"]
+    )
+    assert far.exit_code == 0, far.output
+    assert sum(json.loads(far.output.strip().splitlines()[-1])["proposed_late"]) >= 9
 
 
 def test_idle_leaders_wait_for_batches_instead_of_streaming_empty_blocks() -> None:
