@@ -129,7 +129,14 @@ FETCH_TIMEOUT_S = 60.0
 # that commits of other institutions' batches are not reported to this institution's mempool
 BATCH_ORIGINS_KEEP = 8192
 
-ACTOR_STRATEGIES = ("none", "silent", "invalid-signature", "double-voter", "equivocating-leader")
+ACTOR_STRATEGIES = (
+    "none",
+    "silent",
+    "invalid-signature",
+    "double-voter",
+    "equivocating-leader",
+    "lazy-leader",
+)
 
 
 class Validator:
@@ -148,6 +155,9 @@ class Validator:
         base_timeout_ms = int(settings.get("base_timeout_ms", 1000))
         idle_block_ms = int(settings.get("idle_block_ms", base_timeout_ms // 2))
         straggler_wait_ms = int(settings.get("straggler_wait_ms", CoreConfig.straggler_wait_ms))
+        failure_cycles = int(
+            settings.get("leader_failure_cycles", CoreConfig.leader_failure_cycles)
+        )
         max_batches_per_block = int(settings.get("max_batches_per_block", 64))
         matrix = settings.get("latency_ms")
         latency_ms = list(matrix[index]) if matrix else None
@@ -294,6 +304,7 @@ class Validator:
                 max_batches_per_block=max_batches_per_block,
                 idle_block_ms=idle_block_ms,
                 straggler_wait_ms=straggler_wait_ms,
+                leader_failure_cycles=failure_cycles,
                 # A batch ahead of its sender's earlier nonces waits for them (a partition cut
                 # the earlier batch off, say) for up to five round timeouts, 5 s at least:
                 # enough for the leader that holds them to catch up, come round and propose
@@ -1109,6 +1120,8 @@ class Validator:
         """What a Byzantine strategy sends in place of ``msg`` (honest: ``[msg]``)."""
         match self.strategy:
             case "silent":
+                return []
+            case "lazy-leader" if isinstance(msg, Proposal):
                 return []
             case "invalid-signature":
                 return [corrupt_signature(msg)]

@@ -400,6 +400,14 @@ def simulate(
             "passes over (0: never)",
         ),
     ] = 150,
+    leader_failure_cycles: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="pass over a validator that failed as a round's leader for this many times n "
+            "rounds (0: only those not seen live)",
+        ),
+    ] = 16,
 ) -> None:
     """Run n consensus cores in a seeded, simulated network under faults and attacks.
 
@@ -428,6 +436,7 @@ def simulate(
             leader_reputation=leader_reputation,
             far=tuple(_far(f) for f in far or ()),
             straggler_wait_ms=straggler_wait_ms,
+            leader_failure_cycles=leader_failure_cycles,
         )
     except ValueError as exc:
         raise _fail(exc) from None

@@ -66,6 +66,10 @@ class NetworkOptions:
     # whose votes come late (a far site), so that it is seen live and leads again (0: never;
     # see CoreConfig.straggler_wait_ms)
     straggler_wait_ms: int = CoreConfig.straggler_wait_ms
+    # A validator that failed as a round's leader (no block of its round committed) is passed
+    # over as a leader for this many times n rounds (0: only those not seen live; see
+    # CoreConfig.leader_failure_cycles)
+    leader_failure_cycles: int = CoreConfig.leader_failure_cycles
     # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
     verifier_backend: str = "auto"

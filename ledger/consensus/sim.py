@@ -18,6 +18,8 @@ Byzantine strategies (the last ``byzantine`` validators run them):
 - ``invalid-signature``: honest, but every signature it sends is corrupted.
 - ``stale-replayer``: honest, and it also replays old proposals, votes and timeouts.
 - ``vote-withholder``: honest, but it never sends a vote.
+- ``lazy-leader``: honest, but it never sends a proposal: it votes, forms QCs and times out,
+  so it is seen live, and its rounds fail.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ STRATEGIES = (
     "invalid-signature",
     "stale-replayer",
     "vote-withholder",
+    "lazy-leader",
 )
 
 
@@ -183,8 +186,9 @@ class SimConfig:
     # (validator, ms): every message to or from the validator takes this much longer (a far
     # site: its votes come last, so it is never in a QC)
     far: tuple[tuple[int, float], ...] = ()
-    # CoreConfig.straggler_wait_ms
+    # CoreConfig.straggler_wait_ms and CoreConfig.leader_failure_cycles
     straggler_wait_ms: int = CoreConfig.straggler_wait_ms
+    leader_failure_cycles: int = CoreConfig.leader_failure_cycles
 
     def __post_init__(self) -> None:
         if self.validators < 1:
@@ -315,6 +319,7 @@ class Simulation:
             idle_block_ms=cfg.idle_block_ms,
             leader_reputation=cfg.leader_reputation,
             straggler_wait_ms=cfg.straggler_wait_ms,
+            leader_failure_cycles=cfg.leader_failure_cycles,
         )
         self.far = dict(cfg.far)
         personas = 2 if cfg.strategy == "equivocate" else 1
@@ -563,6 +568,8 @@ class Simulation:
         if strategy == "silent":
             return
         if strategy == "vote-withholder" and isinstance(msg, Vote):
+            return
+        if strategy == "lazy-leader" and isinstance(msg, Proposal):
             return
         if strategy == "invalid-signature":
             msg = corrupt_signature(msg)

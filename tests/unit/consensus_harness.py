@@ -416,7 +416,7 @@ class Net:
 # evidence): a rejected input may leave traces there.
 _NOT_STATE = frozenset(
     {"vs", "signer", "verifier", "builder", "leaders", "cfg", "genesis", "_out"}
-    | {"verified_certs", "qcs", "proposal_at", "_windows"}
+    | {"verified_certs", "qcs", "proposal_at", "_windows", "_seen_cache"}
 )
 
 

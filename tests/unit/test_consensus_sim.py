@@ -11,7 +11,9 @@ Scenarios (n validators; f = (n - 1) // 3; the last k validators run the strateg
   round robin, half the rounds time out for as long as one of four is down); a restarted one
   leads again; honest validators that can tell who leads a round agree on it; a far
   validator (its vote always the last, so in no QC) that was down leads again once back,
-  because a leader waits for its vote once (and never leads again without that wait).
+  because a leader waits for its vote once (and never leads again without that wait); f
+  validators that vote but never propose are passed over after a failed turn, for 16n
+  rounds, so they cost few round timeouts (against close to half the rounds, without).
 - partition of f+1 validators: nothing new commits while it lasts, commits resume after heal.
 - restart mid-round, many seeds: the restarted validator never votes or proposes twice in a
   round (no evidence against any honest validator); the same crashes with lost disks do
@@ -73,7 +75,9 @@ def test_f_byzantine_keep_agreement_and_progress(strategy: str, n: int) -> None:
             assert r.committed_height >= 8, (seed, r)
         offenders = {e.offender for e in sim.evidence}
         assert offenders <= sim.byzantine, f"evidence against honest validators: {offenders}"
-        if strategy in ("equivocating-leader", "double-voter"):
+        # On a reliable network the attack is reported. (An equivocating leader is passed
+        # over once its round fails, so with drops its few turns may go unseen.)
+        if strategy in ("equivocating-leader", "double-voter") and drop == 0.0:
             assert r.evidence > 0
         if strategy == "invalid-signature":
             assert r.rejected > 0
@@ -162,6 +166,36 @@ def test_a_far_validator_leads_again_after_a_restart(seed: int) -> None:
     assert timeouts <= 4
     never, _ = run(0)
     assert never[3] == 0 and min(never[:3]) > 90, never
+
+
+@pytest.mark.parametrize("n", [4, 7])
+def test_leaders_that_never_propose_are_passed_over(n: int) -> None:
+    """f validators vote, form QCs and time out like honest ones (so they are seen live), but
+    never propose: each of their turns costs two round timeouts (theirs, and the one before,
+    whose QC only they hold). Passed over for 16n rounds after each failed turn, they cost a
+    few; without that, close to half the rounds of n = 4 time out."""
+
+    def run(cycles: int) -> tuple[int, float, list[int]]:
+        r = simulate(
+            SimConfig(
+                validators=n,
+                byzantine=(n - 1) // 3,
+                strategy="lazy-leader",
+                rounds=300,
+                seed=n,
+                crypto="mac",
+                leader_failure_cycles=cycles,
+            )
+        )
+        assert r.safety == "ok" and r.p50_commit_ms is not None
+        return r.timeouts, r.p50_commit_ms, r.proposed_late
+
+    timeouts, p50, proposed = run(16)
+    assert timeouts <= 30, timeouts
+    assert min(proposed[: n - (n - 1) // 3]) > 0
+    before, p50_before, _ = run(0)
+    assert before > 4 * timeouts and before > 80, (before, timeouts)
+    assert p50 * 2 < p50_before
 
 
 def test_far_must_name_a_validator() -> None:
