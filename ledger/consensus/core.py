@@ -664,8 +664,10 @@ class Core:
             case SyncRequest():
                 self._serve_sync(message)
             case SyncResponse():
+                # Each block but the newest is certified by the QC its successor carries
+                certified = {p.qc.block_hash for p in message.proposals}
                 for p in message.proposals:
-                    self._process_proposal(p)
+                    self._process_proposal(p, p.block.hash in certified)
 
     def _sender(self, message: Message) -> int | None:
         """Who a message claims to come from, for attributing its rejection."""
@@ -696,14 +698,20 @@ class Core:
             return p.block
         return self.committed_hashes.get(block_hash)
 
-    def _process_proposal(self, p: Proposal) -> None:
+    def _process_proposal(self, p: Proposal, certified: bool = False) -> None:
+        """``certified``: a QC for this block came with it (a sync response)."""
         b = p.block
         proposer = self.vs.index_of(b.proposer)
         # Verify the proposer leads this round: by leader reputation, or by the schedule (a
         # validator whose commits lag, after a restart say, proposes in its scheduled rounds
-        # until it can tell), or anyone where this validator cannot tell (``leader``)
+        # until it can tell), or anyone where this validator cannot tell (``leader``). A
+        # certified block is sound whoever proposed it: validators that could not tell who
+        # led voted for it, and one that syncs it later and can tell must take it all the same
+        # (or never get past it). It gets no vote here: its round is over.
         if (
-            proposer != self.leader(b.round)
+            not certified
+            and b.hash not in self.qcs
+            and proposer != self.leader(b.round)
             and proposer != self.leaders.leader(b.round)
             and self._leader_known(b.round)
         ):

@@ -50,6 +50,9 @@ Batches
   available, v0 persists and votes.
 - the same, but round 1 ends (TC1) before D1 arrives: no vote.
 Sync
+- B2 was proposed by v3, not by round 2's leader v2, and certified (v1..v3 could not tell who
+  led): offered alone, v0 refuses P2; in a SyncResponse, with B3 carrying QC2, it takes it and
+  commits B1 and B2 (B4 carries QC3).
 - v0 is cut off while v1..v3 commit 4+ heights; it gets the latest proposal, asks its proposer
   for the parent, and the SyncResponse makes it commit heights 1, 2, ... in order, the same
   blocks as the others.
@@ -690,6 +693,29 @@ def test_lagging_validator_syncs_the_chain_and_commits_in_order(keys: Keyring) -
     assert len(got) >= 3
     assert got == net.committed[request.to][: len(got)]
     assert latest.block.hash in v0.tree
+
+
+def test_a_certified_block_from_another_than_its_leader_syncs_and_commits(keys: Keyring) -> None:
+    # v3 proposed B2, though v2 leads round 2; v1..v3 could not tell who led it and certified
+    # it. v0 can tell: offered alone, P2 is refused; in a sync, certified, it is taken
+    b1 = keys.block(keys.genesis, 1)
+    b2 = keys.block(b1, 2, proposer=3)
+    b3 = keys.block(b2, 3)
+    b4 = keys.block(b3, 4)
+    p1 = keys.propose(b1, keys.genesis_qc)
+    p2 = keys.propose(b2, keys.qc(b1))
+    p3 = keys.propose(b3, keys.qc(b2, (1, 2, 3)))
+    p4 = keys.propose(b4, keys.qc(b3))
+    alone = started(keys, 0)
+    alone.on_proposal(p1)
+    assert alone.on_proposal(p2) == [Rejected("proposal for round 2 not from its leader", 3)]
+    v0 = started(keys, 0)
+    assert not of_type(v0.on_proposal(p4), Commit)
+    commits = of_type(v0.on_sync_response(SyncResponse((p1, p2, p3), 3)), Commit)
+    # QC3 (in P4) certifies B3, B2's child in the next round: B1 and B2 commit
+    assert [p.block for c in commits for p in c.blocks] == [b1, b2]
+    assert b3.hash in v0.tree
+    assert not v0.on_proposal(p2)  # committed: neither refused nor taken again
 
 
 def _v0_misses_p1_then_v3_crashes(keys: Keyring) -> Net:
