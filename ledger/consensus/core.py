@@ -339,9 +339,7 @@ class Core:
         if not self.cfg.leader_reputation:
             return base
         final, live, _ = self._window(round_)
-        if not final or not live or base in live:
-            return base
-        return live[round_ % len(live)]
+        return _turn(round_, base, live) if final else base
 
     def _may_lead(self, round_: int) -> bool:
         """Does this validator propose in ``round_``? Where it can tell, if it leads; where it
@@ -350,8 +348,7 @@ class Core:
         if not self.cfg.leader_reputation:
             return base == self.index
         final, live, _ = self._window(round_)
-        guess = base if not live or base in live else live[round_ % len(live)]
-        return guess == self.index or (not final and base == self.index)
+        return _turn(round_, base, live) == self.index or (not final and base == self.index)
 
     def _leader_known(self, round_: int) -> bool:
         """Can this validator tell who leads ``round_`` (see ``leader``)?"""
@@ -373,7 +370,7 @@ class Core:
             final = final and known
             if seen & ~failed:
                 keep = seen & ~failed
-        out = (final, tuple(i for i in range(self.vs.n) if keep >> i & 1), seen)
+        out = (final, _members(keep), seen)
         if len(self._windows) >= 64:
             self._windows.clear()
         self._windows[round_] = out
@@ -452,11 +449,7 @@ class Core:
                 continue
             known, seen = self._seen(x)
             final = final and known
-            leader = self.leaders.leader(x)
-            if seen and not seen >> leader & 1:
-                live = [i for i in range(self.vs.n) if seen >> i & 1]
-                leader = live[x % len(live)]
-            failed |= 1 << leader
+            failed |= 1 << _turn(x, self.leaders.leader(x), _members(seen))
         return final, failed
 
     def safety_state(self) -> SafetyState:
@@ -1224,6 +1217,17 @@ class Core:
             )
             self.verified_certs.add(_cert_key(tc))
             self._process_tc(tc)
+
+
+def _members(bits: int) -> tuple[int, ...]:
+    """The validator indices whose bits are set, in order."""
+    return tuple(i for i in range(bits.bit_length()) if bits >> i & 1)
+
+
+def _turn(round_: int, base: int, live: tuple[int, ...]) -> int:
+    """Who leads ``round_`` among ``live``: the schedule's leader ``base`` if it is one of
+    them (or none are known), else theirs in turn."""
+    return base if not live or base in live else live[round_ % len(live)]
 
 
 def _certs_of(message: Message) -> list[QuorumCert | TimeoutCert]:
