@@ -450,7 +450,8 @@ def simulate(
         f"{result.timeouts}  evidence {result.evidence}  commit p50 {result.p50_commit_ms} ms "
         f"p99 {result.p99_commit_ms} ms  ({result.sim_time_ms / 1000:.1f} s simulated in "
         f"{wall:.2f} s)  committed blocks by proposer, last half of the heights: "
-        f"{result.proposed_late}"
+        f"{result.proposed_late}; blocks stamped up to {result.stamp_ahead_ms:.0f} ms ahead "
+        "of their commit"
     )
     for line in result.violations:
         console.print(f"[red]{escape(line)}[/]")

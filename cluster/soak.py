@@ -32,7 +32,14 @@ import pyarrow as pa
 from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch
 
 FAULTS = ("partition", "kill", "kill-two", "byzantine", "crash-shard", "quiet")
-STRATEGIES = ("equivocating-leader", "silent", "double-voter", "invalid-signature", "lazy-leader")
+STRATEGIES = (
+    "equivocating-leader",
+    "silent",
+    "double-voter",
+    "invalid-signature",
+    "lazy-leader",
+    "fast-clock",
+)
 CHUNK = 200
 
 

@@ -172,6 +172,14 @@ class CoreConfig:
     # (n = 10), 765 / 913 / 828 / 828 (honest validators passed over after a failed turn).
     # 0: only validators not seen live are passed over.
     leader_failure_cycles: int = 16
+    # A validator does not vote for a block stamped more than this far ahead of its own
+    # clock (``tick``). The block still joins its tree, and is committed as any other once
+    # others certified it (a clock behind theirs must not stall it). Before, a leader could
+    # stamp its block a year ahead, and every block after it would carry its parent's time
+    # plus 1 ms until the clocks caught up (a block's time must follow its parent's), so
+    # receipts would show that year. This bounds how far ahead of real time a Byzantine
+    # leader can stamp a block; it must exceed the clock skew between honest validators.
+    max_clock_ahead_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -1106,6 +1114,12 @@ class Core:
             or (tc is not None and tc.round + 1 == b.round and qc.round >= tc.max_high_qc_round)
         ):
             return
+        ahead = b.timestamp_ms - self.now_ms
+        if ahead > self.cfg.max_clock_ahead_ms and b.hash not in self.qcs:
+            proposer = self.vs.index_of(b.proposer)
+            return self._reject(
+                f"proposal timestamp {ahead} ms ahead of this validator's clock", proposer
+            )
         self.highest_vote_round = b.round
         self.highest_qc_round = max(self.highest_qc_round, qc.round)
         self._out.append(Persist(self.safety_state(), p))

@@ -20,6 +20,10 @@ Byzantine strategies (the last ``byzantine`` validators run them):
 - ``vote-withholder``: honest, but it never sends a vote.
 - ``lazy-leader``: honest, but it never sends a proposal: it votes, forms QCs and times out,
   so it is seen live, and its rounds fail.
+- ``fast-clock``: honest, but its clock is an hour ahead, so its blocks are stamped an hour
+  ahead of the others' clocks (as a Byzantine leader could stamp them).
+- ``slow-leader``: honest, but its proposals leave three quarters of the base round timeout
+  late: as late as they can without its round timing out.
 """
 
 from __future__ import annotations
@@ -67,7 +71,12 @@ STRATEGIES = (
     "stale-replayer",
     "vote-withholder",
     "lazy-leader",
+    "fast-clock",
+    "slow-leader",
 )
+
+# How far ahead the clock of a ``fast-clock`` validator is
+FAST_CLOCK_MS = 3_600_000
 
 
 # ---- a fast stand-in signature scheme for large simulations ------------------------------
@@ -223,6 +232,8 @@ class Checker:
     log: list[tuple[float, int, int]] = field(default_factory=list)
     # The proposer's key of each committed height
     proposers: dict[int, bytes] = field(default_factory=dict)
+    # The most a committed block's timestamp was ahead of the (simulated) time it committed
+    stamp_ahead_ms: float = 0.0
 
     def record(
         self, node: int, block: BlockHeader, now: float, created: dict[bytes, float]
@@ -236,6 +247,7 @@ class Checker:
             )
         self.heights[node] = block.height
         self.log.append((now, node, block.height))
+        self.stamp_ahead_ms = max(self.stamp_ahead_ms, block.timestamp_ms - now)
         first = self.by_height.setdefault(block.height, block.hash)
         self.proposers.setdefault(block.height, block.proposer)
         if first != block.hash:
@@ -268,6 +280,8 @@ class SimResult:
     # Committed blocks each validator proposed, in the last half of the committed heights
     # (who leads once faults are past)
     proposed_late: list[int] = field(default_factory=list)
+    # The most a committed block's timestamp was ahead of the time it committed
+    stamp_ahead_ms: float = 0.0
 
     def as_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -384,7 +398,7 @@ class Simulation:
     def _delay(self) -> float:
         return max(0.5, self.rng.gauss(self.cfg.delay_ms, self.cfg.jitter_ms))
 
-    def _send(self, src: int, dst: int, msg: Message, persona: int) -> None:
+    def _send(self, src: int, dst: int, msg: Message, persona: int, late_ms: float = 0.0) -> None:
         if src == dst:
             return
         if any(p.separates(src, dst, self.now) for p in self.cfg.partitions):
@@ -395,14 +409,14 @@ class Simulation:
         copies = 2 if self.rng.random() < self.cfg.duplicate else 1
         far = self.far.get(src, 0.0) + self.far.get(dst, 0.0) if self.far else 0.0
         for _ in range(copies):
-            self._at(self.now + self._delay() + far, "deliver", dst, (msg, src, persona))
+            self._at(self.now + self._delay() + far + late_ms, "deliver", dst, (msg, src, persona))
 
     # ---- running -----------------------------------------------------------------------
 
     def run(self) -> SimResult:
         for node in self.nodes:
             for p, core in enumerate(node.personas):
-                core.tick(int(self.now))
+                core.tick(self._clock(node, 0))
                 self._execute(node, p, core.start())
         for crash in self.cfg.crashes:
             self._at(crash.at_ms, "crash", crash.node)
@@ -452,13 +466,13 @@ class Simulation:
                     node.seen.append(msg)
                 for p in self._route(node, src, src_persona):
                     core = node.personas[p]
-                    core.tick(int(self.now) + p)
+                    core.tick(self._clock(node, p))
                     self._execute(node, p, core.on_messages([msg]))
             case "timer":
                 round_, epoch, p, purpose = ev.data
                 if node.up and node.epoch == epoch:
                     core = node.personas[p]
-                    core.tick(int(self.now) + p)
+                    core.tick(self._clock(node, p))
                     fire = core.on_propose_timer if purpose == "propose" else core.on_local_timeout
                     self._execute(node, p, fire(round_))
                     if ev.node in self.byzantine and self.cfg.strategy == "stale-replayer":
@@ -468,6 +482,12 @@ class Simulation:
                 node.epoch += 1
             case "restart":
                 self._restart(node)
+
+    def _clock(self, node: _Node, persona: int) -> int:
+        """A validator's clock: the simulated time (plus the persona's index, so that an
+        equivocator's personas stamp different blocks), an hour ahead for a fast clock."""
+        fast = node.index in self.byzantine and self.cfg.strategy == "fast-clock"
+        return int(self.now) + persona + (FAST_CLOCK_MS if fast else 0)
 
     def _route(self, node: _Node, src: int, src_persona: int) -> list[int]:
         """Which personas of ``node`` hear a message from ``src``: an equivocator's personas
@@ -502,7 +522,7 @@ class Simulation:
         done = {d for p in node.committed for d in p.block.batch_digests}
         pending = [d for d in self.created if d not in done]
         for p, core in enumerate(node.personas):
-            core.tick(int(self.now))
+            core.tick(self._clock(node, 0))
             self._execute(node, p, core.start())
             for digest in pending:
                 self._execute(node, p, core.on_batch_available(digest))
@@ -571,6 +591,9 @@ class Simulation:
             return
         if strategy == "lazy-leader" and isinstance(msg, Proposal):
             return
+        if strategy == "slow-leader" and isinstance(msg, Proposal):
+            self._send(node.index, dst, msg, persona, late_ms=0.75 * self.cfg.base_timeout_ms)
+            return
         if strategy == "invalid-signature":
             msg = corrupt_signature(msg)
         next_leader = -1
@@ -632,6 +655,7 @@ class Simulation:
             violations=self.checker.violations[:10],
             progress_after_faults=self.checker.last_commit_ms > last_fault,
             proposed_late=proposed,
+            stamp_ahead_ms=round(self.checker.stamp_ahead_ms, 1),
         )
 
 

@@ -32,10 +32,12 @@ import ray
 
 from rayledger.actors.mempool import seal_tag
 from rayledger.actors.storage import shard_of_tx_ids
+from rayledger.block import BlockHeader
 from rayledger.chain import SPOT_ROWS, batch_digest
 from rayledger.cluster.client import Client, SubmitError
 from rayledger.cluster.local import Network, NetworkOptions
 from rayledger.cluster.network import load_network
+from rayledger.consensus.core import CoreConfig
 from rayledger.crypto import SigningKey, public_bytes
 from rayledger.errors import InvalidBlock, NotFound, StoreError
 from rayledger.execution import Status
@@ -398,6 +400,30 @@ def test_equivocating_validator_is_caught_and_cannot_fork(tmp_path: Path) -> Non
             and s["streams"]["batch_frames_in"] == 0
             for s in net.status()
         )
+    finally:
+        net.shutdown()
+
+
+def test_blocks_stamped_an_hour_ahead_get_no_votes(tmp_path: Path) -> None:
+    # Validator 2's clock runs an hour ahead: the others refuse to vote for its blocks, so
+    # no committed block is stamped further ahead than the bound, and the chain goes on
+    net = start(tmp_path, "clock", storage_shards=1)
+    try:
+        net.set_strategy(2, "fast-clock")
+        commit_all(net, client_batches(net, 2_000))
+        net.set_strategy(2, "none")  # and its clock is set right
+        commit_all(net, client_batches(net, 400, start_nonce=500))
+        assert_agreement(net, [0, 1, 2, 3])
+        now_ms = time.time() * 1000
+        top = net.height(0)
+        stamps = [
+            BlockHeader.decode(ray.get(net.shard(0, 0).header.remote(h))).timestamp_ms
+            for h in range(1, top + 1)
+        ]
+        assert max(stamps) <= now_ms + CoreConfig.max_clock_ahead_ms
+        refused = "proposal timestamp N ms ahead of this validator's clock"
+        counts = [s["rejected"].get(refused, 0) for s in net.status()]
+        assert all(counts[i] > 0 for i in (0, 1, 3)) and counts[2] == 0, counts
     finally:
         net.shutdown()
 

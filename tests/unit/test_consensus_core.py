@@ -718,6 +718,37 @@ def test_a_certified_block_from_another_than_its_leader_syncs_and_commits(keys: 
     assert not v0.on_proposal(p2)  # committed: neither refused nor taken again
 
 
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_block_stamped_too_far_ahead_gets_no_vote(keys: Keyring, ahead: int) -> None:
+    s = at_round_2(keys)
+    stamp = s.core.now_ms + s.core.cfg.max_clock_ahead_ms + ahead
+    p2 = keys.propose(keys.block(s.b1, 2, timestamp_ms=stamp), s.qc1)
+    actions = s.core.on_proposal(p2)
+    if ahead:
+        reason = f"proposal timestamp {stamp - s.core.now_ms} ms ahead of this validator's clock"
+        assert actions == [Rejected(reason, 2)]
+        assert s.core.highest_vote_round == 1
+    else:
+        assert votes_sent(actions) == [(3, keys.vote(0, p2.block.hash, 2))]
+    assert p2.block.hash in s.core.tree
+
+
+def test_a_block_stamped_far_ahead_commits_once_others_certified_it(keys: Keyring) -> None:
+    # v0's clock is an hour behind the others' (or a leader stamped B1 an hour ahead and
+    # three validators' clocks agree with it): v0 votes for none of B1..B3, yet commits B1
+    # once B2 is certified, as any validator does
+    v0 = started(keys, 0)
+    b1 = keys.block(keys.genesis, 1, timestamp_ms=v0.now_ms + 3_600_000)
+    b2, p1 = keys.block(b1, 2), keys.propose(b1, keys.genesis_qc)
+    b3 = keys.block(b2, 3)
+    p2, p3 = keys.propose(b2, keys.qc(b1)), keys.propose(b3, keys.qc(b2))
+    assert of_type(v0.on_proposal(p1), Rejected)
+    assert of_type(v0.on_proposal(p2), Rejected)
+    commits = of_type(v0.on_proposal(p3), Commit)
+    assert [p.block for c in commits for p in c.blocks] == [b1]
+    assert not votes_sent(v0.on_proposal(p3)) and v0.highest_vote_round == 0
+
+
 def _v0_misses_p1_then_v3_crashes(keys: Keyring) -> Net:
     """P1 never reaches v0; v1, v2 and v3 certify B1; v2 proposes B2 on QC1; v3 crashes."""
     net = Net(keys)

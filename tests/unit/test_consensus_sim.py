@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from rayledger.consensus.core import CoreConfig
 from rayledger.consensus.sim import STRATEGIES, Crash, Partition, SimConfig, Simulation, simulate
 
 ATTACKS = STRATEGIES[1:]
@@ -196,6 +197,26 @@ def test_leaders_that_never_propose_are_passed_over(n: int) -> None:
     before, p50_before, _ = run(0)
     assert before > 4 * timeouts and before > 80, (before, timeouts)
     assert p50 * 2 < p50_before
+
+
+@pytest.mark.parametrize("n", [4, 7])
+def test_blocks_stamped_an_hour_ahead_get_no_votes(n: int) -> None:
+    """f validators' clocks are an hour ahead: honest validators refuse to vote for their
+    blocks, so no committed block is stamped further ahead than the bound; their failed
+    turns pass them over, and the others commit as usual."""
+    r = simulate(
+        SimConfig(
+            validators=n,
+            byzantine=(n - 1) // 3,
+            strategy="fast-clock",
+            rounds=200,
+            seed=n,
+            crypto="mac",
+        )
+    )
+    assert r.safety == "ok" and r.committed_height > 180
+    assert 0 <= r.stamp_ahead_ms <= CoreConfig.max_clock_ahead_ms
+    assert r.rejected > 0 and r.timeouts <= 12, (r.rejected, r.timeouts)
 
 
 def test_far_must_name_a_validator() -> None:
