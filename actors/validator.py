@@ -166,6 +166,7 @@ class Validator:
             settings.get("leader_failure_cycles", CoreConfig.leader_failure_cycles)
         )
         max_batches_per_block = int(settings.get("max_batches_per_block", 64))
+        clock_ahead_ms = int(settings.get("max_clock_ahead_ms", CoreConfig.max_clock_ahead_ms))
         matrix = settings.get("latency_ms")
         latency_ms = list(matrix[index]) if matrix else None
         verifier_backend = settings.get("verifier_backend", "auto")
@@ -312,6 +313,7 @@ class Validator:
                 idle_block_ms=idle_block_ms,
                 straggler_wait_ms=straggler_wait_ms,
                 leader_failure_cycles=failure_cycles,
+                max_clock_ahead_ms=clock_ahead_ms,
                 # A batch ahead of its sender's earlier nonces waits for them (a partition cut
                 # the earlier batch off, say) for up to five round timeouts, 5 s at least:
                 # enough for the leader that holds them to catch up, come round and propose

@@ -182,6 +182,14 @@ def up(
     address: Annotated[str | None, typer.Option(help="join this Ray cluster (or 'auto')")] = None,
     name: Annotated[str, typer.Option(help="actor name prefix")] = "rayledger",
     timeout_ms: Annotated[int, typer.Option(min=50, help="base round timeout")] = 1000,
+    max_clock_ahead_ms: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="validators vote for no block stamped further ahead of their clocks: more "
+            "than the clock skew between the sites' machines",
+        ),
+    ] = 1000,
     seconds: Annotated[float | None, typer.Option(help="stop after this long")] = None,
 ) -> None:
     """Start or join Ray, deploy (or resume) the network, and run until interrupted."""
@@ -194,7 +202,9 @@ def up(
             config,
             data_dir,
             address,
-            NetworkOptions(name=name, base_timeout_ms=timeout_ms),
+            NetworkOptions(
+                name=name, base_timeout_ms=timeout_ms, max_clock_ahead_ms=max_clock_ahead_ms
+            ),
             seconds,
         )
     except (LedgerError, OSError) as exc:

@@ -70,6 +70,9 @@ class NetworkOptions:
     # over as a leader for this many times n rounds (0: only those not seen live; see
     # CoreConfig.leader_failure_cycles)
     leader_failure_cycles: int = CoreConfig.leader_failure_cycles
+    # A validator does not vote for a block stamped more than this far ahead of its clock
+    # (see CoreConfig.max_clock_ahead_ms): more than the clock skew between the sites
+    max_clock_ahead_ms: int = CoreConfig.max_clock_ahead_ms
     # None: the network description's latency matrix
     latency_ms: list[list[float]] | None = None
     verifier_backend: str = "auto"
