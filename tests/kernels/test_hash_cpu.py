@@ -327,6 +327,12 @@ def test_merkle_accepts_strided_leaves() -> None:
 _V = np.arange(10, dtype=np.uint8)
 
 
+def _arrow_offsets(kind: pa.DataType, offsets: list[int], dtype: type) -> pa.Array:
+    """A binary array over six bytes with these offsets, as a peer could send it."""
+    buffers = [None, pa.py_buffer(np.array(offsets, dtype).tobytes()), pa.py_buffer(b"abcdef")]
+    return pa.Array.from_buffers(kind, len(offsets) - 1, buffers)
+
+
 @pytest.mark.parametrize(
     ("messages", "problem"),
     [
@@ -352,6 +358,10 @@ _V = np.arange(10, dtype=np.uint8)
         ((b"0123456789", np.array([0, 5], np.int64)), "uint8 numpy array"),
         ((_V, np.array([0, 5], np.int64), None), "pair"),
         ([_V, np.array([0, 5], np.int64)], "pair"),
+        # Arrow arrays whose offsets pyarrow's own (cheap) validation lets through
+        (_arrow_offsets(pa.binary(), [0, 5, 3], np.int32), "non-decreasing"),
+        (_arrow_offsets(pa.large_binary(), [0, 5, 3], np.int64), "non-decreasing"),
+        (_arrow_offsets(pa.binary(), [0, -1, 3], np.int32), "negative"),
         (pa.array([b"a", None, b"c"], pa.binary()), "nulls"),
         (pa.array([b"a", None], pa.binary(1)), "nulls"),
         (pa.array(["a", "b"], pa.string()), "unsupported"),

@@ -293,6 +293,12 @@ def test_bitmap_round_trip(case: tuple[int, set[int]]) -> None:
     assert QuorumCert(bytes(32), 1, bitmap).signer_indices() == sorted(indices)
 
 
+def test_bitmap_refuses_indices_outside_the_set() -> None:
+    for indices in ([4], [0, 4], [-1]):
+        with pytest.raises(ValueError, match="signer indices must lie in 0..3"):
+            make_bitmap(indices, 4)
+
+
 def test_bitmap_is_lsb_first() -> None:
     assert make_bitmap([0], 4) == b"\x01"
     assert make_bitmap([0, 9], 10) == b"\x01\x02"

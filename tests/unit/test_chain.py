@@ -57,6 +57,17 @@ def test_two_validators_agree_and_block_is_storable() -> None:
     assert voter.base.get_u64(balance_key(PB)) == 50
 
 
+def test_check_refuses_a_header_differing_elsewhere_and_build_needs_an_executed_parent() -> None:
+    batches, genesis, digests = setup()
+    leader, voter = fresh(batches, genesis), fresh(batches, genesis)
+    header = leader.build(genesis, 1, PROPOSER, 2, tuple(digests))
+    forged = dataclasses.replace(header, height=5)
+    assert voter.check(forged, genesis) == "header differs from this validator's execution"
+    assert voter.check(header, genesis) is None
+    with pytest.raises(KeyError, match="parent block has not been executed here"):
+        voter.build(forged, 2, PROPOSER, 3, ())
+
+
 @pytest.mark.parametrize("field", ["tx_root", "result_root", "state_root", "tx_count"])
 def test_check_names_the_field_that_differs(field: str) -> None:
     batches, genesis, digests = setup()

@@ -172,9 +172,12 @@ def test_genesis_bad_accounts(accounts: Any) -> None:
     assert exc.value.code == "config_error"
 
 
-def test_genesis_chain_id_width() -> None:
-    with pytest.raises(ConfigError):
+def test_genesis_chain_id_width_and_time() -> None:
+    with pytest.raises(ConfigError, match="chain_id must be 32 bytes"):
         Genesis("x", b"\x00" * 31, 1, ValidatorSet(_vals(1)))
+    for ms in (0, -5):
+        with pytest.raises(ConfigError, match="genesis_time_ms must be positive"):
+            Genesis("x", b"\x00" * 32, ms, ValidatorSet(_vals(1)))
 
 
 def test_genesis_toml_round_trip() -> None:

@@ -581,6 +581,38 @@ REJECTIONS: dict[str, tuple[Build, Rejected]] = {
         lambda k, s: k.timeout(1, 2, QuorumCert(s.b1.hash, 0, b"", ())),
         Rejected(BAD_SIG, 1),
     ),
+    "proposal with a 63-byte signature": (
+        lambda k, s: replace(s.good, signature=s.good.signature[:63]),
+        Rejected(BAD_SIG, 2),
+    ),
+    "timeout by a validator index out of range": (
+        lambda k, s: replace(k.timeout(1, 2, s.qc1), sender=4),
+        Rejected(BAD_SIG, 4),
+    ),
+    "timeout with a 65-byte signature": (
+        lambda k, s: replace(k.timeout(1, 2, s.qc1), signature=bytes(65)),
+        Rejected(BAD_SIG, 1),
+    ),
+    "TC with fewer high-QC rounds than signers": (
+        lambda k, s: k.propose(
+            k.block(s.b1, 3),
+            s.qc1,
+            replace(k.tc(2, {0: 1, 1: 1, 2: 1}), high_qc_rounds=(1, 1)),
+        ),
+        Rejected(BAD_SIG, 3),
+    ),
+    "SyncResponse with more proposals than a sync batch": (
+        lambda k, s: SyncResponse((s.good,) * (s.core.cfg.sync_batch + 1), 2),
+        Rejected(BAD_SIG, 2),
+    ),
+    "SyncResponse carrying a vote": (
+        lambda k, s: SyncResponse((s.good, k.vote(3, s.b1.hash, 1)), 2),  # type: ignore[arg-type]
+        Rejected(BAD_SIG, 2),
+    ),
+    "a message of no known type": (
+        lambda k, s: "propose",  # type: ignore[return-value]
+        Rejected(BAD_SIG, None),
+    ),
     "SyncResponse carrying a forged proposal": (
         lambda k, s: SyncResponse(
             (

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from rayledger.consensus import Message, SafetyState, SyncRequest, SyncResponse
 from rayledger.consensus.wire import (
+    MAX_MESSAGE_BYTES,
     UnknownMessage,
     decode_message,
     decode_messages,
@@ -67,6 +68,11 @@ def test_safety_state_round_trips() -> None:
         assert decode_safety(encode_safety(state)) == state
     with pytest.raises(UnknownVersion):
         decode_safety(b"\x02" + encode_safety(SafetyState())[1:])
+    # version | highest vote round | highest QC round | has QC (0 or 1)
+    raw = bytearray(encode_safety(SafetyState()))
+    raw[17] = 2
+    with pytest.raises(DecodeError, match="has qc flag 2"):
+        decode_safety(bytes(raw))
 
 
 def test_every_truncation_and_trailing_byte_is_a_decode_error() -> None:
@@ -103,6 +109,8 @@ def test_hostile_values_are_named() -> None:
         decode_message(huge_sync)
     with pytest.raises(TypeError):
         encode_message("not a message")  # type: ignore[arg-type]
+    with pytest.raises(WrongLength, match="bytes of messages exceed"):
+        decode_messages(bytes(MAX_MESSAGE_BYTES + 1))
 
 
 @settings(max_examples=300, deadline=None)

@@ -20,7 +20,9 @@ from rayledger.merkle import (
     inclusion_proof,
     inclusion_proof_from_levels,
     merkle_levels,
+    merkle_levels_of_leaf_hashes,
     merkle_root,
+    merkle_root_of_leaf_hashes,
     root_from_levels,
     verify_consistency,
     verify_inclusion,
@@ -315,6 +317,11 @@ class TestNumpy:
             merkle_root(np.zeros((4, 32), dtype=np.int64))
         with pytest.raises(ValueError):
             merkle_root(np.zeros(32, dtype=np.uint8))
+        for shape in ((4, 31), (4,), (2, 2, 32)):
+            with pytest.raises(ValueError, match="leaf hashes must be"):
+                merkle_root_of_leaf_hashes(np.zeros(shape, np.uint8))
+            with pytest.raises(ValueError, match="leaf hashes must be"):
+                merkle_levels_of_leaf_hashes(np.zeros(shape, np.uint8))
 
 
 # ---------------------------------------------------------------------------
@@ -460,6 +467,11 @@ def test_verify_inclusion_never_raises_on_garbage() -> None:
         raise RuntimeError("boom")
 
     assert verify_inclusion(leaf, 2, 6, exploding(), root) is False  # type: ignore[arg-type]
+    # A released memoryview (its bytes cannot be read) as the leaf, or in the path
+    gone = memoryview(bytearray(leaf))
+    gone.release()
+    assert verify_inclusion(gone, 2, 6, proof, root) is False
+    assert verify_inclusion(leaf, 2, 6, [*proof[:-1], gone], root) is False  # type: ignore[list-item]
     assert verify_inclusion_hash(leaf[:31], 2, 6, proof, root) is False
     assert verify_inclusion_hash(leaf, 0, 1, [], leaf) is True  # any 32-byte leaf hash
 

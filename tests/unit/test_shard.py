@@ -43,6 +43,7 @@ from rayledger.errors import (
     StoreCorruption,
     StoreError,
     TruncatedInput,
+    WrongLength,
 )
 from rayledger.execution import Account, Status, balance_key, genesis_state
 from rayledger.receipt import Receipt, receipt_ok, verify_receipt
@@ -339,6 +340,7 @@ def test_forged_receipt_is_refused_with_its_reason(applied, chain, name: str) ->
     t = bytes(tx_ids_of(blocks[0].rows)[0])
     receipt = receipt_from(applied, t)
     assert len(receipt.chain) == 1  # block 1 is proven through block 2's commit
+    assert receipt_ok(receipt, VS, CHAIN, genesis.hash)
     forged, reason = _forgeries(receipt, blocks)[name]
     with pytest.raises(InvalidReceipt, match=reason):
         verify_receipt(forged, VS, CHAIN, genesis.hash)
@@ -377,6 +379,11 @@ def test_receipt_decoding_refuses_malformed_bytes(applied, chain) -> None:  # no
     for cut in range(0, len(raw), 97):
         with pytest.raises(DecodeError):
             Receipt.decode(raw[:cut])
+    receipt = Receipt.decode(raw)
+    for field, what in (("tx_proof", "tx proof"), ("result_proof", "result proof")):
+        long = dataclasses.replace(receipt, **{field: (bytes(32),) * 65}).encode()
+        with pytest.raises(WrongLength, match=f"{what} of 65 hashes exceeds 64"):
+            Receipt.decode(long)
 
 
 def test_bytes_after_the_last_indexed_frame_are_cut_on_open(tmp_path, chain) -> None:  # noqa: ANN001

@@ -10,13 +10,18 @@ Scenarios:
 - torn write (partial frame at the tail): set aside to a .torn file, reported, acknowledged
   blocks intact.
 - corruption: one flipped byte in any block's frame, a truncated segment, a missing segment,
-  a frame swapped for another: StoreCorruption naming the height and the file.
+  a frame swapped for another: StoreCorruption naming the height and the file; so does an
+  index that points at another height's frame, names another hash or too short a frame, and
+  a frame rewritten with its checksum around rows that are not block rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import sqlite3
+import struct
 import subprocess
 import sys
 import textwrap
@@ -26,7 +31,7 @@ import pyarrow as pa
 import pytest
 
 from rayledger.actors.storage import BlockStore, TxLocation
-from rayledger.actors.storage.engine import encode_frame
+from rayledger.actors.storage.engine import _PREFIX, MAGIC, encode_frame
 from rayledger.block import (
     Block,
     BlockHeader,
@@ -495,3 +500,72 @@ def test_commit_proofs_are_kept_by_height_durably(tmp_path: Path, chain: list[Bl
         assert again.commit_proofs(0, 10) == [(2, b"two"), (5, b"five"), (6, b"six")]
         assert again.commit_proofs(3, 5) == [(5, b"five")]
         assert again.commit_proofs(7, 9) == []
+
+
+# ---- an index or a frame that is well formed but wrong ---------------------------------------
+
+
+def _index(path: Path, sql: str, *args: object) -> None:
+    with sqlite3.connect(path / "index.sqlite") as db:
+        db.execute(sql, args)
+
+
+def test_index_pointing_at_another_heights_frame_is_detected(
+    tmp_path: Path, chain: list[Block]
+) -> None:
+    filled(tmp_path, chain[:3]).close()
+    (start, length) = _frame_spans(chain)[2]
+    _index(tmp_path, "UPDATE blocks SET offset = ?, length = ? WHERE height = 2", start, length)
+    with pytest.raises(StoreCorruption, match="frame holds height 3, expected 2") as err:
+        BlockStore(tmp_path, GENESIS)
+    assert err.value.height == 2
+
+
+def test_index_naming_another_hash_is_detected(tmp_path: Path, chain: list[Block]) -> None:
+    filled(tmp_path, chain[:3]).close()
+    _index(tmp_path, "UPDATE blocks SET hash = ? WHERE height = 2", bytes(32))
+    with pytest.raises(StoreCorruption, match="block hash differs from the index") as err:
+        BlockStore(tmp_path, GENESIS)
+    assert err.value.height == 2
+
+
+def test_index_length_shorter_than_any_frame_is_detected(
+    tmp_path: Path, chain: list[Block]
+) -> None:
+    filled(tmp_path, chain[:3]).close()
+    _index(tmp_path, "UPDATE blocks SET length = 10 WHERE height = 2")
+    with pytest.raises(StoreCorruption, match="checksum") as err:
+        BlockStore(tmp_path, GENESIS)
+    assert err.value.height == 2
+
+
+def test_rows_of_another_schema_under_a_good_checksum_are_detected(
+    tmp_path: Path, chain: list[Block]
+) -> None:
+    """A frame whose checksum holds (rewritten with it) but whose rows are not block rows."""
+    filled(tmp_path, chain[:1]).close()
+    block = chain[0]
+    sink = pa.BufferOutputStream()
+    other = pa.record_batch({"x": [1, 2]})
+    with pa.ipc.new_stream(sink, other.schema) as writer:
+        writer.write_batch(other)
+    header, qc = block.header.encode(), block.parent_qc.encode()
+    body = b"".join(
+        [
+            struct.pack(">QI", 1, len(header)),
+            header,
+            struct.pack(">I", len(qc)),
+            qc,
+            sink.getvalue().to_pybytes(),
+        ]
+    )
+    frame = _PREFIX.pack(MAGIC, len(body)) + body + hashlib.sha256(body).digest()
+    (tmp_path / "segments" / "00000000.seg").write_bytes(frame)
+    _index(tmp_path, "UPDATE blocks SET length = ? WHERE height = 1", len(frame))
+    with pytest.raises(StoreCorruption, match="block row schema") as err:
+        BlockStore(tmp_path, GENESIS)
+    assert err.value.height == 1
+    # Unverified, the open still reads its head's frame
+    with pytest.raises(StoreCorruption, match="block row schema") as err:
+        BlockStore(tmp_path, GENESIS, verify_on_open=False)
+    assert err.value.height == 1
