@@ -642,6 +642,7 @@ class Validator:
             self.shard_wake[k] = asyncio.Event()
             self._shard_tasks.append(loop.create_task(self._push_shard(k)))
         self._wake_shards()
+        self.core.tick(self._clock_ms())  # a first proposal's timestamp
         self._run(self.core.start())
 
     def _actor(self, role: str) -> Any:
