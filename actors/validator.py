@@ -1468,6 +1468,8 @@ class Validator:
                 "batch_frames_in": self.batch_frames_in,
             },
             "strategy": self.strategy,
+            # This validator's clock (its blocks' timestamps; see CoreConfig.max_clock_ahead_ms)
+            "clock_ms": self._clock_ms(),
             "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             # Entries held in memory per height (bounded; see _bound_memory)

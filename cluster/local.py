@@ -366,7 +366,15 @@ class Network:
         return out
 
     def _status_of(self, i: int) -> dict[str, Any]:
+        asked = time.time()
         st: dict[str, Any] = ray.get(self.validator(i).status.remote(), timeout=10)
+        answered = time.time()
+        if "clock_ms" in st:
+            # How far the validator's clock is ahead of this process's, give or take half the
+            # round trip: blocks stamped more than its max_clock_ahead_ms ahead of a
+            # validator's clock get no vote from it
+            st["clock_offset_ms"] = round(st["clock_ms"] - (asked + answered) * 500)
+            st["clock_offset_uncertainty_ms"] = round((answered - asked) * 500)
         st["mempool"] = ray.get(self.mempool(i).status.remote(), timeout=10)
         st["site"] = self.settings["sites"][i]
         if self.settings.get("verifier_actors"):

@@ -51,6 +51,7 @@ def status_table(net: Network) -> Table:
         "shards at",
         "state on disk at / held",
         "checks on",
+        "clock",
         "evidence",
         "rejected",
         title=f"network {net.name} ({net.genesis.chain_name})",
@@ -58,7 +59,7 @@ def status_table(net: Network) -> Table:
     for st in net.status():
         if "down" in st:
             table.add_row(
-                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 7
+                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 8
             )
             continue
         mp = st["mempool"]
@@ -85,10 +86,19 @@ def status_table(net: Network) -> Table:
             # Where this institution's batch signatures are checked: its verifier's kernels
             # backend (cuda on a GPU), or the validator's own process
             st.get("verifier", {}).get("backend", "validator"),
+            _clock(st),
             str(st["evidence"]),
             str(sum(st["rejected"].values())),
         )
     return table
+
+
+def _clock(st: dict[str, Any]) -> str:
+    """How far a validator's clock is ahead of this machine's (behind: negative)."""
+    offset = st.get("clock_offset_ms")
+    if offset is None:
+        return "?"
+    return f"{offset / 1000:+.3f} s"
 
 
 def _peers(st: dict[str, Any]) -> str:

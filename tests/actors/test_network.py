@@ -32,6 +32,7 @@ import ray
 
 from rayledger.actors.mempool import seal_tag
 from rayledger.actors.storage import shard_of_tx_ids
+from rayledger.actors.validator import FAST_CLOCK_MS
 from rayledger.block import BlockHeader
 from rayledger.chain import SPOT_ROWS, batch_digest
 from rayledger.cluster.client import Client, SubmitError
@@ -411,7 +412,12 @@ def test_blocks_stamped_an_hour_ahead_get_no_votes(tmp_path: Path) -> None:
     try:
         net.set_strategy(2, "fast-clock")
         commit_all(net, client_batches(net, 2_000))
+        # `rayledger status` shows each validator's clock against the caller's
+        offsets = [s["clock_offset_ms"] for s in net.status()]
+        assert abs(offsets[2] - FAST_CLOCK_MS) < 1_000, offsets
+        assert all(abs(offsets[i]) < 1_000 for i in (0, 1, 3)), offsets
         net.set_strategy(2, "none")  # and its clock is set right
+        assert abs(net.status()[2]["clock_offset_ms"]) < 1_000
         commit_all(net, client_batches(net, 400, start_nonce=500))
         assert_agreement(net, [0, 1, 2, 3])
         now_ms = time.time() * 1000

@@ -37,6 +37,7 @@ def _statuses() -> list[dict[str, Any]]:
         "rejected": {"batch: bad_signature": 2},
         "state_checkpoint": 16,
         "state_held_entries": 12345,
+        "clock_offset_ms": -3,
     }
     by_ray = {
         **up,
@@ -47,6 +48,7 @@ def _statuses() -> list[dict[str, Any]]:
     }
     unlinked = {
         **up,
+        "clock_offset_ms": 3_600_012,
         "index": 2,
         "site": "sa",
         "streams": {"enabled": True, "connected": []},
@@ -72,7 +74,8 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
     row = next(line for line in out.splitlines() if "eu" in line)
     assert "16 / 12,345" in row and "40 ?" in row and "3+1000/4000" in row
     assert "round (by timeout)" in out and "41 (2)" in row
-    assert "1,2,3 (1,3)" in row
+    assert "1,2,3 (1,3)" in row and "-0.003 s" in row
+    assert "+3600.012 s" in next(line for line in out.splitlines() if "sa" in line)
     assert "0,2 (ray)" in next(line for line in out.splitlines() if "us" in line)
     assert "3+1000/4000 " in row and "parked" not in row
     sa = next(line for line in out.splitlines() if "sa" in line)
