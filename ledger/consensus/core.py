@@ -495,7 +495,12 @@ class Core:
         return self.on_messages([response])
 
     def on_messages(self, messages: Sequence[Message]) -> list[Action]:
-        """Verify every signature of every message in one batch, then handle the valid ones."""
+        """Verify every signature of every message in one batch, then handle the valid ones.
+        Proposals of blocks already committed or held here are dropped unverified: they would
+        change nothing, and a peer could otherwise make this validator verify the same blocks
+        again and again (old proposals replayed, or sync responses it never asked for: 64
+        blocks each, which a single unsigned sync request naming it makes a peer send)."""
+        messages = [m for m in map(self._unheld, messages) if m is not None]
         checked = self._verify_all(messages)
         for message, ok in zip(messages, checked, strict=True):
             if ok:
@@ -503,6 +508,30 @@ class Core:
             else:
                 self._reject("bad signature or certificate", self._sender(message))
         return self._flush()
+
+    def _unheld(self, message: Message) -> Message | None:
+        """``message`` without the proposals of blocks committed or held here (``None`` if
+        nothing else is left)."""
+        match message:
+            case Proposal(block=b) if isinstance(b, BlockHeader) and self._holds(b):
+                return None
+            case SyncResponse(proposals=proposals) if (
+                isinstance(proposals, tuple) and len(proposals) <= self.cfg.sync_batch
+            ):
+                fresh = tuple(
+                    p
+                    for p in proposals
+                    if not (isinstance(p, Proposal) and isinstance(p.block, BlockHeader))
+                    or not self._holds(p.block)
+                )
+                if not fresh:
+                    return None
+                if len(fresh) < len(proposals):
+                    return SyncResponse(fresh, message.sender)
+        return message
+
+    def _holds(self, b: BlockHeader) -> bool:
+        return b.height <= self.committed.height or b.hash in self.tree
 
     def on_local_timeout(self, round_: int) -> list[Action]:
         """The timer of ``SetTimer(round_)`` fired."""

@@ -124,6 +124,7 @@ from rayledger.consensus import (
     Vote,
 )
 from rayledger.consensus.messages import bitmap_indices, timeout_message
+from rayledger.crypto import Verifier
 from tests.unit.consensus_harness import (
     GENESIS_MS,
     Envelope,
@@ -725,6 +726,43 @@ def test_lagging_validator_syncs_the_chain_and_commits_in_order(keys: Keyring) -
     assert len(got) >= 3
     assert got == net.committed[request.to][: len(got)]
     assert latest.block.hash in v0.tree
+
+
+class CountingVerifier:
+    """A verifier that counts the signatures it is asked to check."""
+
+    def __init__(self, inner: Verifier) -> None:
+        self.inner = inner
+        self.checked = 0
+
+    def verify(self, keys: np.ndarray, sigs: np.ndarray, msgs: np.ndarray) -> np.ndarray:
+        self.checked += len(keys)
+        return self.inner.verify(keys, sigs, msgs)
+
+
+def test_blocks_held_already_are_not_verified_again(keys: Keyring) -> None:
+    """A peer can make a validator send another one a sync response it never asked for (a
+    sync request is unsigned and names its requester), or replay old proposals: blocks
+    committed or held there are dropped before their signatures are checked."""
+    net = Net(keys)
+    net.start()
+    net.run(lambda: min(net.heights()) >= 70, max_steps=100_000)
+    a, b = net.cores[0], net.cores[1]
+    [reply] = a.on_sync_request(SyncRequest(a.committed.hash, 1, 0))
+    assert isinstance(reply, Send) and isinstance(reply.message, SyncResponse)
+    unasked = reply.message
+    assert len(unasked.proposals) == a.cfg.sync_batch
+    counter = CountingVerifier(b.verifier)
+    b.verifier = counter
+    before = snapshot(b)
+    assert b.on_messages([unasked, *unasked.proposals[:5]]) == []
+    assert counter.checked == 0 and snapshot(b) == before
+    # In a response with a block b does not hold yet, that block's signatures alone are
+    # checked (its own, and its QC's where not checked before)
+    head = max(b.tree.values(), key=lambda p: p.block.height)
+    child = keys.propose(keys.block(head.block, head.round + 1), keys.qc(head.block))
+    b.on_messages([SyncResponse((*unasked.proposals[-3:], child), 0)])
+    assert 1 <= counter.checked <= 1 + keys.n
 
 
 def test_a_certified_block_from_another_than_its_leader_syncs_and_commits(keys: Keyring) -> None:
