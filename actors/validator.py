@@ -47,6 +47,7 @@ from rayledger.actors.storage import (
     writes_batch,
 )
 from rayledger.actors.storage.engine import fsync_write
+from rayledger.actors.storage.lock import hold_lock
 from rayledger.actors.storage.slots import SlotFile
 from rayledger.actors.storage.snapshot import load_snapshot
 from rayledger.actors.storage.state import CommittedState
@@ -184,6 +185,8 @@ class Validator:
         self.verifier = Ed25519Verifier(verifier_backend)
         self.dir = root / f"validator-{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # This process alone uses the directory from here on (see actors.storage.lock)
+        self._lock = hold_lock(self.dir / "validator.lock", f"validator {index} ({self.dir})")
         # The safety state persisted before every vote (``safety.bin``: its form before the
         # two slots, still read)
         self.safety_file = SlotFile(self.dir, "safety", legacy=self.dir / "safety.bin")

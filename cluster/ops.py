@@ -19,6 +19,7 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
+from rayledger.actors.storage.lock import hold_lock, release_lock
 from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, init_local_ray
 from rayledger.cluster.network import load_network
 
@@ -122,6 +123,9 @@ def up(
     seconds: float | None = None,
 ) -> None:
     spec = load_network(config)
+    # One `up` per data directory (a second would deploy the same validators again): the
+    # lock is this process's until it exits
+    lock = hold_lock(data_dir / "up.lock", f"the network in {data_dir} (rayledger up)", wait_s=0)
     if address:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
     else:
@@ -169,6 +173,7 @@ def up(
         (data_dir / "up.pid").unlink(missing_ok=True)
         (data_dir / "ray_address").unlink(missing_ok=True)
         ray.shutdown()
+        release_lock(lock)
 
 
 def down(data_dir: Path) -> str:

@@ -99,5 +99,11 @@ class StoreCorruption(StoreError):
         self.path = path
 
 
+class AlreadyOpen(StoreError):
+    """Durable data that another process holds open (its lock file names that process)."""
+
+    code = "already_open"
+
+
 class NotFound(StoreError):
     code = "not_found"

@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from rayledger.actors.storage.lock import hold_lock
 from rayledger.actors.storage.partition import (
     CommittedBlock,
     ShardStore,
@@ -47,6 +48,10 @@ class StorageShard:
         self.shards = int(settings.get("storage_shards", 1))
         self.chain_id = genesis.chain_id
         folder = root / f"validator-{validator}" / f"shard-{shard}"
+        # Beside the folder, which may be set aside (see actors.storage.lock)
+        self._lock = hold_lock(
+            folder.with_name(f"shard-{shard}.lock"), f"storage shard {validator}-{shard}"
+        )
         seed = genesis_state(genesis.accounts)[0].writes
         # Where damaged files were moved before this shard started afresh (None: never)
         self.set_aside: str | None = None

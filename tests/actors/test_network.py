@@ -421,15 +421,23 @@ def test_blocks_stamped_an_hour_ahead_get_no_votes(tmp_path: Path) -> None:
         commit_all(net, client_batches(net, 400, start_nonce=500))
         assert_agreement(net, [0, 1, 2, 3])
         now_ms = time.time() * 1000
-        top = net.height(0)
+        top = net.status()[0]["shards"]["0"] or 0  # the height its shard has applied
+        assert top > 0
         stamps = [
             BlockHeader.decode(ray.get(net.shard(0, 0).header.remote(h))).timestamp_ms
             for h in range(1, top + 1)
         ]
         assert max(stamps) <= now_ms + CoreConfig.max_clock_ahead_ms
         refused = "proposal timestamp N ms ahead of this validator's clock"
-        counts = [s["rejected"].get(refused, 0) for s in net.status()]
+        statuses = net.status()
+        counts = [s["rejected"].get(refused, 0) for s in statuses]
         assert all(counts[i] > 0 for i in (0, 1, 3)) and counts[2] == 0, counts
+        # Each validator process holds its directory's lock (actors.storage.lock), and each
+        # storage shard its own
+        for s in statuses:
+            held = (tmp_path / f"validator-{s['index']}" / "validator.lock").read_text()
+            assert held.startswith(f"pid {s['pid']} on ")
+            assert (tmp_path / f"validator-{s['index']}" / "shard-0.lock").read_text()
     finally:
         net.shutdown()
 
