@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import struct
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ from rayledger.actors.storage import (
     writes_batch,
 )
 from rayledger.actors.storage.engine import fsync_write
-from rayledger.actors.storage.lock import hold_lock
+from rayledger.actors.storage.lock import hold_lock, is_disk_failure, stop_on_disk_failure
 from rayledger.actors.storage.slots import SlotFile
 from rayledger.actors.storage.snapshot import load_snapshot
 from rayledger.actors.storage.state import CommittedState
@@ -83,7 +84,7 @@ from rayledger.consensus.wire import (
     encode_safety,
 )
 from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
-from rayledger.errors import LedgerError
+from rayledger.errors import LedgerError, StoreError
 from rayledger.execution import StateView, Status, execute_block, genesis_state
 from rayledger.kernels import cpu_verify_work
 from rayledger.tx import TX_SCHEMA, compact_batch, tx_ids_of
@@ -153,7 +154,17 @@ class Validator:
     def __init__(self, data_dir: str, index: int) -> None:
         """Everything comes from the network's data directory: ``genesis.toml``,
         ``network.json`` (transport and timing settings), ``keys/<name>.key`` and this
-        validator's own ``validator-<index>/`` (block store, safety state)."""
+        validator's own ``validator-<index>/`` (block store, safety state). A start that
+        cannot write to its disk (full, say: a torn tail set aside needs room) ends the
+        process, which Ray starts again, rather than failing the actor for good."""
+        try:
+            self._open(data_dir, index)
+        except (OSError, sqlite3.Error) as exc:
+            if not is_disk_failure(exc):
+                raise
+            stop_on_disk_failure(f"validator {index}, starting,", exc)
+
+    def _open(self, data_dir: str, index: int) -> None:
         root = Path(data_dir)
         settings = json.loads((root / "network.json").read_text())
         self.genesis = parse_genesis((root / "genesis.toml").read_text())
@@ -1082,7 +1093,10 @@ class Validator:
             match action:
                 case Persist(state=state):
                     self._flush(outbox)
-                    self.safety_file.write(encode_safety(state))
+                    try:
+                        self.safety_file.write(encode_safety(state))
+                    except OSError as exc:  # the vote it guards never leaves
+                        stop_on_disk_failure(f"validator {self.index}", exc)
                 case Broadcast(message=msg):
                     for peer in self.peers:
                         outbox.setdefault(peer, []).extend(self._hostile(msg, peer, True))
@@ -1126,7 +1140,13 @@ class Validator:
         # After the messages: nothing sent depends on the blocks being written, and no other
         # event runs in between (no await here), so nobody sees the commit half done
         for commit in commits:
-            self._commit(commit)
+            try:
+                self._commit(commit)
+            except (OSError, sqlite3.Error, StoreError) as exc:
+                # Blocks committed in memory and not on disk: every later one would fail
+                # to extend the stored head, for good (a validator whose disk filled stayed
+                # up at its height while the others went on, even once space came back)
+                stop_on_disk_failure(f"validator {self.index}", exc)
 
     def _cancel_stale_timers(self) -> None:
         """Cancel the timers of rounds before the core's: ``on_local_timeout`` and

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from rayledger.actors.storage.lock import hold_lock
+from rayledger.actors.storage.lock import hold_lock, is_disk_failure, stop_on_disk_failure
 from rayledger.actors.storage.partition import (
     CommittedBlock,
     ShardStore,
@@ -39,6 +40,16 @@ def shard_name(network: str, validator: int, shard: int) -> str:
 
 class StorageShard:
     def __init__(self, data_dir: str, validator: int, shard: int) -> None:
+        """A start that cannot write to its disk ends the process, which Ray starts again
+        (as ``Validator``'s)."""
+        try:
+            self._open(data_dir, validator, shard)
+        except (OSError, sqlite3.Error) as exc:
+            if not is_disk_failure(exc):
+                raise
+            stop_on_disk_failure(f"storage shard {validator}-{shard}, starting,", exc)
+
+    def _open(self, data_dir: str, validator: int, shard: int) -> None:
         root = Path(data_dir)
         settings = json.loads((root / "network.json").read_text())
         genesis = parse_genesis((root / "genesis.toml").read_text())
@@ -83,6 +94,9 @@ class StorageShard:
         except LedgerError:
             self.rejected += 1
             raise
+        except (OSError, sqlite3.Error) as exc:
+            stop_on_disk_failure(f"storage shard {self.validator}-{self.shard}", exc)
+            raise  # not reached
 
     async def height(self) -> int:
         return self.store.height
