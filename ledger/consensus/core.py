@@ -43,6 +43,7 @@ from rayledger.consensus.messages import (
     Vote,
     bitmap_indices,
     proposal_message,
+    sync_request_message,
     timeout_message,
 )
 from rayledger.crypto import Signer, Verifier
@@ -199,6 +200,11 @@ class CoreStatus:
 
 _Item = tuple[int, bytes, bytes]  # (validator index, 32-byte message, 64-byte signature)
 
+# A sync request is served within this many rounds of its own; at most this many served
+# requests of one requester are remembered (the oldest forgotten first)
+SYNC_ROUNDS = 256
+SYNC_SERVED_KEEP = 4096
+
 
 class Core:
     """One validator's consensus state. Not thread-safe: one event at a time."""
@@ -295,6 +301,10 @@ class Core:
         self.straggler_want = 0
         self.straggler_waited = -(1 << 62)
         self.evidence_seen: set[tuple[str, int, int]] = set()
+        # Sync requests: this validator's last nonce, and those it served each requester
+        # (nonce -> the request's round; see ``_serve_sync``)
+        self.sync_nonce = 0
+        self.served: dict[int, dict[int, int]] = {}
         self.verified_certs: set[bytes] = set()
         self._out: list[Action] = []
         self._restore(known_blocks)
@@ -635,8 +645,18 @@ class Core:
                 if not 0 <= sender < n or len(sig) != 64:
                     return None
                 items.append((sender, timeout_message(self.chain_id, round_, qc.round), sig))
-            case SyncRequest(requester=requester):
-                return [] if 0 <= requester < n else None
+            case SyncRequest(requester=requester, signature=sig):
+                if not 0 <= requester < n or len(sig) != 64:
+                    return None
+                m = sync_request_message(
+                    self.chain_id,
+                    message.block_hash,
+                    requester,
+                    message.from_height,
+                    message.round,
+                    message.nonce,
+                )
+                items.append((requester, m, sig))
             case SyncResponse(proposals=proposals):
                 for p in proposals[: self.cfg.sync_batch]:
                     if not isinstance(p, Proposal):
@@ -850,9 +870,33 @@ class Core:
         if block_hash in self.requested or peer == self.index:
             return
         self.requested.add(block_hash)
-        self._out.append(Send(peer, SyncRequest(block_hash, self.index, self.committed.height)))
+        # A nonce never used before, by this process or an earlier one of this validator (as
+        # long as its clock goes forward): the clock in its high bits
+        self.sync_nonce = max(self.sync_nonce + 1, self.now_ms << 20)
+        height = self.committed.height
+        sig = self.signer.sign(
+            sync_request_message(
+                self.chain_id, block_hash, self.index, height, self.round, self.sync_nonce
+            )
+        )
+        request = SyncRequest(block_hash, self.index, height, self.round, self.sync_nonce, sig)
+        self._out.append(Send(peer, request))
 
     def _serve_sync(self, req: SyncRequest) -> None:
+        """Serve a signed request once, and only while its round is recent (``served``): its
+        requester alone can make this validator send it blocks, and a request replayed, or
+        kept to be sent later, gets nothing."""
+        # (dropped as stale messages are: a network may deliver one twice, or late)
+        if req.round + SYNC_ROUNDS < self.round:
+            return
+        served = self.served.setdefault(req.requester, {})
+        if req.nonce in served:
+            return
+        if len(served) >= SYNC_SERVED_KEEP:
+            for nonce, round_ in list(served.items()):
+                if round_ + SYNC_ROUNDS < self.round or len(served) >= SYNC_SERVED_KEEP:
+                    del served[nonce]
+        served[req.nonce] = req.round
         chain: list[Proposal] = []
         cursor = self._proposal(req.block_hash)
         while cursor is not None and cursor.block.height > req.from_height:

@@ -6,7 +6,10 @@ A validator is named by its index in the validator set. What each signature cove
 - a vote: ``vote_message(chain_id, block_hash, round)`` (``rayledger.block``), so that 2f+1 votes
   form a ``QuorumCert`` that anyone can check with the validator keys alone;
 - a timeout: ``SHA-256("rayledger/timeout/v1" | chain_id | round | high_qc_round)``, so that 2f+1
-  timeouts form a ``TimeoutCert`` carrying every signer's highest QC round.
+  timeouts form a ``TimeoutCert`` carrying every signer's highest QC round;
+- a sync request: ``sync_request_message`` (its block hash, requester, from height, round and
+  nonce) by the requester, so that nobody else can make a peer send it blocks, and a request
+  replayed is served once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rayledger.codec import u64
 
 _PROPOSAL_DOMAIN = b"rayledger/proposal/v1"
 _TIMEOUT_DOMAIN = b"rayledger/timeout/v1"
+_SYNC_DOMAIN = b"rayledger/sync-request/v1"
 
 
 def proposal_message(chain_id: bytes, block_hash: bytes) -> bytes:
@@ -29,6 +33,20 @@ def proposal_message(chain_id: bytes, block_hash: bytes) -> bytes:
 
 def timeout_message(chain_id: bytes, round_: int, high_qc_round: int) -> bytes:
     return hashlib.sha256(_TIMEOUT_DOMAIN + chain_id + u64(round_) + u64(high_qc_round)).digest()
+
+
+def sync_request_message(
+    chain_id: bytes, block_hash: bytes, requester: int, from_height: int, round_: int, nonce: int
+) -> bytes:
+    return hashlib.sha256(
+        _SYNC_DOMAIN
+        + chain_id
+        + block_hash
+        + u64(requester)
+        + u64(from_height)
+        + u64(round_)
+        + u64(nonce)
+    ).digest()
 
 
 def bitmap_indices(bitmap: bytes) -> list[int]:
@@ -90,11 +108,16 @@ class TimeoutMsg:
 
 @dataclass(frozen=True)
 class SyncRequest:
-    """Ask a peer for the certified chain ending at ``block_hash`` (down to ``from_height``)."""
+    """Ask a peer for the certified chain ending at ``block_hash`` (down to ``from_height``),
+    signed by the requester in its round ``round`` with a ``nonce`` it never used before: a
+    peer serves each request once, and only while its round is recent."""
 
     block_hash: bytes
     requester: int
     from_height: int
+    round: int = 0
+    nonce: int = 0
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ Layout (big-endian integers; ``var`` is a u32 length followed by the bytes)::
     1 Proposal   var(header) | var(qc) | u8 has_tc | [var(tc)] | signature 64
     2 Vote       block_hash 32 | u64 round | u32 voter | signature 64
     3 Timeout    u64 round | var(high_qc) | u32 sender | signature 64 | u8 has_tc | [var(tc)]
-    4 SyncReq    block_hash 32 | u32 requester | u64 from_height
+    4 SyncReq    block_hash 32 | u32 requester | u64 from_height | u64 round | u64 nonce
+                 | signature 64
     5 SyncResp   u32 sender | u32 count | count x var(proposal body)
     tc           u64 round | u16 bitmap_len | bitmap | u16 count | count x u64 high_qc_round
                  | count x signature 64
@@ -121,7 +122,15 @@ def encode_message(msg: Message) -> bytes:
             )
         case SyncRequest():
             return b"".join(
-                [u8(_SYNC_REQUEST), msg.block_hash, u32(msg.requester), u64(msg.from_height)]
+                [
+                    u8(_SYNC_REQUEST),
+                    msg.block_hash,
+                    u32(msg.requester),
+                    u64(msg.from_height),
+                    u64(msg.round),
+                    u64(msg.nonce),
+                    msg.signature,
+                ]
             )
         case SyncResponse():
             return b"".join(
@@ -151,7 +160,14 @@ def decode_message(data: bytes | memoryview) -> Message:
         signature = r.fixed(64, "signature")
         msg = TimeoutMsg(round_, high_qc, sender, signature, _read_optional_tc(r))
     elif tag == _SYNC_REQUEST:
-        msg = SyncRequest(r.fixed(32, "block hash"), r.u32("requester"), r.u64("from height"))
+        msg = SyncRequest(
+            r.fixed(32, "block hash"),
+            r.u32("requester"),
+            r.u64("from height"),
+            r.u64("round"),
+            r.u64("nonce"),
+            r.fixed(64, "signature"),
+        )
     elif tag == _SYNC_RESPONSE:
         sender = r.u32("sender")
         count = r.u32("proposal count")

@@ -32,11 +32,16 @@ from rayledger.consensus import (
     SafetyState,
     Send,
     SetTimer,
+    SyncRequest,
     TimeoutCert,
     TimeoutMsg,
     Vote,
 )
-from rayledger.consensus.messages import proposal_message, timeout_message
+from rayledger.consensus.messages import (
+    proposal_message,
+    sync_request_message,
+    timeout_message,
+)
 from rayledger.consensus.sim import MacSigner, MacVerifier
 from rayledger.consensus.wire import (
     decode_messages,
@@ -174,6 +179,15 @@ class Keyring:
     ) -> TimeoutMsg:
         sig = self.signers[sender].sign(timeout_message(self.chain_id, round_, high_qc.round))
         return TimeoutMsg(round_, high_qc, sender, sig, last_tc)
+
+    def sync_request(
+        self, requester: int, block_hash: bytes, from_height: int, round_: int = 1, nonce: int = 1
+    ) -> SyncRequest:
+        message = sync_request_message(
+            self.chain_id, block_hash, requester, from_height, round_, nonce
+        )
+        sig = self.signers[requester].sign(message)
+        return SyncRequest(block_hash, requester, from_height, round_, nonce, sig)
 
     def tc(self, round_: int, high_qc_rounds: dict[int, int]) -> TimeoutCert:
         """A TC for ``round_``: validator i signed a timeout with high QC round

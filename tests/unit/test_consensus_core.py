@@ -123,6 +123,7 @@ from rayledger.consensus import (
     TimeoutMsg,
     Vote,
 )
+from rayledger.consensus.core import SYNC_ROUNDS
 from rayledger.consensus.messages import bitmap_indices, timeout_message
 from rayledger.crypto import Verifier
 from tests.unit.consensus_harness import (
@@ -475,7 +476,7 @@ def _with_qc(keys: Keyring, s: AtRound2, qc: QuorumCert) -> Proposal:
     return keys.propose(s.good.block, qc)
 
 
-def _corrupted(msg: Proposal | Vote | TimeoutMsg) -> Message:
+def _corrupted(msg: Proposal | Vote | TimeoutMsg | SyncRequest) -> Message:
     return replace(msg, signature=flip(msg.signature))
 
 
@@ -614,6 +615,22 @@ REJECTIONS: dict[str, tuple[Build, Rejected]] = {
         lambda k, s: "propose",  # type: ignore[return-value]
         Rejected(BAD_SIG, None),
     ),
+    "unsigned sync request": (
+        lambda k, s: SyncRequest(s.b1.hash, 1, 0),
+        Rejected(BAD_SIG, 1),
+    ),
+    "sync request with a corrupted signature": (
+        lambda k, s: _corrupted(k.sync_request(1, s.b1.hash, 0)),
+        Rejected(BAD_SIG, 1),
+    ),
+    "sync request naming another requester than its signer": (
+        lambda k, s: replace(k.sync_request(1, s.b1.hash, 0), requester=3),
+        Rejected(BAD_SIG, 3),
+    ),
+    "sync request by a validator index out of range": (
+        lambda k, s: replace(k.sync_request(1, s.b1.hash, 0), requester=4),
+        Rejected(BAD_SIG, 4),
+    ),
     "SyncResponse carrying a forged proposal": (
         lambda k, s: SyncResponse(
             (
@@ -713,7 +730,10 @@ def test_lagging_validator_syncs_the_chain_and_commits_in_order(keys: Keyring) -
     proposer = keys.validators.index_of(latest.block.proposer)
     actions = v0.on_proposal(latest)
     [request] = [a for a in actions if isinstance(a, Send) and isinstance(a.message, SyncRequest)]
-    assert request.message == SyncRequest(latest.block.parent_hash, 0, 0)
+    sync = request.message
+    assert isinstance(sync, SyncRequest)
+    assert (sync.block_hash, sync.requester, sync.from_height) == (latest.block.parent_hash, 0, 0)
+    assert sync.round == v0.round and sync.nonce > 0
     # Asked of the proposer, or (where v0 takes itself for the next round's leader and lacks
     # the block its QC certifies) of a signer of that QC
     assert request.to in {proposer, *bitmap_indices(latest.qc.signers)} - {0}
@@ -748,7 +768,7 @@ def test_blocks_held_already_are_not_verified_again(keys: Keyring) -> None:
     net.start()
     net.run(lambda: min(net.heights()) >= 70, max_steps=100_000)
     a, b = net.cores[0], net.cores[1]
-    [reply] = a.on_sync_request(SyncRequest(a.committed.hash, 1, 0))
+    [reply] = a.on_sync_request(keys.sync_request(1, a.committed.hash, 0, round_=a.round))
     assert isinstance(reply, Send) and isinstance(reply.message, SyncResponse)
     unasked = reply.message
     assert len(unasked.proposals) == a.cfg.sync_batch
@@ -763,6 +783,40 @@ def test_blocks_held_already_are_not_verified_again(keys: Keyring) -> None:
     child = keys.propose(keys.block(head.block, head.round + 1), keys.qc(head.block))
     b.on_messages([SyncResponse((*unasked.proposals[-3:], child), 0)])
     assert 1 <= counter.checked <= 1 + keys.n
+
+
+def test_a_sync_request_is_served_once_and_only_while_recent() -> None:
+    """Signed by its requester over its round and a nonce: nobody else can make a validator
+    send it blocks (see the rejections), a request delivered again or replayed later gets
+    nothing, and one from a round long past neither."""
+    keys = Keyring.make()
+    net = Net(keys)
+    net.start()
+    net.run(lambda: min(net.heights()) >= 5, max_steps=20_000)
+    a = net.cores[0]
+    req = keys.sync_request(1, a.committed.hash, 0, round_=a.round, nonce=7)
+
+    def served(msg: SyncRequest) -> bool:
+        out = a.on_sync_request(msg)
+        assert not of_type(out, Rejected)
+        return any(isinstance(x, Send) and isinstance(x.message, SyncResponse) for x in out)
+
+    assert served(req)
+    assert not served(req)  # delivered again, or replayed
+    assert served(keys.sync_request(1, a.committed.hash, 0, round_=a.round, nonce=8))
+    assert served(keys.sync_request(2, a.committed.hash, 0, round_=a.round, nonce=7))
+    old = keys.sync_request(1, a.committed.hash, 0, round_=0, nonce=9)
+    a.round += SYNC_ROUNDS + 1  # (as after that many rounds)
+    assert not served(old)
+    # A validator's own requests: a fresh nonce each, higher than any before, signed
+    v1 = net.cores[1]
+    v1._request_sync(b"\x01" * 32, 0)
+    v1._request_sync(b"\x02" * 32, 0)
+    first, second = (x.message for x in v1._flush() if isinstance(x, Send))
+    assert isinstance(first, SyncRequest) and isinstance(second, SyncRequest)
+    assert second.nonce > first.nonce >= v1.now_ms << 20
+    # Its round is part of what it signed
+    assert a.on_sync_request(replace(second, round=a.round)) == [Rejected(BAD_SIG, 1)]
 
 
 def test_a_certified_block_from_another_than_its_leader_syncs_and_commits(keys: Keyring) -> None:

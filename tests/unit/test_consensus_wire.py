@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayledger.consensus import Message, SafetyState, SyncRequest, SyncResponse
+from rayledger.consensus import Message, SafetyState, SyncResponse
 from rayledger.consensus.wire import (
     MAX_MESSAGE_BYTES,
     UnknownMessage,
@@ -42,7 +42,7 @@ def samples() -> list[Message]:
         KEYS.vote(2, chain[0].block.hash, 1),
         KEYS.timeout(1, 4, qc2),
         KEYS.timeout(3, 5, qc2, tc),
-        SyncRequest(chain[2].block.hash, 3, 1),
+        KEYS.sync_request(3, chain[2].block.hash, 1, round_=7, nonce=(1 << 60) + 5),
         SyncResponse(tuple(chain), 0),
         SyncResponse((), 2),
     ]
