@@ -980,12 +980,13 @@ class Core:
             > 2 * self.cfg.committed_window * self.cfg.max_batches_per_block
         ):
             self.committed_digests = {d: h for d, h in self.committed_digests.items() if h > old}
+        # (the parents waited for, gathered once: a validator far behind holds a proposal
+        # waiting for its parent from each round since, and a QC of each)
+        waited = {p.block.parent_hash for ps in self.waiting_parent.values() for p in ps}
         for block_hash in [
             h
             for h in self.qcs
-            if self._header(h) is None
-            and h not in {p.block.parent_hash for ps in self.waiting_parent.values() for p in ps}
-            and h != self.high_qc.block_hash
+            if self._header(h) is None and h not in waited and h != self.high_qc.block_hash
         ]:
             del self.qcs[block_hash]
 
