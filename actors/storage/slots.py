@@ -10,8 +10,9 @@ fsync:
 
 Reading takes the valid slot with the highest sequence. A write torn by a crash fails its
 checksum and the other slot, the record before it, is read; that write never returned, so
-nothing that depended on it (a vote) left. A write of a shorter record leaves old bytes
-after it; the length and checksum make them irrelevant.
+nothing that depended on it (a vote) left. A slot's first record is written whole under
+another name and renamed, so a slot that exists held a whole record once. A write of a
+shorter record leaves old bytes after it; the length and checksum make them irrelevant.
 """
 
 from __future__ import annotations
@@ -81,14 +82,24 @@ class SlotFile:
         path = self.paths[seq % 2]
         head = _HEAD.pack(seq, len(body))
         record = head + body + hashlib.sha256(head + body).digest()
-        created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            if os.pwrite(fd, record, 0) != len(record):
-                raise OSError(f"short write to {path}")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
+        if path.exists():
+            _write_synced(path, record, os.O_WRONLY)
+        else:
+            # A slot's first record is written whole under another name and then renamed: a
+            # crash in it leaves no slot, where a torn one would be the only slot and read
+            # as damage (a validator killed in its first vote could not start again)
+            part = path.with_name(path.name + ".part")
+            _write_synced(part, record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.replace(part, path)
             _fsync_dir(path.parent)
         self._seq = seq
+
+
+def _write_synced(path: Path, record: bytes, flags: int) -> None:
+    fd = os.open(path, flags, 0o644)
+    try:
+        if os.pwrite(fd, record, 0) != len(record):
+            raise OSError(f"short write to {path}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -120,7 +120,9 @@ def test_every_launched_kernel_is_defined() -> None:
 
 def test_sources_are_package_data() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "cuda/*.cu" in pyproject["tool"]["setuptools"]["package-data"]["rayledger.kernels"]
+    setuptools = pyproject["tool"]["setuptools"]
+    assert "rayledger.kernels.cuda" in setuptools["packages"]
+    assert "*.cu" in setuptools["package-data"]["rayledger.kernels.cuda"]
     assert all((_cuda.CUDA_DIR / name).is_file() for name in _cuda.SOURCES)
     assert sorted(p.name for p in _cuda.CUDA_DIR.glob("*.cu")) == sorted(_cuda.SOURCES)
 

@@ -61,7 +61,9 @@ def _pair(messages: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 def test_the_source_ships_with_the_package() -> None:
     root = Path(__file__).resolve().parents[2]
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-    assert "c/*.c" in pyproject["tool"]["setuptools"]["package-data"]["rayledger.kernels"]
+    setuptools = pyproject["tool"]["setuptools"]
+    assert "rayledger.kernels.c" in setuptools["packages"]
+    assert "*.c" in setuptools["package-data"]["rayledger.kernels.c"]
     assert _native.SOURCE.is_file() and _native.SOURCE.parent.name == "c"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rayledger.actors.storage import slots as slots_mod
 from rayledger.actors.storage.slots import SlotFile
 from rayledger.errors import StoreCorruption
 
@@ -65,3 +66,36 @@ def test_a_legacy_whole_file_is_read_until_the_first_slot_write(tmp_path: Path) 
     assert f.read() == b"from before the slots"
     f.write(b"new")
     assert SlotFile(tmp_path, "safety", legacy=legacy).read() == b"new"
+
+
+@pytest.mark.parametrize("crash_at", ["write", "fsync", "rename"])
+def test_a_crash_in_a_slots_first_write_leaves_no_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    """A validator killed in its very first vote: the first record was never written, and
+    it starts again with none (before, the torn slot was the only one, read as damage)."""
+
+    class Killed(Exception):
+        pass
+
+    def dies(*args: object) -> None:
+        raise Killed
+
+    f = SlotFile(tmp_path, "safety")
+    target = {"write": "pwrite", "fsync": "fsync", "rename": "replace"}[crash_at]
+    with monkeypatch.context() as m:
+        m.setattr(slots_mod.os, target, dies)
+        with pytest.raises(Killed):
+            f.write(b"first vote")
+    assert not (tmp_path / "safety.1").exists()
+    again = SlotFile(tmp_path, "safety")
+    assert again.read() is None
+    again.write(b"first vote")
+    assert SlotFile(tmp_path, "safety").read() == b"first vote"
+    # The second slot's first record too: the first one stays the one read
+    with monkeypatch.context() as m:
+        m.setattr(slots_mod.os, target, dies)
+        with pytest.raises(Killed):
+            again.write(b"second vote")
+    assert not (tmp_path / "safety.0").exists()
+    assert SlotFile(tmp_path, "safety").read() == b"first vote"
