@@ -506,11 +506,12 @@ class Core:
 
     def on_messages(self, messages: Sequence[Message]) -> list[Action]:
         """Verify every signature of every message in one batch, then handle the valid ones.
-        Proposals of blocks already committed or held here are dropped unverified: they would
-        change nothing, and a peer could otherwise make this validator verify the same blocks
-        again and again (old proposals replayed, or sync responses it never asked for: 64
-        blocks each, which a single unsigned sync request naming it makes a peer send)."""
-        messages = [m for m in map(self._unheld, messages) if m is not None]
+        Proposals of blocks already committed, held or waiting here are dropped unverified:
+        they would change nothing, and this validator would otherwise verify the same blocks
+        again and again (old proposals replayed, or, far behind, the same blocks in one sync
+        response after another)."""
+        waiting = {p.block.hash for ps in self.waiting_parent.values() for p in ps}
+        messages = [m for m in (self._unheld(m, waiting) for m in messages) if m is not None]
         checked = self._verify_all(messages)
         for message, ok in zip(messages, checked, strict=True):
             if ok:
@@ -519,11 +520,13 @@ class Core:
                 self._reject("bad signature or certificate", self._sender(message))
         return self._flush()
 
-    def _unheld(self, message: Message) -> Message | None:
-        """``message`` without the proposals of blocks committed or held here (``None`` if
-        nothing else is left)."""
+    def _unheld(self, message: Message, waiting: set[bytes]) -> Message | None:
+        """``message`` without the proposals of blocks committed or held here, or waiting
+        here for their parent or their batches (``None`` if nothing else is left). A block
+        waiting for its parent is asked for again, as its proposal arriving again would have:
+        a validator far behind is sent the same blocks in one sync response after another."""
         match message:
-            case Proposal(block=b) if isinstance(b, BlockHeader) and self._holds(b):
+            case Proposal(block=b) if isinstance(b, BlockHeader) and self._holds(b, waiting):
                 return None
             case SyncResponse(proposals=proposals) if (
                 isinstance(proposals, tuple) and len(proposals) <= self.cfg.sync_batch
@@ -532,7 +535,7 @@ class Core:
                     p
                     for p in proposals
                     if not (isinstance(p, Proposal) and isinstance(p.block, BlockHeader))
-                    or not self._holds(p.block)
+                    or not self._holds(p.block, waiting)
                 )
                 if not fresh:
                     return None
@@ -540,8 +543,16 @@ class Core:
                     return SyncResponse(fresh, message.sender)
         return message
 
-    def _holds(self, b: BlockHeader) -> bool:
-        return b.height <= self.committed.height or b.hash in self.tree
+    def _holds(self, b: BlockHeader, waiting: set[bytes]) -> bool:
+        if b.height <= self.committed.height or b.hash in self.tree:
+            return True
+        if b.hash in self.waiting_batches:
+            return True
+        if b.hash in waiting:
+            # (verified when it came first; its proposer is a validator of the set)
+            self._request_sync(b.parent_hash, self.vs.index_of(b.proposer))
+            return True
+        return False
 
     def on_local_timeout(self, round_: int) -> list[Action]:
         """The timer of ``SetTimer(round_)`` fired."""

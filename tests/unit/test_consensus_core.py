@@ -785,6 +785,31 @@ def test_blocks_held_already_are_not_verified_again(keys: Keyring) -> None:
     assert 1 <= counter.checked <= 1 + keys.n
 
 
+def test_blocks_waiting_for_their_parent_are_not_verified_again(keys: Keyring) -> None:
+    """A validator far behind is sent the same blocks in one sync response after another:
+    those waiting for their parent are not checked again, and one arriving again asks for
+    its parent again, as before (its request may have been lost)."""
+    net = Net(keys)
+    net.isolated.add(0)
+    net.start()
+    net.run(lambda: min(net.heights()[1:]) >= 6)
+    v0 = net.cores[0]
+    latest = max((p for p in net.proposals.values() if p.tc is None), key=lambda p: p.round)
+    v0.on_proposal(latest)  # its parent unknown here: it waits, and its parent is asked for
+    assert any(latest in ps for ps in v0.waiting_parent.values())
+    counter = CountingVerifier(v0.verifier)
+    v0.verifier = counter
+    again = v0.on_messages([latest, SyncResponse((latest,), 2)])
+    assert counter.checked == 0 and not of_type(again, Rejected)
+    v0.requested.clear()  # (as after a local timeout)
+    asked = [
+        a.message.block_hash
+        for a in v0.on_messages([latest])
+        if isinstance(a, Send) and isinstance(a.message, SyncRequest)
+    ]
+    assert asked == [latest.block.parent_hash] and counter.checked == 0
+
+
 def test_a_sync_request_is_served_once_and_only_while_recent() -> None:
     """Signed by its requester over its round and a nonce: nobody else can make a validator
     send it blocks (see the rejections), a request delivered again or replayed later gets
