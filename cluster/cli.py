@@ -335,6 +335,13 @@ def soak(
     settle: Annotated[
         float, typer.Option(min=1, help="seconds allowed after the load for the last commits")
     ] = 300.0,
+    keep: Annotated[
+        Path | None,
+        typer.Option(
+            help="keep the network's data in this new or empty directory (else a temporary "
+            "one, removed)"
+        ),
+    ] = None,
 ) -> None:
     """A local network under load through random faults (partitions, crashes of one and two
     validators, Byzantine strategies, storage shard crashes), then checked: every accepted
@@ -342,9 +349,18 @@ def soak(
     line is JSON; the exit code is 0 only when everything holds."""
     from rayledger.cluster.soak import soak as run_soak
 
-    r = run_soak(
-        config, duration, seed, forged_rows=forged_rows, settle_s=settle, say=console.print
-    )
+    try:
+        r = run_soak(
+            config,
+            duration,
+            seed,
+            forged_rows=forged_rows,
+            settle_s=settle,
+            keep=keep,
+            say=console.print,
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
     table = Table("figure", "value", title=f"rayledger soak (seed {seed}, {duration:g} s)")
     table.add_row("faults", f"{len(r.faults)}: " + ", ".join(r.faults))
     table.add_row("transactions accepted", f"{r.accepted:,}")
@@ -352,6 +368,11 @@ def soak(
     table.add_row(
         "committed twice / missing / not OK", f"{r.duplicates} / {r.missing} / {r.not_ok}"
     )
+    if r.not_ok_by_status:
+        table.add_row(
+            "not OK by status (validator 0)",
+            ", ".join(f"{name} {n:,}" for name, n in r.not_ok_by_status.items()),
+        )
     table.add_row("validators agree", f"{'yes' if r.agreement else 'NO'} (heights {r.heights})")
     if forged_rows:
         table.add_row("impostor's forged batches", f"{r.forged_batches:,} announced")

@@ -22,13 +22,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from rayledger.execution import Status
 from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch
 
 FAULTS = ("partition", "kill", "kill-two", "byzantine", "crash-shard", "quiet")
@@ -58,6 +59,9 @@ class SoakResult:
     agreement: bool
     heights: list[int]
     forged_batches: int = 0
+    # Validator 0's committed transactions by status name, those not OK only (the validators
+    # agree on them: execution is deterministic)
+    not_ok_by_status: dict[str, int] = field(default_factory=dict)
     # Over the live validators at the end (counts restart with a validator)
     evidence: int = 0
     settle_s: float = 0.0
@@ -233,6 +237,7 @@ def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]
     common = min(len(c) for c in chains)
     committed, duplicates, not_ok = [], [], []
     accepted = set(ids)
+    by_status: dict[str, int] = {}
     for i in range(net.n):
         rows = [r.tobytes() for r in ray.get(net.validator(i).committed_ids.remote())]
         committed.append(len(rows))
@@ -240,15 +245,25 @@ def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]
         counts = ray.get(net.validator(i).status_counts.remote())
         # Committed but never accepted (a forged row, say): counted as not OK
         not_ok.append(sum(v for s, v in counts.items() if s != 0) + len(set(rows) - accepted))
+        if i == 0:
+            by_status = {_status_name(s): v for s, v in sorted(counts.items()) if s != 0}
     return {
         "committed": committed,
         "duplicates": duplicates,
         "missing": missing,
         "not_ok": not_ok,
+        "not_ok_by_status": by_status,
         "agreement": all(c[:common] == chains[0][:common] for c in chains),
         "heights": [len(c) for c in chains],
         "settle_s": round(time.monotonic() - settled, 1),
     }
+
+
+def _status_name(code: int) -> str:
+    try:
+        return Status(code).name
+    except ValueError:
+        return str(code)
 
 
 def soak(
@@ -258,9 +273,13 @@ def soak(
     *,
     forged_rows: int = 0,
     settle_s: float = 300.0,
+    keep: Path | None = None,
     say: Callable[[str], None] = lambda _: None,
 ) -> SoakResult:
-    """Run the soak on a local Ray instance it starts and stops itself (see the module)."""
+    """Run the soak on a local Ray instance it starts and stops itself (see the module).
+    ``keep``: the network's data directory (new or empty), left in place afterwards for a
+    post-mortem (``rayledger store verify``, or ``rayledger up --data-dir``); else a
+    temporary one, removed."""
     import ray
 
     from rayledger.cluster.local import Network, NetworkOptions, init_local_ray
@@ -268,7 +287,16 @@ def soak(
 
     spec = load_network(config)
     rng = random.Random(seed)
-    with tempfile.TemporaryDirectory(prefix="rayledger-soak-") as tmp:
+    if keep is not None:
+        if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+            raise ValueError(f"{keep} is not a new or empty directory")
+        keep.mkdir(parents=True, exist_ok=True)
+    place = (
+        contextlib.nullcontext(str(keep))
+        if keep is not None
+        else tempfile.TemporaryDirectory(prefix="rayledger-soak-")
+    )
+    with place as tmp:
         init_local_ray(spec)
         net = Network.create(spec, Path(tmp), NetworkOptions(name="soak", batch_rows=500))
         stop = threading.Event()
