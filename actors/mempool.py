@@ -339,6 +339,7 @@ class Mempool:
         self.sealed = 0
         self.counts: dict[str, int] = {}
         self._refs: dict[bytes, Any] = {}
+        self._held_tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         # Streams to validators that gave an endpoint, and what went which way
         self.streams: dict[int, StreamSender] = {}
@@ -361,7 +362,13 @@ class Mempool:
             handle.mempool_back.remote(self.index)
 
     async def set_validator(
-        self, index: int, handle: Any, seal_key: bytes | None = None, endpoint: Any = None
+        self,
+        index: int,
+        handle: Any,
+        seal_key: bytes | None = None,
+        endpoint: Any = None,
+        *,
+        held: bool = False,
     ) -> None:
         """Validator ``index`` (re)started: announce batches to this handle from now on.
         ``seal_key``: given by this institution's own validator only, a secret it keeps in
@@ -369,7 +376,8 @@ class Mempool:
         knows them for batches this mempool verified (see ``Validator.batch_ready``).
         ``endpoint``: where the validator accepts streams (None: by Ray call only); this
         mempool opens one as sender ``n + index`` (validators are senders 0..n-1). A call with
-        a malformed endpoint is counted and changes nothing."""
+        a malformed endpoint is counted and changes nothing. ``held``: the validator starts
+        with nothing in memory: it is sent every batch in flight too (``announce_held``)."""
         ep = None
         if endpoint is not None:
             ep = parse_endpoint(endpoint, index, self._stream_event)
@@ -389,6 +397,38 @@ class Mempool:
             self.seal_keys[index] = seal_key
         else:
             self.seal_keys.pop(index, None)
+        if held:
+            await self.announce_held(index)
+
+    async def announce_held(self, index: int) -> None:
+        """Send validator ``index`` every batch in flight, oldest first, by reference: it
+        (re)started with nothing in memory, or a partition between it and this mempool
+        healed, and so missed batches announced before. Without them it would propose this
+        mempool's later batches ahead of the earlier ones that the others hold, backlogged by
+        the outage, and their rows would fail their senders' nonces once its wait for the
+        gap ran out (``LedgerBuilder.build``). A validator that holds one drops it at once.
+        Sent in the background: the caller is not held up."""
+        if index not in self.validators or not self.in_flight:
+            return
+        digests = [d for d in self.sealed_at if d in self._refs]
+        task = asyncio.get_running_loop().create_task(self._send_held(index, digests))
+        self._held_tasks.add(task)  # held until done (the loop keeps weak refs)
+        task.add_done_callback(self._held_tasks.discard)
+
+    async def _send_held(self, index: int, digests: list[bytes]) -> None:
+        for digest in digests:
+            ref = self._refs.get(digest)
+            if ref is None:
+                continue  # committed since
+            batch = await ref
+            # The validator's latest handle and key (it may have re-keyed this mempool since)
+            v, key = self.validators.get(index), self.seal_keys.get(index)
+            if v is None:
+                return
+            tag = None if key is None else seal_tag(key, digest, batch)
+            self._count("announced_held", 1)
+            self.resends += 1
+            v.batch_ready.remote(digest, [ref], None, tag, resent_by=self.index)
 
     async def submit(self, batch: pa.RecordBatch) -> Admission:
         """Admit a batch of signed transactions (rows that fail are counted, not stored)."""

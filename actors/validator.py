@@ -647,7 +647,8 @@ class Validator:
             except ValueError:
                 continue
             key = self.seal_key if j == self.index else None
-            mempool.set_validator.remote(self.index, me, key, endpoint)
+            # With every batch it holds in flight: this process starts with none in memory
+            mempool.set_validator.remote(self.index, me, key, endpoint, held=True)
             if j == self.index:
                 self.mempool = mempool
         self.started = True
@@ -676,8 +677,15 @@ class Validator:
 
     async def set_blocked(self, peers: list[int]) -> None:
         """Drop all traffic to and from these peers and their sites' mempools (a network
-        partition) until unblocked."""
+        partition) until unblocked. A mempool unblocked is asked for the batches it holds in
+        flight: those it announced meanwhile were dropped here."""
+        healed = self.blocked - set(peers)
         self.blocked = set(peers)
+        for j in sorted(healed):
+            try:
+                self._actor(f"mempool-{j}").announce_held.remote(self.index)
+            except ValueError:  # down: a mempool restarted holds nothing from before
+                continue
 
     async def set_strategy(self, strategy: str) -> None:
         if strategy not in ACTOR_STRATEGIES:

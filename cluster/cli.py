@@ -368,6 +368,11 @@ def soak(
     table.add_row(
         "committed twice / missing / not OK", f"{r.duplicates} / {r.missing} / {r.not_ok}"
     )
+    table.add_row(
+        "gap waits per validator",
+        f"batches held back {r.batches_deferred}; rows proposed ahead of a missing nonce "
+        f"{r.gap_rows_proposed}",
+    )
     if r.not_ok_by_status:
         table.add_row(
             "not OK by status (validator 0)",

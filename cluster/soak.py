@@ -62,6 +62,10 @@ class SoakResult:
     # Validator 0's committed transactions by status name, those not OK only (the validators
     # agree on them: execution is deterministic)
     not_ok_by_status: dict[str, int] = field(default_factory=dict)
+    # Per validator: rows its proposals put in ahead of their senders' earlier nonces, which
+    # failed (the wait for the gap ran out), and batches it held back for such a gap
+    gap_rows_proposed: list[int] = field(default_factory=list)
+    batches_deferred: list[int] = field(default_factory=list)
     # Over the live validators at the end (counts restart with a validator)
     evidence: int = 0
     settle_s: float = 0.0
@@ -247,7 +251,10 @@ def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]
         not_ok.append(sum(v for s, v in counts.items() if s != 0) + len(set(rows) - accepted))
         if i == 0:
             by_status = {_status_name(s): v for s, v in sorted(counts.items()) if s != 0}
+    statuses = [ray.get(net.validator(i).status.remote(), timeout=30) for i in range(net.n)]
     return {
+        "gap_rows_proposed": [int(st["gap_rows_proposed"]) for st in statuses],
+        "batches_deferred": [int(st["batches_deferred"]) for st in statuses],
         "committed": committed,
         "duplicates": duplicates,
         "missing": missing,

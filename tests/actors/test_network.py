@@ -243,6 +243,14 @@ def test_kill_one_commits_continue_and_restart_catches_up(tmp_path: Path) -> Non
         net.shutdown()
 
 
+def wait_count(mempool: object, key: str, timeout_s: float = 30) -> None:
+    """Wait until a mempool has counted ``key`` at least once."""
+    deadline = time.monotonic() + timeout_s
+    while not ray.get(mempool.status.remote())["counts"].get(key):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"no {key} within {timeout_s} s"
+        time.sleep(0.1)
+
+
 def test_kill_two_stops_commits_without_fork_then_resumes(tmp_path: Path) -> None:
     net = start(tmp_path, "kill2")
     try:
@@ -258,6 +266,9 @@ def test_kill_two_stops_commits_without_fork_then_resumes(tmp_path: Path) -> Non
         assert all(after[i] <= before[i] + 1 for i in (0, 1))
         assert_agreement(net, [0, 1])
         net.restart(2)
+        # Validator 2 starts with nothing in memory: mempool 0 sends it the batch it holds in
+        # flight (announced while validator 2 was down), not only the batches after it
+        wait_count(net.mempool(0), "announced_held")
         net.wait_committed(batch, validators=[0, 1, 2], timeout_s=120)
         assert_agreement(net, [0, 1, 2])
     finally:
@@ -463,6 +474,8 @@ def test_partitioned_site_under_wan_latency_recovers(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, [s["rejected"] for s in net.status()]
             time.sleep(0.2)
         net.heal()
+        # The validators cut off from mempool 3 ask it for the batches it holds in flight
+        wait_count(net.mempool(3), "announced_held")
         # The same client's next rows, through the same mempool at once after the heal, reach
         # every validator, while the rows before them are held by validator 3 alone (still
         # catching up): the other leaders leave them out until validator 3 has proposed those

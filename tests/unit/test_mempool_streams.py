@@ -111,3 +111,87 @@ def test_sealed_batches_go_on_streams_and_by_ray_where_none_is_up(
         m._ticker.cancel()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+class Ref:
+    """An object-store reference stand-in: awaiting it gives the batch."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __await__(self) -> Any:
+        yield from asyncio.sleep(0).__await__()
+        return self.batch
+
+
+class RayValidatorKw(RayValidator):
+    """A validator handle whose calls keep their keyword arguments too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_ready = SimpleNamespace(remote=lambda *a, **kw: self.calls.append((*a, kw)))
+
+
+def test_a_validator_that_restarted_or_healed_is_sent_every_batch_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A validator (re)started with nothing in memory, or cut off from this mempool by a
+    partition that healed, missed batches announced before: the mempool sends it every batch
+    in flight, oldest first, by reference, as sent again (outside the sealing order), with the
+    seal tag where the validator gave a key; batches committed since are not sent."""
+    monkeypatch.setattr(mempool_module.ray, "put", Ref)
+    m = mempool(tmp_path, batch_rows=4)
+    key = key_from_seed(b"\x0e" * 32)
+    rows = make_batch(
+        key, TxKind.ANCHOR, range(16), [bytes([i]) * 32 for i in range(16)], m.genesis.chain_id
+    )
+    sealed = [rows.slice(i, 4) for i in (0, 4, 8, 12)]
+    digests = [batch_digest(b) for b in sealed]
+    seal_key = b"\x5b" * 32
+
+    async def drain() -> None:
+        while m._held_tasks:
+            await asyncio.gather(*m._held_tasks)
+
+    async def scenario() -> None:
+        first = [RayValidatorKw() for _ in range(2)]
+        await m.set_validator(0, first[0], seal_key)
+        await m.set_validator(1, first[1])
+        assert (await m.submit(rows)).accepted == 16  # four batches of 4 rows
+        assert [c[0] for c in first[1].calls] == digests
+        await m.on_commit([digests[1]])  # committed: no longer in flight
+        # Set without ``held`` (a validator re-keying this mempool): nothing sent again
+        await m.set_validator(1, first[1])
+        await drain()
+        assert len(first[1].calls) == 4
+        # Validator 1 restarts: its new handle gets the three batches still in flight, in
+        # sealing order, as sent again by mempool 0, untagged (it gave no key)
+        again = RayValidatorKw()
+        await m.set_validator(1, again, held=True)
+        await drain()
+        assert [c[0] for c in again.calls] == [digests[0], digests[2], digests[3]]
+        for c, i in zip(again.calls, (0, 2, 3), strict=True):
+            assert c[1][0].batch.equals(sealed[i]) and c[2] is None and c[3] is None
+            assert c[4] == {"resent_by": 0}
+        # This institution's validator restarts with a new key: the tags are under it
+        own, new_key = RayValidatorKw(), b"\x5c" * 32
+        await m.set_validator(0, own, new_key, held=True)
+        await drain()
+        assert [c[3] for c in own.calls] == [
+            seal_tag(new_key, digests[i], sealed[i]) for i in (0, 2, 3)
+        ]
+        # A partition healed: asked for them again, on the handle it holds
+        await m.announce_held(1)
+        await drain()
+        assert [c[0] for c in again.calls[3:]] == [digests[0], digests[2], digests[3]]
+        assert m.counts["announced_held"] == 9
+        # A validator not known here, or nothing in flight: nothing sent
+        await m.announce_held(3)
+        await m.on_commit([digests[0], digests[2], digests[3]])
+        await m.announce_held(1)
+        await drain()
+        assert len(again.calls) == 6 and m.counts["announced_held"] == 9
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
