@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rayledger.errors import LedgerError
+from rayledger.errors import LedgerError, NotFound
 from rayledger.execution import Status
 
 if TYPE_CHECKING:
@@ -130,10 +130,19 @@ def genesis_show(path: Path) -> None:
 def store_verify(
     path: Path, genesis: Annotated[Path, typer.Option(help="the chain's genesis file")]
 ) -> None:
-    """Open a block store, verifying every frame, the hash chain and the roots."""
+    """Open a block store, verifying every frame, the hash chain and the roots. PATH is the
+    store, or a validator's directory (its ``store`` inside); nothing is created where none
+    is."""
     from rayledger.actors.storage import BlockStore
     from rayledger.config import load_genesis
 
+    def is_store(p: Path) -> bool:
+        return (p / "index.sqlite").is_file() and (p / "segments").is_dir()
+
+    if not is_store(path) and is_store(path / "store"):
+        path = path / "store"
+    if not is_store(path):
+        raise _fail(NotFound(f"no block store in {path} (index.sqlite and segments/)"))
     try:
         t0 = time.perf_counter()
         with BlockStore(path, load_genesis(genesis).header) as store:

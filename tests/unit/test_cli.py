@@ -4,7 +4,8 @@ Scenarios:
 - --help lists every command group.
 - keys new writes a 0600 key and refuses to overwrite; keys show reads it back.
 - genesis new/show from configs/local.toml, with written keys; refuses an existing output.
-- store verify accepts the demo's store and rejects it after one flipped byte (exit 2).
+- store verify accepts the demo's store (or the directory holding it) and rejects it after one
+  flipped byte (exit 2); a directory without a store is an error, and nothing is created there.
 - demo runs end to end on a small batch; bench core prints its JSON figures.
 - the core (ledger/, kernels/) imports no Ray, HTTP or clock-driven machinery.
 """
@@ -106,6 +107,19 @@ def test_demo_then_store_verify_detects_corruption(tmp_path: Path) -> None:
     args = ["store", "verify", str(data / "store"), "--genesis", str(data / "genesis.toml")]
     ok = runner.invoke(app, args)
     assert ok.exit_code == 0 and "3 blocks verified" in ok.output
+    # The directory above the store (as a validator's directory holds its ``store``) will do;
+    # a directory without a store is an error, and none is created there
+    above = runner.invoke(app, ["store", "verify", str(data), "--genesis", args[-1]])
+    assert above.exit_code == 0 and "3 blocks verified" in above.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = runner.invoke(app, ["store", "verify", str(empty), "--genesis", args[-1]])
+    assert none.exit_code == 2 and "no block store" in none.output
+    assert list(empty.iterdir()) == []
+    missing = runner.invoke(
+        app, ["store", "verify", str(tmp_path / "nowhere"), "--genesis", args[-1]]
+    )
+    assert missing.exit_code == 2 and not (tmp_path / "nowhere").exists()
     seg = data / "store" / "segments" / "00000000.seg"
     raw = bytearray(seg.read_bytes())
     raw[len(raw) // 2] ^= 0x10
