@@ -422,13 +422,21 @@ class Mempool:
                 continue  # committed since
             batch = await ref
             # The validator's latest handle and key (it may have re-keyed this mempool since)
-            v, key = self.validators.get(index), self.seal_keys.get(index)
+            v = self.validators.get(index)
             if v is None:
                 return
-            tag = None if key is None else seal_tag(key, digest, batch)
             self._count("announced_held", 1)
-            self.resends += 1
-            v.batch_ready.remote(digest, [ref], None, tag, resent_by=self.index)
+            self._send_again(index, v, digest, ref, batch)
+
+    def _send_again(
+        self, index: int, v: Any, digest: bytes, ref: Any, batch: pa.RecordBatch
+    ) -> None:
+        """Announce a sealed batch to validator ``index`` again, by Ray call and outside the
+        sealing order, tagged under its seal key if it gave one."""
+        key = self.seal_keys.get(index)
+        tag = None if key is None else seal_tag(key, digest, batch)
+        self.resends += 1
+        v.batch_ready.remote(digest, [ref], None, tag, resent_by=self.index)
 
     async def submit(self, batch: pa.RecordBatch) -> Admission:
         """Admit a batch of signed transactions (rows that fail are counted, not stored)."""
@@ -799,10 +807,7 @@ class Mempool:
             self._count("reannounced", 1)
             batch = await ref
             for i, v in self.validators.items():
-                key = self.seal_keys.get(i)
-                tag = None if key is None else seal_tag(key, digest, batch)
-                self.resends += 1
-                v.batch_ready.remote(digest, [ref], None, tag, resent_by=self.index)
+                self._send_again(i, v, digest, ref, batch)
 
     def _expire(self, now: float) -> None:
         """Stop counting batches sealed more than ``expiry_s`` ago and never heard of since

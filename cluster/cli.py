@@ -136,12 +136,9 @@ def store_verify(
     from rayledger.actors.storage import BlockStore
     from rayledger.config import load_genesis
 
-    def is_store(p: Path) -> bool:
-        return (p / "index.sqlite").is_file() and (p / "segments").is_dir()
-
-    if not is_store(path) and is_store(path / "store"):
+    if not BlockStore.exists(path) and BlockStore.exists(path / "store"):
         path = path / "store"
-    if not is_store(path):
+    if not BlockStore.exists(path):
         raise _fail(NotFound(f"no block store in {path} (index.sqlite and segments/)"))
     try:
         t0 = time.perf_counter()

@@ -226,8 +226,9 @@ def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]
     """What must hold once the load stopped, as ``SoakResult`` fields: every id in ``ids``
     located on every validator (waiting up to ``settle_s`` for the last commits), and per
     validator the transactions committed, those committed more than once, those not found,
-    and those not OK (a status other than OK, or committed but never accepted); whether the
-    validators agree on every block they share, and their heights."""
+    and those not OK (a status other than OK, or committed but never accepted), validator
+    0's rows not OK by status; whether the validators agree on every block they share, and
+    their heights; from the validators' status, each one's gap waits and their evidence."""
     import ray
 
     settled = time.monotonic()
@@ -250,11 +251,12 @@ def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]
         # Committed but never accepted (a forged row, say): counted as not OK
         not_ok.append(sum(v for s, v in counts.items() if s != 0) + len(set(rows) - accepted))
         if i == 0:
-            by_status = {_status_name(s): v for s, v in sorted(counts.items()) if s != 0}
-    statuses = [ray.get(net.validator(i).status.remote(), timeout=30) for i in range(net.n)]
+            by_status = {Status(s).name: v for s, v in sorted(counts.items()) if s != 0}
+    statuses = net.status()
     return {
-        "gap_rows_proposed": [int(st["gap_rows_proposed"]) for st in statuses],
-        "batches_deferred": [int(st["batches_deferred"]) for st in statuses],
+        "gap_rows_proposed": [int(st.get("gap_rows_proposed", 0)) for st in statuses],
+        "batches_deferred": [int(st.get("batches_deferred", 0)) for st in statuses],
+        "evidence": sum(int(st.get("evidence", 0)) for st in statuses),
         "committed": committed,
         "duplicates": duplicates,
         "missing": missing,
@@ -264,13 +266,6 @@ def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]
         "heights": [len(c) for c in chains],
         "settle_s": round(time.monotonic() - settled, 1),
     }
-
-
-def _status_name(code: int) -> str:
-    try:
-        return Status(code).name
-    except ValueError:
-        return str(code)
 
 
 def soak(
@@ -334,7 +329,6 @@ def soak(
                 faults=faults,
                 accepted=len(ids),
                 forged_batches=sent[0],
-                evidence=sum(int(s.get("evidence", 0)) for s in net.status()),
                 **checked,
             )
         finally:

@@ -162,6 +162,11 @@ class BlockStore:
     ``genesis`` fixes the chain: a store opened with another chain's genesis refuses to open.
     """
 
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """Whether ``path`` holds a block store (opening one where none is creates it)."""
+        return (path / "index.sqlite").is_file() and (path / "segments").is_dir()
+
     def __init__(
         self,
         path: str | os.PathLike[str],
