@@ -342,3 +342,20 @@ def test_the_default_config_is_found_from_any_directory(
     with pytest.raises(ConfigError, match="cannot read network config"):
         load_network(tmp_path / "elsewhere" / "local.toml")
     assert config_path("other/local.toml") == Path("other/local.toml")
+
+
+def test_soak_keeps_its_data_only_in_a_new_or_empty_directory(tmp_path: Path) -> None:
+    """``soak --keep`` refuses a directory with anything in it, or a file, before starting
+    anything, and leaves what is there as it was."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    a_file = tmp_path / "file"
+    a_file.write_text("mine too")
+    for target in (busy, a_file):
+        args = ["soak", "--duration", "1", "--config", str(CONFIG), "--keep", str(target)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "is not a new or empty directory" in " ".join(result.output.split())
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    assert (busy / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine too"
