@@ -41,13 +41,18 @@ def _faults(net: Network, caught: list[int]) -> list[tuple[str, Callable[[], Non
     def equivocate_until_caught() -> None:
         # Caught by the next leader at its first turn; but leader reputation passes a
         # validator over for 16n rounds after a round of its failed, so that turn may be a
-        # while coming (20 s at most). Counted now: a validator's count starts again when it
-        # restarts, and after its failed turn validator 0 is caught by one validator only
+        # while coming. Waited for in rounds, not seconds (64 rounds took 26 s on a slow
+        # machine): until 16n rounds and n more for its turn to come round have passed on
+        # the validators, with a wall-clock bound only against a stalled network. Counted
+        # now: a validator's count starts again when it restarts, and after its failed turn
+        # validator 0 is caught by one validator only
         net.set_strategy(0, "equivocating-leader")
-        deadline = time.monotonic() + 20
+        start = max(s["round"] for s in net.status())
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            evidence = sum(s["evidence"] for s in net.status())
-            if evidence:
+            status = net.status()
+            evidence = sum(s["evidence"] for s in status)
+            if evidence or max(s["round"] for s in status) > start + 17 * net.n:
                 break
             time.sleep(0.5)
         caught.append(evidence)
