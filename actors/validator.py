@@ -59,6 +59,7 @@ from rayledger.codec import Reader, u64, var_bytes
 from rayledger.config import parse_genesis
 from rayledger.consensus import (
     Action,
+    AskBacklog,
     Broadcast,
     Commit,
     Core,
@@ -260,6 +261,8 @@ class Validator:
         self.batches_resent = 0
         # Rows of batches fetched from a peer for a proposal (checked here, in full)
         self.fetched_rows = 0
+        # Mempools asked for their backlog by a leader's wait for a gap (``AskBacklog``)
+        self.backlog_asked = 0
         self._rekeyed_at = 0.0
         self.me: Any = None  # this actor's own handle, known from start()
         # Fault injection (chaos and tests): peers cut off by a partition, and a Byzantine
@@ -686,6 +689,18 @@ class Validator:
                 self._actor(f"mempool-{j}").announce_held.remote(self.index)
             except ValueError:  # down: a mempool restarted holds nothing from before
                 continue
+
+    def _ask_backlog(self, mempool: int) -> None:
+        """Ask ``mempool`` for every batch it holds in flight (``Mempool.announce_held``):
+        the batch ahead of one a proposal of ours holds back may have been lost here. Not
+        across a partition: the heal asks."""
+        if mempool in self.blocked:
+            return
+        try:
+            self._actor(f"mempool-{mempool}").announce_held.remote(self.index)
+        except ValueError:  # down: a mempool restarted holds nothing from before
+            return
+        self.backlog_asked += 1
 
     async def set_strategy(self, strategy: str) -> None:
         if strategy not in ACTOR_STRATEGIES:
@@ -1120,6 +1135,8 @@ class Validator:
                     task = asyncio.get_running_loop().create_task(self._fetch(digests, source))
                     self._batch_tasks.add(task)  # held until done (the loop keeps weak refs)
                     task.add_done_callback(self._batch_tasks.discard)
+                case AskBacklog(source=source):
+                    self._ask_backlog(source)
                 case Evidence():
                     self.evidence.append(action)
                     self.evidence_counts[action.kind] = self.evidence_counts.get(action.kind, 0) + 1
@@ -1477,6 +1494,7 @@ class Validator:
             "batches_deferred": self.builder.deferred,
             "gap_rows_proposed": self.builder.gap_rows_proposed,
             "batches_resent": self.batches_resent,
+            "backlog_asked": self.backlog_asked,
             "fetched_rows": self.fetched_rows,
             # Announced batches being checked, and waiting their mempool's turn to be
             "checks_running": self._checks_running,

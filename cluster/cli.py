@@ -376,8 +376,8 @@ def soak(
     )
     table.add_row(
         "gap waits per validator",
-        f"batches held back {r.batches_deferred}; rows proposed ahead of a missing nonce "
-        f"{r.gap_rows_proposed}",
+        f"batches held back {r.batches_deferred}; backlogs asked for {r.backlog_asked}; "
+        f"rows proposed ahead of a missing nonce {r.gap_rows_proposed}",
     )
     if r.not_ok_by_status:
         table.add_row(

@@ -63,9 +63,11 @@ class SoakResult:
     # agree on them: execution is deterministic)
     not_ok_by_status: dict[str, int] = field(default_factory=dict)
     # Per validator: rows its proposals put in ahead of their senders' earlier nonces, which
-    # failed (the wait for the gap ran out), and batches it held back for such a gap
+    # failed (the wait for the gap ran out), batches it held back for such a gap, and the
+    # mempools it asked for their backlog while it waited
     gap_rows_proposed: list[int] = field(default_factory=list)
     batches_deferred: list[int] = field(default_factory=list)
+    backlog_asked: list[int] = field(default_factory=list)
     # Over the live validators at the end (counts restart with a validator)
     evidence: int = 0
     settle_s: float = 0.0
@@ -256,6 +258,7 @@ def check_commits(net: Any, ids: list[bytes], settle_s: float) -> dict[str, Any]
     return {
         "gap_rows_proposed": [int(st.get("gap_rows_proposed", 0)) for st in statuses],
         "batches_deferred": [int(st.get("batches_deferred", 0)) for st in statuses],
+        "backlog_asked": [int(st.get("backlog_asked", 0)) for st in statuses],
         "evidence": sum(int(st.get("evidence", 0)) for st in statuses),
         "committed": committed,
         "duplicates": duplicates,

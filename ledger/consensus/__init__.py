@@ -11,6 +11,7 @@ from rayledger.consensus.core import (
 )
 from rayledger.consensus.messages import (
     Action,
+    AskBacklog,
     Broadcast,
     Commit,
     Evidence,
@@ -31,6 +32,7 @@ from rayledger.consensus.messages import (
 
 __all__ = [
     "Action",
+    "AskBacklog",
     "BlockBuilder",
     "Broadcast",
     "Commit",

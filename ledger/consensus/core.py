@@ -25,6 +25,7 @@ from rayledger.block import BlockHeader, QuorumCert, make_bitmap, vote_message
 from rayledger.config import ValidatorSet
 from rayledger.consensus.messages import (
     Action,
+    AskBacklog,
     Broadcast,
     Commit,
     Evidence,
@@ -146,7 +147,8 @@ class CoreConfig:
     # the batch became available here, and after the leader first found what it lacks (a
     # sender's missing nonce, waited for once, not for each batch behind it), so that the
     # earlier batch can be ordered first (0: never). Only a builder that executes can tell
-    # (``BlockBuilder.build``'s ``may_wait``).
+    # (``BlockBuilder.build``'s ``may_wait``). A wait past a quarter of this asks the
+    # batch's mempool to send its backlog again (``AskBacklog``).
     gap_wait_ms: int = 3000
     # Leader reputation (``Core.leader``): a validator that neither proposed a committed block
     # nor signed a certificate one carries, over the n rounds that end 3 rounds before a
@@ -265,6 +267,8 @@ class Core:
         self.available: dict[bytes, int] = {}
         # Where each came from (its mempool, for the adapter): sources take turns in a block
         self.sources: dict[bytes, int] = {}
+        # When each mempool was last asked for its backlog (``_may_wait``)
+        self.backlog_asked: dict[int, int] = {}
         self.waiting_batches: dict[bytes, Proposal] = {}
         self.waiting_parent: dict[bytes, list[Proposal]] = {}
         self.requested: set[bytes] = set()
@@ -1160,9 +1164,21 @@ class Core:
 
     def _may_wait(self, digest: bytes, found_ms: int) -> bool:
         """May a batch whose rows would fail for want of an earlier one wait for it? Yes while
-        both it and the gap (found at ``found_ms``) are younger than ``gap_wait_ms``."""
-        since = min(self.available.get(digest, self.now_ms), found_ms)
-        return self.now_ms - since < self.cfg.gap_wait_ms
+        both it and the gap (found at ``found_ms``) are younger than ``gap_wait_ms``.
+
+        A wait that lasts a quarter of that asks the batch's mempool for its backlog
+        (``AskBacklog``: an earlier batch may never have reached us), at most once per half
+        of it per mempool: batches only out of order in transit come within milliseconds."""
+        waited = self.now_ms - min(self.available.get(digest, self.now_ms), found_ms)
+        if waited >= self.cfg.gap_wait_ms:
+            return False
+        source = self.sources.get(digest)
+        if source is not None and waited >= self.cfg.gap_wait_ms // 4:
+            asked = self.backlog_asked.get(source)
+            if asked is None or self.now_ms - asked >= self.cfg.gap_wait_ms // 2:
+                self.backlog_asked[source] = self.now_ms
+                self._out.append(AskBacklog(source))
+        return True
 
     def _announces_commit(self, parent: BlockHeader) -> bool:
         """Does the QC of ``parent``, which this proposal carries, commit a block with batches?

@@ -200,6 +200,16 @@ class FetchBatches:
 
 
 @dataclass(frozen=True)
+class AskBacklog:
+    """A proposal of ours keeps holding back a batch of mempool ``source`` for its senders'
+    earlier nonces: ask that mempool to send again every batch it holds in flight. The
+    earlier batch may never have reached us (dropped with our intake full, unreadable when
+    it came, refused), and would otherwise come only when the mempool finds it stale."""
+
+    source: int
+
+
+@dataclass(frozen=True)
 class Evidence:
     """Two conflicting signed messages from one validator for one round."""
 
@@ -218,4 +228,6 @@ class Rejected:
     sender: int | None = field(default=None)
 
 
-Action = Persist | Broadcast | Send | SetTimer | Commit | FetchBatches | Evidence | Rejected
+Action = (
+    Persist | Broadcast | Send | SetTimer | Commit | FetchBatches | AskBacklog | Evidence | Rejected
+)

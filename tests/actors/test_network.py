@@ -602,7 +602,9 @@ def test_a_client_that_skipped_a_nonce_holds_batches_back_once_not_each_time(
     holds each of its rows for the gap hold, then seals it apart (see the next test). Leaders
     hold back the first batch with its rows for the gap wait (its nonce 0 might be on its way
     through another mempool), but not the batches after it (they would each have waited the
-    gap wait in turn)."""
+    gap wait in turn). A leader that waits a while asks the batch's mempool for its backlog
+    (the earlier batch may have been lost on the way), and asks no more once the gap is
+    old."""
     net = start(tmp_path, "gap")
     try:
         broken, honest = (net.client_key(name) for name in net.clients[1:3])
@@ -619,8 +621,15 @@ def test_a_client_that_skipped_a_nonce_holds_batches_back_once_not_each_time(
         first = rows(1, range(0, 50))
         assert net.submit(first).accepted == 51
         net.wait_committed(first, timeout_s=60)
-        held_back = [s["batches_deferred"] for s in net.status()]
+        status = net.status()
+        held_back = [s["batches_deferred"] for s in status]
         assert sum(held_back) > 0
+        # Asked for their backlog; each mempool asked sent what it held in flight again
+        asked = [s["backlog_asked"] for s in status]
+        # A 5 s wait asks at 1.25 s and 3.75 s at most: twice per validator
+        assert 0 < sum(asked) <= 4 * 2, asked
+        counts = [ray.get(net.mempool(j).status.remote())["counts"] for j in range(4)]
+        assert sum(c.get("announced_held", 0) for c in counts) > 0, counts
         time.sleep(5.5)  # the gap is older than the gap wait (5 s here) at every leader
         later = [rows(2 + k, range(50 + 10 * k, 60 + 10 * k)) for k in range(5)]
         for b in later:
@@ -628,7 +637,9 @@ def test_a_client_that_skipped_a_nonce_holds_batches_back_once_not_each_time(
             time.sleep(0.2)
         for b in later:
             net.wait_committed(b, timeout_s=60)
-        assert [s["batches_deferred"] for s in net.status()] == held_back
+        status = net.status()
+        assert [s["batches_deferred"] for s in status] == held_back
+        assert [s["backlog_asked"] for s in status] == asked
         counts = ray.get(net.validator(0).status_counts.remote())
         assert counts == {int(Status.OK): 100, int(Status.BAD_NONCE): 6}
     finally:

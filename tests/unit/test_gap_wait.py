@@ -20,7 +20,7 @@ import pytest
 from rayledger import chain
 from rayledger.block import genesis_header
 from rayledger.chain import LedgerBuilder, batch_digest, gaps_and_missing
-from rayledger.consensus import Core, CoreConfig, DigestBuilder
+from rayledger.consensus import AskBacklog, Core, CoreConfig, DigestBuilder
 from rayledger.crypto import key_from_seed, public_bytes
 from rayledger.execution import Account, Status, execute_block, genesis_state
 from rayledger.tx import TxKind, make_batch
@@ -163,6 +163,43 @@ def test_the_core_lets_a_batch_wait_for_gap_wait_ms_from_when_it_became_availabl
     c.on_batch_available(digest("old"))
     c.start()
     assert recorder.answers == [] and c.status().round == 1
+
+
+def test_a_long_wait_asks_the_batchs_mempool_for_its_backlog_at_a_bounded_rate() -> None:
+    """A batch held back for a quarter of the gap wait asks its mempool to send every batch
+    it holds in flight again (``AskBacklog``): the earlier batch may have been lost here.
+    Again at most once per half of the gap wait per mempool; never once the wait is over,
+    and never for a batch whose mempool is not known.
+
+    Found from a soak's logs: a leader lacking a sender's earlier batch (there, a restarted
+    one) waited the gap wait blind and then proposed 61,600 rows that failed their nonces."""
+    keys = Keyring.make(4, crypto="mac")
+    t0 = keys.genesis.timestamp_ms
+    c = replace(keys, config=CoreConfig(gap_wait_ms=4000)).core(
+        keys.leader(1), builder=_Recorder(found=t0 + 10_000)
+    )
+    c.tick(t0 + 10_000)
+    c.on_batch_available(digest("a"), 2)
+    c.on_batch_available(digest("b"), 3)
+    c.on_batch_available(digest("c"))  # its mempool not known
+
+    def asks(at: int, *names: str) -> list[AskBacklog]:
+        c.tick(t0 + at)
+        for name in names:
+            c._may_wait(digest(name), t0 + 10_000)
+        return [a for a in c._flush() if isinstance(a, AskBacklog)]
+
+    assert asks(10_999, "a", "b", "c") == []  # a little out of order only
+    # The first proposal after a quarter of the wait asks both mempools, once each
+    c.tick(t0 + 11_000)
+    assert [a for a in c.start() if isinstance(a, AskBacklog)] == [AskBacklog(2), AskBacklog(3)]
+    assert asks(11_000, "a", "b", "c", "a") == []
+    assert asks(12_999, "a", "b") == []
+    assert asks(13_000, "a", "b", "a") == [AskBacklog(2), AskBacklog(3)]
+    assert asks(13_999, "a") == []
+    # The wait is over: the batch goes in, nobody is asked
+    assert asks(14_000, "a", "b") == []
+    assert c._may_wait(digest("a"), t0 + 10_000) is False
 
 
 def test_a_sender_that_skipped_a_nonce_makes_batches_wait_once_not_each_anew() -> None:
