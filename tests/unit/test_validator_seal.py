@@ -17,6 +17,7 @@ from rayledger.actors import validator as validator_module
 from rayledger.actors.mempool import decode_batch_frame, encode_batch_frame, seal_tag
 from rayledger.actors.validator import Validator
 from rayledger.chain import batch_digest
+from rayledger.consensus import AskBacklog
 from rayledger.crypto import key_from_seed
 from rayledger.tx import TxKind, batch_to_ipc, make_batch, validate_batch
 
@@ -29,6 +30,8 @@ class FakeMempool:
     def __init__(self) -> None:
         self.calls: list[tuple[int, Any, bytes | None]] = []
         self.set_validator = SimpleNamespace(remote=lambda *a: self.calls.append(a))
+        self.held_for: list[int] = []  # announce_held's callers
+        self.announce_held = SimpleNamespace(remote=self.held_for.append)
 
 
 def validator() -> tuple[Validator, list[bytes], FakeMempool]:
@@ -36,7 +39,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.index = 2
     v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS, validators=SimpleNamespace(n=N))
     v.batches, v.rejected, v.committed_batches = {}, {}, {}
-    v._checking, v.batches_resent, v.fetched_rows = set(), 0, 0
+    v._checking, v.batches_resent, v.fetched_rows, v.backlog_asked = set(), 0, 0, 0
     v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
     v.verifier_actor = None
     v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
@@ -461,3 +464,26 @@ def test_a_restarted_mempool_is_given_the_handle_again_and_the_key_only_if_ours(
     for bad in (-1, N, 10**6):  # no such mempool: nothing is sent
         asyncio.run(v.mempool_back(bad))
     assert len(mempool.calls) == 2
+
+
+def test_a_leaders_wait_for_a_gap_asks_the_mempool_for_its_backlog_unless_cut_off() -> None:
+    """``AskBacklog`` (the core's, from a long wait for a gap) goes to the mempool named, as
+    ``announce_held`` for this validator; not across a partition (the heal asks), nor to a
+    mempool that is down (a restarted one holds nothing from before)."""
+    v, _, mempool = validator()
+    # For _run's housekeeping: no timers, no round ended by a timeout
+    v.core, v._timers = SimpleNamespace(round=1, rounds_by_timeout=0), []
+    v._timed_out_rounds = 0
+    v._run([AskBacklog(1)])
+    assert mempool.held_for == [2] and v.backlog_asked == 1
+    v.blocked = {1}
+    v._ask_backlog(1)
+    assert mempool.held_for == [2] and v.backlog_asked == 1
+
+    def down(role: str) -> Any:
+        raise ValueError(f"no actor {role}")
+
+    v.blocked = set()
+    v._actor = down  # type: ignore[method-assign]
+    v._ask_backlog(1)
+    assert v.backlog_asked == 1
