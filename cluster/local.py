@@ -21,7 +21,7 @@ import ray
 
 from rayledger.actors.mempool import Admission, Mempool
 from rayledger.actors.storage.shard import StorageShard
-from rayledger.actors.validator import Validator
+from rayledger.actors.validator import ACTOR_STRATEGIES, Validator
 from rayledger.actors.verifier import Verifier
 from rayledger.cluster.network import NetworkSpec, make_genesis
 from rayledger.config import Genesis, load_genesis
@@ -413,9 +413,20 @@ class Network:
                 raise TimeoutError(f"transactions not committed within {timeout_s} s")
             time.sleep(0.2)
 
+    # ---- faults (``rayledger chaos``): each checks its arguments before it changes anything ----
+
+    def _check_validator(self, i: int) -> None:
+        if not 0 <= i < self.n:
+            raise ValueError(f"no validator {i}: the network has {self.n} (0 to {self.n - 1})")
+
     def kill(self, i: int) -> None:
         """Crash validator ``i``: its process dies, its disk stays."""
-        ray.kill(self.validator(i), no_restart=True)
+        self._check_validator(i)
+        try:
+            handle = self.validator(i)
+        except ValueError:
+            raise ValueError(f"validator {i} is down already") from None
+        ray.kill(handle, no_restart=True)
         self._handles.pop(f"validator-{i}", None)
         deadline = time.monotonic() + 10
         while i in self.live() and time.monotonic() < deadline:
@@ -425,6 +436,7 @@ class Network:
         """Start validator ``i`` again from its own disk; it finds its peers and catches up.
         One that Ray is bringing back already (its process died: see ``_start_validator``)
         is only waited for. False if it was up all along (nothing to do)."""
+        self._check_validator(i)
         try:
             handle = self.validator(i)
         except ValueError:  # killed for good
@@ -439,14 +451,30 @@ class Network:
     def crash_shard(self, i: int, k: int) -> None:
         """Crash storage shard ``k`` of validator ``i``: Ray restarts its process, which
         reopens its disk; the validator then sends it what it missed."""
+        self._check_validator(i)
         if not 0 <= k < self.shards:
-            raise ValueError(f"validator {i} has {self.shards} storage shards, not {k + 1}")
+            raise ValueError(
+                f"no storage shard {k}: validator {i} has {self.shards}"
+                + (f" (0 to {self.shards - 1})" if self.shards else "")
+            )
         ray.kill(self.shard(i, k), no_restart=False)
 
     def partition(self, groups: list[list[int]]) -> None:
-        """Cut traffic between the groups (validators not listed form one more group)."""
-        listed = {i for g in groups for i in g}
-        groups = [*groups, [i for i in range(self.n) if i not in listed]]
+        """Cut traffic between the groups (validators not listed form one more group).
+        ``ValueError``, and nothing cut, for an empty group, a validator that does not exist
+        or is listed twice, or groups that cut nothing (all the validators in one)."""
+        listed = [i for g in groups for i in g]
+        for i in listed:
+            self._check_validator(i)
+        if any(not g for g in groups):
+            raise ValueError(f"a partition's groups must not be empty: {groups}")
+        twice = sorted({i for i in listed if listed.count(i) > 1})
+        if twice:
+            raise ValueError(f"validators listed more than once: {twice}")
+        rest = [i for i in range(self.n) if i not in listed]
+        groups = [*groups, rest] if rest else list(groups)
+        if len(groups) < 2:
+            raise ValueError(f"{groups} cuts nothing: name the groups to cut apart")
         for g in groups:
             others = [j for j in range(self.n) if j not in g]
             for i in g:
@@ -458,7 +486,14 @@ class Network:
             ray.get(self.validator(i).set_blocked.remote([]))
 
     def set_strategy(self, i: int, strategy: str) -> None:
-        ray.get(self.validator(i).set_strategy.remote(strategy))
+        self._check_validator(i)
+        if strategy not in ACTOR_STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(ACTOR_STRATEGIES)}")
+        try:
+            handle = self.validator(i)
+        except ValueError:
+            raise ValueError(f"validator {i} is down") from None
+        ray.get(handle.set_strategy.remote(strategy))
 
     def shutdown(self) -> None:
         for i in range(self.n):

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,30 +189,71 @@ def down(data_dir: Path) -> str:
     return f"network {net.name} stopped"
 
 
+CHAOS_USAGE = (
+    "chaos: kill N | restart N | partition 0,1|2,3 | heal | byzantine N STRATEGY | crash-shard N K"
+)
+
+
 def chaos(data_dir: Path, action: str, args: list[str]) -> str:
-    net = connect(data_dir)
+    """One fault (or its undoing) on the running network. ``ValueError``, with nothing
+    changed, for a command that does not parse (checked before the network is reached), and
+    for a validator, shard, strategy or partition the network does not have."""
+
+    def number(text: str, what: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"chaos {action}: {what} is a number, not {text!r}") from None
+
+    op: Callable[[Network], str]
     match action, args:
         case "kill", [i]:
-            net.kill(int(i))
-            return f"validator {i} killed"
+            v = number(i, "the validator")
+
+            def op(net: Network) -> str:
+                net.kill(v)
+                return f"validator {v} killed"
+
         case "restart", [i]:
-            if not net.restart(int(i)):
-                return f"validator {i} is up: nothing to restart"
-            return f"validator {i} restarted from its disk"
+            v = number(i, "the validator")
+
+            def op(net: Network) -> str:
+                if not net.restart(v):
+                    return f"validator {v} is up: nothing to restart"
+                return f"validator {v} restarted from its disk"
+
         case "partition", [spec]:
-            groups = [[int(x) for x in g.split(",") if x] for g in spec.split("|")]
-            net.partition(groups)
-            return f"partitioned {groups}"
+            groups = [
+                [number(x, "each validator") for x in g.split(",") if x.strip()]
+                for g in spec.split("|")
+            ]
+
+            def op(net: Network) -> str:
+                net.partition(groups)
+                return f"partitioned {groups}"
+
         case "heal", []:
-            net.heal()
-            return "partition healed"
+
+            def op(net: Network) -> str:
+                net.heal()
+                return "partition healed"
+
         case "byzantine", [i, strategy]:
-            net.set_strategy(int(i), strategy)
-            return f"validator {i} now runs {strategy}"
+            v = number(i, "the validator")
+
+            def op(net: Network) -> str:
+                net.set_strategy(v, strategy)
+                return f"validator {v} now runs {strategy}"
+
         case "crash-shard", [i, k]:
-            net.crash_shard(int(i), int(k))
-            return f"storage shard {k} of validator {i} crashed; Ray restarts it from its disk"
-    raise ValueError(
-        "chaos: kill N | restart N | partition 0,1|2,3 | heal | byzantine N STRATEGY "
-        "| crash-shard N K"
-    )
+            v, shard = number(i, "the validator"), number(k, "the shard")
+
+            def op(net: Network) -> str:
+                net.crash_shard(v, shard)
+                return (
+                    f"storage shard {shard} of validator {v} crashed; Ray restarts it from its disk"
+                )
+
+        case _:
+            raise ValueError(CHAOS_USAGE)
+    return op(connect(data_dir))
