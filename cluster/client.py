@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,25 @@ class SubmitResult:
     busy_retries: int = 0
 
 
+def join_cluster(address: str, recorded_in: Path | None = None) -> None:
+    """Join the running Ray cluster at ``address`` (its GCS's ``host:port``, as ``rayledger
+    up`` records it in ``recorded_in``). One that is gone (``up`` killed, the machine
+    restarted) fails at once with ``ConnectionError``: Ray itself retries for minutes, and
+    `rayledger status` on a stale record hung for more than five. ``auto`` and ``ray://``
+    addresses go to Ray as they are."""
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and "://" not in address:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            where = f"the network recorded in {recorded_in}" if recorded_in else "the network"
+            raise ConnectionError(
+                f"{where} is not running: no Ray cluster answers at {address} "
+                f"({exc.strerror or type(exc).__name__}); start it with `rayledger up`"
+            ) from None
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+
+
 class Client:
     def __init__(self, data_dir: Path, *, validator: int = 0) -> None:
         """``validator``: whose storage shards answer reads (any one; receipts are verified
@@ -93,13 +113,9 @@ class Client:
                     raise FileNotFoundError(
                         f"no running network recorded in {data_dir}: pass the Ray address"
                     )
-                address = recorded.read_text().strip()
-            ray.init(
-                address=address,
-                namespace=NAMESPACE,
-                logging_level=logging.ERROR,
-                log_to_driver=False,
-            )
+                join_cluster(recorded.read_text().strip(), data_dir)
+            else:
+                join_cluster(address)
         return cls(data_dir, validator=validator)
 
     @property

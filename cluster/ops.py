@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rayledger.actors.storage.lock import hold_lock, release_lock
+from rayledger.cluster.client import join_cluster
 from rayledger.cluster.local import NAMESPACE, Network, NetworkOptions, init_local_ray
 from rayledger.cluster.network import load_network
 
@@ -31,12 +32,7 @@ def connect(data_dir: Path) -> Network:
     if not address_file.exists():
         raise FileNotFoundError(f"no running network recorded in {data_dir} (start `rayledger up`)")
     if not ray.is_initialized():
-        ray.init(
-            address=address_file.read_text().strip(),
-            namespace=NAMESPACE,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
+        join_cluster(address_file.read_text().strip(), data_dir)
     return Network(data_dir)
 
 

@@ -6,6 +6,8 @@ JSON with ``--json``; a validator that does not answer says why."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +18,7 @@ from typer.testing import CliRunner
 
 from rayledger.cluster import ops
 from rayledger.cluster.cli import app
+from rayledger.cluster.client import Client
 from rayledger.cluster.local import _why_down
 from rayledger.cluster.ops import status_table
 
@@ -107,6 +110,37 @@ def test_status_command_prints_the_whole_table_into_a_pipe_and_json_on_request(
 def test_status_command_without_a_network_fails_clearly(tmp_path: Any) -> None:
     result = CliRunner().invoke(app, ["status", "--json", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "no running network" in result.output
+
+
+def _dead_address() -> str:
+    """A local port nothing listens on (bound, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("command", [["status"], ["down"], ["chaos", "heal"], ["receipt", "00"]])
+def test_a_network_recorded_but_gone_fails_at_once(tmp_path: Any, command: list[str]) -> None:
+    """``up`` killed (or the machine restarted) leaves its Ray address behind: every command
+    that joins the network says it is not running, within seconds. Ray's own join retried
+    for minutes (`rayledger status` was still waiting after five)."""
+    (tmp_path / "ray_address").write_text(_dead_address())
+    t0 = time.monotonic()
+    result = CliRunner().invoke(app, [*command, "--data-dir", str(tmp_path)], terminal_width=200)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, out
+    assert f"error: the network recorded in {tmp_path} is not running" in out, out
+    assert "start it with `rayledger up`" in out and time.monotonic() - t0 < 10
+    assert not ray.is_initialized()
+
+
+def test_a_client_given_a_dead_address_fails_at_once(tmp_path: Any) -> None:
+    with pytest.raises(ConnectionError, match="the network is not running: no Ray cluster"):
+        Client.connect(tmp_path, address=_dead_address())
+    with pytest.raises(ConnectionError, match=f"the network recorded in {tmp_path}"):
+        (tmp_path / "ray_address").write_text(_dead_address())
+        Client.connect(tmp_path)
+    assert not ray.is_initialized()
 
 
 def test_a_validator_that_does_not_answer_says_why() -> None:
