@@ -96,7 +96,7 @@ class Client:
         self.shards = int(settings.get("storage_shards", 0))
         if self.shards < 1:
             raise ValueError("this network has no storage shards to read from")
-        self.validator = validator
+        self.validator = self._check_validator(validator)
         self._next_mempool = itertools.cycle(range(self.n))
 
     @classmethod
@@ -125,8 +125,13 @@ class Client:
     def _actor(self, role: str) -> Any:
         return ray.get_actor(f"{self.name}-{role}", namespace=NAMESPACE)
 
+    def _check_validator(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise ValueError(f"no validator {i}: the network has {self.n} (0 to {self.n - 1})")
+        return i
+
     def _shard(self, k: int, validator: int | None = None) -> Any:
-        v = self.validator if validator is None else validator
+        v = self.validator if validator is None else self._check_validator(validator)
         return self._actor(f"shard-{v}-{k}")
 
     # ---- writing -----------------------------------------------------------------------------

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from rayledger.cluster import ops
 from rayledger.cluster.cli import app
+from rayledger.cluster.client import Client
 from rayledger.cluster.local import Network
 from rayledger.cluster.network import load_network, make_genesis
 
@@ -100,3 +102,15 @@ def test_a_shardless_network_says_it_has_none(net: Untouchable) -> None:
         2,
         "error: no storage shard 0: validator 0 has 0",
     )
+
+
+def test_a_receipt_from_a_validator_the_network_lacks_is_refused(net: Untouchable) -> None:
+    """`rayledger receipt --validator 9` (and ``Client``): named, not Ray's lookup error."""
+    result = CliRunner().invoke(app, ["receipt", "ab" * 32, "--validator", "9"], terminal_width=200)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "error: no validator 9: the network has 4 (0 to 3)" in out
+    client = Client(net.dir, validator=3)
+    with pytest.raises(ValueError, match="no validator 4: the network has 4"):
+        client.locate(np.zeros((1, 32), np.uint8), validator=4)
+    with pytest.raises(ValueError, match="no validator -1"):
+        Client(net.dir, validator=-1)
