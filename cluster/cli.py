@@ -57,7 +57,9 @@ _ROLE_LABELS = {
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/] {escape(str(exc))}")
+    # One line however long (a path, a list of choices): rich would fold it at the console's
+    # width, 80 columns where the output is a pipe or a log, mid-word in a long path
+    console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -66,11 +68,16 @@ def keys_new(path: Annotated[Path, typer.Argument(help="where to write the key (
     """Generate an Ed25519 key file; print its public key. Never overwrites."""
     from rayledger.crypto import generate_key, public_bytes, write_key_file
 
+    if path.exists() or path.is_symlink():
+        raise _fail(FileExistsError(f"{path} exists; a key file is never overwritten"))
     key = generate_key()
     try:
         write_key_file(path, key)
     except FileExistsError:
-        raise _fail(FileExistsError(f"{path} exists; a key file is never overwritten")) from None
+        # Something else where its folder should be (a file named as a parent folder)
+        raise _fail(NotADirectoryError(f"cannot write {path}: a parent is not a folder")) from None
+    except OSError as exc:
+        raise _fail(OSError(f"cannot write {path}: {exc.strerror or exc}")) from None
     console.print(public_bytes(key).hex())
 
 
@@ -95,15 +102,23 @@ def genesis_new(
     """Create a genesis (chain id, validators, organisations, limits) from a network config."""
     from rayledger.cluster.network import load_network, make_genesis
 
-    if out.exists():
+    # Everything that can be refused is, before any file is written
+    if out.exists() or out.is_symlink():
         raise _fail(FileExistsError(f"{out} exists"))
+    if not out.parent.is_dir():
+        raise _fail(NotADirectoryError(f"{out.parent} is not a directory: {out} cannot go there"))
+    if keys_dir is None and not dev:
+        # New keys that nobody keeps: a genesis whose validators can never sign
+        raise _fail(ValueError("pass --keys-dir DIR to keep the new keys, or --dev"))
+    if keys_dir is not None and keys_dir.exists() and not keys_dir.is_dir():
+        raise _fail(NotADirectoryError(f"--keys-dir {keys_dir} is not a directory"))
     try:
         genesis, _ = make_genesis(
             load_network(config), int(time.time() * 1000), keys_dir=keys_dir, dev=dev
         )
+        genesis.save(out)
     except (LedgerError, OSError) as exc:
         raise _fail(exc) from None
-    genesis.save(out)
     console.print(f"chain {genesis.chain_name} id {genesis.chain_id.hex()} -> {out}")
 
 
@@ -130,9 +145,9 @@ def genesis_show(path: Path) -> None:
 def store_verify(
     path: Path, genesis: Annotated[Path, typer.Option(help="the chain's genesis file")]
 ) -> None:
-    """Open a block store, verifying every frame, the hash chain and the roots. PATH is the
-    store, or a validator's directory (its ``store`` inside); nothing is created where none
-    is."""
+    """Verify a block store: every frame, the hash chain and the roots. PATH is the store, or
+    a validator's directory (its ``store`` inside). Read only: nothing is created, marked,
+    indexed or set aside; what its next open would recover is listed."""
     from rayledger.actors.storage import BlockStore
     from rayledger.config import load_genesis
 
@@ -142,9 +157,9 @@ def store_verify(
         raise _fail(NotFound(f"no block store in {path} (index.sqlite and segments/)"))
     try:
         t0 = time.perf_counter()
-        with BlockStore(path, load_genesis(genesis).header) as store:
+        with BlockStore(path, load_genesis(genesis).header, read_only=True) as store:
             for line in store.recovery:
-                console.print(f"[yellow]recovered:[/] {escape(line)}")
+                console.print(f"[yellow]found:[/] {escape(line)}", soft_wrap=True)
             console.print(
                 f"ok: {store.height} blocks verified in {time.perf_counter() - t0:.2f} s, "
                 f"head {store.head.hash.hex()}"
@@ -262,6 +277,11 @@ def receipt(
 
     try:
         raw = bytes.fromhex(tx_id)
+    except ValueError:
+        raise _fail(ValueError(f"a transaction id is 64 hex digits, not {tx_id!r}")) from None
+    if len(raw) != 32:
+        raise _fail(ValueError(f"a transaction id is 64 hex digits, not {len(tx_id)}"))
+    try:
         net = connect(data_dir)
         r = Client(net.dir, validator=validator).receipt(raw)
     except (LedgerError, OSError, ValueError, ray.exceptions.RayError) as exc:

@@ -72,6 +72,9 @@ def join_cluster(address: str, recorded_in: Path | None = None) -> None:
     `rayledger status` on a stale record hung for more than five. ``auto`` and ``ray://``
     addresses go to Ray as they are."""
     host, sep, port = address.rpartition(":")
+    if address != "auto" and "://" not in address and not (host and port.isdigit()):
+        where = f" (recorded in {recorded_in / 'ray_address'})" if recorded_in else ""
+        raise ConnectionError(f"{address!r} is not a Ray address HOST:PORT{where}")
     if sep and port.isdigit() and "://" not in address:
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()

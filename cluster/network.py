@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import math
+import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayledger.config import Genesis, Limits, Organisation, Validator, new_genesis
+from rayledger.config import (
+    Genesis,
+    Limits,
+    Organisation,
+    Validator,
+    new_genesis,
+    parse_limits,
+)
 from rayledger.crypto import SigningKey, generate_key, key_from_seed, public_bytes, write_key_file
 from rayledger.errors import ConfigError
 from rayledger.execution import Account
@@ -51,12 +61,38 @@ class NetworkSpec:
         ]
 
 
+# A member's name names its key file (``<name>.key`` in `genesis new --keys-dir`): letters,
+# digits, '.', '_' and '-', not starting with '.' (a name such as '../../x' wrote its key
+# outside the folder, 'a/b' made folders, '' a hidden '.key')
+MEMBER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def check_member_name(name: str, where: str) -> str:
+    if not MEMBER_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}: name {name!r} is not 1 to 64 letters, digits, '.', '_' or '-' "
+            "(not starting with '.')"
+        )
+    return name
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+    return value
+
+
 def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
+    items = doc.get(key, [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: {key} must be an array of tables ([[{key}]])")
     out = []
-    for i, m in enumerate(doc.get(key, [])):
+    for i, m in enumerate(items):
+        where = f"{source}: {key}[{i}]"
         if not isinstance(m, dict) or "name" not in m or "org" not in m:
-            raise ConfigError(f"{source}: {key}[{i}] needs a name and an org")
-        out.append(Member(str(m["name"]), str(m["org"]), str(m.get("site", ""))))
+            raise ConfigError(f"{where} needs a name and an org")
+        name = check_member_name(_text(m["name"], f"{where}.name"), where)
+        out.append(Member(name, _text(m["org"], f"{where}.org"), _text(m.get("site", ""), where)))
     return tuple(out)
 
 
@@ -82,8 +118,8 @@ def load_network(path: str | Path) -> NetworkSpec:
     """The network described by the TOML file ``path`` (see ``config_path``)."""
     path = config_path(path)
     try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         shipped = ", ".join(bundled_configs())
         raise ConfigError(
             f"cannot read network config {path}: {exc} (shipped with rayledger, found from any "
@@ -91,31 +127,36 @@ def load_network(path: str | Path) -> NetworkSpec:
         ) from exc
     if "chain_name" not in doc:
         raise ConfigError(f"{path}: missing 'chain_name'")
+    chain_name = _text(doc["chain_name"], f"{path}: chain_name")
+    if not chain_name.strip():
+        raise ConfigError(f"{path}: chain_name is empty")
     validators = _members(doc, "validators", str(path))
     if not validators:
         raise ConfigError(f"{path}: no validators")
-    try:
-        limits = Limits(**doc.get("limits", {}))
-    except TypeError as exc:
-        raise ConfigError(f"{path}: bad [limits]: {exc}") from exc
+    limits = parse_limits(doc.get("limits", {}), str(path))
     placement = doc.get("placement", "virtual")
     if placement not in ("virtual", "labels", "none"):
         raise ConfigError(f"{path}: placement must be virtual, labels or none")
     links = []
     sites = {v.site for v in validators}
+    if not isinstance(doc.get("links", []), list):
+        raise ConfigError(f"{path}: links must be an array of tables ([[links]])")
     for i, link in enumerate(doc.get("links", [])):
         try:
             a, b, ms = str(link["a"]), str(link["b"]), float(link["latency_ms"])
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{path}: links[{i}] needs a, b and latency_ms") from None
-        if a not in sites or b not in sites or ms < 0:
-            raise ConfigError(f"{path}: links[{i}] names an unknown site or a negative latency")
+        if a not in sites or b not in sites or not 0 <= ms < math.inf:
+            raise ConfigError(
+                f"{path}: links[{i}] names an unknown site or a latency that is not a finite "
+                "number >= 0"
+            )
         links.append((a, b, ms))
     balance = doc.get("client_balance", 0)
-    if not isinstance(balance, int) or not 0 <= balance < 1 << 63:
+    if not isinstance(balance, int) or isinstance(balance, bool) or not 0 <= balance < 1 << 63:
         raise ConfigError(f"{path}: client_balance must be an integer in 0..2^63-1")
     return NetworkSpec(
-        str(doc["chain_name"]),
+        chain_name,
         validators,
         _members(doc, "clients", str(path)),
         limits,
@@ -146,11 +187,20 @@ def make_genesis(
     """
     keys: dict[str, SigningKey] = {}
     for m in (*spec.validators, *spec.clients):
+        check_member_name(m.name, "member")
         if m.name in keys:
             raise ConfigError(f"member name {m.name!r} appears twice")
         keys[m.name] = dev_key(spec.chain_name, m.name) if dev else generate_key()
-        if keys_dir is not None:
-            write_key_file(keys_dir / f"{m.name}.key", keys[m.name])
+    if keys_dir is not None:
+        # Every key file checked first: none is written where one would be refused
+        taken = [n for n in keys if os.path.lexists(keys_dir / f"{n}.key")]
+        if taken:
+            raise FileExistsError(
+                f"{keys_dir} holds keys of {', '.join(taken)} already; a key file is never "
+                "overwritten"
+            )
+        for name, key in keys.items():
+            write_key_file(keys_dir / f"{name}.key", key)
     orgs: dict[str, list[bytes]] = {}
     for m in (*spec.validators, *spec.clients):
         orgs.setdefault(m.org, []).append(public_bytes(keys[m.name]))

@@ -176,6 +176,7 @@ class BlockStore:
         verify_on_open: bool = True,
         verify_from_mark: bool = False,
         index_txs: bool = True,
+        read_only: bool = False,
         _after_segment_write: Callable[[int], None] | None = None,
     ) -> None:
         """``index_txs``: keep the tx id -> (height, index) index here. A validator whose
@@ -186,21 +187,31 @@ class BlockStore:
         last block appended or verified at an open), so that opening a long chain costs what
         was written since, not the whole chain; the index is still checked for gaps, and every
         frame read later is checked against its checksum. A store whose mark does not match
-        its index is verified in full."""
+        its index is verified in full.
+
+        ``read_only`` (`rayledger store verify`): an existing store is verified as it is and
+        nothing is written: no index created or marked, and what an open for writing would
+        recover after the last indexed frame (a block to index, bytes to set aside) is only
+        listed in ``recovery``. ``StoreError`` where no store is; ``StoreCorruption`` for an
+        index that is not an SQLite database of this layout."""
         self.path = Path(path)
+        self.read_only = read_only
         self.genesis = genesis
         self.segment_bytes = segment_bytes
         self.recovery: list[str] = []
         self._after_segment_write = _after_segment_write
         self._lock = threading.RLock()
         self._maps: dict[int, pa.MemoryMappedFile] = {}
-        (self.path / "segments").mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path / "index.sqlite", isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA_SQL)
+        if read_only:
+            self._db = self._open_read_only()
+        else:
+            (self.path / "segments").mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path / "index.sqlite", isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA_SQL)
         self._check_genesis()
         self.index_txs = self._tx_index_setting(index_txs)
         self._head = genesis
@@ -210,8 +221,36 @@ class BlockStore:
 
     # ---- opening ---------------------------------------------------------------------------
 
+    def _open_read_only(self) -> sqlite3.Connection:
+        index = self.path / "index.sqlite"
+        if not self.exists(self.path):
+            raise StoreError(f"no block store in {self.path} (index.sqlite and segments/)")
+        # Without a write-ahead log beside it (a store closed cleanly) the index is read as
+        # immutable: a read-only open of a WAL database would create its -shm and -wal files.
+        # With one (a writer that crashed, or is running), read through it, read only.
+        wal = index.with_name(index.name + "-wal").exists()
+        db = sqlite3.connect(
+            f"{index.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}", uri=True,
+            isolation_level=None, check_same_thread=False,
+        )  # fmt: skip
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StoreCorruption(f"not an index: {exc}", height=None, path=str(index)) from None
+        if not {"meta", "blocks"} <= tables:
+            db.close()
+            raise StoreCorruption(
+                "not an index: no meta and blocks tables", height=None, path=str(index)
+            )
+        return db
+
     def _check_genesis(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'genesis'").fetchone()
+        if row is None and self.read_only:
+            raise StoreCorruption(
+                "the index names no genesis", height=None, path=str(self.path / "index.sqlite")
+            )
         if row is None:
             self._db.execute(
                 "INSERT INTO meta (key, value) VALUES ('genesis', ?)", (self.genesis.encode(),)
@@ -227,6 +266,8 @@ class BlockStore:
 
     def _tx_index_setting(self, wanted: bool) -> bool:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'tx_index'").fetchone()
+        if row is None and self.read_only:
+            return wanted
         if row is None:
             self._db.execute(
                 "INSERT INTO meta (key, value) VALUES ('tx_index', ?)", (b"1" if wanted else b"0",)
@@ -341,7 +382,7 @@ class BlockStore:
             parent = header
             self._tail = (segment, offset + length)
         self._head = parent
-        if verify and parent.height:
+        if verify and parent.height and not self.read_only:
             self._set_mark(parent)
 
     def _recover_tail(self) -> None:
@@ -361,13 +402,26 @@ class BlockStore:
                 except StoreCorruption:
                     block = None
                 if block is None or length is None:
+                    if self.read_only:
+                        self.recovery.append(
+                            f"{len(tail) - pos} unacknowledged bytes after the last block in "
+                            f"{path.name}: its next open for writing moves them aside"
+                        )
+                        break
                     self._quarantine(path, end + pos, end + len(tail))
                     break
-                self._index(block, segment, end + pos, length)
-                self.recovery.append(
-                    f"indexed height {height}, found complete in {path.name} after an "
-                    "interrupted append"
-                )
+                if self.read_only:
+                    self.recovery.append(
+                        f"height {height} complete in {path.name} after an interrupted append,"
+                        " not indexed: its next open for writing indexes it"
+                    )
+                    self._head = block.header
+                else:
+                    self._index(block, segment, end + pos, length)
+                    self.recovery.append(
+                        f"indexed height {height}, found complete in {path.name} after an "
+                        "interrupted append"
+                    )
                 pos += length
             segment, end = segment + 1, 0
 

@@ -114,3 +114,25 @@ def test_a_receipt_from_a_validator_the_network_lacks_is_refused(net: Untouchabl
         client.locate(np.zeros((1, 32), np.uint8), validator=4)
     with pytest.raises(ValueError, match="no validator -1"):
         Client(net.dir, validator=-1)
+
+
+@pytest.mark.parametrize(
+    ("tx_id", "message"),
+    [
+        ("ab", "a transaction id is 64 hex digits, not 2"),
+        ("", "a transaction id is 64 hex digits, not 0"),
+        ("ab" * 33, "a transaction id is 64 hex digits, not 66"),
+        ("0x" + "ab" * 31, "a transaction id is 64 hex digits, not '0x"),
+        ("zz" * 32, "a transaction id is 64 hex digits, not 'zzzz"),
+    ],
+)
+def test_a_receipt_for_a_malformed_id_is_refused_before_the_network_is_reached(
+    tx_id: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(data_dir: Path) -> None:
+        raise AssertionError("connected before the id was checked")
+
+    monkeypatch.setattr(ops, "connect", unreachable)
+    result = CliRunner().invoke(app, ["receipt", tx_id], terminal_width=300)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"error: {message}" in out, out

@@ -119,7 +119,9 @@ def _dead_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-@pytest.mark.parametrize("command", [["status"], ["down"], ["chaos", "heal"], ["receipt", "00"]])
+@pytest.mark.parametrize(
+    "command", [["status"], ["down"], ["chaos", "heal"], ["receipt", "ab" * 32]]
+)
 def test_a_network_recorded_but_gone_fails_at_once(tmp_path: Any, command: list[str]) -> None:
     """``up`` killed (or the machine restarted) leaves its Ray address behind: every command
     that joins the network says it is not running, within seconds. Ray's own join retried
@@ -131,6 +133,19 @@ def test_a_network_recorded_but_gone_fails_at_once(tmp_path: Any, command: list[
     assert result.exit_code == 2, out
     assert f"error: the network recorded in {tmp_path} is not running" in out, out
     assert "start it with `rayledger up`" in out and time.monotonic() - t0 < 10
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("text", ["hello world", "", "host:", ":80", "10.0.0.1"])
+def test_a_recorded_address_that_is_not_one_is_named(tmp_path: Any, text: str) -> None:
+    (tmp_path / "ray_address").write_text(text)
+    for command in (["status"], ["down"], ["chaos", "heal"]):
+        result = CliRunner().invoke(
+            app, [*command, "--data-dir", str(tmp_path)], terminal_width=200
+        )
+        out = " ".join(result.output.split())
+        assert result.exit_code == 2, out
+        assert f"is not a Ray address HOST:PORT (recorded in {tmp_path}/ray_address)" in out, out
     assert not ray.is_initialized()
 
 
