@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +42,9 @@ from rayledger.tx import (
     tx_ids_of,
     verify_signatures,
 )
+
+if TYPE_CHECKING:
+    from rayledger.cluster.network import NetworkSpec
 
 _CHAIN = hashlib.sha256(b"rayledger/bench").digest()
 
@@ -700,6 +703,24 @@ def cpu_between(start: dict[int, int] | None, end: dict[int, int] | None) -> flo
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def check_e2e(config: Path, spec: NetworkSpec, validators: int, down: int) -> None:
+    """Raises ValueError, naming the option, where ``bench_e2e`` cannot run these options on
+    the network ``spec`` read from ``config``: checked before Ray starts, so that a mistake
+    costs nothing (``rayledger bench e2e`` calls it first, and reports it as an error)."""
+    if validators != len(spec.validators):
+        raise ValueError(
+            f"--validators {validators} does not match {config}, which describes "
+            f"{len(spec.validators)} validators"
+        )
+    if not spec.clients:
+        # The load comes from the config's clients (each submits its own pre-signed rows)
+        raise ValueError(f"{config} describes no clients: bench e2e has nobody to send the load")
+    if not 0 <= down <= (validators - 1) // 3:
+        raise ValueError(
+            f"down must be between 0 and f = {(validators - 1) // 3} for {validators} validators"
+        )
+
+
 def bench_e2e(
     config: Path,
     validators: int = 4,
@@ -772,12 +793,7 @@ def bench_e2e(
     from rayledger.cluster.soak import Forger
 
     spec = load_network(config)
-    if validators != len(spec.validators):
-        raise ValueError(f"{config} describes {len(spec.validators)} validators, not {validators}")
-    if not 0 <= down <= (validators - 1) // 3:
-        raise ValueError(
-            f"down must be between 0 and f = {(validators - 1) // 3} for {validators} validators"
-        )
+    check_e2e(config, spec, validators, down)
     one_core, one_core_openssl = _one_core_verify_rates()
     cores = os.cpu_count() or 1
     # Each transaction's signature is checked once in every institution: by the mempool that

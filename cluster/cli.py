@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from rayledger.execution import Status
 
 if TYPE_CHECKING:
     from rayledger.cluster.bench import Figure
+    from rayledger.cluster.network import NetworkSpec
 
 app = typer.Typer(
     help="rayledger: a permissioned BFT ledger for e-services, built on Ray.",
@@ -614,6 +616,26 @@ def bench_kernels_cmd(
     print(json.dumps({"bench": "kernels", "rows": rows}))
 
 
+def _bench_network(config: Path) -> NetworkSpec:
+    """The network ``config`` describes, read before a benchmark starts Ray: one that cannot be
+    read is an error (exit 2) that costs nothing."""
+    from rayledger.cluster.network import load_network
+
+    try:
+        return load_network(config)
+    except LedgerError as exc:  # ConfigError: it names the file
+        raise _fail(exc) from None
+    except (OSError, ValueError) as exc:  # ValueError: UnicodeDecodeError, a file not text
+        raise _fail(ValueError(f"cannot read network config {config}: {exc}")) from None
+
+
+def _require_finite(option: str, value: float | None, unit: str) -> None:
+    # The options' min bounds refuse nan and -inf but let inf through, and an endless run
+    # fails only later: pre-signing its load overflows, or a sleep does once Ray is up
+    if value is not None and not math.isfinite(value):
+        raise _fail(ValueError(f"{option} must be a finite number of {unit}, not {value}"))
+
+
 @bench_app.command("rounds")
 def bench_rounds_cmd(
     duration: Annotated[float, typer.Option(min=1, help="seconds measured")] = 20.0,
@@ -628,6 +650,8 @@ def bench_rounds_cmd(
     back, so each round costs what any round costs whatever it carries."""
     from rayledger.cluster.bench import bench_rounds
 
+    _require_finite("--duration", duration, "seconds")
+    _bench_network(config)  # bench_rounds reads it again; here a bad one is an error
     r = bench_rounds(config, duration, idle_block_ms, wan, peer_streams)
     table = Table("figure", "value", title=f"rayledger bench rounds ({r.validators} validators)")
     table.add_row(
@@ -657,7 +681,9 @@ def bench_rounds_cmd(
 
 @bench_app.command("e2e")
 def bench_e2e_cmd(
-    validators: Annotated[int, typer.Option(min=1)] = 4,
+    validators: Annotated[
+        int, typer.Option(min=1, help="must equal the number of validators in --config")
+    ] = 4,
     duration: Annotated[float, typer.Option(min=1, help="seconds of load")] = 30.0,
     config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
     batch_rows: Annotated[int, typer.Option(min=100)] = 1_000,
@@ -719,15 +745,16 @@ def bench_e2e_cmd(
     ] = 0,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
-    from rayledger.cluster.bench import bench_e2e
+    from rayledger.cluster.bench import bench_e2e, check_e2e
 
-    if not 0 <= down <= (validators - 1) // 3:
-        raise _fail(
-            ValueError(
-                f"down must be between 0 and f = {(validators - 1) // 3} for {validators} "
-                "validators"
-            )
-        )
+    _require_finite("--duration", duration, "seconds")
+    _require_finite("--rate", rate, "tx/s")
+    _require_finite("--forged-rate", forged_rate, "rows/s")
+    # bench_e2e makes the same checks, but only after a costly probe of the CPU's signature rate
+    try:
+        check_e2e(config, _bench_network(config), validators, down)
+    except ValueError as exc:
+        raise _fail(exc) from None
     r = bench_e2e(
         config,
         validators,
