@@ -417,6 +417,12 @@ def soak(
         raise typer.Exit(1)
 
 
+# The largest --validators simulate takes. Every message goes to every validator, so a round
+# costs n^2 deliveries: at 100 (over the 64 of `bench consensus`) the default 100 rounds take
+# about a minute (10 s with --crypto mac), while a mistyped huge n would run silently for hours.
+_SIM_MAX_VALIDATORS = 100
+
+
 def _far(spec: str) -> tuple[int, float]:
     node, sep, ms = spec.partition(":")
     try:
@@ -429,7 +435,7 @@ def _far(spec: str) -> tuple[int, float]:
 
 @app.command()
 def simulate(
-    validators: Annotated[int, typer.Option(min=1, help="n")] = 4,
+    validators: Annotated[int, typer.Option(min=1, max=_SIM_MAX_VALIDATORS, help="n")] = 4,
     byzantine: Annotated[int, typer.Option(min=0, help="how many run the strategy")] = 0,
     strategy: Annotated[str, typer.Option(help="Byzantine strategy")] = "none",
     seed: Annotated[int, typer.Option()] = 0,
@@ -481,6 +487,18 @@ def simulate(
 
     if byzantine and strategy == "none":
         raise _fail(ValueError(f"--byzantine needs a --strategy: {', '.join(STRATEGIES[1:])}"))
+    if strategy in STRATEGIES[1:] and not byzantine:
+        # With no Byzantine validators the strategy would go unused: an honest run that looks
+        # like an attack was tested.
+        raise _fail(ValueError(f"--strategy {strategy} needs --byzantine 1 or more"))
+    # The run stops at the first event past --max-time-ms: inf or nan (nothing compares
+    # greater) never stops a run that cannot reach --rounds, and 0 or less simulates nothing.
+    if not (math.isfinite(max_time_ms) and max_time_ms > 0):
+        raise _fail(ValueError(f"--max-time-ms {max_time_ms}: must be a finite number > 0"))
+    # A delay of 0 is allowed: the simulator floors each delivery at 0.5 ms.
+    for option, value in (("--delay-ms", delay_ms), ("--jitter-ms", jitter_ms)):
+        if not (math.isfinite(value) and value >= 0):
+            raise _fail(ValueError(f"{option} {value}: must be a finite number >= 0"))
     try:
         cfg = SimConfig(
             validators=validators,

@@ -136,6 +136,19 @@ class Partition:
             parts = tuple(frozenset(int(i) for i in g.split(",") if i) for g in groups.split("|"))
         except ValueError as exc:
             raise ValueError(f"bad partition {spec!r}; expected START-END:0,1|2,3") from exc
+        # A window that ends before it starts cuts no link, so the run would silently be
+        # fault-free; an empty group is a typo; a validator in two groups would silently count
+        # in the first only (see separates).
+        if end <= start:
+            raise ValueError(f"partition {spec!r}: its end {end} ms must come after its start")
+        if not all(parts):
+            raise ValueError(f"partition {spec!r}: a group names no validator")
+        seen: set[int] = set()
+        for group in parts:
+            if seen & group:
+                twice = ", ".join(map(str, sorted(seen & group)))
+                raise ValueError(f"partition {spec!r}: in more than one group: {twice}")
+            seen |= group
         return cls(start, end, parts)
 
     def separates(self, a: int, b: int, now: float) -> bool:
@@ -161,10 +174,16 @@ class Crash:
             node, times = spec.split("@")
             if "-" in times:
                 at, back = times.split("-")
-                return cls(int(node), int(at), int(back))
-            return cls(int(node), int(times))
+                crash = cls(int(node), int(at), int(back))
+            else:
+                crash = cls(int(node), int(times))
         except ValueError as exc:
             raise ValueError(f"bad crash {spec!r}; expected NODE@AT[-RESTART]") from exc
+        # A restart before the crash runs first and leaves the validator down for good, the
+        # opposite of what was asked for; one at the same moment is no crash at all.
+        if crash.restart_ms is not None and crash.restart_ms <= crash.at_ms:
+            raise ValueError(f"crash {spec!r}: the restart must come after the crash")
+        return crash
 
 
 @dataclass(frozen=True)
@@ -210,9 +229,32 @@ class SimConfig:
             raise ValueError("crypto must be ed25519 or mac")
         if not (0 <= self.drop < 1 and 0 <= self.duplicate < 1):
             raise ValueError("drop and duplicate are probabilities below 1")
+        n = self.validators
         for node, ms in self.far:
-            if not (0 <= node < self.validators and ms >= 0):
+            if not 0 <= node < n:
                 raise ValueError(f"far: validator {node} with {ms} ms is not one of these")
+            if not (math.isfinite(ms) and ms >= 0):
+                raise ValueError(
+                    f"far: validator {node} with {ms} ms: the extra delay must be a finite "
+                    "number of ms >= 0"
+                )
+        # A fault on a validator that does not exist would be ignored (or, for a negative
+        # index, land on another one), so the run would not test what was asked for.
+        for c in self.crashes:
+            if not 0 <= c.node < n:
+                raise ValueError(
+                    f"crash {c.node}@{c.at_ms}: validator {c.node} is not one of the {n} "
+                    f"validators 0..{n - 1}"
+                )
+            if c.at_ms < 0:
+                raise ValueError(f"crash {c.node}@{c.at_ms}: the crash time must be >= 0 ms")
+        for p in self.partitions:
+            unknown = sorted(i for g in p.groups for i in g if not 0 <= i < n)
+            if unknown:
+                raise ValueError(
+                    f"partition {p.start_ms}-{p.end_ms}: not among the {n} validators "
+                    f"0..{n - 1}: {', '.join(map(str, unknown))}"
+                )
 
 
 # ---- results -----------------------------------------------------------------------------
