@@ -634,6 +634,11 @@ def bench_kernels_cmd(
     print(json.dumps({"bench": "kernels", "rows": rows}))
 
 
+# A benchmark's measured time at most (a day): a longer one is a typo, and 1e10 s went past
+# the checks to overflow a sleep once Ray was up, or to pre-sign load beyond any memory
+BENCH_MAX_S = 86_400.0
+
+
 def _bench_network(config: Path) -> NetworkSpec:
     """The network ``config`` describes, read before a benchmark starts Ray: one that cannot be
     read is an error (exit 2) that costs nothing."""
@@ -656,7 +661,9 @@ def _require_finite(option: str, value: float | None, unit: str) -> None:
 
 @bench_app.command("rounds")
 def bench_rounds_cmd(
-    duration: Annotated[float, typer.Option(min=1, help="seconds measured")] = 20.0,
+    duration: Annotated[
+        float, typer.Option(min=1, max=BENCH_MAX_S, help="seconds measured")
+    ] = 20.0,
     config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
     idle_block_ms: Annotated[
         int, typer.Option(min=1, help="a leader's wait before its empty block")
@@ -668,7 +675,6 @@ def bench_rounds_cmd(
     back, so each round costs what any round costs whatever it carries."""
     from rayledger.cluster.bench import bench_rounds
 
-    _require_finite("--duration", duration, "seconds")
     _bench_network(config)  # bench_rounds reads it again; here a bad one is an error
     r = bench_rounds(config, duration, idle_block_ms, wan, peer_streams)
     table = Table("figure", "value", title=f"rayledger bench rounds ({r.validators} validators)")
@@ -702,7 +708,7 @@ def bench_e2e_cmd(
     validators: Annotated[
         int, typer.Option(min=1, help="must equal the number of validators in --config")
     ] = 4,
-    duration: Annotated[float, typer.Option(min=1, help="seconds of load")] = 30.0,
+    duration: Annotated[float, typer.Option(min=1, max=BENCH_MAX_S, help="seconds of load")] = 30.0,
     config: Annotated[Path, typer.Option(help="network description")] = DEFAULT_CONFIG,
     batch_rows: Annotated[int, typer.Option(min=100)] = 1_000,
     wan: Annotated[bool, typer.Option(help="emulate the config's WAN latencies")] = True,
@@ -765,7 +771,6 @@ def bench_e2e_cmd(
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e, check_e2e
 
-    _require_finite("--duration", duration, "seconds")
     _require_finite("--rate", rate, "tx/s")
     _require_finite("--forged-rate", forged_rate, "rows/s")
     # bench_e2e makes the same checks, but only after a costly probe of the CPU's signature rate

@@ -65,7 +65,9 @@ CASES = [
         ["e2e", "--forged-rate", "inf"],
         "error: --forged-rate must be a finite number of rows/s, not inf",
     ),
-    (["e2e", "--duration", "inf"], "error: --duration must be a finite number of seconds, not inf"),
+    # A day at most (typer's own refusal): 1e10 s overflowed a sleep once Ray was up
+    (["e2e", "--duration", "inf"], "Invalid value for '--duration': Input should be less than"),
+    (["e2e", "--duration", "1e10"], "Invalid value for '--duration': Input should be less than"),
     (
         ["e2e", "--config", "/nonexistent.toml"],
         "error: [config_error] cannot read network config /nonexistent.toml",
@@ -76,10 +78,8 @@ CASES = [
         ["e2e", "--config", "{no-clients}"],
         "error: {no-clients} describes no clients: bench e2e has nobody to send the load",
     ),
-    (
-        ["rounds", "--duration", "inf"],
-        "error: --duration must be a finite number of seconds, not inf",
-    ),
+    (["rounds", "--duration", "inf"], "Invalid value for '--duration': Input should be less"),
+    (["rounds", "--duration", "1e10"], "Invalid value for '--duration': Input should be less"),
     (
         ["rounds", "--config", "/nonexistent.toml"],
         "error: [config_error] cannot read network config /nonexistent.toml",
