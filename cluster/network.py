@@ -19,6 +19,7 @@ from rayledger.config import (
     Organisation,
     Validator,
     new_genesis,
+    only_known,
     parse_limits,
 )
 from rayledger.crypto import SigningKey, generate_key, key_from_seed, public_bytes, write_key_file
@@ -67,6 +68,18 @@ class NetworkSpec:
 MEMBER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
+# A network config's top-level keys (see configs/local.toml)
+CONFIG_KEYS = {
+    "chain_name",
+    "client_balance",
+    "limits",
+    "placement",
+    "validators",
+    "clients",
+    "links",
+}
+
+
 def check_member_name(name: str, where: str) -> str:
     if not MEMBER_NAME.fullmatch(name):
         raise ConfigError(
@@ -91,6 +104,7 @@ def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
         where = f"{source}: {key}[{i}]"
         if not isinstance(m, dict) or "name" not in m or "org" not in m:
             raise ConfigError(f"{where} needs a name and an org")
+        only_known(m, {"name", "org", "site"}, where)
         name = check_member_name(_text(m["name"], f"{where}.name"), where)
         out.append(Member(name, _text(m["org"], f"{where}.org"), _text(m.get("site", ""), where)))
     return tuple(out)
@@ -127,6 +141,7 @@ def load_network(path: str | Path) -> NetworkSpec:
         ) from exc
     if "chain_name" not in doc:
         raise ConfigError(f"{path}: missing 'chain_name'")
+    only_known(doc, CONFIG_KEYS, str(path))
     chain_name = _text(doc["chain_name"], f"{path}: chain_name")
     if not chain_name.strip():
         raise ConfigError(f"{path}: chain_name is empty")
@@ -142,6 +157,8 @@ def load_network(path: str | Path) -> NetworkSpec:
     if not isinstance(doc.get("links", []), list):
         raise ConfigError(f"{path}: links must be an array of tables ([[links]])")
     for i, link in enumerate(doc.get("links", [])):
+        if isinstance(link, dict):
+            only_known(link, {"a", "b", "latency_ms"}, f"{path}: links[{i}]")
         try:
             a, b, ms = str(link["a"]), str(link["b"]), float(link["latency_ms"])
         except (KeyError, TypeError, ValueError):

@@ -226,6 +226,20 @@ def parse_limits(lim: Any, where: str) -> Limits:
         raise ConfigError(f"{where}: {exc.message}") from None
 
 
+def only_known(table: dict[str, Any], known: set[str], where: str) -> None:
+    """Refuse keys nobody reads: a typo (``[limit]``, ``sit = ...``) would otherwise be
+    ignored and its default used in silence, in a file every validator must agree on."""
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+
+
+GENESIS_KEYS = {
+    "chain_name", "chain_id", "genesis_time_ms", "validators", "organisations", "limits",
+    "accounts",
+}  # fmt: skip
+
+
 def parse_genesis(text: str, source: str = "genesis") -> Genesis:
     try:
         doc = tomllib.loads(text)
@@ -234,6 +248,7 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
     for key in ("chain_name", "chain_id", "genesis_time_ms", "validators"):
         if key not in doc:
             raise ConfigError(f"{source}: missing {key!r}")
+    only_known(doc, GENESIS_KEYS, source)
     _expect(doc["validators"], list, f"{source}: validators")
     _expect(doc.get("organisations", []), list, f"{source}: organisations")
     validators = []
@@ -241,6 +256,7 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
         where = f"{source}: validators[{i}]"
         if not isinstance(v, dict) or "name" not in v or "public_key" not in v:
             raise ConfigError(f"{where}: needs name and public_key")
+        only_known(v, {"name", "public_key", "org", "site"}, where)
         validators.append(
             Validator(
                 str(v["name"]),
@@ -254,6 +270,7 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
         where = f"{source}: organisations[{i}]"
         if not isinstance(o, dict) or "name" not in o:
             raise ConfigError(f"{where}: needs a name")
+        only_known(o, {"name", "members"}, where)
         _expect(o.get("members", []), list, f"{where}.members")
         members = tuple(
             _hex(m, 32, f"{where}.members[{j}]") for j, m in enumerate(o.get("members", []))
@@ -265,6 +282,7 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
         where = f"{source}: accounts[{i}]"
         if not isinstance(a, dict) or "public_key" not in a or "balance" not in a:
             raise ConfigError(f"{where}: needs public_key and balance")
+        only_known(a, {"public_key", "balance"}, where)
         balance = a["balance"]
         if not isinstance(balance, int) or isinstance(balance, bool) or not 0 <= balance < 1 << 63:
             raise ConfigError(f"{where}.balance: expected an integer in 0..2^63-1")

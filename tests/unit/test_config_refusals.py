@@ -163,3 +163,48 @@ def test_keys_new_says_what_is_wrong_with_the_path(tmp_path: Path) -> None:
     code, out = run("keys", "new", str(tmp_path / "dangling"))
     assert code == 2 and "exists" in out and not (tmp_path / "nowhere").exists(), out
     assert files(tmp_path) == ["dangling", "plain"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("[limits]", "[limit]"), "unknown keys ['limit'] (known: chain_name, client_balance"),
+        (('site = "site-a"', 'sit = "site-a"'), "validators[0]: unknown keys ['sit']"),
+        (('org = "customs"', 'org = "customs"\nrole = "x"'), "unknown keys ['role']"),
+        (("latency_ms = 5.0", "latency_ms = 5.0\nms = 1"), "links[0]: unknown keys ['ms']"),
+    ],
+)
+def test_a_key_nobody_reads_is_refused_not_ignored(
+    tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    """A typo would otherwise leave its default in place in silence: `[limit]` meant the
+    default limits, `sit` a validator placed anywhere."""
+    old, new = edit
+    config = tmp_path / "net.toml"
+    config.write_text(BASE.replace(old, new, 1))
+    code, out = run(
+        "genesis", "new", "--out", str(tmp_path / "g.toml"), "--config", str(config), "--dev"
+    )
+    assert code == 2 and message in out, out
+    assert files(tmp_path) == ["net.toml"]
+
+
+def test_genesis_show_refuses_a_key_nobody_reads(tmp_path: Path) -> None:
+    made = tmp_path / "g.toml"
+    assert run("genesis", "new", "--out", str(made), "--dev")[0] == 0
+    text = made.read_text()
+    bad = tmp_path / "bad.toml"
+    for old, new, message in [
+        ("[limits]", "[limit]", "unknown keys ['limit'] (known: accounts, chain_id"),
+        (
+            "[[validators]]\n",
+            "[[validators]]\nstake = 5\n",
+            "validators[0]: unknown keys ['stake']",
+        ),
+        ("[[accounts]]\n", "[[accounts]]\nnonce = 1\n", "accounts[0]: unknown keys ['nonce']"),
+        ("[[organisations]]\n", "[[organisations]]\nx = 1\n", "organisations[0]: unknown keys"),
+    ]:
+        assert old in text, old
+        bad.write_text(text.replace(old, new, 1))
+        code, out = run("genesis", "show", str(bad))
+        assert code == 2 and message in out, out
