@@ -685,22 +685,24 @@ class Validator:
         healed = self.blocked - set(peers)
         self.blocked = set(peers)
         for j in sorted(healed):
-            try:
-                self._actor(f"mempool-{j}").announce_held.remote(self.index)
-            except ValueError:  # down: a mempool restarted holds nothing from before
-                continue
+            self._ask_held(j)
+
+    def _ask_held(self, mempool: int) -> bool:
+        """Ask ``mempool`` to send this validator every batch it holds in flight
+        (``Mempool.announce_held``); False if it is down (a mempool restarted holds nothing
+        from before)."""
+        try:
+            self._actor(f"mempool-{mempool}").announce_held.remote(self.index)
+        except ValueError:
+            return False
+        return True
 
     def _ask_backlog(self, mempool: int) -> None:
         """Ask ``mempool`` for every batch it holds in flight (``Mempool.announce_held``):
         the batch ahead of one a proposal of ours holds back may have been lost here. Not
         across a partition: the heal asks."""
-        if mempool in self.blocked:
-            return
-        try:
-            self._actor(f"mempool-{mempool}").announce_held.remote(self.index)
-        except ValueError:  # down: a mempool restarted holds nothing from before
-            return
-        self.backlog_asked += 1
+        if mempool not in self.blocked and self._ask_held(mempool):
+            self.backlog_asked += 1
 
     async def set_strategy(self, strategy: str) -> None:
         if strategy not in ACTOR_STRATEGIES:

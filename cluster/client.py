@@ -71,11 +71,11 @@ def join_cluster(address: str, recorded_in: Path | None = None) -> None:
     restarted) fails at once with ``ConnectionError``: Ray itself retries for minutes, and
     `rayledger status` on a stale record hung for more than five. ``auto`` and ``ray://``
     addresses go to Ray as they are."""
-    host, sep, port = address.rpartition(":")
-    if address != "auto" and "://" not in address and not (host and port.isdigit()):
-        where = f" (recorded in {recorded_in / 'ray_address'})" if recorded_in else ""
-        raise ConnectionError(f"{address!r} is not a Ray address HOST:PORT{where}")
-    if sep and port.isdigit() and "://" not in address:
+    if address != "auto" and "://" not in address:
+        host, _, port = address.rpartition(":")
+        if not (host and port.isdigit()):
+            where = f" (recorded in {recorded_in / 'ray_address'})" if recorded_in else ""
+            raise ConnectionError(f"{address!r} is not a Ray address HOST:PORT{where}")
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
         except OSError as exc:
@@ -85,6 +85,13 @@ def join_cluster(address: str, recorded_in: Path | None = None) -> None:
                 f"({exc.strerror or type(exc).__name__}); start it with `rayledger up`"
             ) from None
     ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+
+
+def check_validator(i: int, n: int) -> int:
+    """``i`` where it names one of a network's ``n`` validators, else ``ValueError``."""
+    if not 0 <= i < n:
+        raise ValueError(f"no validator {i}: the network has {n} (0 to {n - 1})")
+    return i
 
 
 class Client:
@@ -99,7 +106,7 @@ class Client:
         self.shards = int(settings.get("storage_shards", 0))
         if self.shards < 1:
             raise ValueError("this network has no storage shards to read from")
-        self.validator = self._check_validator(validator)
+        self.validator = check_validator(validator, self.n)
         self._next_mempool = itertools.cycle(range(self.n))
 
     @classmethod
@@ -128,13 +135,8 @@ class Client:
     def _actor(self, role: str) -> Any:
         return ray.get_actor(f"{self.name}-{role}", namespace=NAMESPACE)
 
-    def _check_validator(self, i: int) -> int:
-        if not 0 <= i < self.n:
-            raise ValueError(f"no validator {i}: the network has {self.n} (0 to {self.n - 1})")
-        return i
-
     def _shard(self, k: int, validator: int | None = None) -> Any:
-        v = self.validator if validator is None else self._check_validator(validator)
+        v = self.validator if validator is None else check_validator(validator, self.n)
         return self._actor(f"shard-{v}-{k}")
 
     # ---- writing -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from rayledger.actors.mempool import Admission, Mempool
 from rayledger.actors.storage.shard import StorageShard
 from rayledger.actors.validator import ACTOR_STRATEGIES, Validator
 from rayledger.actors.verifier import Verifier
+from rayledger.cluster.client import check_validator
 from rayledger.cluster.network import NetworkSpec, make_genesis
 from rayledger.config import Genesis, load_genesis
 from rayledger.consensus import CoreConfig
@@ -416,8 +417,7 @@ class Network:
     # ---- faults (``rayledger chaos``): each checks its arguments before it changes anything ----
 
     def _check_validator(self, i: int) -> None:
-        if not 0 <= i < self.n:
-            raise ValueError(f"no validator {i}: the network has {self.n} (0 to {self.n - 1})")
+        check_validator(i, self.n)
 
     def kill(self, i: int) -> None:
         """Crash validator ``i``: its process dies, its disk stays."""

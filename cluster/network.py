@@ -95,12 +95,17 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
-def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
+def _tables(doc: dict[str, Any], key: str, source: str) -> list[Any]:
+    """``[[key]]`` of a config (none: empty); anything but an array is an error."""
     items = doc.get(key, [])
     if not isinstance(items, list):
         raise ConfigError(f"{source}: {key} must be an array of tables ([[{key}]])")
+    return items
+
+
+def _members(doc: dict[str, Any], key: str, source: str) -> tuple[Member, ...]:
     out = []
-    for i, m in enumerate(items):
+    for i, m in enumerate(_tables(doc, key, source)):
         where = f"{source}: {key}[{i}]"
         if not isinstance(m, dict) or "name" not in m or "org" not in m:
             raise ConfigError(f"{where} needs a name and an org")
@@ -154,9 +159,7 @@ def load_network(path: str | Path) -> NetworkSpec:
         raise ConfigError(f"{path}: placement must be virtual, labels or none")
     links = []
     sites = {v.site for v in validators}
-    if not isinstance(doc.get("links", []), list):
-        raise ConfigError(f"{path}: links must be an array of tables ([[links]])")
-    for i, link in enumerate(doc.get("links", [])):
+    for i, link in enumerate(_tables(doc, "links", str(path))):
         if isinstance(link, dict):
             only_known(link, {"a", "b", "latency_ms"}, f"{path}: links[{i}]")
         try:
