@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from rayledger.block import BlockHeader, QuorumCert, make_bitmap, vote_message
+from rayledger.codec import var_bytes
 from rayledger.config import ValidatorSet
 from rayledger.consensus.messages import (
     Action,
@@ -657,7 +658,8 @@ class Core:
                     return None
                 items.append((voter, vote_message(self.chain_id, block_hash, round_), sig))
             case TimeoutMsg(sender=sender, signature=sig, round=round_, high_qc=qc):
-                if not 0 <= sender < n or len(sig) != 64:
+                # A timeout of round r carries a QC below r (the timeout rule)
+                if not 0 <= sender < n or len(sig) != 64 or qc.round >= round_:
                     return None
                 items.append((sender, timeout_message(self.chain_id, round_, qc.round), sig))
             case SyncRequest(requester=requester, signature=sig):
@@ -691,12 +693,12 @@ class Core:
         return items
 
     def _cert_items(self, cert: QuorumCert | TimeoutCert) -> list[_Item] | None:
-        if _cert_key(cert) in self.verified_certs:
-            return []
         if isinstance(cert, QuorumCert) and cert.round == 0 and not cert.signers:
             # Verify the unsigned certificate is only ever the genesis one
             ok = cert.block_hash == self.genesis.hash and not cert.signatures
             return [] if ok else None
+        # The shape is checked before the cache is asked, every time: a certificate that is
+        # not well formed is refused even if its key were to match a verified one
         n = self.vs.n
         if len(cert.signers) != -(-n // 8):
             return None
@@ -706,11 +708,17 @@ class Core:
             return None
         if len(cert.signatures) != len(signers):
             return None
+        if isinstance(cert, TimeoutCert) and (
+            len(cert.high_qc_rounds) != len(signers)
+            # A timeout of round r is only ever sent with a QC below r (the timeout rule)
+            or any(hqr >= cert.round for hqr in cert.high_qc_rounds)
+        ):
+            return None
+        if _cert_key(cert) in self.verified_certs:
+            return []
         if isinstance(cert, QuorumCert):
             msg = vote_message(self.chain_id, cert.block_hash, cert.round)
             return [(i, msg, s) for i, s in zip(signers, cert.signatures, strict=True)]
-        if len(cert.high_qc_rounds) != len(signers):
-            return None
         return [
             (i, timeout_message(self.chain_id, cert.round, hqr), s)
             for i, hqr, s in zip(signers, cert.high_qc_rounds, cert.signatures, strict=True)
@@ -1355,16 +1363,23 @@ def _certs_of(message: Message) -> list[QuorumCert | TimeoutCert]:
 
 
 def _cert_key(cert: QuorumCert | TimeoutCert) -> bytes:
-    h = hashlib.sha256()
+    """The verified-certificate cache's key: every field and every list length prefixed, so
+    that no two different certificates share one. (Without the prefixes, a TC whose high QC
+    rounds were moved into its signer bitmap hashed like the genuine TC it was made from, and
+    passed as verified with no high QC rounds: the vote rule after a timeout let a proposal
+    on genesis through, and honest validators forked.)"""
+
+    def num(value: int) -> bytes:  # any int: a certificate made in process need not fit u64
+        return str(value).encode()
+
     if isinstance(cert, QuorumCert):
-        h.update(b"qc" + cert.block_hash + cert.round.to_bytes(8, "big") + cert.signers)
+        parts = [b"qc", cert.block_hash, num(cert.round), cert.signers]
     else:
-        h.update(b"tc" + cert.round.to_bytes(8, "big") + cert.signers)
-        for r in cert.high_qc_rounds:
-            h.update(r.to_bytes(8, "big"))
-    for s in cert.signatures:
-        h.update(s)
-    return h.digest()
+        parts = [b"tc", num(cert.round), cert.signers, num(len(cert.high_qc_rounds))]
+        parts.extend(num(r) for r in cert.high_qc_rounds)
+    parts.append(num(len(cert.signatures)))
+    parts.extend(cert.signatures)
+    return hashlib.sha256(b"".join(var_bytes(p) for p in parts)).digest()
 
 
 __all__ = [

@@ -37,6 +37,7 @@ from rayledger.consensus.messages import (
     TimeoutCert,
     TimeoutMsg,
     Vote,
+    bitmap_indices,
 )
 from rayledger.errors import DecodeError, UnknownVersion, WrongLength
 
@@ -74,6 +75,14 @@ def _read_tc(r: Reader) -> TimeoutCert:
     rounds = tuple(inner.u64("high qc round") for _ in range(inner.u16("high qc rounds")))
     sigs = tuple(inner.fixed(64, "signature") for _ in range(inner.u16("signatures")))
     inner.finish()
+    # One high QC round and one signature per signer, as a QC's signatures are tied to its
+    # bitmap: the counts are separate fields only for the reader's sake
+    count = len(bitmap_indices(signers))
+    if len(rounds) != count or len(sigs) != count:
+        raise DecodeError(
+            f"timeout certificate: {count} signers, {len(rounds)} high qc rounds,"
+            f" {len(sigs)} signatures"
+        )
     return TimeoutCert(round_, signers, rounds, sigs)
 
 
