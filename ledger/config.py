@@ -16,7 +16,7 @@ import tomli_w
 
 from rayledger.block import BlockHeader, genesis_header
 from rayledger.codec import u32, u64
-from rayledger.crypto import small_order_mask
+from rayledger.crypto import is_curve_point, small_order_mask
 from rayledger.errors import ConfigError
 from rayledger.execution import Account, genesis_state
 from rayledger.tx import DEFAULT_MAX_PAYLOAD
@@ -119,6 +119,19 @@ class Genesis:
             raise ConfigError("chain_id must be 32 bytes")
         if self.genesis_time_ms <= 0:
             raise ConfigError("genesis_time_ms must be positive")
+        # Checked here, not in ValidatorSet: the simulator's validator sets hold MAC keys
+        for v in self.validators.validators:
+            if not is_curve_point(v.public_key):
+                raise ConfigError(f"validator {v.name}'s public key is not a point on Ed25519")
+        for o in self.organisations:
+            for j, m in enumerate(o.members):
+                if not is_curve_point(m):
+                    raise ConfigError(
+                        f"organisation {o.name}'s member {j} is not a point on Ed25519"
+                    )
+        for a in self.accounts:
+            if not is_curve_point(a.public_key):
+                raise ConfigError(f"account {a.public_key.hex()} is not a point on Ed25519")
 
     @cached_property
     def header(self) -> BlockHeader:
@@ -299,6 +312,18 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
         limits,
         tuple(accounts),
     )
+    # The id commits to the name, the time and the validator set (derive_chain_id): a copy
+    # whose validators were edited by hand but whose id was kept would share its id, and so
+    # its signed transactions, with another chain
+    expected = derive_chain_id(
+        genesis.chain_name, genesis.genesis_time_ms, [v.public_key for v in validators]
+    )
+    if genesis.chain_id != expected:
+        raise ConfigError(
+            f"{source}: chain_id {genesis.chain_id.hex()} is not the one its chain_name,"
+            f" genesis_time_ms and validators' keys give ({expected.hex()}): was the file"
+            " edited by hand? Make it again with `rayledger genesis new`"
+        )
     return genesis
 
 

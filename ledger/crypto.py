@@ -55,6 +55,33 @@ def small_order_mask(public_keys: np.ndarray) -> np.ndarray:
     return out
 
 
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def is_curve_point(key: bytes) -> bool:
+    """Whether 32 bytes are the canonical encoding of a point on Ed25519 (RFC 8032, 5.1.3).
+
+    OpenSSL loads any 32 bytes as a public key and only fails each verification later, so a
+    key that is no point at all (a typo, a hash pasted by mistake) would make a validator that
+    can never vote, or an account nobody can spend from. Keys are few (a genesis file's), so
+    plain integers do: y below p, x^2 = (y^2 - 1) / (d y^2 + 1) a square, and not "-0"."""
+    if len(key) != 32:
+        return False
+    y = int.from_bytes(key, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    if y >= _P:
+        return False
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if (v * x * x - u) % _P:
+        x = x * _SQRT_M1 % _P
+        if (v * x * x - u) % _P:
+            return False
+    return not (x == 0 and sign)
+
+
 def generate_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 

@@ -30,6 +30,7 @@ from rayledger.config import (
 from rayledger.crypto import (
     SMALL_ORDER_KEYS,
     generate_key,
+    is_curve_point,
     key_from_seed,
     public_bytes,
     read_key_file,
@@ -41,10 +42,13 @@ from rayledger.execution import Account, genesis_state
 _hyp = settings(max_examples=30, deadline=None)
 
 
+def _key(i: int) -> bytes:
+    """A real public key (a point on the curve, as a genesis requires), made from seed i."""
+    return public_bytes(key_from_seed(bytes([i]) * 32))
+
+
 def _vals(n: int) -> tuple[Validator, ...]:
-    return tuple(
-        Validator(f"v{i}", bytes([i + 1]) * 32, f"org{i % 2}", f"site{i}") for i in range(n)
-    )
+    return tuple(Validator(f"v{i}", _key(i + 1), f"org{i % 2}", f"site{i}") for i in range(n))
 
 
 def _assert_config_error(fn: Any, *args: Any) -> ConfigError:
@@ -138,7 +142,7 @@ def test_new_genesis() -> None:
 
 
 def test_genesis_accounts_round_trip_and_commit_to_state_root() -> None:
-    accounts = (Account(b"\x01" * 32, 10), Account(b"\x02" * 32, 0))
+    accounts = (Account(_key(1), 10), Account(_key(2), 0))
     g = new_genesis("acc", list(_vals(4)), 5, accounts=accounts)
     back = parse_genesis(g.to_toml())
     assert back.accounts == accounts
@@ -200,7 +204,7 @@ _names = st.text(max_size=12)
 def _genesis_docs(draw: st.DrawFn) -> Genesis:
     n = draw(st.integers(1, 6))
     names = draw(st.lists(_names, min_size=n, max_size=n, unique=True))
-    key = st.binary(min_size=32, max_size=32).filter(lambda k: k not in SMALL_ORDER_KEYS)
+    key = st.binary(min_size=32, max_size=32).map(lambda seed: public_bytes(key_from_seed(seed)))
     keys = draw(st.lists(key, min_size=n, max_size=n, unique=True))
     vals = [Validator(nm, k, draw(_names), draw(_names)) for nm, k in zip(names, keys, strict=True)]
     orgs = draw(
@@ -208,7 +212,7 @@ def _genesis_docs(draw: st.DrawFn) -> Genesis:
             st.builds(
                 Organisation,
                 _names,
-                st.lists(st.binary(min_size=32, max_size=32), max_size=3).map(tuple),
+                st.lists(key, max_size=3).map(tuple),
             ),
             max_size=3,
         )
@@ -252,17 +256,20 @@ def test_derive_chain_id_is_injective() -> None:
 # ---- load_genesis rejections --------------------------------------------------------------
 
 
+KA, KB = _key(0x11), _key(0x22)
+
+
 def _doc() -> dict[str, Any]:
     return {
         "chain_name": "c",
-        "chain_id": "ab" * 32,
+        "chain_id": derive_chain_id("c", 5, [KA, KB]).hex(),
         "genesis_time_ms": 5,
         "limits": {"max_payload_bytes": 10},
         "validators": [
-            {"name": "a", "public_key": "11" * 32, "org": "o", "site": "s"},
-            {"name": "b", "public_key": "22" * 32},
+            {"name": "a", "public_key": KA.hex(), "org": "o", "site": "s"},
+            {"name": "b", "public_key": KB.hex()},
         ],
-        "organisations": [{"name": "o", "members": ["11" * 32]}],
+        "organisations": [{"name": "o", "members": [KA.hex()]}],
     }
 
 
@@ -274,10 +281,10 @@ def _load(tmp_path: Path, doc: dict[str, Any] | str) -> Genesis:
 
 def test_load_genesis_minimal_doc(tmp_path: Path) -> None:
     g = _load(tmp_path, _doc())
-    assert g.chain_id == b"\xab" * 32
+    assert g.chain_id == derive_chain_id("c", 5, [KA, KB])
     assert g.validators.n == 2
-    assert g.validators.validators[0] == Validator("a", b"\x11" * 32, "o", "s")
-    assert g.organisations == (Organisation("o", (b"\x11" * 32,)),)
+    assert g.validators.validators[0] == Validator("a", KA, "o", "s")
+    assert g.organisations == (Organisation("o", (KA,)),)
     assert g.limits == Limits(max_payload_bytes=10)
 
 
@@ -338,7 +345,7 @@ def _edit(path: str, value: Any) -> dict[str, Any]:
         ("validators.0.public_key", 7),
         ("validators.0.public_key", _DELETE),
         ("validators.0.name", _DELETE),
-        ("validators.1.public_key", "11" * 32),
+        ("validators.1.public_key", KA.hex()),
         ("validators.1.name", "a"),
         ("organisations.0.name", _DELETE),
         ("organisations.0.members", ["11" * 31]),
@@ -447,3 +454,56 @@ def test_a_small_order_validator_key_is_refused() -> None:
     weak = Validator("weak", bytes.fromhex("01" + "00" * 31))
     with pytest.raises(ConfigError, match="weak's public key is a point of small order"):
         ValidatorSet((*good, weak))
+
+
+# ---- keys that are no point, and chain ids that were not derived --------------------------
+
+
+def test_is_curve_point() -> None:
+    keys = [public_bytes(generate_key()) for _ in range(50)]
+    assert all(is_curve_point(k) for k in keys)
+    # -P is a point too (the sign bit flipped); x is never 0 for a real key
+    assert all(is_curve_point(k[:31] + bytes([k[31] ^ 0x80])) for k in keys)
+    assert not is_curve_point(b"\xab" * 32)  # y^2 - 1 / (d y^2 + 1) has no square root
+    assert not is_curve_point(keys[0][:31])
+    # Of the 14 encodings of small-order points, the 8 canonical ones decode: y >= p and "-0"
+    # (x = 0 with the sign bit set) do not
+    canonical = {k for k in SMALL_ORDER_KEYS if is_curve_point(k)}
+    assert len(canonical) == 8
+    assert bytes.fromhex("ed" + "ff" * 30 + "7f") not in canonical  # y = p
+    assert bytes.fromhex("01" + "00" * 30 + "80") not in canonical  # y = 1, x = -0
+
+
+def test_a_key_that_is_no_point_is_refused_in_a_genesis() -> None:
+    off = b"\xab" * 32
+    vals = (*_vals(3), Validator("typo", off))
+    ValidatorSet(vals)  # the simulator's sets hold MAC keys, so the set itself allows it
+    with pytest.raises(ConfigError, match="validator typo's public key is not a point"):
+        new_genesis("c", vals, 5)
+    with pytest.raises(ConfigError, match="organisation o's member 1 is not a point"):
+        new_genesis("c", _vals(4), 5, [Organisation("o", (_key(1), off))])
+    with pytest.raises(ConfigError, match=f"account {off.hex()} is not a point"):
+        new_genesis("c", _vals(4), 5, accounts=[Account(_key(1), 3), Account(off, 1)])
+
+
+def test_load_genesis_refuses_a_key_that_is_no_point(tmp_path: Path) -> None:
+    doc = _doc()
+    doc["validators"][1]["public_key"] = "ab" * 32
+    doc["chain_id"] = derive_chain_id("c", 5, [KA, b"\xab" * 32]).hex()
+    with pytest.raises(ConfigError, match="validator b's public key is not a point"):
+        _load(tmp_path, doc)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("chain_id", "ab" * 32),
+        ("chain_name", "d"),
+        ("genesis_time_ms", 6),
+        ("validators.1.public_key", _key(0x33).hex()),
+        ("validators", [{"name": "a", "public_key": KA.hex()}]),
+    ],
+)
+def test_load_genesis_refuses_a_chain_id_not_derived(tmp_path: Path, path: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match="chain_id [0-9a-f]{64} is not the one its chain_name"):
+        _load(tmp_path, _edit(path, value))
