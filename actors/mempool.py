@@ -134,6 +134,8 @@ def decode_batch_frame(
 ) -> tuple[bytes, int, bytes | None, pa.RecordBatch]:
     """(digest, sealing number, seal tag or None, batch) of a batch frame, or ``ValueError``
     naming the problem (the batch's own checks come after, as for one read by reference)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"a batch frame is bytes, not {type(data).__name__}")
     if len(data) < BATCH_FRAME.size:
         raise ValueError(f"batch frame of {len(data)} bytes is shorter than its header")
     digest, seq, tagged = BATCH_FRAME.unpack_from(data)

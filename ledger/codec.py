@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 
-from rayledger.errors import TrailingBytes, TruncatedInput, WrongLength
+from rayledger.errors import DecodeError, TrailingBytes, TruncatedInput, WrongLength
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
@@ -53,7 +53,14 @@ class Reader:
     __slots__ = ("_data", "_pos", "_what")
 
     def __init__(self, data: bytes | memoryview, what: str) -> None:
-        self._data = memoryview(data)
+        view = memoryview(data)
+        if view.format not in ("B", "b", "c") or view.ndim != 1:
+            # Offsets below count bytes: a buffer of wider items (an array of u32) is bytes too
+            try:
+                view = view.cast("B")
+            except TypeError:
+                raise DecodeError(f"{what}: not a contiguous byte buffer") from None
+        self._data = view
         self._pos = 0
         self._what = what
 

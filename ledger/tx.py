@@ -299,6 +299,8 @@ def validate_batch(
     foreign chain id. Any supplied ``tx_id`` column is replaced by ids recomputed here. The
     result owns its buffers (``compact_batch``).
     """
+    if not isinstance(batch, pa.RecordBatch):
+        raise SchemaMismatch(f"a TxBatch is an Arrow record batch, not {type(batch).__name__}")
     names = [f.name for f in BODY_FIELDS]
     got = [f.name for f in batch.schema if f.name != "tx_id"]
     # Verify the batch has exactly the TxBatch columns, each once
@@ -320,7 +322,10 @@ def validate_batch(
         if batch.column(name).null_count:
             raise SchemaMismatch(f"column {name} contains nulls")
     chain = batch_chain_id(batch, chain_id)
-    _, poffsets = as_offsets_and_values(batch.column("payload"))
+    try:
+        _, poffsets = as_offsets_and_values(batch.column("payload"))
+    except ValueError as exc:  # offsets an Arrow object built without full validation holds
+        raise SchemaMismatch(f"column payload: {exc}") from None
     if batch.num_rows:
         longest = int(np.diff(poffsets).max())
         if longest > max_payload:
@@ -381,17 +386,65 @@ def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _costly_message(meta: bytes) -> str | None:
+    """What in an IPC message's flatbuffer metadata (Message.fbs) would make the reader
+    allocate more than the stream's own size, or None: a big-endian schema (every buffer is
+    swapped into a copy), a dictionary batch (deltas are concatenated anew each time), a
+    compressed body (a few KB inflate to GBs). This project writes none of them."""
+
+    def field(table: int, index: int) -> int | None:
+        vtable = table - struct.unpack_from("<i", meta, table)[0]
+        if 4 + 2 * index + 2 > struct.unpack_from("<H", meta, vtable)[0]:
+            return None
+        offset = struct.unpack_from("<H", meta, vtable + 4 + 2 * index)[0]
+        return table + offset if offset else None
+
+    def deref(pos: int) -> int:
+        return pos + struct.unpack_from("<I", meta, pos)[0]
+
+    root = deref(0)
+    kind, header = field(root, 1), field(root, 2)
+    if kind is None or header is None:
+        return None
+    table = deref(header)
+    if meta[kind] == 1:  # Schema: field 0 is its endianness (0: little)
+        endianness = field(table, 0)
+        if endianness is not None and struct.unpack_from("<h", meta, endianness)[0] != 0:
+            return "a big-endian schema"
+    elif meta[kind] == 2:
+        return "a dictionary batch"
+    elif meta[kind] == 3 and field(table, 3) is not None:  # RecordBatch: 3 is compression
+        return "a compressed record batch"
+    return None
+
+
 def batch_from_ipc(data: bytes | pa.Buffer, *, max_rows: int | None = None) -> pa.RecordBatch:
     """Read one TxBatch from an Arrow IPC stream (several record batches are concatenated)."""
     try:
-        reader = pa.ipc.open_stream(pa.py_buffer(data) if isinstance(data, bytes) else data)
+        buf = pa.py_buffer(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        # Verify nothing in the stream makes reading it allocate more than its own size
+        for message in pa.ipc.MessageReader.open_stream(buf):
+            costly = _costly_message(message.metadata.to_pybytes())
+            if costly is not None:
+                raise DecodeError(f"Arrow IPC stream holds {costly}")
+        reader = pa.ipc.open_stream(buf)
         table = reader.read_all()
         # Verify every offset and length before anything indexes into the buffers
         table.validate(full=True)
-    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
+    except (
+        pa.ArrowException,
+        OSError,
+        UnicodeDecodeError,
+        ValueError,
+        struct.error,
+        IndexError,
+    ) as exc:
         raise DecodeError(f"not a valid Arrow IPC stream: {exc}") from exc
     if max_rows is not None and table.num_rows > max_rows:
         raise WrongLength(f"batch of {table.num_rows} rows exceeds the maximum {max_rows}")
+    # Verify no two arrays share body bytes: concatenating would copy them once per array
+    if table.nbytes > len(buf):
+        raise DecodeError(f"Arrow IPC stream of {len(buf)} bytes claims {table.nbytes}")
     combined = table.combine_chunks()
     batches = combined.to_batches()
     if not batches:
