@@ -13,6 +13,7 @@ drops what is stale, reports what is invalid as ``Rejected``, and never raises o
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
@@ -312,6 +313,9 @@ class Core:
         self.served: dict[int, dict[int, int]] = {}
         self.verified_certs: set[bytes] = set()
         self._out: list[Action] = []
+        self._restored: list[Proposal] = []
+        self._children: collections.deque[Proposal] = collections.deque()
+        self._taking_children = False
         self._restore(known_blocks)
 
     def _restore(self, proposals: Sequence[Proposal]) -> None:
@@ -323,9 +327,11 @@ class Core:
                 self.committed_log[b.height] = p
                 self.committed_hashes[b.hash] = b
                 self.committed_digests.update(dict.fromkeys(b.batch_digests, b.height))
-            elif self._header(b.parent_hash) is not None:
-                self.tree[b.hash] = p
-                self.proposal_at.setdefault((b.round, self.vs.index_of(b.proposer)), p)
+            else:
+                # Voted for, not committed: taken again at start as a certified block would be
+                # from a peer (its batches held, its payload checked by the builder), so that
+                # an adapter's builder knows it before it may commit
+                self._restored.append(p)
         self._windows.clear()
         self._seen_cache.clear()
         self._prune()
@@ -372,6 +378,21 @@ class Core:
             return base == self.index
         final, live, _ = self._window(round_)
         return _turn(round_, base, live) == self.index or (not final and base == self.index)
+
+    def _may_propose(self, round_: int) -> tuple[int, ...]:
+        """Whose proposals for ``round_`` this validator votes for: the leader, and the
+        schedule's (a validator whose commits lag proposes in its scheduled rounds until it
+        can tell). Where this validator cannot tell who leads, the guess from the chain it
+        holds stands for the leader: the others that cannot tell hold the same chain, or one
+        a few blocks apart, and guess alike. (It takes anyone's proposal then, to catch up
+        from, but no longer votes for anyone's: a Byzantine validator racing a competing
+        block to some of the voters in every such round, and each round after a timeout is
+        one, split the votes round after round, and no block was certified again.)"""
+        base = self.leaders.leader(round_)
+        if not self.cfg.leader_reputation:
+            return (base,)
+        _, live, _ = self._window(round_)
+        return (base, _turn(round_, base, live))
 
     def _leader_known(self, round_: int) -> bool:
         """Can this validator tell who leads ``round_`` (see ``leader``)?"""
@@ -489,6 +510,11 @@ class Core:
         leader proposes at once, even an empty block: the others' timers for that round run
         from their own start, and with this leader's idle wait and then the next leader's
         the round would outlast its timeout (every network's first round did)."""
+        # The blocks this validator voted for before a restart, first: after every validator
+        # restarted at once, the block the highest QC certifies may be kept nowhere else
+        restored, self._restored = self._restored, []
+        for p in restored:
+            self._process_proposal(p, certified=True)
         start = max(self.high_qc.round, self.last_tc.round if self.last_tc else 0) + 1
         via_tc = self.last_tc if self.last_tc and self.last_tc.round + 1 == start else None
         self._enter_round(start, via_tc, wait_if_idle=False)
@@ -784,8 +810,7 @@ class Core:
         if (
             not certified
             and b.hash not in self.qcs
-            and proposer != self.leader(b.round)
-            and proposer != self.leaders.leader(b.round)
+            and proposer not in self._may_propose(b.round)
             and self._leader_known(b.round)
         ):
             return self._reject(f"proposal for round {b.round} not from its leader", proposer)
@@ -850,11 +875,25 @@ class Core:
         qc = self.qcs.get(b.hash)
         if qc is not None:
             self._try_commit(qc)
-        for child in self.waiting_parent.pop(b.hash, []):
-            self._process_proposal(child)
+        self._take_children(self.waiting_parent.pop(b.hash, []))
         if self.propose_blocked and b.hash == self.high_qc.block_hash:
             self._propose()
         return None
+
+    def _take_children(self, children: list[Proposal]) -> None:
+        """Process proposals that waited for a parent just admitted. In a loop, not by
+        recursion: a chain that waited block on block (a validator hundreds of blocks behind,
+        its backward sync connecting) nested a call per block and raised RecursionError out of
+        ``on_messages`` at about 330 blocks."""
+        self._children.extend(children)
+        if self._taking_children:
+            return  # the loop below, further up this call, takes them
+        self._taking_children = True
+        try:
+            while self._children:
+                self._process_proposal(self._children.popleft())
+        finally:
+            self._taking_children = False
 
     def _is_ordered(self, digest: bytes, branch: set[bytes]) -> bool:
         """Was this batch ordered on the branch, or committed within the window? (The window is
@@ -1040,6 +1079,8 @@ class Core:
             del self.timeouts[r]
         for at in [at for at in self.proposal_at if at[0] < keep]:
             del self.proposal_at[at]
+        for seen in [e for e in self.evidence_seen if e[2] < keep]:
+            self.evidence_seen.discard(seen)
         self.formed_qc_rounds = {r for r in self.formed_qc_rounds if r >= round_ - 1}
         self.formed_tc_rounds = {r for r in self.formed_tc_rounds if r >= round_ - 1}
         self._out.append(SetTimer(round_, self._timeout_ms()))
@@ -1223,6 +1264,8 @@ class Core:
             or (tc is not None and tc.round + 1 == b.round and qc.round >= tc.max_high_qc_round)
         ):
             return
+        if self.vs.index_of(b.proposer) not in self._may_propose(b.round):
+            return
         ahead = b.timestamp_ms - self.now_ms
         if ahead > self.cfg.max_clock_ahead_ms and b.hash not in self.qcs:
             proposer = self.vs.index_of(b.proposer)
@@ -1256,9 +1299,16 @@ class Core:
         # Votes go to the leader of the next round; anyone else ignores them, but for the
         # schedule's leader and one that cannot tell who leads (``leader``): a voter whose
         # commits lag sends its vote there, and a QC is sound whoever formed it
-        if v.round + 1 < self.round or (
-            self.index not in (self.leader(v.round + 1), self.leaders.leader(v.round + 1))
-            and self._leader_known(v.round + 1)
+        # Nor a vote of a round far ahead, that only its certificate could bring this
+        # validator to: kept, votes for rounds a Byzantine validator picks (each one signature)
+        # grew its memory without bound
+        if (
+            v.round + 1 < self.round
+            or v.round > self.round + self.cfg.evidence_window
+            or (
+                self.index not in (self.leader(v.round + 1), self.leaders.leader(v.round + 1))
+                and self._leader_known(v.round + 1)
+            )
         ):
             return
         first = self.vote_by.get((v.round, v.voter))
@@ -1316,7 +1366,9 @@ class Core:
         self._process_qc(t.high_qc)
         if t.last_tc is not None:
             self._process_tc(t.last_tc)
-        if t.round < self.round:
+        # Its certificates are taken; its round is kept only near this validator's (see
+        # ``_process_vote``)
+        if t.round < self.round or t.round > self.round + self.cfg.evidence_window:
             return
         bucket = self.timeouts.setdefault(t.round, {})
         if t.sender in bucket:
