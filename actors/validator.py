@@ -55,7 +55,7 @@ from rayledger.actors.storage.state import CommittedState
 from rayledger.actors.streams import StreamSender, StreamServer, parse_endpoint
 from rayledger.block import BlockHeader, QuorumCert
 from rayledger.chain import LedgerBuilder, admit_batch
-from rayledger.codec import Reader, u64, var_bytes
+from rayledger.codec import Reader, u32, u64, var_bytes
 from rayledger.config import parse_genesis
 from rayledger.consensus import (
     Action,
@@ -88,7 +88,7 @@ from rayledger.crypto import Ed25519Signer, Ed25519Verifier, read_key_file
 from rayledger.errors import LedgerError, StoreError
 from rayledger.execution import StateView, Status, execute_block, genesis_state
 from rayledger.kernels import cpu_verify_work
-from rayledger.tx import TX_SCHEMA, compact_batch, tx_ids_of
+from rayledger.tx import TX_SCHEMA, batch_from_ipc, batch_to_ipc, compact_batch, tx_ids_of
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,13 @@ SHARD_PUSH_DELAY_S = 0.1
 REORDER_WAIT_S = 30.0
 # Wall-clock commit times kept in memory (for load generators polling ``committed_since``).
 COMMIT_TIMES_KEEP = 65_536
+# The safety record also keeps the proposals voted for and not yet committed, with their
+# batches (``_safety_record``): after every validator restarted at once (a power cut, a Ray
+# cluster lost, `rayledger down` killing them in turn), the block the highest QC certifies
+# was kept by nobody, and no leader could extend it: the chain stopped for good. Usually one
+# or two; at most this many, the newest
+VOTED_KEEP = 8
+SAFETY_WITH_VOTES = b"RLSV"
 # Transaction ids of the latest committed blocks kept in memory (for ``committed_since``)
 COMMIT_IDS_KEEP_ROWS = 1_000_000
 # Pieces of evidence kept in memory (all are counted)
@@ -316,7 +323,13 @@ class Validator:
             maxlen=CoreConfig().committed_window
         )
         self._proposal_log_count = 0
+        # Proposals voted for and not committed, and their batches (``_safety_record``)
+        self.voted: dict[bytes, Proposal] = {}
+        self.voted_ipc: dict[bytes, bytes] = {}
+        self.voted_batches: dict[bytes, pa.RecordBatch] = {}
         persisted, known = self._load_consensus()
+        known = [p for p in known if p.block.height <= head.height]
+        known += [p for p in self.voted.values() if p.block.height > head.height]
         self.core = Core(
             validators=self.genesis.validators,
             index=index,
@@ -338,7 +351,7 @@ class Validator:
             ),
             persisted=persisted,
             committed_head=head,
-            known_blocks=[p for p in known if p.block.height <= head.height],
+            known_blocks=known,
         )
         # Timers set by the core, with their rounds: those of rounds the core has left are
         # cancelled (it would drop them when they fire; each firing wakes this process)
@@ -482,13 +495,56 @@ class Validator:
     def _load_consensus(self) -> tuple[SafetyState | None, list[Proposal]]:
         state = None
         data = self.safety_file.read()
-        if data is not None:
+        if data is not None and data.startswith(SAFETY_WITH_VOTES):
+            state = self._read_safety_record(data)
+        elif data is not None:  # the form before the voted proposals were kept
             state = decode_safety(data)
         window = CoreConfig().committed_window
         records = _read_records(self.dir / "proposals.log")
         self._proposal_log_count = len(records)
         self._recent_proposals.extend(records[-window:])
         return state, [decode_proposal(r) for r in records[-window:]]
+
+    def _safety_record(self, state: SafetyState, voted: Proposal | None) -> bytes:
+        """The safety state, and the proposals voted for above the committed head with the
+        batches they name (those held: a batch not held here is one peers must serve), in one
+        record: one write, one fsync, before the vote leaves."""
+        if voted is not None:
+            self.voted[voted.block.hash] = voted
+        low = self.core.committed.height
+        for h in [h for h, p in self.voted.items() if p.block.height <= low]:
+            del self.voted[h]
+        while len(self.voted) > VOTED_KEEP:
+            _pop_first(self.voted)
+        named = {d for p in self.voted.values() for d in p.block.batch_digests}
+        for d in [d for d in self.voted_ipc if d not in named]:
+            del self.voted_ipc[d]
+        parts = [SAFETY_WITH_VOTES, var_bytes(encode_safety(state)), u32(len(self.voted))]
+        for p in self.voted.values():
+            held = []
+            for d in p.block.batch_digests:
+                if d not in self.voted_ipc and d in self.batches:
+                    self.voted_ipc[d] = batch_to_ipc(self.batches[d])
+                if d in self.voted_ipc:
+                    held.append(var_bytes(d) + var_bytes(self.voted_ipc[d]))
+            parts += [var_bytes(encode_proposal(p)), u32(len(held)), *held]
+        return b"".join(parts)
+
+    def _read_safety_record(self, data: bytes) -> SafetyState:
+        """The state of a ``_safety_record``; its proposals and batches go to ``voted`` and
+        ``voted_batches`` (the core and the batch map take them at start)."""
+        r = Reader(data[len(SAFETY_WITH_VOTES) :], "safety record")
+        state = decode_safety(r.var_bytes("safety state"))
+        for _ in range(r.u32("voted proposals")):
+            p = decode_proposal(r.var_bytes("voted proposal"))
+            self.voted[p.block.hash] = p
+            for _ in range(r.u32("batches")):
+                digest = bytes(r.var_bytes("batch digest"))
+                raw = bytes(r.var_bytes("batch"))
+                self.voted_ipc[digest] = raw
+                self.voted_batches[digest] = batch_from_ipc(raw)
+        r.finish()
+        return state
 
     def _import_commit_log(self) -> None:
         """Move the proofs of a commits.log (where earlier versions kept them) into the store."""
@@ -661,6 +717,11 @@ class Validator:
             self._shard_tasks.append(loop.create_task(self._push_shard(k)))
         self._wake_shards()
         self.core.tick(self._clock_ms())  # a first proposal's timestamp
+        # The batches of the blocks voted for before a restart, for the core's start to
+        # take those blocks again (checked when they were voted for, kept on this disk)
+        restored, self.voted_batches = self.voted_batches, {}
+        for digest, batch in restored.items():
+            self._hold(digest, batch)
         self._run(self.core.start())
 
     def _actor(self, role: str) -> Any:
@@ -1116,10 +1177,10 @@ class Validator:
         commits: list[Commit] = []
         for action in actions:
             match action:
-                case Persist(state=state):
+                case Persist(state=state, proposal=voted):
                     self._flush(outbox)
                     try:
-                        self.safety_file.write(encode_safety(state))
+                        self.safety_file.write(self._safety_record(state, voted))
                     except OSError as exc:  # the vote it guards never leaves
                         stop_on_disk_failure(f"validator {self.index}", exc)
                 case Broadcast(message=msg):

@@ -159,6 +159,8 @@ def test_a_vote_whose_safety_state_cannot_be_written_never_leaves(
     v = Validator.__new__(Validator)
     v.index = 0
     v.safety_file = FullDisk()  # type: ignore[assignment]
+    v.voted, v.voted_ipc, v.batches = {}, {}, {}
+    v.core = SimpleNamespace(committed=keys.genesis)  # type: ignore[assignment]
     v._flush = lambda outbox: sent.append({k: list(m) for k, m in outbox.items()})  # type: ignore[method-assign]
     with pytest.raises(_Exited):
         v._run([Persist(SafetyState(1, 0, keys.qc(keys.genesis), None), p1), Send(3, vote)])
