@@ -281,6 +281,8 @@ class Core:
         self.vote_by: dict[tuple[int, int], Vote] = {}
         self.formed_qc_rounds: set[int] = set()
         self.timeouts: dict[int, dict[int, tuple[int, bytes]]] = {}
+        # The highest QC the timeouts of each round carried (its TC carries it)
+        self.timeout_qcs: dict[int, QuorumCert] = {}
         self.formed_tc_rounds: set[int] = set()
         self.own_timeout: TimeoutMsg | None = None
         self.proposal_at: dict[tuple[int, int], Proposal] = {}
@@ -738,6 +740,9 @@ class Core:
             len(cert.high_qc_rounds) != len(signers)
             # A timeout of round r is only ever sent with a QC below r (the timeout rule)
             or any(hqr >= cert.round for hqr in cert.high_qc_rounds)
+            # It carries the highest QC reported: no round without a QC behind it
+            or not isinstance(cert.high_qc, QuorumCert)
+            or cert.high_qc.round != max(cert.high_qc_rounds)
         ):
             return None
         if _cert_key(cert) in self.verified_certs:
@@ -745,7 +750,11 @@ class Core:
         if isinstance(cert, QuorumCert):
             msg = vote_message(self.chain_id, cert.block_hash, cert.round)
             return [(i, msg, s) for i, s in zip(signers, cert.signatures, strict=True)]
-        return [
+        assert cert.high_qc is not None
+        qc_items = self._cert_items(cert.high_qc)
+        if qc_items is None:
+            return None
+        return qc_items + [
             (i, timeout_message(self.chain_id, cert.round, hqr), s)
             for i, hqr, s in zip(signers, cert.high_qc_rounds, cert.signatures, strict=True)
         ]
@@ -988,6 +997,9 @@ class Core:
             self._enter_round(qc.round + 1, None)
 
     def _process_tc(self, tc: TimeoutCert) -> None:
+        if tc.high_qc is not None:
+            # The QC that the vote rule after this TC asks a proposal to reach
+            self._process_qc(tc.high_qc)
         if self.last_tc is None or tc.round > self.last_tc.round:
             self.last_tc = tc
         if tc.round >= self.round:
@@ -1077,6 +1089,7 @@ class Core:
             del self.vote_by[key2]
         for r in [r for r in self.timeouts if r < round_ - 1]:
             del self.timeouts[r]
+            self.timeout_qcs.pop(r, None)
         for at in [at for at in self.proposal_at if at[0] < keep]:
             del self.proposal_at[at]
         for seen in [e for e in self.evidence_seen if e[2] < keep]:
@@ -1374,6 +1387,9 @@ class Core:
         if t.sender in bucket:
             return
         bucket[t.sender] = (t.high_qc.round, t.signature)
+        best = self.timeout_qcs.get(t.round)
+        if best is None or t.high_qc.round > best.round:
+            self.timeout_qcs[t.round] = t.high_qc
         # f+1 timeouts include an honest one: join, so a round with a silent leader ends fast
         if (
             len(bucket) > self.vs.f
@@ -1389,6 +1405,7 @@ class Core:
                 make_bitmap(signers, self.vs.n),
                 tuple(bucket[i][0] for i in signers),
                 tuple(bucket[i][1] for i in signers),
+                self.timeout_qcs[t.round],
             )
             self.verified_certs.add(_cert_key(tc))
             self._process_tc(tc)
@@ -1429,6 +1446,7 @@ def _cert_key(cert: QuorumCert | TimeoutCert) -> bytes:
     else:
         parts = [b"tc", num(cert.round), cert.signers, num(len(cert.high_qc_rounds))]
         parts.extend(num(r) for r in cert.high_qc_rounds)
+        parts.append(b"-" if cert.high_qc is None else _cert_key(cert.high_qc))
     parts.append(num(len(cert.signatures)))
     parts.extend(cert.signatures)
     return hashlib.sha256(b"".join(var_bytes(p) for p in parts)).digest()

@@ -56,12 +56,17 @@ def bitmap_indices(bitmap: bytes) -> list[int]:
 
 @dataclass(frozen=True)
 class TimeoutCert:
-    """2f+1 signed timeouts for one round; ``high_qc_rounds[i]`` belongs to the i-th signer."""
+    """2f+1 signed timeouts for one round; ``high_qc_rounds[i]`` belongs to the i-th signer.
+    ``high_qc`` is the highest of the QCs the signers' timeouts carried: its round is the
+    largest of ``high_qc_rounds`` (as in Aptos's two-chain timeout certificates). Without it,
+    a Byzantine signer could report a QC round nobody holds a QC for, and no leader could
+    then meet the vote rule after the timeout: the chain stopped for good."""
 
     round: int
     signers: bytes
     high_qc_rounds: tuple[int, ...]
     signatures: tuple[bytes, ...]
+    high_qc: QuorumCert | None = None
 
     def signer_indices(self) -> list[int]:
         return bitmap_indices(self.signers)

@@ -17,7 +17,7 @@ Layout (big-endian integers; ``var`` is a u32 length followed by the bytes)::
                  | signature 64
     5 SyncResp   u32 sender | u32 count | count x var(proposal body)
     tc           u64 round | u16 bitmap_len | bitmap | u16 count | count x u64 high_qc_round
-                 | count x signature 64
+                 | u16 count | count x signature 64 | var(qc: the highest reported)
     safety       u8 version | u64 highest_vote_round | u64 highest_qc_round
                  | u8 has_qc | [var(qc)] | u8 has_tc | [var(tc)]
 """
@@ -42,7 +42,7 @@ from rayledger.consensus.messages import (
 from rayledger.errors import DecodeError, UnknownVersion, WrongLength
 
 _PROPOSAL, _VOTE, _TIMEOUT, _SYNC_REQUEST, _SYNC_RESPONSE = 1, 2, 3, 4, 5
-SAFETY_VERSION = 1
+SAFETY_VERSION = 2
 # Bounds checked before anything is allocated
 MAX_MESSAGES = 1 << 16
 MAX_SYNC_PROPOSALS = 1 << 12
@@ -55,6 +55,8 @@ class UnknownMessage(DecodeError):
 
 
 def _tc(tc: TimeoutCert) -> bytes:
+    if tc.high_qc is None:
+        raise ValueError("a timeout certificate carries the highest QC its signers reported")
     return b"".join(
         [
             u64(tc.round),
@@ -64,16 +66,19 @@ def _tc(tc: TimeoutCert) -> bytes:
             *(u64(r) for r in tc.high_qc_rounds),
             u16(len(tc.signatures)),
             *tc.signatures,
+            var_bytes(tc.high_qc.encode()),
         ]
     )
 
 
-def _read_tc(r: Reader) -> TimeoutCert:
+def _read_tc(r: Reader, *, with_qc: bool = True) -> TimeoutCert:
+    """``with_qc``: False for a version 1 safety state, written before TCs carried their QC."""
     inner = Reader(r.var_bytes("timeout certificate", _MAX_PART), "timeout certificate")
     round_ = inner.u64("round")
     signers = inner.fixed(inner.u16("bitmap length"), "signer bitmap")
     rounds = tuple(inner.u64("high qc round") for _ in range(inner.u16("high qc rounds")))
     sigs = tuple(inner.fixed(64, "signature") for _ in range(inner.u16("signatures")))
+    high_qc = QuorumCert.decode(inner.var_bytes("tc high qc", _MAX_PART)) if with_qc else None
     inner.finish()
     # One high QC round and one signature per signer, as a QC's signatures are tied to its
     # bitmap: the counts are separate fields only for the reader's sake
@@ -83,18 +88,18 @@ def _read_tc(r: Reader) -> TimeoutCert:
             f"timeout certificate: {count} signers, {len(rounds)} high qc rounds,"
             f" {len(sigs)} signatures"
         )
-    return TimeoutCert(round_, signers, rounds, sigs)
+    return TimeoutCert(round_, signers, rounds, sigs, high_qc)
 
 
 def _optional_tc(tc: TimeoutCert | None) -> bytes:
     return u8(0) if tc is None else u8(1) + var_bytes(_tc(tc))
 
 
-def _read_optional_tc(r: Reader) -> TimeoutCert | None:
+def _read_optional_tc(r: Reader, *, with_qc: bool = True) -> TimeoutCert | None:
     flag = r.u8("has tc")
     if flag > 1:
         raise DecodeError(f"has tc flag {flag}")
-    return _read_tc(r) if flag else None
+    return _read_tc(r, with_qc=with_qc) if flag else None
 
 
 def _proposal(p: Proposal) -> bytes:
@@ -236,13 +241,15 @@ def encode_safety(state: SafetyState) -> bytes:
 def decode_safety(data: bytes | memoryview) -> SafetyState:
     r = Reader(data, "safety state")
     version = r.u8("version")
-    if version != SAFETY_VERSION:
-        raise UnknownVersion(f"safety state version {version} (supported: {SAFETY_VERSION})")
+    if version not in (1, SAFETY_VERSION):
+        raise UnknownVersion(f"safety state version {version} (supported: 1, {SAFETY_VERSION})")
     hvr, hqr = r.u64("highest vote round"), r.u64("highest qc round")
     flag = r.u8("has qc")
     if flag > 1:
         raise DecodeError(f"has qc flag {flag}")
     high_qc = QuorumCert.decode(r.var_bytes("high qc", _MAX_PART)) if flag else None
-    last_tc = _read_optional_tc(r)
+    last_tc = _read_optional_tc(r, with_qc=version > 1)
     r.finish()
-    return SafetyState(hvr, hqr, high_qc, last_tc)
+    # Version 1's TC lacks its QC, and peers refuse such a TC: a validator restarted from it
+    # enters the round after its high QC and times out again, its votes still guarded
+    return SafetyState(hvr, hqr, high_qc, last_tc if version > 1 else None)

@@ -189,17 +189,22 @@ class Keyring:
         sig = self.signers[requester].sign(message)
         return SyncRequest(block_hash, requester, from_height, round_, nonce, sig)
 
-    def tc(self, round_: int, high_qc_rounds: dict[int, int]) -> TimeoutCert:
+    def tc(
+        self, round_: int, high_qc_rounds: dict[int, int], high_qc: QuorumCert | None = None
+    ) -> TimeoutCert:
         """A TC for ``round_``: validator i signed a timeout with high QC round
-        ``high_qc_rounds[i]``."""
+        ``high_qc_rounds[i]``; it carries ``high_qc`` (default: the QC of the block of the
+        highest of those rounds on the chain ``chain`` builds, or genesis's)."""
         idx = sorted(high_qc_rounds)
         sigs = tuple(
             self.signers[i].sign(timeout_message(self.chain_id, round_, high_qc_rounds[i]))
             for i in idx
         )
-        return TimeoutCert(
-            round_, make_bitmap(idx, self.n), tuple(high_qc_rounds[i] for i in idx), sigs
-        )
+        if high_qc is None:
+            top = max(high_qc_rounds.values())
+            high_qc = self.qc(self.chain(top)[-1].block) if top else self.genesis_qc
+        rounds = tuple(high_qc_rounds[i] for i in idx)
+        return TimeoutCert(round_, make_bitmap(idx, self.n), rounds, sigs, high_qc)
 
     def chain(
         self, rounds: int, digests: dict[int, Sequence[bytes]] | None = None

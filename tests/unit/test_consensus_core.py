@@ -363,8 +363,11 @@ def test_vote_rule_after_tc_refuses_a_qc_below_a_reported_qc(keys: Keyring) -> N
     # B1 may be certified (two timeouts report QC1): extending genesis would drop it
     p3 = keys.propose(keys.block(keys.genesis, 3), keys.genesis_qc, tc2)
     actions = v1.on_proposal(p3)
-    assert actions == [SetTimer(3, AFTER_TC_MS)]
+    # The TC's QC(B1) takes v1 to round 2, the TC to round 3; no vote
+    assert [type(a) for a in actions] == [SetTimer, SetTimer]
+    assert actions[-1] == SetTimer(3, AFTER_TC_MS)
     assert (v1.round, v1.highest_vote_round) == (3, 1)
+    assert v1.high_qc == tc2.high_qc == keys.qc(keys.chain(1)[0].block)
 
 
 # ---- timeout rule ----------------------------------------------------------------------------

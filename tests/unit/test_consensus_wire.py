@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rayledger.codec import var_bytes
 from rayledger.consensus import Message, SafetyState, SyncResponse
 from rayledger.consensus.wire import (
     MAX_MESSAGE_BYTES,
@@ -23,6 +24,9 @@ from rayledger.consensus.wire import (
     encode_messages,
     encode_proposal,
     encode_safety,
+)
+from rayledger.consensus.wire import (
+    _tc as _tc_bytes,
 )
 from rayledger.errors import DecodeError, TrailingBytes, TruncatedInput, UnknownVersion, WrongLength
 
@@ -67,7 +71,14 @@ def test_safety_state_round_trips() -> None:
     ):
         assert decode_safety(encode_safety(state)) == state
     with pytest.raises(UnknownVersion):
-        decode_safety(b"\x02" + encode_safety(SafetyState())[1:])
+        decode_safety(b"\x03" + encode_safety(SafetyState())[1:])
+    # Version 1 (before a TC carried its QC) is read, its TC dropped: peers would refuse it
+    old_tc = encode_safety(SafetyState(9, 4, KEYS.qc(chain[1].block), tc))
+    qc_part = len(var_bytes(tc.high_qc.encode()))  # type: ignore[union-attr]
+    tc_len = int.from_bytes(old_tc[-len(_tc_bytes(tc)) - 4 : -len(_tc_bytes(tc))], "big")
+    v1 = b"\x01" + old_tc[1 : -len(_tc_bytes(tc)) - 4]
+    v1 += (tc_len - qc_part).to_bytes(4, "big") + _tc_bytes(tc)[:-qc_part]
+    assert decode_safety(v1) == SafetyState(9, 4, KEYS.qc(chain[1].block), None)
     # version | highest vote round | highest QC round | has QC (0 or 1)
     raw = bytearray(encode_safety(SafetyState()))
     raw[17] = 2

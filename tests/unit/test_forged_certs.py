@@ -27,7 +27,7 @@ from tests.unit.consensus_harness import Keyring, Net, sent
 def _forged(tc: TimeoutCert) -> TimeoutCert:
     """``tc`` with its high QC rounds moved into the signer bitmap's bytes."""
     moved = b"".join(u64(r) for r in tc.high_qc_rounds)
-    return TimeoutCert(tc.round, tc.signers + moved, (), tc.signatures)
+    return TimeoutCert(tc.round, tc.signers + moved, (), tc.signatures, tc.high_qc)
 
 
 def _votes(actions: list) -> list[Vote]:
@@ -44,7 +44,7 @@ def test_cache_keys_of_a_tc_and_its_forgery_differ(keys: Keyring) -> None:
     assert _cert_key(_forged(tc)) != _cert_key(tc)
     # Any other shuffle of bytes between fields, too
     shifted = TimeoutCert(tc.round, tc.signers + u64(tc.high_qc_rounds[0]), tc.high_qc_rounds[1:],
-                          tc.signatures)  # fmt: skip
+                          tc.signatures, tc.high_qc)  # fmt: skip
     assert _cert_key(shifted) != _cert_key(tc)
     qc = keys.qc(keys.block(keys.genesis, 1))
     sig_into_bitmap = QuorumCert(qc.block_hash, qc.round, qc.signers + qc.signatures[0],
@@ -76,9 +76,15 @@ def test_the_wire_form_refuses_a_tc_whose_counts_do_not_match_its_bitmap(keys: K
     assert decode_messages(encode_messages([good])) == [good]
     for bad in (
         _forged(tc),
-        TimeoutCert(2, tc.signers, tc.high_qc_rounds[:2], tc.signatures),
-        TimeoutCert(2, tc.signers, tc.high_qc_rounds, tc.signatures[:2]),
-        TimeoutCert(2, tc.signers, (*tc.high_qc_rounds, 0), (*tc.signatures, tc.signatures[0])),
+        TimeoutCert(2, tc.signers, tc.high_qc_rounds[:2], tc.signatures, tc.high_qc),
+        TimeoutCert(2, tc.signers, tc.high_qc_rounds, tc.signatures[:2], tc.high_qc),
+        TimeoutCert(
+            2,
+            tc.signers,
+            (*tc.high_qc_rounds, 0),
+            (*tc.signatures, tc.signatures[0]),
+            tc.high_qc,
+        ),
     ):
         data = encode_messages([Proposal(block, keys.genesis_qc, bad, good.signature)])
         with pytest.raises(DecodeError, match=r"timeout certificate: \d signers"):
