@@ -39,7 +39,7 @@ from rayledger.execution import Status
 from rayledger.merkle import inclusion_proof, verify_inclusion
 from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch, verify_signatures
 
-_CLIENT_KINDS = (TxKind.ANCHOR, TxKind.PROVENANCE, TxKind.IDENTITY, TxKind.VOTE)
+_CLIENT_KINDS = (TxKind.ANCHOR,)  # records anchored (the kinds executed: tx.EXECUTED_KINDS)
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def _run(console: Console, config: Path, data: Path, txs: int, block_size: int) 
             body = admitted.slice(start, block_size)
             height = parent.height + 1
             proposer = vs.validators[height % vs.n]
-            # No executor yet: every admitted row is recorded with status 0 and no output.
+            # Not executed here (this demo builds blocks by hand): status 0, no output.
             results = make_results(np.zeros(body.num_rows, np.uint8), [b""] * body.num_rows)
             block = build_block(
                 parent,

@@ -52,6 +52,12 @@ class SchemaMismatch(DecodeError):
     code = "schema_mismatch"
 
 
+class UnknownKind(LedgerError):
+    """A transaction kind this ledger does not execute: refused at admission, never stored."""
+
+    code = "unknown_kind"
+
+
 class WrongChain(LedgerError):
     code = "wrong_chain"
 

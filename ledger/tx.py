@@ -31,6 +31,7 @@ from rayledger.errors import (
     DecodeError,
     PayloadTooLarge,
     SchemaMismatch,
+    UnknownKind,
     UnknownVersion,
     WrongChain,
     WrongLength,
@@ -57,6 +58,12 @@ class TxKind(IntEnum):
     PROVENANCE = 4
     VOTE = 5
 
+
+# The kinds ledger/execution.py executes. A batch holding another is refused whole at every
+# admission (``validate_batch``: a mempool's, and each validator's of a peer's batch), so no
+# row of a kind nobody executes is ordered or stored; the executor's UNSUPPORTED_KIND stays
+# for blocks stored before this check.
+EXECUTED_KINDS = (TxKind.TRANSFER, TxKind.ANCHOR)
 
 BODY_FIELDS = (
     pa.field("kind", pa.uint16(), nullable=False),
@@ -322,6 +329,15 @@ def validate_batch(
         if batch.column(name).null_count:
             raise SchemaMismatch(f"column {name} contains nulls")
     chain = batch_chain_id(batch, chain_id)
+    kinds = batch.column("kind").to_numpy(zero_copy_only=False)
+    unknown = ~np.isin(kinds, np.array(EXECUTED_KINDS, np.uint16))
+    if unknown.any():
+        row = int(np.argmax(unknown))
+        known = ", ".join(f"{int(k)} ({k.name.lower()})" for k in EXECUTED_KINDS)
+        raise UnknownKind(
+            f"row {row}: kind {int(kinds[row])} is not executed here"
+            f" ({int(unknown.sum())} rows; executed: {known})"
+        )
     try:
         _, poffsets = as_offsets_and_values(batch.column("payload"))
     except ValueError as exc:  # offsets an Arrow object built without full validation holds

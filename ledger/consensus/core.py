@@ -1106,6 +1106,10 @@ class Core:
         # A leader proposes once per round, and never after it voted or timed out in it
         if self.highest_vote_round >= self.round:
             return
+        mine = self.proposal_at.get((self.round, self.index))
+        if mine is not None:  # proposed before a restart: the same block again
+            self._out.append(Broadcast(mine))
+            return
         qc = self.high_qc
         tc = self.last_tc if self.last_tc and self.last_tc.round + 1 == self.round else None
         if qc.round + 1 != self.round and tc is None:
@@ -1139,6 +1143,11 @@ class Core:
         proposal = Proposal(block, qc, tc, sig)
         # Our own vote (and the Persist guarding it) precedes the broadcast.
         self._process_proposal(proposal)
+        if self.highest_vote_round < self.round:
+            # Our own vote was refused (a parent stamped ahead of this clock, say): nothing
+            # guards the round, so the proposal itself is kept first; after a restart it is
+            # sent again (above), never a second block for the round (evidence against us)
+            self._out.append(Persist(self.safety_state(), proposal))
         self._out.append(Broadcast(proposal))
 
     def _await_straggler(self, qc: QuorumCert) -> bool:

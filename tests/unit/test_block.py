@@ -85,7 +85,7 @@ def _qc(
 def _txs(n: int, seed: int = 0) -> pa.RecordBatch:
     return make_batch(
         CLIENT,
-        [seed + i for i in range(n)],
+        [1 + (seed + i) % 2 for i in range(n)],  # the kinds executed: transfer, anchor
         [seed * 100 + i for i in range(n)],
         [bytes([seed + i]) * (3 * i) for i in range(n)],
         CHAIN,
@@ -524,7 +524,10 @@ def test_check_block_tampered_payload_stale_ids(row: int) -> None:
 @pytest.mark.parametrize("column", ["payload", "nonce", "kind"])
 def test_check_block_tampered_body_with_matching_ids(column: str) -> None:
     value = BLOCK2.txs.column(column)[1].as_py()
-    value = bytes([value[0] ^ 1]) + value[1:] if column == "payload" else value ^ 1
+    if column == "payload":
+        value = bytes([value[0] ^ 1]) + value[1:]
+    else:  # a nonce one off, or the other kind executed
+        value = 3 - value if column == "kind" else value ^ 1
     txs = validate_batch(_tamper_column(BLOCK2.txs, column, 1, value), chain_id=CHAIN)
     _assert_invalid_block(dataclasses.replace(BLOCK2, txs=txs), BLOCK1.header, "tx_root")
 

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from rayledger.consensus import Evidence
+from rayledger.consensus import Broadcast, Evidence, Persist
 from tests.unit.consensus_harness import Keyring, Net
 
 
@@ -69,3 +69,29 @@ def test_a_validator_hundreds_of_blocks_behind_catches_up_without_recursion() ->
     net.isolated.clear()
     net.run(lambda: net.heights()[0] >= 400, max_steps=2_000_000)
     assert net.committed[0] == net.committed[1][: len(net.committed[0])]
+
+
+def test_a_leader_whose_own_vote_was_refused_proposes_the_same_block_after_a_restart() -> None:
+    """Its own vote refused (its parent stamped ahead of its clock), nothing guarded the round:
+    after a restart it built another block for the round, and every peer reported it for
+    equivocation. Now the proposal is persisted before it leaves, and sent again."""
+    keys = Keyring.make(4)
+    g = keys.genesis
+    b1 = keys.block(g, 1, timestamp_ms=g.timestamp_ms + 10_000)  # v1's clock is 10 s ahead
+    p1 = keys.propose(b1, keys.genesis_qc)
+    v2 = keys.core(2)  # round 2's leader, its clock at genesis time
+    v2.start()
+    v2.on_messages([p1])
+    votes = [keys.vote(i, b1.hash, 1) for i in (0, 1, 3)]
+    actions = v2.on_messages(votes)  # QC(B1) formed here: v2 proposes B2, stamped after B1
+    kinds = [type(a).__name__ for a in actions]
+    [p2] = [a.message for a in actions if isinstance(a, Broadcast)]
+    assert p2.round == 2 and v2.highest_vote_round < 2  # its own vote refused
+    persisted = [a for a in actions if isinstance(a, Persist)]
+    assert persisted and persisted[-1].proposal == p2
+    assert kinds.index("Persist") < kinds.index("Broadcast")
+    # Restarted from what it stored, with a batch to propose now: the same block, not a new one
+    again = keys.core(2, persisted[-1].state, None, [p1, p2])
+    again.on_batch_available(b"\x05" * 32)
+    resent = [a.message for a in again.start() if isinstance(a, Broadcast)]
+    assert resent == [p2]

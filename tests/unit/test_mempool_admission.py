@@ -118,3 +118,27 @@ def test_batches_sealed_from_a_slice_carry_only_their_rows(
     whole_size = len(pickle.dumps(whole, protocol=5))
     for batch in put:
         assert len(pickle.dumps(batch, protocol=5)) < whole_size / 20
+
+
+def test_a_kind_nobody_executes_is_refused_whole_and_counted(tmp_path: Path) -> None:
+    """Principle 6: an unknown kind is refused with its reason and never stored (it used to be
+    admitted, ordered and committed with status UNSUPPORTED_KIND, its nonce spent)."""
+    m = mempool(tmp_path, mempool_seen_ids=100)
+    key = key_from_seed(b"\x09" * 32)
+    kinds = [TxKind.ANCHOR, TxKind.VOTE, TxKind.ANCHOR]
+    bad = make_batch(key, kinds, range(3), [bytes([i]) * 32 for i in range(3)], m.genesis.chain_id)
+    good = make_batch(
+        key, TxKind.ANCHOR, range(3), [bytes([i]) * 32 for i in range(3)], m.genesis.chain_id
+    )
+
+    async def scenario() -> None:
+        refused = await m.submit(bad)
+        assert refused.accepted == 0 and refused.rejected == {"unknown_kind": 3}
+        assert "row 1: kind 5 is not executed here" in (refused.error or "")
+        assert m.pending_rows == 0 and not m.seen
+        assert (await m.status())["counts"]["unknown_kind"] == 3
+        assert (await m.submit(good)).accepted == 3  # nothing of it was kept: nonces 0..2 free
+        if m._ticker is not None:
+            m._ticker.cancel()
+
+    asyncio.run(scenario())

@@ -23,6 +23,7 @@ from rayledger.errors import (
     SchemaMismatch,
     TrailingBytes,
     TruncatedInput,
+    UnknownKind,
     UnknownVersion,
     WrongChain,
     WrongLength,
@@ -83,7 +84,7 @@ def _ids(arr: np.ndarray) -> list[bytes]:
 
 def _sample_batch(n: int = 8) -> pa.RecordBatch:
     signers = [KEYS[i % len(KEYS)] for i in range(n)]
-    kinds = [(7 * i) % 65536 for i in range(n)]
+    kinds = [1 + i % 2 for i in range(n)]  # the kinds executed (validate_batch refuses others)
     nonces = [i * 1_000_003 for i in range(n)]
     payloads = [bytes([i]) * (i * 5 + 1) for i in range(n)]
     return make_batch(signers, kinds, nonces, payloads, CHAIN)
@@ -796,3 +797,15 @@ def test_validate_batch_of_a_slice_owns_its_buffers() -> None:
     canonical = validate_batch(whole.slice(100, 100), chain_id=CHAIN)
     assert canonical.equals(validate_batch(compact_batch(whole.slice(100, 100)), chain_id=CHAIN))
     assert len(pickle.dumps(canonical, protocol=5)) * 10 < len(pickle.dumps(whole, protocol=5))
+
+
+@pytest.mark.parametrize("kind", [0, 3, 4, 5, 6, 999, 65535])
+def test_validate_batch_refuses_a_kind_nobody_executes(kind: int) -> None:
+    good = _sample_batch(6)
+    kinds = good.column("kind").to_pylist()
+    kinds[4] = kind
+    bad = _with_column(good, "kind", pa.array(kinds, pa.uint16()))
+    with pytest.raises(UnknownKind, match=f"row 4: kind {kind} is not executed here") as exc:
+        validate_batch(bad, chain_id=CHAIN)
+    assert exc.value.code == "unknown_kind"
+    assert validate_batch(good, chain_id=CHAIN).num_rows == 6
