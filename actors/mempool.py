@@ -444,6 +444,13 @@ class Mempool:
         """Admit a batch of signed transactions (rows that fail are counted, not stored)."""
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        if not isinstance(batch, pa.RecordBatch):  # a Table, None, bytes from a careless client
+            self._count("schema_mismatch", 1)
+            return Admission(
+                error=f"[schema_mismatch] a TxBatch is an Arrow record batch, not"
+                f" {type(batch).__name__}",
+                rejected={"schema_mismatch": 1},
+            )
         if batch.num_rows > self.capacity:
             # It would not fit into an empty mempool: busy answers would be retried for ever
             self._count("over_capacity", batch.num_rows)

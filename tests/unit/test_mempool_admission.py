@@ -142,3 +142,35 @@ def test_a_kind_nobody_executes_is_refused_whole_and_counted(tmp_path: Path) -> 
             m._ticker.cancel()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("thing", [None, b"rows", "rows", 5])
+def test_a_submission_that_is_no_record_batch_gets_an_answer_not_an_exception(
+    tmp_path: Path, thing: object
+) -> None:
+    m = mempool(tmp_path)
+
+    async def scenario() -> None:
+        answer = await m.submit(thing)  # type: ignore[arg-type]
+        assert answer.accepted == 0 and answer.rejected == {"schema_mismatch": 1}
+        assert "not " + type(thing).__name__ in (answer.error or "")
+        assert m.pending_rows == 0 and m.admitting == 0
+        if m._ticker is not None:
+            m._ticker.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_table_is_refused_as_no_record_batch(tmp_path: Path) -> None:
+    m = mempool(tmp_path)
+    key = key_from_seed(b"\x09" * 32)
+    batch = make_batch(key, TxKind.ANCHOR, range(2), [b"a" * 32, b"b" * 32], m.genesis.chain_id)
+
+    async def scenario() -> None:
+        answer = await m.submit(pa.Table.from_batches([batch]))  # type: ignore[arg-type]
+        assert answer.rejected == {"schema_mismatch": 1} and "not Table" in (answer.error or "")
+        assert (await m.submit(batch)).accepted == 2
+        if m._ticker is not None:
+            m._ticker.cancel()
+
+    asyncio.run(scenario())
