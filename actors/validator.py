@@ -329,7 +329,11 @@ class Validator:
         self.voted_batches: dict[bytes, pa.RecordBatch] = {}
         persisted, known = self._load_consensus()
         known = [p for p in known if p.block.height <= head.height]
-        known += [p for p in self.voted.values() if p.block.height > head.height]
+        # Those committed since the record was written are in the store already
+        self.voted = {h: p for h, p in self.voted.items() if p.block.height > head.height}
+        named = {d for p in self.voted.values() for d in p.block.batch_digests}
+        self.voted_batches = {d: b for d, b in self.voted_batches.items() if d in named}
+        known += list(self.voted.values())
         self.core = Core(
             validators=self.genesis.validators,
             index=index,
