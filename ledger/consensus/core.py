@@ -842,7 +842,13 @@ class Core:
         parent = self._header(b.parent_hash)
         if parent is None:
             waiting = self.waiting_parent.setdefault(b.parent_hash, [])
-            if all(w.block.hash != b.hash for w in waiting):
+            # One block of a proposer's round waits, or a certified one: others are its
+            # equivocations (reported above), and kept they grew the list without bound for a
+            # parent this validator lacks (their claimed heights cannot be checked till then)
+            same = [
+                w for w in waiting if (w.block.round, w.block.proposer) == (b.round, b.proposer)
+            ]
+            if all(w.block.hash != b.hash for w in same) and (certified or not same):
                 waiting.append(p)
             self._request_sync(b.parent_hash, proposer)
             return None

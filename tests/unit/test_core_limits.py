@@ -95,3 +95,24 @@ def test_a_leader_whose_own_vote_was_refused_proposes_the_same_block_after_a_res
     again.on_batch_available(b"\x05" * 32)
     resent = [a.message for a in again.start() if isinstance(a, Broadcast)]
     assert resent == [p2]
+
+
+def test_equivocations_waiting_for_an_unknown_parent_are_not_all_kept() -> None:
+    """A Byzantine proposer's many blocks for one round on a parent this validator lacks
+    (each a valid signature, each another hash) all waited for that parent: without bound."""
+    keys = Keyring.make(4)
+    chain = keys.chain(2)
+    b1, b2 = chain[0].block, chain[1].block
+    v0 = keys.core(0)
+    v0.start()
+    rivals = [
+        keys.propose(keys.block(b2, 3, timestamp_ms=b2.timestamp_ms + 1 + k), keys.qc(b2))
+        for k in range(50)
+    ]
+    v0.on_messages(rivals)
+    assert len(v0.waiting_parent[b2.hash]) == 1
+    # A certified block of that round still waits beside it (it is the one a child needs)
+    certified = keys.propose(keys.block(b2, 3, digests=[b"\x07" * 32]), keys.qc(b2))
+    v0._process_proposal(certified, certified=True)
+    assert certified in v0.waiting_parent[b2.hash]
+    assert b1.hash not in v0.tree  # v0 lacks the whole chain: all of this waits
