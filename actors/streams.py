@@ -14,10 +14,11 @@ Ray stays the control plane (placement, restarts, the object store, blocks to st
 batch fetches), and the fallback: a frame sent while a stream is not up (before it connects,
 after it breaks) goes as a Ray call, as before.
 
-Wire form. The connecting side opens with a hello: ``b"RLS1"``, the receiver's 32-byte token,
-the sender's number (u32): a validator's index, or ``n + i`` for mempool ``i`` of a network of
-``n`` validators. The token is made by the receiving validator when it starts and reaches its
-peers and the mempools only through Ray (``Validator.set_peer`` and its answer,
+Wire form. The connecting side opens with a hello: ``b"RLS1"``, its 32-byte token, the
+sender's number (u32): a validator's index, or ``n + i`` for mempool ``i`` of a network of
+``n`` validators. The token is the receiving validator's for that sender alone (an HMAC of the
+sender's number under a secret the receiver makes when it starts) and reaches its peers and
+the mempools only through Ray (``Validator.set_peer`` and its answer,
 ``Mempool.set_validator``), so a process that can reach the port but is not one of them cannot
 open a stream; consensus messages carry their authors' signatures, checked by the core as
 ever, and batches are checked as those read by reference are. Then frames: payload length
@@ -136,6 +137,21 @@ class StreamServer:
         self.endpoint = Endpoint(host, port, self.token)
         return self.endpoint
 
+    def token_for(self, sender: int) -> bytes:
+        """The token sender ``sender`` (a validator's index, or ``n + i`` for mempool ``i``)
+        opens its stream with: its own, derived from this server's secret, so that one peer's
+        token cannot open a stream as another (the hello's sender number was taken on its
+        word, and a peer could replace another's stream, or feed this validator batch frames
+        as another institution's mempool)."""
+        return hmac.digest(self.token, b"rayledger/stream-sender/v1" + struct.pack(">I", sender),
+                           "sha256")  # fmt: skip
+
+    def endpoint_for(self, sender: int) -> tuple[str, int, bytes] | None:
+        """Where to stream to this server, with ``sender``'s own token (None: not started)."""
+        if self.endpoint is None:
+            return None
+        return (self.endpoint.host, self.endpoint.port, self.token_for(sender))
+
     @property
     def open_streams(self) -> int:
         return len(self._writers)
@@ -160,11 +176,11 @@ class StreamServer:
             if magic != MAGIC:
                 self.count("stream: bad_magic")
                 return
-            if not hmac.compare_digest(token, self.token):
-                self.count("stream: bad_token")
-                return
             if sender == self.own_index or sender >= self.n + self.mempools:
                 self.count("stream: bad_sender")
+                return
+            if not hmac.compare_digest(token, self.token_for(sender)):
+                self.count("stream: bad_token")
                 return
             older = self._by_sender.get(sender)
             self._by_sender[sender] = writer

@@ -632,7 +632,7 @@ class Validator:
         except ValueError:
             return
         key = self.seal_key if index == self.index else None
-        mempool.set_validator.remote(self.index, self.me, key, self._endpoint())
+        mempool.set_validator.remote(self.index, self.me, key, self._endpoint(n_mempool=index))
         if index == self.index:
             self.mempool = mempool
 
@@ -644,7 +644,7 @@ class Validator:
             return
         self.peers[index] = handle
         self._stream_to(index, endpoint)
-        mine = self._endpoint()
+        mine = self._endpoint(index)
         if endpoint is not None and mine is not None:
             handle.peer_endpoint.remote(self.index, mine)
 
@@ -684,13 +684,12 @@ class Validator:
         if self.started:
             return
         me = self.me = ray.get_runtime_context().current_actor
-        endpoint = None
         if self.peer_streams:
             n = self.genesis.validators.n
             self.stream_server = StreamServer(
                 self.index, n, self._on_frame, self._count, mempools=n
             )
-            endpoint = (await self.stream_server.start(ray.util.get_node_ip_address())).as_tuple()
+            await self.stream_server.start(ray.util.get_node_ip_address())
         for j in range(self.genesis.validators.n):
             if j == self.index:
                 continue
@@ -699,7 +698,7 @@ class Validator:
             except ValueError:  # down: it announces itself when it comes back
                 continue
             self.peers[j] = handle
-            handle.set_peer.remote(self.index, me, endpoint)
+            handle.set_peer.remote(self.index, me, self._endpoint(j))
         try:
             self.verifier_actor = self._actor(f"verifier-{self.index}")
         except ValueError:  # none deployed: verify in this process
@@ -711,7 +710,9 @@ class Validator:
                 continue
             key = self.seal_key if j == self.index else None
             # With every batch it holds in flight: this process starts with none in memory
-            mempool.set_validator.remote(self.index, me, key, endpoint, held=True)
+            mempool.set_validator.remote(
+                self.index, me, key, self._endpoint(n_mempool=j), held=True
+            )
             if j == self.index:
                 self.mempool = mempool
         self.started = True
@@ -1116,12 +1117,21 @@ class Validator:
             mempool = self._actor(f"mempool-{self.index}")
         except ValueError:
             return
-        mempool.set_validator.remote(self.index, self.me, self.seal_key, self._endpoint())
+        mempool.set_validator.remote(
+            self.index, self.me, self.seal_key, self._endpoint(n_mempool=self.index)
+        )
 
-    def _endpoint(self) -> tuple[str, int, bytes] | None:
-        """Where this validator accepts streams (None: it takes everything by Ray)."""
+    def _endpoint(
+        self, peer: int | None = None, *, n_mempool: int | None = None
+    ) -> tuple[str, int, bytes] | None:
+        """Where this validator accepts streams, with the token of validator ``peer`` or of
+        mempool ``n_mempool`` (None: it takes everything by Ray)."""
         server = self.stream_server
-        return None if server is None or server.endpoint is None else server.endpoint.as_tuple()
+        if server is None:
+            return None
+        sender = peer if n_mempool is None else self.genesis.validators.n + n_mempool
+        assert sender is not None
+        return server.endpoint_for(sender)
 
     def _admit(
         self, digest: bytes, batch: pa.RecordBatch, *, check_signatures: bool = True

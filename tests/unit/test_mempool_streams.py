@@ -50,7 +50,10 @@ def test_sealed_batches_go_on_streams_and_by_ray_where_none_is_up(
         # Validator 0 (this mempool's own, which gives it a seal key) and validator 1 take
         # streams; validator 2 gave no endpoint; validator 3's endpoint is malformed
         servers = [StreamServer(i, N, taker(i), counts.setdefault, N) for i in range(2)]
-        endpoints = [(await s.start("127.0.0.1")).as_tuple() for s in servers]
+        for s in servers:
+            await s.start("127.0.0.1")
+        # Each with this mempool's own token (sender n + its index)
+        endpoints = [s.endpoint_for(N + m.index) for s in servers]
         handles = [RayValidator() for _ in range(N)]
         await m.set_validator(0, handles[0], seal_key, endpoints[0])
         await m.set_validator(1, handles[1], None, endpoints[1])

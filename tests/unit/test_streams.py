@@ -47,6 +47,11 @@ def run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(coro(), 30))
 
 
+def as_sender(peer: Peer, sender: int) -> Endpoint:
+    """The peer's endpoint with the token of ``sender`` (each sender has its own)."""
+    return Endpoint.parse(peer.server.endpoint_for(sender))
+
+
 def with_peer(body: Callable[[Peer, Endpoint], Awaitable[None]]) -> None:
     """Run ``body`` with a receiving peer listening; its server is closed afterwards, whatever
     happens."""
@@ -89,7 +94,7 @@ def test_endpoint_parse_names_each_problem() -> None:
 
 def test_frames_arrive_in_order_with_their_holds() -> None:
     async def body(peer: Peer, ep: Endpoint) -> None:
-        sender = StreamSender(2, ep, peer._count)
+        sender = StreamSender(2, as_sender(peer, 2), peer._count)
         await connected(sender)
         payloads = [b"m%d" % i * (i + 1) for i in range(200)] + [b""]
         for i, p in enumerate(payloads):
@@ -105,7 +110,7 @@ def test_frames_arrive_in_order_with_their_holds() -> None:
         sender.close()
         assert not sender.connected and not sender.send(b"after close")
         # A mempool's stream: its frames come with its sender number
-        mempool = StreamSender(7, ep, peer._count)
+        mempool = StreamSender(7, as_sender(peer, 7), peer._count)
         await connected(mempool)
         assert mempool.send(b"batch")
         await until(lambda: peer.frames[-1] == (7, b"batch", None))
@@ -151,7 +156,7 @@ def test_a_bad_hello_is_counted_and_closes_the_stream(
         frame = HEADER.pack(3, math.nan) + b"abc"
         # The server closes without a word (the short hello: once the client stops writing)
         reader, writer = await asyncio.open_connection(ep.host, ep.port)
-        writer.write(hello(ep.token) + frame)
+        writer.write(hello(peer.server.token_for(1)) + frame)
         if reason == "stream: no_hello":
             writer.write_eof()
         assert await until_closed(reader) == b""
@@ -180,7 +185,12 @@ def test_an_oversize_frame_closes_the_stream_after_the_frames_before_it() -> Non
         good = HEADER.pack(2, 7.0) + b"ok"
         huge = struct.pack(">Id", streams.MAX_FRAME + 1, math.nan) + b"x" * 100
         after = HEADER.pack(5, math.nan) + b"later"
-        assert await raw_stream(ep, HELLO.pack(MAGIC, ep.token, 3) + good + huge + after) == b""
+        assert (
+            await raw_stream(
+                ep, HELLO.pack(MAGIC, peer.server.token_for(3), 3) + good + huge + after
+            )
+            == b""
+        )
         assert peer.frames == [(3, b"ok", 7.0)]
         assert peer.counts == {"stream: oversize": 1}
 
@@ -197,7 +207,7 @@ def test_a_frame_whose_handling_fails_is_counted_and_the_stream_goes_on() -> Non
             seen(sender, payload, not_before)
 
         peer.server.on_frame = flaky
-        sender = StreamSender(3, ep, peer._count)
+        sender = StreamSender(3, as_sender(peer, 3), peer._count)
         await connected(sender)
         for p in (b"a", b"bad", b"b"):
             assert sender.send(p)
@@ -212,9 +222,11 @@ def test_a_frame_whose_handling_fails_is_counted_and_the_stream_goes_on() -> Non
 def test_a_newer_stream_from_a_peer_replaces_its_older_one() -> None:
     async def body(peer: Peer, ep: Endpoint) -> None:
         old_r, old_w = await asyncio.open_connection(ep.host, ep.port)
-        old_w.write(HELLO.pack(MAGIC, ep.token, 2) + HEADER.pack(3, math.nan) + b"old")
+        old_w.write(
+            HELLO.pack(MAGIC, peer.server.token_for(2), 2) + HEADER.pack(3, math.nan) + b"old"
+        )
         await until(lambda: len(peer.frames) == 1)
-        new = StreamSender(2, ep, peer._count)
+        new = StreamSender(2, as_sender(peer, 2), peer._count)
         await connected(new)
         assert await until_closed(old_r) == b""  # the server closed the older stream
         old_w.close()
@@ -239,9 +251,13 @@ def test_connections_owing_their_hello_are_bounded(monkeypatch: pytest.MonkeyPat
         assert peer.counts == {"stream: too_many_pending": 1}
         # Once the first two say hello, connections are taken again
         for k, (_, w) in enumerate(idle):
-            w.write(HELLO.pack(MAGIC, ep.token, k + 1) + HEADER.pack(1, math.nan) + b"%d" % k)
+            w.write(
+                HELLO.pack(MAGIC, peer.server.token_for(k + 1), k + 1)
+                + HEADER.pack(1, math.nan)
+                + b"%d" % k
+            )
         await until(lambda: len(peer.frames) == 2)
-        sender = StreamSender(3, ep, peer._count)
+        sender = StreamSender(3, as_sender(peer, 3), peer._count)
         await connected(sender)
         assert sender.send(b"third") and peer.counts == {"stream: too_many_pending": 1}
         await until(lambda: len(peer.frames) == 3)
@@ -258,7 +274,7 @@ def test_a_peer_that_goes_away_is_noticed_and_reconnected(
     monkeypatch.setattr(streams, "RETRY_S", 0.05)
 
     async def body(peer: Peer, ep: Endpoint) -> None:
-        sender = StreamSender(1, ep, peer._count)
+        sender = StreamSender(1, as_sender(peer, 1), peer._count)
         await connected(sender)
         assert sender.send(b"one")
         await until(lambda: len(peer.frames) == 1)
@@ -312,3 +328,24 @@ def test_a_peer_that_stops_reading_is_dropped(monkeypatch: pytest.MonkeyPatch) -
             w.close()
 
     run(body)
+
+
+def test_a_token_opens_a_stream_only_as_the_sender_it_was_made_for() -> None:
+    """Every peer and mempool holds a token for this validator: one that named another's
+    number in its hello used to be taken on its word (it could replace the other's stream, or
+    send batch frames as another institution's mempool)."""
+
+    async def body(peer: Peer, ep: Endpoint) -> None:
+        frame = HEADER.pack(3, math.nan) + b"abc"
+        two = peer.server.token_for(2)
+        assert two != peer.server.token_for(3) and two != ep.token
+        assert await raw_stream(ep, HELLO.pack(MAGIC, two, 3) + frame) == b""
+        assert await raw_stream(ep, HELLO.pack(MAGIC, ep.token, 2) + frame) == b""
+        assert peer.counts == {"stream: bad_token": 2} and peer.frames == []
+        sender = StreamSender(2, as_sender(peer, 2), peer._count)
+        await connected(sender)
+        assert sender.send(b"ok")
+        await until(lambda: peer.frames == [(2, b"ok", None)])
+        sender.close()
+
+    with_peer(body)
