@@ -453,12 +453,13 @@ def test_a_restarted_mempool_is_given_the_handle_again_and_the_key_only_if_ours(
     asyncio.run(v.mempool_back(2))
     assert mempool.calls == []  # not started: its start gives the handles
     v.started = True
-    v._endpoint = lambda: ("10.0.0.2", 9000, b"t")  # type: ignore[method-assign]
+    # Each mempool is given the endpoint with its own token
+    v._endpoint = lambda peer=None, n_mempool=None: ("10.0.0.2", 9000, b"t%d" % n_mempool)  # type: ignore[method-assign,misc]
     asyncio.run(v.mempool_back(2))
     asyncio.run(v.mempool_back(0))
     assert mempool.calls == [
-        (2, "me", v.seal_key, ("10.0.0.2", 9000, b"t")),
-        (2, "me", None, ("10.0.0.2", 9000, b"t")),
+        (2, "me", v.seal_key, ("10.0.0.2", 9000, b"t2")),
+        (2, "me", None, ("10.0.0.2", 9000, b"t0")),
     ]
     assert v.mempool is mempool
     for bad in (-1, N, 10**6):  # no such mempool: nothing is sent
