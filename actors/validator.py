@@ -874,6 +874,11 @@ class Validator:
         ``resent_by``: mempool ``resent_by`` sent this batch again, outside its sealing order
         (it was long in flight: this validator may have missed it); it crosses the WAN and a
         partition as the mempool's batches do, and is taken at once if it is new here."""
+        if not _well_formed_announcement(digest, origin, resent_by, self.genesis.validators.n):
+            # By Ray call anything may come: a NaN or a string for a sealing number wedged
+            # that mempool's order here for good (NaN never compares), and batches piled up
+            self._count("batch: malformed announcement")
+            return
         mempool = origin[0] if origin is not None else resent_by
         if mempool is not None:
             hold = self._link_s(mempool)
@@ -1699,6 +1704,24 @@ def _pop_first(d: dict[Any, Any]) -> tuple[Any, Any]:
     """Remove and return the oldest entry of an insertion-ordered dict."""
     key = next(iter(d))
     return key, d.pop(key)
+
+
+def _well_formed_announcement(digest: object, origin: object, resent_by: object, n: int) -> bool:
+    """A 32-byte digest, and a mempool index in range with a sealing number below 2^63 (or
+    a resending mempool's index), each a plain int."""
+
+    def index(value: object) -> bool:
+        return type(value) is int and 0 <= value < n
+
+    if not isinstance(digest, bytes) or len(digest) != 32:
+        return False
+    if origin is not None:
+        if not (isinstance(origin, tuple) and len(origin) == 2 and index(origin[0])):
+            return False
+        seq = origin[1]
+        if type(seq) is not int or not 0 <= seq < 1 << 63:
+            return False
+    return resent_by is None or index(resent_by)
 
 
 def _record(data: bytes) -> bytes:

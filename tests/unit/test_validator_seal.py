@@ -488,3 +488,35 @@ def test_a_leaders_wait_for_a_gap_asks_the_mempool_for_its_backlog_unless_cut_of
     v._actor = down  # type: ignore[method-assign]
     v._ask_backlog(1)
     assert v.backlog_asked == 1
+
+
+@pytest.mark.parametrize(
+    ("digest", "origin", "resent_by"),
+    [
+        (b"\x01" * 32, (1, float("nan")), None),  # NaN never compares: the order wedged
+        (b"\x01" * 32, (1, "x"), None),
+        (b"\x01" * 32, (1, -1), None),
+        (b"\x01" * 32, (1, 1 << 63), None),
+        (b"\x01" * 32, (1, True), None),
+        (b"\x01" * 32, (N, 1), None),
+        (b"\x01" * 32, (-1, 1), None),
+        (b"\x01" * 32, [1, 1], None),
+        (b"\x01" * 32, (1, 1, 1), None),
+        (b"\x01" * 31, (1, 1), None),
+        ("digest", (1, 1), None),
+        (b"\x01" * 32, None, N),
+        (b"\x01" * 32, None, 1.0),
+    ],
+)
+def test_a_malformed_announcement_is_counted_and_changes_nothing(
+    digest: Any, origin: Any, resent_by: Any
+) -> None:
+    """Anything may come by Ray call: each part of an announcement is checked first."""
+    v, held, _ = validator()
+    good, _ = batches()
+    announce(v, good, (1, 1), None)
+    before = (dict(v.origin_next), {k: dict(w) for k, w in v.origin_waiting.items()})
+    asyncio.run(v.batch_ready(digest, [], origin, None, resent_by=resent_by))
+    assert v.rejected == {"batch: malformed announcement": 1}
+    assert (dict(v.origin_next), {k: dict(w) for k, w in v.origin_waiting.items()}) == before
+    assert held == [digest_of(good)]
