@@ -19,6 +19,8 @@ adversarial audit of the core on 2026-12-05 (its scripts were in /tmp/s31/attack
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from rayledger.block import make_bitmap
@@ -27,18 +29,45 @@ from rayledger.consensus.messages import timeout_message
 from tests.unit.consensus_harness import Envelope, Keyring, Net
 
 
-def _split_votes(n: int, rounds: int) -> list[int]:
-    """Run ``rounds`` synchronous rounds (nothing dropped; timers fire only when nothing is in
-    flight) with f Byzantine validators splitting the votes wherever they can; the honest
-    validators' committed heights."""
+def _network(n: int) -> tuple[Keyring, Net, list[int], list[int]]:
+    """n validators, the first f Byzantine (their cores never run: their mail is observed);
+    the honest ones started, with clocks well ahead of the blocks' timestamps."""
     keys = Keyring.make(n)
     f = keys.validators.f
     byz, honest = list(range(f)), list(range(f, n))
-    q = keys.validators.quorum
     net = Net(keys)
     net.start(honest)
     for c in net.cores:
         c.tick(10**12)
+    return keys, net, byz, honest
+
+
+def _run(
+    net: Net, byz: list[int], honest: list[int], observe: Callable[[object], None], rounds: int
+) -> None:
+    """Deliver in order, the Byzantine validators' mail to ``observe``; fire the honest
+    validators' timers only when nothing is in flight (a synchronous network), until each
+    honest validator reaches ``rounds``."""
+    for _ in range(500_000):
+        if min(net.cores[i].round for i in honest) >= rounds:
+            return
+        if net.queue:
+            env = net.queue.pop(0)
+            if env.dst in byz:
+                observe(env.message)
+            else:
+                net.deliver(env)
+        else:
+            for i in honest:
+                net.fire(i)
+
+
+def _split_votes(n: int, rounds: int) -> list[int]:
+    """Run ``rounds`` synchronous rounds (nothing dropped; timers fire only when nothing is in
+    flight) with f Byzantine validators splitting the votes wherever they can; the honest
+    validators' committed heights."""
+    keys, net, byz, honest = _network(n)
+    f, q = keys.validators.f, keys.validators.quorum
     blocks = {keys.genesis.hash: keys.genesis}
     timeouts: dict[int, dict[int, TimeoutMsg]] = {}
     voted: set[int] = set()
@@ -95,18 +124,7 @@ def _split_votes(n: int, rounds: int) -> list[int]:
             net.queue.insert(0, Envelope(byz[0], v, rival))
         attacking = attacking or bool(victims)
 
-    for _ in range(500_000):
-        if min(net.cores[i].round for i in honest) >= rounds:
-            break
-        if net.queue:
-            env = net.queue.pop(0)
-            if env.dst in byz:
-                observe(env.message)
-            else:
-                net.deliver(env)
-        else:
-            for i in honest:
-                net.fire(i)
+    _run(net, byz, honest, observe, rounds)
     return [net.cores[i].committed.height for i in honest]
 
 
@@ -122,14 +140,8 @@ def _inflated_tcs(n: int, rounds: int) -> list[int]:
     """``rounds`` synchronous rounds with f Byzantine validators sending, ahead of the honest
     timeouts, a TC of each round whose Byzantine entries claim a QC of the round before (with
     the highest QC they really hold); the honest validators' committed heights."""
-    keys = Keyring.make(n)
-    f = keys.validators.f
-    byz, honest = list(range(f)), list(range(f, n))
-    q = keys.validators.quorum
-    net = Net(keys)
-    net.start(honest)
-    for c in net.cores:
-        c.tick(10**12)
+    keys, net, byz, honest = _network(n)
+    f, q = keys.validators.f, keys.validators.quorum
     seen: dict[int, dict[int, TimeoutMsg]] = {}
     forged: set[int] = set()
 
@@ -159,18 +171,7 @@ def _inflated_tcs(n: int, rounds: int) -> list[int]:
         for dst in honest:
             net.queue.insert(0, Envelope(byz[0], dst, carrier))
 
-    for _ in range(500_000):
-        if min(net.cores[i].round for i in honest) >= rounds:
-            break
-        if net.queue:
-            env = net.queue.pop(0)
-            if env.dst in byz:
-                observe(env.message)
-            else:
-                net.deliver(env)
-        else:
-            for i in honest:
-                net.fire(i)
+    _run(net, byz, honest, observe, rounds)
     assert forged, "the attack never ran"
     return [net.cores[i].committed.height for i in honest]
 
