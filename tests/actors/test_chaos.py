@@ -42,17 +42,20 @@ def _faults(net: Network, caught: list[int]) -> list[tuple[str, Callable[[], Non
         # Caught by the next leader at its first turn; but leader reputation passes a
         # validator over for 16n rounds after a round of its failed, so that turn may be a
         # while coming. Waited for in rounds, not seconds (64 rounds took 26 s on a slow
-        # machine): until 16n rounds and n more for its turn to come round have passed on
-        # the validators, with a wall-clock bound only against a stalled network. Counted
-        # now: a validator's count starts again when it restarts, and after its failed turn
-        # validator 0 is caught by one validator only
+        # machine), with a wall-clock bound only against a stalled network. Twice 16n + n
+        # rounds: validator 0 may have failed a turn just before (the faults before this
+        # one), and its first equivocation may go uncaught (it sends both blocks to the
+        # next leader as its own chain names it: after the faults, that chain may lag and
+        # name another), which passes it over once more. Counted now: a validator's count
+        # starts again when it restarts, and after its failed turn validator 0 is caught by
+        # one validator only
         net.set_strategy(0, "equivocating-leader")
         start = max(s["round"] for s in net.status())
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             status = net.status()
             evidence = sum(s["evidence"] for s in status)
-            if evidence or max(s["round"] for s in status) > start + 17 * net.n:
+            if evidence or max(s["round"] for s in status) > start + 34 * net.n:
                 break
             time.sleep(0.5)
         caught.append(evidence)
