@@ -46,7 +46,7 @@ from rayledger.actors.storage.partition import rows_by_shard, shard_of_keys
 from rayledger.actors.streams import StreamSender, parse_endpoint
 from rayledger.chain import batch_digest
 from rayledger.config import parse_genesis
-from rayledger.errors import LedgerError
+from rayledger.errors import LedgerError, SchemaMismatch
 from rayledger.execution import nonce_key
 from rayledger.kernels import byte_rows, cpu_verify_work
 from rayledger.tx import (
@@ -445,12 +445,9 @@ class Mempool:
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
         if not isinstance(batch, pa.RecordBatch):  # a Table, None, bytes from a careless client
-            self._count("schema_mismatch", 1)
-            return Admission(
-                error=f"[schema_mismatch] a TxBatch is an Arrow record batch, not"
-                f" {type(batch).__name__}",
-                rejected={"schema_mismatch": 1},
-            )
+            exc = SchemaMismatch(f"a TxBatch is an Arrow record batch, not {type(batch).__name__}")
+            self._count(exc.code, 1)
+            return Admission(error=str(exc), rejected={exc.code: 1})
         if batch.num_rows > self.capacity:
             # It would not fit into an empty mempool: busy answers would be retried for ever
             self._count("over_capacity", batch.num_rows)

@@ -120,18 +120,18 @@ class Genesis:
         if self.genesis_time_ms <= 0:
             raise ConfigError("genesis_time_ms must be positive")
         # Checked here, not in ValidatorSet: the simulator's validator sets hold MAC keys
-        for v in self.validators.validators:
-            if not is_curve_point(v.public_key):
-                raise ConfigError(f"validator {v.name}'s public key is not a point on Ed25519")
-        for o in self.organisations:
-            for j, m in enumerate(o.members):
-                if not is_curve_point(m):
-                    raise ConfigError(
-                        f"organisation {o.name}'s member {j} is not a point on Ed25519"
-                    )
-        for a in self.accounts:
-            if not is_curve_point(a.public_key):
-                raise ConfigError(f"account {a.public_key.hex()} is not a point on Ed25519")
+        keys = [
+            (f"validator {v.name}'s public key", v.public_key) for v in self.validators.validators
+        ]
+        keys += [
+            (f"organisation {o.name}'s member {j}", m)
+            for o in self.organisations
+            for j, m in enumerate(o.members)
+        ]
+        keys += [(f"account {a.public_key.hex()}", a.public_key) for a in self.accounts]
+        for what, key in keys:
+            if not is_curve_point(key):
+                raise ConfigError(f"{what} is not a point on Ed25519")
 
     @cached_property
     def header(self) -> BlockHeader:

@@ -280,9 +280,8 @@ class Core:
         self.votes: dict[tuple[int, bytes], dict[int, bytes]] = {}
         self.vote_by: dict[tuple[int, int], Vote] = {}
         self.formed_qc_rounds: set[int] = set()
-        self.timeouts: dict[int, dict[int, tuple[int, bytes]]] = {}
-        # The highest QC the timeouts of each round carried (its TC carries it)
-        self.timeout_qcs: dict[int, QuorumCert] = {}
+        # Each round's timeouts: the QC and signature of each sender's
+        self.timeouts: dict[int, dict[int, tuple[QuorumCert, bytes]]] = {}
         self.formed_tc_rounds: set[int] = set()
         self.own_timeout: TimeoutMsg | None = None
         self.proposal_at: dict[tuple[int, int], Proposal] = {}
@@ -1095,7 +1094,6 @@ class Core:
             del self.vote_by[key2]
         for r in [r for r in self.timeouts if r < round_ - 1]:
             del self.timeouts[r]
-            self.timeout_qcs.pop(r, None)
         for at in [at for at in self.proposal_at if at[0] < keep]:
             del self.proposal_at[at]
         for seen in [e for e in self.evidence_seen if e[2] < keep]:
@@ -1334,8 +1332,7 @@ class Core:
             v.round + 1 < self.round
             or v.round > self.round + self.cfg.evidence_window
             or (
-                self.index not in (self.leader(v.round + 1), self.leaders.leader(v.round + 1))
-                and self._leader_known(v.round + 1)
+                self.index not in self._may_propose(v.round + 1) and self._leader_known(v.round + 1)
             )
         ):
             return
@@ -1401,10 +1398,7 @@ class Core:
         bucket = self.timeouts.setdefault(t.round, {})
         if t.sender in bucket:
             return
-        bucket[t.sender] = (t.high_qc.round, t.signature)
-        best = self.timeout_qcs.get(t.round)
-        if best is None or t.high_qc.round > best.round:
-            self.timeout_qcs[t.round] = t.high_qc
+        bucket[t.sender] = (t.high_qc, t.signature)
         # f+1 timeouts include an honest one: join, so a round with a silent leader ends fast
         if (
             len(bucket) > self.vs.f
@@ -1418,9 +1412,10 @@ class Core:
             tc = TimeoutCert(
                 t.round,
                 make_bitmap(signers, self.vs.n),
-                tuple(bucket[i][0] for i in signers),
+                tuple(bucket[i][0].round for i in signers),
                 tuple(bucket[i][1] for i in signers),
-                self.timeout_qcs[t.round],
+                # The highest QC reported, the first to arrive of that round
+                max((qc for qc, _ in bucket.values()), key=lambda qc: qc.round),
             )
             self.verified_certs.add(_cert_key(tc))
             self._process_tc(tc)
