@@ -17,7 +17,7 @@ import pytest
 
 from rayledger.block import QuorumCert
 from rayledger.codec import u64
-from rayledger.consensus import Proposal, TimeoutCert, Vote
+from rayledger.consensus import Proposal, Rejected, TimeoutCert, Vote
 from rayledger.consensus.core import _cert_key
 from rayledger.consensus.wire import decode_messages, encode_messages
 from rayledger.errors import DecodeError
@@ -154,3 +154,22 @@ def test_one_byzantine_validator_cannot_fork_the_honest_ones_with_a_forged_tc(
     assert all(net.cores[i].highest_vote_round < 4 for i in (1, 2))
     first = {net.committed[i][0].block.hash for i in (1, 2, 3) if net.committed[i]}
     assert first == {p1.block.hash}
+
+
+def test_a_tc_without_its_qc_or_with_a_lower_one_is_refused(keys: Keyring) -> None:
+    """A TC carries the QC of its highest reported round: without it, or with one below that
+    round, any round could be claimed without a QC behind it."""
+    tc = keys.tc(2, {0: 1, 2: 1, 3: 0})
+    block = keys.block(keys.chain(1)[0].block, 3)
+    for bad in (
+        TimeoutCert(2, tc.signers, tc.high_qc_rounds, tc.signatures, None),
+        TimeoutCert(2, tc.signers, tc.high_qc_rounds, tc.signatures, keys.genesis_qc),
+    ):
+        v1 = keys.core(1)
+        v1.start()
+        p3 = keys.propose(block, keys.qc(keys.chain(1)[0].block), bad)
+        assert v1.on_messages([p3]) == [Rejected("bad signature or certificate", 3)]
+    v1 = keys.core(1)
+    v1.start()
+    good = keys.propose(block, keys.qc(keys.chain(1)[0].block), tc)
+    assert _votes(v1.on_messages([good]))
