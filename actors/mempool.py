@@ -20,6 +20,13 @@ pending, and sealed but not yet committed: when a submission would take them ove
 the whole submission is answered "busy", with a hint of when to retry, and nothing of it is
 kept (never a silent drop). The limit is learnt from how fast this mempool's batches commit
 (``InflightLimit``), within the configured capacity.
+
+Accepted means durable: a submission is answered once the rows accepted from it are fsynced
+in this mempool's journal (``actors/journal.py``; submissions arriving together share an
+fsync), and each row stays there until the batch holding it commits. A mempool that starts
+with rows in its journal (Ray restarted it after a crash, its machine rebooted, or the
+network went down and up) admits them again, but for those whose nonce has committed since,
+once its validators have given their handles (``Mempool._recover``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from rayledger.actors.journal import Journal
+from rayledger.actors.storage.lock import stop_on_disk_failure
 from rayledger.actors.storage.partition import rows_by_shard, shard_of_keys
 from rayledger.actors.streams import StreamSender, parse_endpoint
 from rayledger.chain import batch_digest
@@ -72,6 +81,13 @@ MIN_TARGET_S = 1.0
 COMMIT_POLL_S = 1.0
 STALE_MIN_S = 3.0
 POLL_TIMEOUT_S = 5.0
+# Rows accepted here carry, until they are sealed, the journal segment that holds them, so
+# that the segment can go once every batch holding its rows has committed (see actors/journal.py)
+JOURNAL_COLUMN = "_journal_segment"
+# How long a restarted mempool waits for every validator to give its handle before it seals
+# the rows its journal gave back (a validator missing then gets them when they are resent)
+RECOVER_WAIT_S = 10.0
+
 # A batch long in flight and not committed is sent to every validator again: one that
 # missed it (a partition cut this mempool's site off when it was sealed, or the validator
 # restarted since) then holds it, and its sender's later batches do not wait for it in vain
@@ -349,13 +365,25 @@ class Mempool:
         self.ray_sends = 0
         self.resends = 0  # by Ray call too, but not for want of a stream: see _reannounce
         self.stream_events: dict[str, int] = {}
+        # The rows accepted and not yet committed, on disk (None: configured off). What a
+        # journal left by an earlier run holds is admitted again once validators are known.
+        self.journal: Journal | None = None
+        if settings.get("mempool_journal", True):
+            self.journal = Journal(
+                root / f"mempool-{index}" / "journal",
+                what=f"mempool {index}",
+                segment_bytes=int(settings.get("mempool_journal_segment_mb", 64)) << 20,
+            )
+        # Each batch in flight: how many of its rows each journal segment holds
+        self.sources: dict[bytes, dict[int, int]] = {}
+        self._recovery: asyncio.Task[None] | None = None
         if restarted():
             self._ask_validators(self.genesis.validators.n)
 
     def _ask_validators(self, n: int) -> None:
         """Ray restarted this mempool after a crash: it knows no validator (each gives its
-        handle at its own start). Ask the live ones to give them again (the rows this mempool
-        held unsealed when it crashed are lost: their clients' waits for commits time out)."""
+        handle at its own start). Ask the live ones to give them again; the first to answer
+        starts the recovery of the rows its journal holds (``_recover``)."""
         for i in range(n):
             try:
                 handle = ray.get_actor(f"{self.network}-validator-{i}", namespace="rayledger")
@@ -380,6 +408,7 @@ class Mempool:
         mempool opens one as sender ``n + index`` (validators are senders 0..n-1). A call with
         a malformed endpoint is counted and changes nothing. ``held``: the validator starts
         with nothing in memory: it is sent every batch in flight too (``announce_held``)."""
+        self._start()
         ep = None
         if endpoint is not None:
             ep = parse_endpoint(endpoint, index, self._stream_event)
@@ -441,9 +470,9 @@ class Mempool:
         v.batch_ready.remote(digest, [ref], None, tag, resent_by=self.index)
 
     async def submit(self, batch: pa.RecordBatch) -> Admission:
-        """Admit a batch of signed transactions (rows that fail are counted, not stored)."""
-        if self._ticker is None:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        """Admit a batch of signed transactions (rows that fail are counted, not stored).
+        The answer comes once the rows accepted are on this mempool's disk."""
+        self._start()
         if not isinstance(batch, pa.RecordBatch):  # a Table, None, bytes from a careless client
             exc = SchemaMismatch(f"a TxBatch is an Arrow record batch, not {type(batch).__name__}")
             self._count(exc.code, 1)
@@ -480,13 +509,36 @@ class Mempool:
         except LedgerError as exc:
             self._count(exc.code, batch.num_rows)
             return Admission(error=str(exc), rejected={exc.code: batch.num_rows})
-        result = Admission()
         valid = await self._verify(canonical)
-        ids = tx_ids_of(canonical)
-        keys = byte_rows(ids)
         senders = byte_rows(fixed_rows(canonical.column("sender"), 32))
-        nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
         committed = await self._committed_nonces(list(dict.fromkeys(senders)))
+        result = self._take(canonical, senders, valid, committed, in_order=True)
+        for reason, n in result.rejected.items():
+            self._count(reason, n)
+        if result.accepted:
+            self._count("accepted", result.accepted)
+            await self._durable()
+        return result
+
+    def _take(
+        self,
+        canonical: pa.RecordBatch,
+        senders: list[bytes],
+        valid: np.ndarray,
+        committed: dict[bytes, int],
+        *,
+        in_order: bool,
+    ) -> Admission:
+        """Keep the rows of ``canonical`` (``senders``: each row's) that pass (``valid``:
+        their signatures did), each in sequence to the pending rows or ahead of it to the
+        parked ones, journaled (not yet durable: ``_durable``); the verdicts, not counted
+        yet. ``in_order``: a sender's
+        nonces must rise within ``canonical`` (a submission's rule; rows given back by the
+        journal come in the order they were accepted, from several submissions). Nothing
+        awaits here: no other call changes what the checks read until the rows are kept."""
+        result = Admission()
+        keys = byte_rows(tx_ids_of(canonical))
+        nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
         fresh = np.zeros(len(keys), np.bool_)
         ahead = np.zeros(len(keys), np.bool_)
         batch_seen: dict[bytes, None] = {}
@@ -503,7 +555,7 @@ class Mempool:
                 reason = "duplicate"
             elif nonce < committed.get(sender, 0):
                 reason = "stale_nonce"
-            elif nonce <= last.get(sender, -1):
+            elif in_order and nonce <= last.get(sender, -1):
                 reason = "nonce_order"
             else:
                 if sender not in expect:
@@ -533,16 +585,25 @@ class Mempool:
                 last[sender] = nonce
                 continue
             result.rejected[reason] = result.rejected.get(reason, 0) + 1
-        for reason, n in result.rejected.items():
-            self._count(reason, n)
+        result.accepted = int(fresh.sum())
+        if not result.accepted:
+            return result
+        if self.journal is not None:
+            try:
+                segment = self.journal.write(canonical.filter(pa.array(fresh)))
+            except OSError as exc:  # a full disk: nothing of the submission is kept
+                log.error("mempool %d: journal write failed: %s", self.index, exc)
+                return Admission(
+                    error=f"mempool {self.index} cannot journal rows: {exc}",
+                    rejected={"journal_unavailable": canonical.num_rows},
+                )
+            tag = pa.array(np.full(canonical.num_rows, segment, np.uint32))
+            canonical = canonical.append_column(JOURNAL_COLUMN, tag)
         self.seen.update(batch_seen)
         excess = len(self.seen) - self.seen_limit
         if excess > 0:
             for key in list(itertools.islice(self.seen, excess)):
                 del self.seen[key]
-        result.accepted = int(fresh.sum())
-        if result.accepted:
-            self._count("accepted", result.accepted)
         in_sequence = fresh & ~ahead
         kept = canonical.filter(pa.array(in_sequence)) if not in_sequence.all() else canonical
         if kept.num_rows:
@@ -555,6 +616,75 @@ class Mempool:
         while self.pending_rows >= self.batch_rows:
             self._seal(self.batch_rows)
         return result
+
+    async def _durable(self) -> None:
+        """Wait until the rows journaled so far are on the disk. A failed fsync ends the
+        process (rows kept in memory are ahead of the disk, as for a validator's store): Ray
+        restarts it from what its journal holds."""
+        if self.journal is None:
+            return
+        try:
+            await self.journal.sync()
+        except OSError as exc:
+            stop_on_disk_failure(f"mempool {self.index}", exc)
+
+    def _start(self) -> None:
+        """At the first call that needs them: the timer that seals and polls, and the
+        recovery of what an earlier run of this mempool left in its journal."""
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        if self._recovery is None and self.journal is not None and self.journal.recovered:
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Admit again the rows an earlier run of this mempool accepted and its journal
+        holds, except those whose nonce has committed since (their rows, or others with their
+        nonces, committed): they are sealed and announced anew, their signatures not checked
+        again (they were before they were journaled). They go in once every validator gave
+        its handle (each restarted one gets them when they are resent), the journaled order
+        kept (a sender's rows ahead of a gap are parked as at admission)."""
+        journal = self.journal
+        assert journal is not None
+        deadline = time.monotonic() + RECOVER_WAIT_S
+        while len(self.validators) < self.genesis.validators.n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        batches: list[pa.RecordBatch] = []
+        for batch in journal.recovered:
+            try:
+                batches.append(
+                    validate_batch(
+                        batch,
+                        chain_id=self.genesis.chain_id,
+                        max_payload=self.genesis.limits.max_payload_bytes,
+                    )
+                )
+            except LedgerError as exc:  # another network's journal in this directory
+                self._count(f"recovered_{exc.code}", batch.num_rows)
+        rows = pa.Table.from_batches(batches).combine_chunks() if batches else None
+        if rows is not None and rows.num_rows:
+            canonical = rows.to_batches()[0]
+            senders = byte_rows(fixed_rows(canonical.column("sender"), 32))
+            committed = await self._committed_nonces(list(dict.fromkeys(senders)))
+            valid = np.ones(canonical.num_rows, np.bool_)
+            result = self._take(canonical, senders, valid, committed, in_order=False)
+            if result.error is not None:  # the disk is full: the old segments stay for later
+                self._count("recovery_failed", canonical.num_rows)
+                return
+            for reason, n in result.rejected.items():
+                self._count(f"recovered_{reason}", n)
+            self._count("recovered", result.accepted)
+            log.info(
+                "mempool %d: %d rows from the journal admitted again, %d dropped %s",
+                self.index,
+                result.accepted,
+                sum(result.rejected.values()),
+                result.rejected,
+            )
+            await self._durable()
+            # They waited long enough: sealed now, not at the next tick
+            while self.pending_rows:
+                self._seal(self.batch_rows)
+        journal.drop_recovered()
 
     def _expected(self, sender: bytes, committed: dict[bytes, int]) -> int | None:
         """``sender``'s next nonce in sequence here: after its last row sealed or pending here,
@@ -691,10 +821,18 @@ class Mempool:
 
     def _send(self, head: pa.RecordBatch) -> None:
         """Seal ``head`` into a batch and announce it to every validator."""
+        sources: dict[int, int] = {}
+        if JOURNAL_COLUMN in head.schema.names:
+            segments, counts = np.unique(head.column(JOURNAL_COLUMN).to_numpy(), return_counts=True)
+            sources = dict(zip(segments.tolist(), counts.tolist(), strict=True))
+            head = head.drop_columns([JOURNAL_COLUMN])
         # Its own buffers: a batch sealed from part of a larger submission would otherwise
         # carry the whole of it into the object store and to every validator
         batch = compact_batch(head.cast(TX_SCHEMA.with_metadata(head.schema.metadata)))
         digest = batch_digest(batch)
+        held = self.sources.setdefault(digest, {})
+        for segment, n in sources.items():
+            held[segment] = held.get(segment, 0) + n
         ref = ray.put(batch)
         self._refs[digest] = ref
         self.limit.sealed(digest, batch.num_rows, sum(self.in_flight.values()), time.monotonic())
@@ -841,6 +979,9 @@ class Mempool:
     def _release(self, digest: bytes) -> None:
         """A batch of this mempool committed: its rows stop counting against the limit."""
         self.in_flight.pop(digest, None)
+        sources = self.sources.pop(digest, None)
+        if sources and self.journal is not None:
+            self.journal.done(sources)
         self._refs.pop(digest, None)
         self.sealed_at.pop(digest, None)
         self._resend.pop(digest, None)
@@ -880,6 +1021,8 @@ class Mempool:
                 # A malformed endpoint, a validator that stopped reading
                 "events": dict(self.stream_events),
             },
+            # Rows accepted and not yet committed, on this mempool's disk (None: off)
+            "journal": None if self.journal is None else self.journal.status(),
             "cpu_s": round(time.process_time(), 3),
             # Signatures checked on this process's CPU, and their checking threads' CPU time
             "signature_checks": cpu_verify_work(),

@@ -53,6 +53,12 @@ class NetworkOptions:
     mempool_gap_hold_ms: int = 5000
     mempool_park_per_sender: int = 4_096
     mempool_park_rows: int = 65_536
+    # A mempool answers "accepted" once the rows are fsynced in its journal
+    # (``<data>/mempool-<i>/journal``), and a mempool started again (after a crash, or
+    # ``down`` then ``up``) admits again those not committed; off: a crash loses the rows it
+    # held unsealed or whose batches no validator holds
+    mempool_journal: bool = True
+    mempool_journal_segment_mb: int = 64
     max_batches_per_block: int = 64
     # A validator checks at most this many announced batches at once; the rest wait in a
     # queue per mempool, served fairly by rows, of at most this many batches and rows each

@@ -766,6 +766,32 @@ def test_a_shard_verifier_or_mempool_comes_back_however_often_it_crashes(tmp_pat
         net.shutdown()
 
 
+def test_a_crashed_mempool_loses_no_row_it_accepted(tmp_path: Path) -> None:
+    """Rows a mempool answered "accepted" for are in its journal: when its process dies
+    before it sealed them (a long batch interval holds them here), Ray restarts it and it
+    admits them again, and they commit. Without the journal they were lost."""
+    net = start(tmp_path, "mcrash", batch_interval_ms=600_000, batch_rows=10_000)
+    try:
+        batch = client_batches(net, 400)[1]
+        assert net.submit(batch, mempool=1).accepted == 100
+        status = ray.get(net.mempool(1).status.remote())
+        assert status["pending_rows"] == 100 and status["journal"]["live_rows"] == 100
+        ray.kill(net.mempool(1), no_restart=False)
+        net.wait_committed(batch, validators=[0, 1, 2, 3], timeout_s=60)
+        status = ray.get(net.mempool(1).status.remote())
+        assert status["counts"]["recovered"] == 100
+        assert status["journal"]["recovered_rows"] == 100
+        # Committed: nothing is left in the journal to admit again at the next start
+        t0 = time.monotonic()
+        while ray.get(net.mempool(1).status.remote())["journal"]["live_rows"]:
+            assert time.monotonic() - t0 < 30, "the committed rows stay in the journal"
+            time.sleep(0.2)
+        assert list((tmp_path / "mempool-1" / "journal").glob("*.log")) == []
+        assert_agreement(net, [0, 1, 2, 3])
+    finally:
+        net.shutdown()
+
+
 def test_a_validator_whose_process_dies_comes_back_by_itself(tmp_path: Path) -> None:
     """A validator's process that dies (a crash, not `rayledger chaos kill`) is restarted by
     Ray from its own disk, rejoins its peers and its mempool by itself and catches up: no

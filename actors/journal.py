@@ -1,0 +1,249 @@
+"""A mempool's journal: the rows it accepted, on its disk before it answers "accepted".
+
+A mempool answers a submission only once the rows it accepted from it are fsynced here, so a
+crash (of the actor, its process or its machine) between the answer and the commit of those
+rows loses none of them: the next start of the mempool reads them back, drops those whose
+sender's nonce has committed since, and admits the rest again (``Mempool._recover``). A row
+that was also in a batch sealed before the crash may then be ordered twice; execution gives
+the later copy ``BAD_NONCE`` and the transaction index keeps the row that counted.
+
+Layout: ``<dir>/LOCK`` (one process at a time, see ``storage/lock.py``) and numbered segment
+files ``<dir>/<n>.log``, each a run of frames ``magic "RLMJ" | u32 length | u32 CRC-32 |
+Arrow IPC stream of one record batch``. Appends go to the newest segment until it passes
+``segment_bytes``. Each segment counts the rows of it not yet done with (committed, or given
+up on by the mempool); a segment that is not the newest is deleted when its count reaches
+zero. Reading stops at the first frame that is cut short or fails its CRC (the tail of a
+write a crash interrupted): what follows it was never acknowledged.
+
+Appends are written at once (``write``) and made durable in groups: every ``sync`` waits for
+one fsync that covers everything written before it, and calls arriving while an fsync runs
+share the next one, so a burst of small submissions costs a few fsyncs, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from rayledger.actors.storage.lock import LOCK_WAIT_S, hold_lock, release_lock
+from rayledger.errors import LedgerError
+from rayledger.tx import batch_from_ipc
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"RLMJ"
+_HEADER = struct.Struct(">4sII")
+SEGMENT_BYTES = 64 << 20
+_SUFFIX = ".log"
+
+
+def encode_frame(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    body = sink.getvalue()
+    return _HEADER.pack(MAGIC, body.size, zlib.crc32(body)) + body.to_pybytes()
+
+
+def read_frames(data: bytes) -> tuple[list[pa.RecordBatch], str | None]:
+    """The batches of a segment's bytes, in order, and why reading stopped early (None: it
+    read to the end)."""
+    out: list[pa.RecordBatch] = []
+    at = 0
+    while at < len(data):
+        if len(data) - at < _HEADER.size:
+            return out, "a frame header cut short"
+        magic, length, crc = _HEADER.unpack_from(data, at)
+        if magic != MAGIC:
+            return out, f"no frame at byte {at}"
+        body = data[at + _HEADER.size : at + _HEADER.size + length]
+        if len(body) < length:
+            return out, "a frame cut short"
+        if zlib.crc32(body) != crc:
+            return out, f"a frame at byte {at} fails its CRC"
+        try:
+            out.append(batch_from_ipc(body))
+        except LedgerError as exc:
+            return out, f"a frame at byte {at} does not decode ({exc})"
+        at += _HEADER.size + length
+    return out, None
+
+
+def _fsync_copy(fd: int, directory: Path | None) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if directory is not None:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class Journal:
+    """The journal in ``path`` (created if missing), held by this process until ``close``.
+    The batches found there at opening are ``recovered``, oldest first; their segments stay
+    until ``drop_recovered``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        what: str,
+        segment_bytes: int = SEGMENT_BYTES,
+        lock_wait_s: float = LOCK_WAIT_S,
+    ) -> None:
+        self.path = path
+        self.what = what
+        self.segment_bytes = segment_bytes
+        self._lock = hold_lock(path / "LOCK", what, lock_wait_s)
+        self.recovered: list[pa.RecordBatch] = []
+        self.recovered_rows = 0
+        self.torn: list[str] = []  # where reading a segment stopped early, and why
+        self._old: list[Path] = []
+        newest = 0
+        for seg in self._segments():
+            self._old.append(seg)
+            newest = max(newest, int(seg.stem))
+            batches, stopped = read_frames(seg.read_bytes())
+            if stopped is not None:
+                self.torn.append(f"{seg.name}: {stopped}")
+                log.warning("%s: journal %s: read stopped at %s", what, seg.name, stopped)
+            self.recovered.extend(batches)
+            self.recovered_rows += sum(b.num_rows for b in batches)
+        self.segment = newest  # the next write opens segment newest + 1
+        self._fd: int | None = None
+        self._dir_synced = True  # whether the directory's entries are durable
+        self._size = 0
+        self._live: dict[int, int] = {}  # rows not yet done with, per segment
+        self._written = 0  # appends written, and those an fsync has covered
+        self._synced = 0
+        self._syncing: asyncio.Task[None] | None = None
+        self.fsyncs = 0
+        self.deleted = 0
+
+    def _segments(self) -> list[Path]:
+        found = [p for p in self.path.glob(f"*{_SUFFIX}") if p.stem.isdigit()]
+        return sorted(found, key=lambda p: int(p.stem))
+
+    def _file(self, n: int) -> Path:
+        return self.path / f"{n:08d}{_SUFFIX}"
+
+    def write(self, batch: pa.RecordBatch) -> int:
+        """Append ``batch`` (written, not yet durable: ``sync``) and count its rows live;
+        returns the segment it went to. An ``OSError`` (a full disk) leaves the journal as it
+        was: the caller keeps nothing of the batch."""
+        frame = encode_frame(batch)
+        if self._fd is None or (self._size and self._size + len(frame) > self.segment_bytes):
+            self._rotate()
+        assert self._fd is not None
+        try:
+            view = memoryview(frame)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            # Cut the partial frame off, so later appends do not follow a torn one
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(frame)
+        self._written += 1
+        self._live[self.segment] = self._live.get(self.segment, 0) + batch.num_rows
+        return self.segment
+
+    def _rotate(self) -> None:
+        """Open the next segment (its directory entry is made durable with the next
+        ``sync``). The one before, full, is fsynced here (once per ``segment_bytes``), and
+        deleted at once if none of its rows is live."""
+        old = self._fd
+        if old is not None:
+            os.fsync(old)
+            os.close(old)
+            self._synced = self._written
+        self.segment += 1
+        self._fd = os.open(self._file(self.segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._size = 0
+        self._dir_synced = False
+        if old is not None and not self._live.get(self.segment - 1):
+            self._delete(self.segment - 1)
+
+    async def sync(self) -> None:
+        """Return once everything written before this call is on the disk (an fsync failure
+        raises ``OSError``)."""
+        target = self._written
+        while self._synced < target:
+            if self._syncing is None:
+                self._syncing = asyncio.get_running_loop().create_task(self._fsync())
+            await asyncio.shield(self._syncing)
+
+    async def _fsync(self) -> None:
+        try:
+            upto, with_dir = self._written, not self._dir_synced
+            if self._fd is not None:
+                # A descriptor of its own: a rotation meanwhile closes the journal's
+                await asyncio.to_thread(
+                    _fsync_copy, os.dup(self._fd), self.path if with_dir else None
+                )
+                self.fsyncs += 1
+                if with_dir:
+                    self._dir_synced = True
+            self._synced = max(self._synced, upto)
+        finally:
+            self._syncing = None
+
+    def done(self, rows: dict[int, int]) -> None:
+        """Rows of these segments (segment -> count) are done with: committed, or given up.
+        A segment goes when none of its rows is left; the newest too (the next write opens
+        another), so that a restart finds only rows not yet done with."""
+        for seg, n in rows.items():
+            left = self._live.get(seg, 0) - n
+            if left > 0:
+                self._live[seg] = left
+                continue
+            self._live.pop(seg, None)
+            if seg == self.segment and self._fd is not None:
+                os.close(self._fd)  # an fsync running meanwhile has a descriptor of its own
+                self._fd = None
+            self._delete(seg)
+
+    def _delete(self, seg: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._file(seg).unlink()
+            self.deleted += 1
+
+    def drop_recovered(self) -> None:
+        """The recovered batches are admitted again (journaled anew) or known to be
+        committed: their segments go."""
+        for seg in self._old:
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+                self.deleted += 1
+        self._old = []
+        self.recovered = []
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "segments": len(self._segments()),
+            "live_rows": sum(self._live.values()),
+            "recovered_rows": self.recovered_rows,
+            "torn": list(self.torn),
+            "fsyncs": self.fsyncs,
+            "deleted_segments": self.deleted,
+        }
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        release_lock(self._lock)

@@ -1,0 +1,334 @@
+"""A mempool's journal: rows are on the disk before "accepted" is answered, and a mempool
+started again admits those not committed (no Ray here: the calls and the object store are
+stand-ins)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rayledger.actors import journal as journal_module
+from rayledger.actors import mempool as mempool_module
+from rayledger.actors.journal import Journal, read_frames
+from rayledger.actors.mempool import JOURNAL_COLUMN, Mempool
+from rayledger.crypto import key_from_seed, public_bytes
+from rayledger.errors import AlreadyOpen
+from rayledger.tx import TX_SCHEMA, TxKind, make_batch, tx_ids_of
+from tests.unit.test_mempool_admission import mempool
+from tests.unit.test_mempool_streams import RayValidator
+
+CHAIN = b"\x07" * 32
+
+
+def rows(seed: int, nonces: list[int], chain: bytes = CHAIN) -> pa.RecordBatch:
+    key = key_from_seed(bytes([seed]) * 32)
+    digests = [bytes([seed, n % 256]) + bytes(30) for n in nonces]
+    return make_batch(key, TxKind.ANCHOR, nonces, digests, chain)
+
+
+def journal(path: Path, **kw: Any) -> Journal:
+    return Journal(path, what="test journal", lock_wait_s=0.1, **kw)
+
+
+def segments(path: Path) -> list[str]:
+    return sorted(p.name for p in path.glob("*.log"))
+
+
+# ---- the journal on its own -------------------------------------------------------------
+
+
+def test_batches_written_and_synced_are_read_back_in_order(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    written = [rows(1, [0, 1]), rows(2, [5]), rows(1, [2, 3, 4])]
+
+    async def scenario() -> None:
+        for b in written:
+            j.write(b)
+        await j.sync()
+
+    asyncio.run(scenario())
+    assert j.fsyncs == 1 and j.status()["live_rows"] == 6
+    j.close()
+    again = journal(tmp_path)
+    assert [b.equals(w) for b, w in zip(again.recovered, written, strict=True)] == [True] * 3
+    assert again.recovered_rows == 6 and again.torn == []
+
+
+def test_a_torn_or_corrupt_tail_ends_reading_there(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    for n in range(3):
+        j.write(rows(1, [n]))
+    j.close()
+    (seg,) = tmp_path.glob("*.log")
+    data = seg.read_bytes()
+    whole, stopped = read_frames(data)
+    assert len(whole) == 3 and stopped is None
+    frame = len(data) // 3
+    # A crash in the middle of a write: the last frame is cut short
+    seg.write_bytes(data[: 2 * frame + frame // 2])
+    cut = journal(tmp_path)
+    assert len(cut.recovered) == 2 and "cut short" in cut.torn[0]
+    cut.close()
+    # A bit flipped in the second frame's body: that frame and what follows are not taken
+    flipped = bytearray(data)
+    flipped[frame + frame // 2] ^= 0x01
+    seg.write_bytes(bytes(flipped))
+    bad = journal(tmp_path)
+    assert len(bad.recovered) == 1 and "CRC" in bad.torn[0]
+    bad.close()
+    # Bytes that are no frame at all
+    seg.write_bytes(b"\x00" * 40)
+    junk = journal(tmp_path)
+    assert junk.recovered == [] and "no frame" in junk.torn[0]
+
+
+def test_a_frame_whose_body_is_not_arrow_is_refused(tmp_path: Path) -> None:
+    body = b"not an arrow stream"
+    header = journal_module._HEADER.pack(
+        journal_module.MAGIC, len(body), journal_module.zlib.crc32(body)
+    )
+    batches, stopped = read_frames(header + body)
+    assert batches == [] and stopped is not None and "does not decode" in stopped
+
+
+def test_segments_go_when_all_their_rows_are_done(tmp_path: Path) -> None:
+    j = journal(tmp_path, segment_bytes=1)  # every write opens a segment of its own
+    segs = [j.write(rows(1, [n, n + 10])) for n in range(3)]
+    assert segs == [1, 2, 3] and len(segments(tmp_path)) == 3
+    j.done({1: 1})
+    assert len(segments(tmp_path)) == 3  # one row of segment 1 is still live
+    j.done({1: 1, 2: 2})
+    assert segments(tmp_path) == ["00000003.log"]
+    # The newest goes too once done with, and the next write opens another
+    j.done({3: 2})
+    assert segments(tmp_path) == [] and j.status()["live_rows"] == 0
+    assert j.write(rows(1, [7])) == 4 and segments(tmp_path) == ["00000004.log"]
+    asyncio.run(j.sync())
+
+
+def test_concurrent_appends_share_their_fsyncs(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+
+    async def one(n: int) -> None:
+        j.write(rows(1, [n]))
+        await j.sync()
+
+    async def scenario() -> None:
+        await asyncio.gather(*(one(n) for n in range(50)))
+
+    asyncio.run(scenario())
+    assert 1 <= j.fsyncs <= 2
+    assert j._synced == j._written == 50
+
+
+def test_one_process_at_a_time(tmp_path: Path) -> None:
+    held = journal(tmp_path)
+    with pytest.raises(AlreadyOpen):
+        journal(tmp_path)
+    held.close()
+    journal(tmp_path).close()
+
+
+# ---- the mempool with its journal -------------------------------------------------------
+
+
+def committed_as(table: dict[bytes, int]) -> Any:
+    async def committed(senders: list[bytes]) -> dict[bytes, int]:
+        return {s: table.get(s, 0) for s in senders}
+
+    return committed
+
+
+def crash(m: Mempool) -> None:
+    """What a crash leaves: the journal's files (the lock goes with the process)."""
+    if m._ticker is not None:
+        m._ticker.cancel()
+    assert m.journal is not None
+    m.journal.close()
+
+
+def test_a_restarted_mempool_admits_again_what_it_accepted_and_was_not_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: ("ref", batch.num_rows))
+    first = mempool(tmp_path)
+    chain = first.genesis.chain_id
+    a, b = public_bytes(key_from_seed(b"\x01" * 32)), public_bytes(key_from_seed(b"\x02" * 32))
+    first._committed_nonces = committed_as({})  # type: ignore[method-assign]
+    journal_dir = tmp_path / "mempool-0" / "journal"
+
+    async def accept() -> None:
+        assert (await first.submit(rows(1, [0, 1, 2, 3, 4, 5], chain))).accepted == 6
+        # b's nonce 2 is missing: its nonce 3 is held apart (parked)
+        assert (await first.submit(rows(2, [0, 1, 3], chain))).accepted == 3
+        assert first.journal is not None and first.journal._synced == first.journal._written
+        assert (first.pending_rows, first.parked_rows) == (8, 1)
+
+    asyncio.run(accept())
+    crash(first)
+
+    # Started again: meanwhile a's nonces 0..2 committed (sealed before the crash)
+    second = mempool(tmp_path)
+    assert second.journal is not None and second.journal.recovered_rows == 9
+    second._committed_nonces = committed_as({a: 3})  # type: ignore[method-assign]
+    handles = [RayValidator() for _ in range(4)]
+
+    async def recover() -> bytes:
+        for i, h in enumerate(handles):
+            await second.set_validator(i, h)
+        assert second._recovery is not None
+        await second._recovery
+        assert second.counts["recovered"] == 6
+        assert second.counts["recovered_stale_nonce"] == 3
+        assert (second.pending_rows, second.parked_rows) == (5, 1)
+        # The old segments went once the rows were journaled again
+        assert len(segments(journal_dir)) == 1
+        second._seal(100)
+        (call,) = handles[0].calls
+        digest, (ref,) = call[0], call[1]
+        assert ref == ("ref", 5)
+        assert set(second.sources[digest].values()) == {5}
+        await second.on_commit([digest])
+        assert second.journal.status()["live_rows"] == 1  # the parked row
+        return digest
+
+    asyncio.run(recover())
+    crash(second)
+
+    # Again: b's nonce 2 came another way and committed; only b's nonce 3 is left to commit
+    third = mempool(tmp_path)
+    third._committed_nonces = committed_as({a: 6, b: 3})  # type: ignore[method-assign]
+
+    async def once_more() -> None:
+        # Two validators give their handles; the others are down: it does not wait for ever
+        await third.set_validator(0, RayValidator())
+        await third.set_validator(1, RayValidator())
+        assert third._recovery is not None
+        await third._recovery
+        assert third.counts["recovered"] == 1
+        assert third.pending_rows == 1 and third.parked_rows == 0
+
+    monkeypatch.setattr(mempool_module, "RECOVER_WAIT_S", 0.2)
+    asyncio.run(once_more())
+    assert third.journal is not None and third.journal.recovered == []
+    crash(third)
+
+
+def test_sealed_batches_carry_no_journal_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put: list[pa.RecordBatch] = []
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: put.append(batch) or "ref")
+    m = mempool(tmp_path, batch_rows=3)
+    batch = rows(1, [0, 1, 2, 3], m.genesis.chain_id)
+
+    async def scenario() -> None:
+        await m.set_validator(0, RayValidator())
+        await m.submit(batch)
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
+    (sealed,) = put
+    assert sealed.schema.names == TX_SCHEMA.names and JOURNAL_COLUMN not in sealed.schema.names
+    assert np.array_equal(tx_ids_of(sealed), tx_ids_of(batch)[:3])
+    assert m.pending_rows == 1 and m.pending[0].schema.names[-1] == JOURNAL_COLUMN
+
+
+def test_a_submission_that_cannot_be_journaled_is_refused_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = mempool(tmp_path)
+    batch = rows(1, [0, 1, 2], m.genesis.chain_id)
+    real_write = journal_module.os.write
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        monkeypatch.setattr(journal_module.os, "write", full)
+        res = await m.submit(batch)
+        assert res.accepted == 0 and res.rejected == {"journal_unavailable": 3}
+        assert res.error is not None and "No space left" in res.error
+        assert (m.pending_rows, m.parked_rows, len(m.seen)) == (0, 0, 0)
+        assert m.counts.get("accepted", 0) == 0
+        # The disk has room again: the same rows are taken
+        monkeypatch.setattr(journal_module.os, "write", real_write)
+        assert (await m.submit(batch)).accepted == 3
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
+    m.journal.close()  # type: ignore[union-attr]
+    # What went to the disk is the accepted submission alone
+    assert journal(tmp_path / "mempool-0" / "journal").recovered_rows == 3
+
+
+def test_a_failed_fsync_stops_the_mempool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = mempool(tmp_path)
+    stopped: list[str] = []
+
+    class Stopped(Exception):
+        pass
+
+    def stop(what: str, exc: BaseException) -> None:
+        stopped.append(f"{what}: {exc}")
+        raise Stopped
+
+    def failing(fd: int, directory: Path | None) -> None:
+        journal_module.os.close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(mempool_module, "stop_on_disk_failure", stop)
+    monkeypatch.setattr(journal_module, "_fsync_copy", failing)
+
+    async def scenario() -> None:
+        with pytest.raises(Stopped):
+            await m.submit(rows(1, [0], m.genesis.chain_id))
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
+    assert stopped == ["mempool 0: [Errno 5] Input/output error"]
+
+
+def test_rows_of_another_network_in_the_journal_are_not_admitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: "ref")
+    monkeypatch.setattr(mempool_module, "RECOVER_WAIT_S", 0.0)
+    first = mempool(tmp_path)
+    first.journal.write(rows(1, [0, 1], b"\x33" * 32))  # type: ignore[union-attr]
+    crash(first)
+    m = mempool(tmp_path)
+
+    async def scenario() -> None:
+        await m.set_validator(0, RayValidator())
+        await m._recovery  # type: ignore[misc]
+        assert m._ticker is not None
+        m._ticker.cancel()
+
+    asyncio.run(scenario())
+    assert m.counts == {"recovered_wrong_chain": 2}
+    assert m.pending_rows == 0 and segments(tmp_path / "mempool-0" / "journal") == []
+
+
+def test_the_journal_can_be_turned_off(tmp_path: Path) -> None:
+    m = mempool(tmp_path, mempool_journal=False)
+    batch = rows(1, [0, 1], m.genesis.chain_id)
+
+    async def scenario() -> None:
+        assert (await m.submit(batch)).accepted == 2
+        assert m._ticker is not None
+        m._ticker.cancel()
+        assert (await m.status())["journal"] is None
+
+    asyncio.run(scenario())
+    assert m.pending[0].schema.names == TX_SCHEMA.names
+    assert not (tmp_path / "mempool-0").exists()
