@@ -55,8 +55,11 @@ MAX_FRAME = 32 << 20
 # stream is dropped and messages go by Ray, which queues them its own way.
 MAX_BUFFERED = 8 << 20
 HELLO_TIMEOUT_S = 5.0
-# Connections still owing their hello, at most (more are closed at once): a process that can
-# reach the port but holds no token cannot pile up idle connections
+# Connections still owing their hello, at most: a new one past this closes the oldest. A
+# process that can reach the port but holds no token cannot pile up idle connections, nor
+# keep a peer out by holding them all (a peer sends its hello with its first bytes, so its
+# connection is the newest while it waits; refusing new ones instead, 13 idle connections a
+# second, each held HELLO_TIMEOUT_S, kept every peer out)
 MAX_PENDING_HELLOS = 64
 CONNECT_TIMEOUT_S = 2.0
 # A peer that cannot be reached is tried again at most this often (messages go by Ray meanwhile)
@@ -126,7 +129,8 @@ class StreamServer:
         self.endpoint: Endpoint | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._pending = 0  # connections that have not sent their hello yet
+        # Connections that have not sent their hello yet, oldest first
+        self._pending: dict[asyncio.StreamWriter, None] = {}
         # Each peer's current stream: a newer one from the same peer (it restarted, or
         # reconnected before this side saw the old one end) replaces it
         self._by_sender: dict[int, asyncio.StreamWriter] = {}
@@ -157,21 +161,22 @@ class StreamServer:
         return len(self._writers)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._pending >= MAX_PENDING_HELLOS:
-            self.count("stream: too_many_pending")
-            writer.close()
-            return
+        if len(self._pending) >= MAX_PENDING_HELLOS:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.close()
+            self.count("stream: hello_evicted")
         self._writers.add(writer)
         sender = -1
         try:
-            self._pending += 1
+            self._pending[writer] = None
             try:
                 hello = await asyncio.wait_for(reader.readexactly(HELLO.size), HELLO_TIMEOUT_S)
             except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                 self.count("stream: no_hello")
                 return
             finally:
-                self._pending -= 1
+                self._pending.pop(writer, None)
             magic, token, sender = HELLO.unpack(hello)
             if magic != MAGIC:
                 self.count("stream: bad_magic")

@@ -240,27 +240,28 @@ def test_a_newer_stream_from_a_peer_replaces_its_older_one() -> None:
     with_peer(body)
 
 
-def test_connections_owing_their_hello_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connections_owing_their_hello_are_bounded_and_cannot_keep_a_peer_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(streams, "MAX_PENDING_HELLOS", 2)
 
     async def body(peer: Peer, ep: Endpoint) -> None:
         idle = [await asyncio.open_connection(ep.host, ep.port) for _ in range(2)]
         await until(lambda: peer.server.open_streams == 2)
-        # A third connection with no hello yet is closed at once
-        assert await raw_stream(ep, b"") == b""
-        assert peer.counts == {"stream: too_many_pending": 1}
-        # Once the first two say hello, connections are taken again
-        for k, (_, w) in enumerate(idle):
-            w.write(
-                HELLO.pack(MAGIC, peer.server.token_for(k + 1), k + 1)
-                + HEADER.pack(1, math.nan)
-                + b"%d" % k
-            )
-        await until(lambda: len(peer.frames) == 2)
+        # Every slot is held by a connection that says nothing: a peer connecting still
+        # gets in, and the oldest idle connection is closed to make room
         sender = StreamSender(3, as_sender(peer, 3), peer._count)
         await connected(sender)
-        assert sender.send(b"third") and peer.counts == {"stream: too_many_pending": 1}
-        await until(lambda: len(peer.frames) == 3)
+        assert sender.send(b"first")
+        await until(lambda: len(peer.frames) == 1)
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+        await until(lambda: peer.counts.get("stream: no_hello") == 1)
+        assert peer.counts == {"stream: hello_evicted": 1, "stream: no_hello": 1}
+        # The other idle one is still there, and says hello late: taken
+        idle[1][1].write(HELLO.pack(MAGIC, peer.server.token_for(2), 2) + HEADER.pack(1, math.nan))
+        idle[1][1].write(b"x")
+        await until(lambda: len(peer.frames) == 2)
+        assert sorted(f[0] for f in peer.frames) == [2, 3]
         for _, w in idle:
             w.close()
         sender.close()
