@@ -303,6 +303,8 @@ class Validator:
         self.shard_wake: dict[int, asyncio.Event] = {}
         self._shard_tasks: list[asyncio.Task[None]] = []
         self._refill_lock = asyncio.Lock()
+        # Block reads for peers' batch fetches (get_batch), in a thread, one at a time
+        self._disk_reads = asyncio.Lock()
         # Seconds this validator's event loop spent committing (and handing blocks to shards)
         self.timings: dict[str, float] = {}
         # Wall-clock commit time of each height committed since this process started.
@@ -1169,11 +1171,16 @@ class Validator:
         self._run(self.core.on_batch_available(digest, mempool))
 
     async def get_batch(self, digest: bytes) -> pa.RecordBatch | None:
+        """A batch held, or committed within ``batch_window`` heights (for a peer missing
+        it). A committed one is read from the block store in a thread, one at a time: a
+        whole block read per call, and consensus goes on meanwhile."""
         batch = self.batches.get(digest)
         if batch is None and digest in self.committed_batches:
             height, offset, rows = self.committed_batches[digest]
+            async with self._disk_reads:
+                block = await asyncio.to_thread(self.store.get_block, height)
             # Its own rows only (a slice would be sent with the whole block)
-            batch = compact_batch(self.store.get_block(height).txs.slice(offset, rows))
+            batch = compact_batch(block.txs.slice(offset, rows))
         return batch
 
     def _clock_ms(self) -> int:
