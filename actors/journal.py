@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -45,12 +46,13 @@ SEGMENT_BYTES = 64 << 20
 _SUFFIX = ".log"
 
 
-def encode_frame(batch: pa.RecordBatch) -> bytes:
+def encode_frame(batch: pa.RecordBatch) -> tuple[bytes, pa.Buffer]:
+    """A frame's header and body (written together, not joined: no copy of the body)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
     body = sink.getvalue()
-    return _HEADER.pack(MAGIC, body.size, zlib.crc32(body)) + body.to_pybytes()
+    return _HEADER.pack(MAGIC, body.size, zlib.crc32(body)), body
 
 
 def read_frames(data: bytes) -> tuple[list[pa.RecordBatch], str | None]:
@@ -143,20 +145,21 @@ class Journal:
         """Append ``batch`` (written, not yet durable: ``sync``) and count its rows live;
         returns the segment it went to. An ``OSError`` (a full disk) leaves the journal as it
         was: the caller keeps nothing of the batch."""
-        frame = encode_frame(batch)
-        if self._fd is None or (self._size and self._size + len(frame) > self.segment_bytes):
+        header, body = encode_frame(batch)
+        size = len(header) + body.size
+        if self._fd is None or (self._size and self._size + size > self.segment_bytes):
             self._rotate()
         assert self._fd is not None
         try:
-            view = memoryview(frame)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            # A regular file takes it whole, or fails (a full disk may take part of it)
+            if os.writev(self._fd, [header, memoryview(body)]) != size:
+                raise OSError(errno.ENOSPC, f"{self.path}: a journal write was cut short")
         except OSError:
             # Cut the partial frame off, so later appends do not follow a torn one
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)
             raise
-        self._size += len(frame)
+        self._size += size
         self._written += 1
         self._live[self.segment] = self._live.get(self.segment, 0) + batch.num_rows
         return self.segment

@@ -590,7 +590,8 @@ class Mempool:
             return result
         if self.journal is not None:
             try:
-                segment = self.journal.write(canonical.filter(pa.array(fresh)))
+                kept = canonical if fresh.all() else canonical.filter(pa.array(fresh))
+                segment = self.journal.write(kept)
             except OSError as exc:  # a full disk: nothing of the submission is kept
                 log.error("mempool %d: journal write failed: %s", self.index, exc)
                 return Admission(

@@ -469,6 +469,10 @@ class E2EResult:
     # Consensus messages on direct streams between validators (else all by Ray call), and
     # how validator 0 sent its messages over the run: frames on streams, Ray calls
     peer_streams: bool = True
+    # Mempools answered "accepted" once the rows were fsynced in their journals, and mempool
+    # 0's fsyncs over the run (None: journals off)
+    mempool_journal: bool = True
+    journal_fsyncs: int | None = None
     stream_frames: int = 0
     ray_sends: int = 0
     # How mempool 0 announced its sealed batches over the run: on streams, by Ray call
@@ -737,6 +741,7 @@ def bench_e2e(
     gap_client: bool = False,
     forged_rate: float | None = None,
     down: int = 0,
+    journal: bool = True,
 ) -> E2EResult:
     """Committed TPS and commit latency of the whole network on Ray, against the raw limit.
 
@@ -830,6 +835,7 @@ def bench_e2e(
                 storage_shards=storage_shards,
                 verifier_actors=verifier_actors,
                 peer_streams=peer_streams,
+                mempool_journal=journal,
             )
             if checkpoint_every is not None:
                 opts = replace(
@@ -1036,6 +1042,8 @@ def bench_e2e(
         checkpoint_every_blocks=opts.snapshot_every_blocks,
         state_checkpoint_height=checkpointed,
         peer_streams=peer_streams,
+        mempool_journal=journal,
+        journal_fsyncs=None if mempool0["journal"] is None else int(mempool0["journal"]["fsyncs"]),
         stream_frames=int(status0["streams"]["frames_out"]),
         ray_sends=int(status0["streams"]["ray_sends"]),
         batch_frames=int(mempool0["streams"]["frames_out"]),

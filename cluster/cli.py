@@ -767,6 +767,14 @@ def bench_e2e_cmd(
             "keep them down: the rounds they would lead end by timeout",
         ),
     ] = 0,
+    journal: Annotated[
+        bool,
+        typer.Option(
+            "--journal/--no-journal",
+            help="mempools answer once accepted rows are fsynced in their journals (the "
+            "default), or at once, a crash losing the rows they hold: what durability costs",
+        ),
+    ] = True,
 ) -> None:
     """Committed TPS, commit latency, and efficiency against this machine's raw crypto limit."""
     from rayledger.cluster.bench import bench_e2e, check_e2e
@@ -794,6 +802,7 @@ def bench_e2e_cmd(
         gap_client,
         forged_rate,
         down,
+        journal,
     )
     title = f"rayledger bench e2e ({validators} validators)"
     if down:
@@ -873,6 +882,12 @@ def bench_e2e_cmd(
     table.add_row(
         "mempool 0's sealed batches",
         f"{r.batch_frames:,} to validators on direct streams, {r.batch_ray_sends:,} by Ray call",
+    )
+    table.add_row(
+        "mempools' journals",
+        "off (--no-journal): a crashed mempool loses the rows it holds"
+        if r.journal_fsyncs is None
+        else f"accepted rows fsynced before the answer; mempool 0: {r.journal_fsyncs:,} fsyncs",
     )
     table.add_row(
         "validator 0's rounds",

@@ -64,6 +64,9 @@ def test_bench_e2e_reports_measured_figures() -> None:
     assert "validator 0's rounds" in result.output
     # Pre-signed work for the whole window: the rate is the network's, not the clients'
     assert r["clients_out_of_work"] == 0 and "clients out of work" not in result.output
+    # Accepted rows were fsynced in the mempools' journals before each answer
+    assert r["mempool_journal"] is True and r["journal_fsyncs"] > 0
+    assert "accepted rows fsynced before the answer" in result.output
 
 
 def test_bench_e2e_says_when_its_clients_ran_out_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,7 +125,8 @@ def test_bench_e2e_ceiling_run_says_so() -> None:
     result = CliRunner().invoke(
         app,
         ["bench", "e2e", "--duration", "3", "--config", str(CONFIG), "--rate", "400"]
-        + ["--batch-rows", "200", "--ceiling", "--verifier-actors", "--gap-client"],
+        + ["--batch-rows", "200", "--ceiling", "--verifier-actors", "--gap-client"]
+        + ["--no-journal"],
     )
     assert result.exit_code == 0, result.output
     assert "CEILING RUN" in result.output and "NOT checked" in result.output
@@ -137,6 +141,8 @@ def test_bench_e2e_ceiling_run_says_so() -> None:
     assert "broken client (nonce 0 skipped)" in result.output
     # The GPU machine's layout, asked for on a small one: checks in verifier actors
     assert r["cpu_us_per_tx"]["verifier"] > 0
+    assert r["mempool_journal"] is False and r["journal_fsyncs"] is None
+    assert "off (--no-journal)" in result.output
 
 
 def test_bench_e2e_with_a_validator_down_runs_on_the_other_three() -> None:

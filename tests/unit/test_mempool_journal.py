@@ -186,10 +186,10 @@ def test_a_restarted_mempool_admits_again_what_it_accepted_and_was_not_committed
         await second._recovery
         assert second.counts["recovered"] == 6
         assert second.counts["recovered_stale_nonce"] == 3
-        assert (second.pending_rows, second.parked_rows) == (5, 1)
+        # Sealed at once, but for b's nonce 3, still parked
+        assert (second.pending_rows, second.parked_rows) == (0, 1)
         # The old segments went once the rows were journaled again
         assert len(segments(journal_dir)) == 1
-        second._seal(100)
         (call,) = handles[0].calls
         digest, (ref,) = call[0], call[1]
         assert ref == ("ref", 5)
@@ -212,7 +212,7 @@ def test_a_restarted_mempool_admits_again_what_it_accepted_and_was_not_committed
         assert third._recovery is not None
         await third._recovery
         assert third.counts["recovered"] == 1
-        assert third.pending_rows == 1 and third.parked_rows == 0
+        assert third.pending_rows == 0 and third.parked_rows == 0 and third.sealed == 1
 
     monkeypatch.setattr(mempool_module, "RECOVER_WAIT_S", 0.2)
     asyncio.run(once_more())
@@ -246,20 +246,20 @@ def test_a_submission_that_cannot_be_journaled_is_refused_whole(
 ) -> None:
     m = mempool(tmp_path)
     batch = rows(1, [0, 1, 2], m.genesis.chain_id)
-    real_write = journal_module.os.write
+    real_writev = journal_module.os.writev
 
-    def full(fd: int, data: Any) -> int:
+    def full(fd: int, buffers: Any) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     async def scenario() -> None:
-        monkeypatch.setattr(journal_module.os, "write", full)
+        monkeypatch.setattr(journal_module.os, "writev", full)
         res = await m.submit(batch)
         assert res.accepted == 0 and res.rejected == {"journal_unavailable": 3}
         assert res.error is not None and "No space left" in res.error
         assert (m.pending_rows, m.parked_rows, len(m.seen)) == (0, 0, 0)
         assert m.counts.get("accepted", 0) == 0
         # The disk has room again: the same rows are taken
-        monkeypatch.setattr(journal_module.os, "write", real_write)
+        monkeypatch.setattr(journal_module.os, "writev", real_writev)
         assert (await m.submit(batch)).accepted == 3
         assert m._ticker is not None
         m._ticker.cancel()
