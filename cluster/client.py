@@ -50,6 +50,7 @@ from rayledger.receipt import Receipt, verify_receipt
 from rayledger.tx import compact_batch, fixed_rows, tx_ids_of
 
 NAMESPACE = "rayledger"
+log = logging.getLogger(__name__)
 
 
 class SubmitError(LedgerError):
@@ -63,6 +64,8 @@ class SubmitResult:
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     busy_retries: int = 0
+    # Chunks offered again because their mempool's process died before it answered
+    crash_retries: int = 0
 
 
 def join_cluster(address: str, recorded_in: Path | None = None) -> None:
@@ -153,7 +156,12 @@ class Client:
         mempool chosen by its key (so one sender's nonces reach the ordering in sequence,
         while different senders spread over all mempools). Rows refused (bad signature,
         duplicate) are counted in the result; a chunk refused whole raises ``SubmitError``; a
-        mempool still busy after ``busy_timeout_s`` raises."""
+        mempool still busy after ``busy_timeout_s`` raises.
+
+        A mempool whose process dies before it answers (Ray restarts it) is offered the chunk
+        again once it is back, for up to ``busy_timeout_s``: what it had accepted of it is in
+        its journal, and comes back as ``duplicate`` (it holds those rows), the rest is
+        accepted then."""
         out = SubmitResult()
         # Chunks for one mempool go one after another (an async actor does not keep the order
         # of concurrent calls, and one sender's nonces must arrive in order); different
@@ -173,13 +181,14 @@ class Client:
             round_ = [(target, chunks.pop(0)) for target, chunks in queues if chunks]
             refs = [(t, c, self._actor(f"mempool-{t}").submit.remote(c)) for t, c in round_]
             for target, chunk, ref in refs:
-                self._settle(out, target, chunk, ray.get(ref), busy_timeout_s)
+                self._settle(out, target, chunk, ref, busy_timeout_s)
         return out
 
     def _settle(
-        self, out: SubmitResult, target: int, chunk: pa.RecordBatch, admission: Any, timeout: float
+        self, out: SubmitResult, target: int, chunk: pa.RecordBatch, ref: Any, timeout: float
     ) -> None:
         delay, deadline = 0.05, time.monotonic() + timeout
+        admission = self._answer(out, target, chunk, ref, deadline)
         offer: Any = None
         while admission.busy:
             if time.monotonic() > deadline:
@@ -191,12 +200,29 @@ class Client:
             delay = min(delay * 2, 1.0)
             if offer is None:  # serialized once: every further offer is by reference
                 offer = ray.put(chunk)
-            admission = ray.get(self._actor(f"mempool-{target}").submit.remote(offer))
+            ref = self._actor(f"mempool-{target}").submit.remote(offer)
+            admission = self._answer(out, target, offer, ref, deadline)
         if admission.error is not None:
             raise SubmitError(f"mempool {target}: {admission.error}")
         out.accepted += admission.accepted
         for reason, count in admission.rejected.items():
             out.rejected[reason] = out.rejected.get(reason, 0) + count
+
+    def _answer(self, out: SubmitResult, target: int, offer: Any, ref: Any, deadline: float) -> Any:
+        """Mempool ``target``'s answer to ``offer`` (``ref``: the call made), offering it again
+        while the mempool's process died or is restarting, until ``deadline``."""
+        pause = 0.1
+        while True:
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # died, or unavailable (restarting)
+                if time.monotonic() > deadline:
+                    raise SubmitError(f"mempool {target} did not come back: {exc}") from None
+                out.crash_retries += 1
+                log.warning("mempool %d went down before answering; offering again", target)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                ref = self._actor(f"mempool-{target}").submit.remote(offer)
 
     def _route(
         self, batch: pa.RecordBatch, mempool: int | None

@@ -52,7 +52,12 @@ def client(monkeypatch: pytest.MonkeyPatch, mempool: FakeMempool) -> tuple[Clien
         puts.append(value)
         return Ref(value)
 
-    monkeypatch.setattr(client_mod.ray, "get", lambda answer: answer)
+    def get(answer: Any) -> Any:
+        if isinstance(answer, BaseException):  # the call failed: ray.get raises
+            raise answer
+        return answer
+
+    monkeypatch.setattr(client_mod.ray, "get", get)
     monkeypatch.setattr(client_mod.ray, "put", put)
     return c, puts
 
@@ -95,3 +100,45 @@ def test_a_mempool_busy_past_the_timeout_raises(monkeypatch: pytest.MonkeyPatch)
     c, _ = client(monkeypatch, mempool)
     with pytest.raises(SubmitError, match="stayed busy"):
         c.submit(batch(10), mempool=0, busy_timeout_s=0.05)
+
+
+class CrashingMempool(FakeMempool):
+    """Dies ``crashes`` times before answering (the first after accepting part of the chunk,
+    as a process that journaled rows and died before its answer), then answers; the rows it
+    had accepted come back as duplicates, as a restarted mempool holding them answers."""
+
+    def __init__(self, crashes: int) -> None:
+        super().__init__(busy=0)
+        self.crashes = crashes
+        self.held = 0
+
+    def _submit(self, offer: Any) -> Any:
+        self.sent.append(offer)
+        if self.crashes:
+            self.crashes -= 1
+            self.held = 40
+            return client_mod.ray.exceptions.ActorDiedError()
+        batch = offer.value if isinstance(offer, Ref) else offer
+        fresh = batch.num_rows - self.held
+        return SimpleNamespace(
+            busy=False, error=None, accepted=fresh, rejected={"duplicate": self.held}
+        )
+
+
+def test_a_chunk_whose_mempool_died_before_answering_is_offered_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_mod.time, "sleep", lambda s: None)
+    mempool = CrashingMempool(crashes=2)
+    c, _ = client(monkeypatch, mempool)
+    out = c.submit(batch(100), mempool=2, chunk_rows=100)
+    assert out.crash_retries == 2 and len(mempool.sent) == 3
+    assert all(sent.equals(mempool.sent[0]) for sent in mempool.sent)
+    assert out.accepted == 60 and out.rejected == {"duplicate": 40}
+
+
+def test_a_mempool_that_stays_down_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    mempool = CrashingMempool(crashes=10**9)
+    c, _ = client(monkeypatch, mempool)
+    with pytest.raises(SubmitError, match="did not come back"):
+        c.submit(batch(10), mempool=0, busy_timeout_s=0.3)
