@@ -15,6 +15,12 @@ up on by the mempool); a segment that is not the newest is deleted when its coun
 zero. Reading stops at the first frame that is cut short or fails its CRC (the tail of a
 write a crash interrupted): what follows it was never acknowledged.
 
+Besides the rows accepted, a frame records each batch sealed (``note_sealed``: its digest
+and its rows' ids, in order), so that a restarted mempool announces the very batches it had
+sealed (the validators that hold one drop it at once, by its digest) rather than sealing their
+rows anew, which would order them twice. A seal record counts as one live entry of its
+segment until its batch is done with.
+
 Appends are written at once (``write``) and made durable in groups: every ``sync`` waits for
 one fsync that covers everything written before it, and calls arriving while an fsync runs
 share the next one, so a burst of small submissions costs a few fsyncs, not one each.
@@ -32,15 +38,18 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from rayledger.actors.storage.lock import LOCK_WAIT_S, hold_lock, release_lock
 from rayledger.errors import LedgerError
-from rayledger.tx import batch_from_ipc
+from rayledger.tx import batch_from_ipc, fixed_rows
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"RLMJ"
+# A seal record is a batch of one ``tx_id`` column whose schema carries the batch's digest
+SEALED_KEY = b"rayledger.journal.sealed"
 _HEADER = struct.Struct(">4sII")
 SEGMENT_BYTES = 64 << 20
 _SUFFIX = ".log"
@@ -94,8 +103,9 @@ def _fsync_copy(fd: int, directory: Path | None) -> None:
 
 class Journal:
     """The journal in ``path`` (created if missing), held by this process until ``close``.
-    The batches found there at opening are ``recovered``, oldest first; their segments stay
-    until ``drop_recovered``."""
+    The batches found there at opening are ``recovered``, and the seal records ``sealed``
+    ((digest, ``(n, 32)`` ids)), each oldest first; their segments stay until
+    ``drop_recovered``."""
 
     def __init__(
         self,
@@ -110,6 +120,7 @@ class Journal:
         self.segment_bytes = segment_bytes
         self._lock = hold_lock(path / "LOCK", what, lock_wait_s)
         self.recovered: list[pa.RecordBatch] = []
+        self.sealed: list[tuple[bytes, np.ndarray]] = []
         self.recovered_rows = 0
         self.torn: list[str] = []  # where reading a segment stopped early, and why
         self._old: list[Path] = []
@@ -121,8 +132,20 @@ class Journal:
             if stopped is not None:
                 self.torn.append(f"{seg.name}: {stopped}")
                 log.warning("%s: journal %s: read stopped at %s", what, seg.name, stopped)
-            self.recovered.extend(batches)
-            self.recovered_rows += sum(b.num_rows for b in batches)
+            for batch in batches:
+                meta = batch.schema.metadata or {}
+                if SEALED_KEY in meta:
+                    ids = batch.column(0)
+                    try:
+                        digest = bytes.fromhex(meta[SEALED_KEY].decode())
+                        if ids.type != pa.binary(32) or len(digest) != 32:
+                            raise ValueError(ids.type)
+                        self.sealed.append((digest, fixed_rows(ids, 32).copy()))
+                    except ValueError:  # not a record of ours: its rows are sealed anew
+                        self.torn.append(f"{seg.name}: a malformed seal record")
+                    continue
+                self.recovered.append(batch)
+                self.recovered_rows += batch.num_rows
         self.segment = newest  # the next write opens segment newest + 1
         self._fd: int | None = None
         self._dir_synced = True  # whether the directory's entries are durable
@@ -145,6 +168,18 @@ class Journal:
         """Append ``batch`` (written, not yet durable: ``sync``) and count its rows live;
         returns the segment it went to. An ``OSError`` (a full disk) leaves the journal as it
         was: the caller keeps nothing of the batch."""
+        return self._append(batch, batch.num_rows)
+
+    def note_sealed(self, digest: bytes, ids: np.ndarray) -> int:
+        """Record that the rows with these ids (``(n, 32)``, in the batch's order) were sealed
+        into batch ``digest``; one live entry of the segment returned, until done with."""
+        column = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(32), len(ids), [None, pa.py_buffer(np.ascontiguousarray(ids))]
+        )
+        schema = pa.schema([pa.field("tx_id", pa.binary(32))], {SEALED_KEY: digest.hex()})
+        return self._append(pa.RecordBatch.from_arrays([column], schema=schema), 1)
+
+    def _append(self, batch: pa.RecordBatch, live: int) -> int:
         header, body = encode_frame(batch)
         size = len(header) + body.size
         if self._fd is None or (self._size and self._size + size > self.segment_bytes):
@@ -161,7 +196,7 @@ class Journal:
             raise
         self._size += size
         self._written += 1
-        self._live[self.segment] = self._live.get(self.segment, 0) + batch.num_rows
+        self._live[self.segment] = self._live.get(self.segment, 0) + live
         return self.segment
 
     def _rotate(self) -> None:
@@ -233,11 +268,13 @@ class Journal:
                 self.deleted += 1
         self._old = []
         self.recovered = []
+        self.sealed = []
 
     def status(self) -> dict[str, Any]:
         return {
             "segments": len(self._segments()),
-            "live_rows": sum(self._live.values()),
+            # Rows accepted, and seal records, not yet done with
+            "live_entries": sum(self._live.values()),
             "recovered_rows": self.recovered_rows,
             "torn": list(self.torn),
             "fsyncs": self.fsyncs,

@@ -640,10 +640,13 @@ class Mempool:
     async def _recover(self) -> None:
         """Admit again the rows an earlier run of this mempool accepted and its journal
         holds, except those whose nonce has committed since (their rows, or others with their
-        nonces, committed): they are sealed and announced anew, their signatures not checked
-        again (they were before they were journaled). They go in once every validator gave
-        its handle (each restarted one gets them when they are resent), the journaled order
-        kept (a sender's rows ahead of a gap are parked as at admission)."""
+        nonces, committed), their signatures not checked again (they were before they were
+        journaled). The batches it had sealed from them go out again as they were (same
+        digest: a validator that holds one drops it, so no row is ordered twice), unless
+        every row of one has committed; the other rows are sealed anew, in the journaled
+        order (a sender's rows ahead of a gap are parked as at admission). They go in once
+        every validator gave its handle (a validator missing then gets them when they are
+        resent)."""
         journal = self.journal
         assert journal is not None
         deadline = time.monotonic() + RECOVER_WAIT_S
@@ -666,17 +669,29 @@ class Mempool:
             canonical = rows.to_batches()[0]
             senders = byte_rows(fixed_rows(canonical.column("sender"), 32))
             committed = await self._committed_nonces(list(dict.fromkeys(senders)))
-            valid = np.ones(canonical.num_rows, np.bool_)
-            result = self._take(canonical, senders, valid, committed, in_order=False)
-            if result.error is not None:  # the disk is full: the old segments stay for later
+            sealed, resealed = self._sealed_before(canonical, senders, committed)
+            try:
+                for digest, take in sealed:
+                    self._reseal(canonical.take(pa.array(take)), digest)
+            except OSError as exc:  # the disk is full: the old segments stay for later
+                log.error("mempool %d: journal write failed in recovery: %s", self.index, exc)
                 self._count("recovery_failed", canonical.num_rows)
+                return
+            rest = canonical.filter(pa.array(~resealed)) if resealed.any() else canonical
+            kept = [s for s, r in zip(senders, resealed.tolist(), strict=True) if not r]
+            valid = np.ones(rest.num_rows, np.bool_)
+            result = self._take(rest, kept, valid, committed, in_order=False)
+            if result.error is not None:
+                self._count("recovery_failed", rest.num_rows)
                 return
             for reason, n in result.rejected.items():
                 self._count(f"recovered_{reason}", n)
-            self._count("recovered", result.accepted)
+            self._count("recovered", result.accepted + sum(len(take) for _, take in sealed))
             log.info(
-                "mempool %d: %d rows from the journal admitted again, %d dropped %s",
+                "mempool %d: from the journal, %d sealed batches sent again, %d rows sealed "
+                "anew, %d dropped %s",
                 self.index,
+                len(sealed),
                 result.accepted,
                 sum(result.rejected.values()),
                 result.rejected,
@@ -686,6 +701,53 @@ class Mempool:
             while self.pending_rows:
                 self._seal(self.batch_rows)
         journal.drop_recovered()
+
+    def _sealed_before(
+        self, canonical: pa.RecordBatch, senders: list[bytes], committed: dict[bytes, int]
+    ) -> tuple[list[tuple[bytes, list[int]]], np.ndarray]:
+        """The batches the journal says were sealed, each as (digest, its rows' positions in
+        ``canonical``, in order), but those of which a row is missing (done with: its batch
+        committed) or every row committed; and the mask of the rows these batches hold or
+        held (the rest are to be sealed anew)."""
+        journal = self.journal
+        assert journal is not None
+        position: dict[bytes, int] = {}
+        for i, key in enumerate(byte_rows(tx_ids_of(canonical))):
+            position.setdefault(key, i)
+        nonces = canonical.column("nonce").to_numpy(zero_copy_only=False)
+        used = np.zeros(canonical.num_rows, np.bool_)
+        out: list[tuple[bytes, list[int]]] = []
+        for digest, ids in journal.sealed:
+            take = [position.get(key) for key in byte_rows(ids)]
+            if not take or any(i is None for i in take):
+                continue
+            rows = [i for i in take if i is not None]
+            if used[rows].any():
+                continue
+            used[rows] = True
+            if all(nonces[i] < committed.get(senders[i], 0) for i in rows):
+                self._count("recovered_committed_batches", 1)
+                continue
+            out.append((digest, rows))
+        return out, used
+
+    def _reseal(self, batch: pa.RecordBatch, digest: bytes) -> None:
+        """Announce again a batch sealed before a restart, journaled anew: its rows count as
+        seen and as their senders' sequence here."""
+        assert self.journal is not None
+        segment = self.journal.write(batch)
+        self.seen.update(dict.fromkeys(byte_rows(tx_ids_of(batch))))
+        senders = byte_rows(fixed_rows(batch.column("sender"), 32))
+        nonces = batch.column("nonce").to_numpy(zero_copy_only=False).tolist()
+        after: dict[bytes, int] = {}
+        for sender, nonce in zip(senders, nonces, strict=True):
+            after[sender] = max(after.get(sender, 0), nonce + 1)
+        self._unpark(after)
+        tag = pa.array(np.full(batch.num_rows, segment, np.uint32))
+        again = self._send(batch.append_column(JOURNAL_COLUMN, tag))
+        if again != digest:  # not the batch it was: its rows may be ordered twice
+            self._count("recovered_batch_changed", 1)
+        self._count("recovered_batches", 1)
 
     def _expected(self, sender: bytes, committed: dict[bytes, int]) -> int | None:
         """``sender``'s next nonce in sequence here: after its last row sealed or pending here,
@@ -820,8 +882,8 @@ class Mempool:
         self.pending_rows = rest.num_rows
         self._send(head)
 
-    def _send(self, head: pa.RecordBatch) -> None:
-        """Seal ``head`` into a batch and announce it to every validator."""
+    def _send(self, head: pa.RecordBatch) -> bytes:
+        """Seal ``head`` into a batch and announce it to every validator; its digest."""
         sources: dict[int, int] = {}
         if JOURNAL_COLUMN in head.schema.names:
             segments, counts = np.unique(head.column(JOURNAL_COLUMN).to_numpy(), return_counts=True)
@@ -834,6 +896,12 @@ class Mempool:
         held = self.sources.setdefault(digest, {})
         for segment, n in sources.items():
             held[segment] = held.get(segment, 0) + n
+        if self.journal is not None:
+            try:  # which rows went into which batch, for a restart (not waited for)
+                segment = self.journal.note_sealed(digest, tx_ids_of(batch))
+                held[segment] = held.get(segment, 0) + 1
+            except OSError as exc:  # a restart would seal these rows anew
+                log.warning("mempool %d: seal record not written: %s", self.index, exc)
         ref = ray.put(batch)
         self._refs[digest] = ref
         self.limit.sealed(digest, batch.num_rows, sum(self.in_flight.values()), time.monotonic())
@@ -851,6 +919,7 @@ class Mempool:
                 continue
             self.ray_sends += 1
             v.batch_ready.remote(digest, [ref], (self.index, self.sealed), tag)
+        return digest
 
     async def _tick(self) -> None:
         while True:

@@ -775,7 +775,7 @@ def test_a_crashed_mempool_loses_no_row_it_accepted(tmp_path: Path) -> None:
         batch = client_batches(net, 400)[1]
         assert net.submit(batch, mempool=1).accepted == 100
         status = ray.get(net.mempool(1).status.remote())
-        assert status["pending_rows"] == 100 and status["journal"]["live_rows"] == 100
+        assert status["pending_rows"] == 100 and status["journal"]["live_entries"] == 100
         ray.kill(net.mempool(1), no_restart=False)
         net.wait_committed(batch, validators=[0, 1, 2, 3], timeout_s=60)
         status = ray.get(net.mempool(1).status.remote())
@@ -783,10 +783,51 @@ def test_a_crashed_mempool_loses_no_row_it_accepted(tmp_path: Path) -> None:
         assert status["journal"]["recovered_rows"] == 100
         # Committed: nothing is left in the journal to admit again at the next start
         t0 = time.monotonic()
-        while ray.get(net.mempool(1).status.remote())["journal"]["live_rows"]:
+        while ray.get(net.mempool(1).status.remote())["journal"]["live_entries"]:
             assert time.monotonic() - t0 < 30, "the committed rows stay in the journal"
             time.sleep(0.2)
         assert list((tmp_path / "mempool-1" / "journal").glob("*.log")) == []
+        assert_agreement(net, [0, 1, 2, 3])
+    finally:
+        net.shutdown()
+
+
+def test_a_crashed_mempool_sends_its_sealed_batches_again_as_they_were(tmp_path: Path) -> None:
+    """Batches a mempool sealed and announced before it crashed, held by the validators but
+    not committed yet (two of four down: no quorum), go out again under their digests from
+    the restarted mempool's journal: every row commits once, none twice (sealed anew with
+    other rows, they were ordered twice, the second copy BAD_NONCE)."""
+    net = start(tmp_path, "mreseal")
+    try:
+        net.kill(2)
+        net.kill(3)
+        batch = client_batches(net, 400)[1]
+        for part in (batch.slice(0, 50), batch.slice(50, 50)):  # two batches
+            assert net.submit(part, mempool=1).accepted == 50
+            t0 = time.monotonic()
+            while ray.get(net.mempool(1).status.remote())["pending_rows"]:
+                assert time.monotonic() - t0 < 10, "not sealed"
+                time.sleep(0.05)
+        assert ray.get(net.mempool(1).status.remote())["in_flight_rows"] == 100
+        ray.kill(net.mempool(1), no_restart=False)
+        t0 = time.monotonic()
+        while True:
+            try:
+                counts = ray.get(net.mempool(1).status.remote(), timeout=10)["counts"]
+                if counts.get("recovered"):
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            assert time.monotonic() - t0 < 60, "mempool 1 did not recover"
+            time.sleep(0.2)
+        assert counts["recovered_batches"] == 2 and counts["recovered"] == 100
+        net.restart(2)
+        net.restart(3)
+        net.wait_committed(batch, validators=[0, 1, 2, 3], timeout_s=90)
+        for i in range(4):
+            ids = ray.get(net.validator(i).committed_ids.remote())
+            assert len(ids) == len({r.tobytes() for r in ids}) == 100
+            assert ray.get(net.validator(i).status_counts.remote()) == {int(Status.OK): 100}
         assert_agreement(net, [0, 1, 2, 3])
     finally:
         net.shutdown()

@@ -53,7 +53,7 @@ def test_batches_written_and_synced_are_read_back_in_order(tmp_path: Path) -> No
         await j.sync()
 
     asyncio.run(scenario())
-    assert j.fsyncs == 1 and j.status()["live_rows"] == 6
+    assert j.fsyncs == 1 and j.status()["live_entries"] == 6
     j.close()
     again = journal(tmp_path)
     assert [b.equals(w) for b, w in zip(again.recovered, written, strict=True)] == [True] * 3
@@ -107,7 +107,7 @@ def test_segments_go_when_all_their_rows_are_done(tmp_path: Path) -> None:
     assert segments(tmp_path) == ["00000003.log"]
     # The newest goes too once done with, and the next write opens another
     j.done({3: 2})
-    assert segments(tmp_path) == [] and j.status()["live_rows"] == 0
+    assert segments(tmp_path) == [] and j.status()["live_entries"] == 0
     assert j.write(rows(1, [7])) == 4 and segments(tmp_path) == ["00000004.log"]
     asyncio.run(j.sync())
 
@@ -193,9 +193,10 @@ def test_a_restarted_mempool_admits_again_what_it_accepted_and_was_not_committed
         (call,) = handles[0].calls
         digest, (ref,) = call[0], call[1]
         assert ref == ("ref", 5)
-        assert set(second.sources[digest].values()) == {5}
+        # Its 5 rows and its seal record, in the one segment
+        assert set(second.sources[digest].values()) == {6}
         await second.on_commit([digest])
-        assert second.journal.status()["live_rows"] == 1  # the parked row
+        assert second.journal.status()["live_entries"] == 1  # the parked row
         return digest
 
     asyncio.run(recover())
@@ -332,3 +333,54 @@ def test_the_journal_can_be_turned_off(tmp_path: Path) -> None:
     asyncio.run(scenario())
     assert m.pending[0].schema.names == TX_SCHEMA.names
     assert not (tmp_path / "mempool-0").exists()
+
+
+def test_batches_sealed_before_a_restart_go_out_again_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch sealed and announced before the crash may be held by validators: announced
+    again under its digest, they drop it (no row ordered twice); sealed anew with other rows,
+    its rows would be ordered twice. One whose rows all committed is not sent again."""
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: "ref")
+    first = mempool(tmp_path, batch_rows=4)
+    chain = first.genesis.chain_id
+    a = public_bytes(key_from_seed(b"\x01" * 32))
+    first._committed_nonces = committed_as({})  # type: ignore[method-assign]
+    first.limit.admits = lambda held, rows: True  # type: ignore[method-assign]
+    before = RayValidator()
+
+    async def accept() -> None:
+        await first.set_validator(0, before)
+        # Sealed: nonces 0..3 and 4..7 (two batches); pending: 8..9
+        assert (await first.submit(rows(1, list(range(10)), chain))).accepted == 10
+        # Sender 2's row, pending
+        assert (await first.submit(rows(2, [0], chain))).accepted == 1
+
+    asyncio.run(accept())
+    digests = [call[0] for call in before.calls]
+    assert len(digests) == 2 and first.pending_rows == 2 + 1
+    crash(first)
+
+    second = mempool(tmp_path, batch_rows=4)
+    # The first batch committed meanwhile (sender 1's nonces 0..3); the second did not
+    second._committed_nonces = committed_as({a: 4})  # type: ignore[method-assign]
+    after = [RayValidator() for _ in range(4)]
+
+    async def recover() -> None:
+        for i, h in enumerate(after):
+            await second.set_validator(i, h)
+        await second._recovery  # type: ignore[misc]
+        assert second._ticker is not None
+        second._ticker.cancel()
+
+    asyncio.run(recover())
+    announced = [call[0] for call in after[0].calls]
+    # The second batch first, as it was; then the 3 rows that were pending, sealed anew
+    assert announced[0] == digests[1] and len(announced) == 2
+    assert second.counts["recovered_batches"] == 1
+    assert second.counts["recovered_committed_batches"] == 1
+    assert "recovered_stale_nonce" not in second.counts
+    assert second.counts["recovered"] == 7 and "recovered_batch_changed" not in second.counts
+    assert second.in_flight == {digests[1]: 4, announced[1]: 3}
+    # Sender 1's sequence here continues after the batch sent again: nothing parked
+    assert second.parked_rows == 0 and second.next_nonce[a] == 10
