@@ -377,6 +377,16 @@ class Mempool:
         # Each batch in flight: how many of its rows each journal segment holds
         self.sources: dict[bytes, dict[int, int]] = {}
         self._recovery: asyncio.Task[None] | None = None
+        # The ids of the rows the journal gave back, until they are admitted again: a client
+        # offering them again meanwhile (its answer was lost with the crash) is answered
+        # "duplicate", and they are not sealed twice
+        self._recovering: set[bytes] = set()
+        if self.journal is not None:
+            for batch in self.journal.recovered:
+                if "tx_id" in batch.schema.names and batch.schema.field("tx_id").type == pa.binary(
+                    32
+                ):
+                    self._recovering.update(byte_rows(fixed_rows(batch.column("tx_id"), 32)))
         if restarted():
             self._ask_validators(self.genesis.validators.n)
 
@@ -532,9 +542,10 @@ class Mempool:
         """Keep the rows of ``canonical`` (``senders``: each row's) that pass (``valid``:
         their signatures did), each in sequence to the pending rows or ahead of it to the
         parked ones, journaled (not yet durable: ``_durable``); the verdicts, not counted
-        yet. ``in_order``: a sender's
-        nonces must rise within ``canonical`` (a submission's rule; rows given back by the
-        journal come in the order they were accepted, from several submissions). Nothing
+        yet. ``in_order``: a submission's
+        rules, a sender's nonces rising within ``canonical`` and rows the journal gave back
+        and not yet admitted again taken for duplicates (False: rows the journal gave back,
+        in the order they were accepted, from several submissions). Nothing
         awaits here: no other call changes what the checks read until the rows are kept."""
         result = Admission()
         keys = byte_rows(tx_ids_of(canonical))
@@ -551,7 +562,7 @@ class Mempool:
             sender, nonce = senders[i], nonces[i]
             if not valid[i]:
                 reason = "invalid_signature"
-            elif k in self.seen or k in batch_seen:
+            elif k in self.seen or k in batch_seen or (in_order and k in self._recovering):
                 reason = "duplicate"
             elif nonce < committed.get(sender, 0):
                 reason = "stale_nonce"
@@ -701,6 +712,7 @@ class Mempool:
             while self.pending_rows:
                 self._seal(self.batch_rows)
         journal.drop_recovered()
+        self._recovering = set()
 
     def _sealed_before(
         self, canonical: pa.RecordBatch, senders: list[bytes], committed: dict[bytes, int]

@@ -333,7 +333,10 @@ def down(
 @app.command()
 def chaos(
     action: Annotated[
-        str, typer.Argument(help="kill | restart | partition | heal | byzantine | crash-shard")
+        str,
+        typer.Argument(
+            help="kill | restart | partition | heal | byzantine | crash-shard | crash-mempool"
+        ),
     ],
     args: Annotated[
         list[str] | None, typer.Argument(help="N, groups '0,1|2,3', N STRATEGY, or N K")

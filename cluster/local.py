@@ -454,6 +454,12 @@ class Network:
                 f"validator {i} did not start within 120 s: has its site a node with room for it?"
             ) from None
 
+    def crash_mempool(self, i: int) -> None:
+        """Crash validator ``i``'s mempool: Ray restarts its process, which admits again what
+        its journal holds and asks the validators for their handles."""
+        self._check_validator(i)
+        ray.kill(self.mempool(i), no_restart=False)
+
     def crash_shard(self, i: int, k: int) -> None:
         """Crash storage shard ``k`` of validator ``i``: Ray restarts its process, which
         reopens its disk; the validator then sends it what it missed."""

@@ -187,6 +187,7 @@ def down(data_dir: Path) -> str:
 
 CHAOS_USAGE = (
     "chaos: kill N | restart N | partition 0,1|2,3 | heal | byzantine N STRATEGY | crash-shard N K"
+    " | crash-mempool N"
 )
 
 
@@ -248,6 +249,16 @@ def chaos(data_dir: Path, action: str, args: list[str]) -> str:
                 net.crash_shard(v, shard)
                 return (
                     f"storage shard {shard} of validator {v} crashed; Ray restarts it from its disk"
+                )
+
+        case "crash-mempool", [i]:
+            v = number(i, "the validator")
+
+            def op(net: Network) -> str:
+                net.crash_mempool(v)
+                return (
+                    f"mempool of validator {v} crashed; Ray restarts it, and it admits again "
+                    "what its journal holds"
                 )
 
         case _:

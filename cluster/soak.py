@@ -5,7 +5,8 @@ forged batches committed.
 
 The faults, drawn from a seeded generator one after another with quiet spells between them:
 a partition cutting one site off, a crash of one validator or of two at once (f + 1 of 4:
-commits stop until one is back), a Byzantine strategy on one validator, a storage shard crash.
+commits stop until one is back), a Byzantine strategy on one validator, a storage shard crash,
+a mempool crash (what it accepted comes back from its journal).
 Each is undone after a few seconds. Four clients, one per mempool, submit their own signed
 rows in nonce order (client 0 transfers, the others anchor records), each chunk resent until a
 mempool takes it. Long runs of this are how several ordering and restart bugs were found (see
@@ -32,7 +33,7 @@ import pyarrow as pa
 from rayledger.execution import Status
 from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch
 
-FAULTS = ("partition", "kill", "kill-two", "byzantine", "crash-shard", "quiet")
+FAULTS = ("partition", "kill", "kill-two", "byzantine", "crash-shard", "crash-mempool", "quiet")
 STRATEGIES = (
     "equivocating-leader",
     "silent",
@@ -207,6 +208,14 @@ def run_faults(
             i = rng.randrange(n)
             entry, hold = f"crash storage shard 0 of validator {i}", 0.0
             net.crash_shard(i, 0)
+
+            def undo() -> None:
+                return None
+
+        elif kind == "crash-mempool":
+            i = rng.randrange(n)
+            entry, hold = f"crash mempool of validator {i}", 0.0
+            net.crash_mempool(i)
 
             def undo() -> None:
                 return None

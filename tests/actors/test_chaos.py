@@ -73,6 +73,7 @@ def _faults(net: Network, caught: list[int]) -> list[tuple[str, Callable[[], Non
         ("restart validator 0", lambda: net.restart(0), 2.0),
         ("restart validator 2", lambda: net.restart(2), 6.0),
         ("crash shard 0 of validator 1", lambda: net.crash_shard(1, 0), 4.0),
+        ("crash mempool of validator 2", lambda: net.crash_mempool(2), 6.0),
         ("validator 3 silent", lambda: net.set_strategy(3, "silent"), 4.0),
         ("validator 3 honest", lambda: net.set_strategy(3, "none"), 6.0),
     ]

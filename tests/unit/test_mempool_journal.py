@@ -180,6 +180,10 @@ def test_a_restarted_mempool_admits_again_what_it_accepted_and_was_not_committed
     handles = [RayValidator() for _ in range(4)]
 
     async def recover() -> bytes:
+        # A client whose answer was lost with the crash offers its rows again before the
+        # recovery: they are the journal's, answered duplicate (not sealed twice)
+        again = await second.submit(rows(1, [3, 4, 5], chain))
+        assert again.accepted == 0 and again.rejected == {"duplicate": 3}
         for i, h in enumerate(handles):
             await second.set_validator(i, h)
         assert second._recovery is not None
