@@ -375,9 +375,9 @@ def soak(
     ] = None,
 ) -> None:
     """A local network under load through random faults (partitions, crashes of one and two
-    validators, Byzantine strategies, storage shard crashes), then checked: every accepted
-    transaction committed once, OK, on every validator, and the validators agree. The last
-    line is JSON; the exit code is 0 only when everything holds."""
+    validators, Byzantine strategies, storage shard and mempool crashes), then checked: every
+    accepted transaction committed once, OK, on every validator, and the validators agree.
+    The last line is JSON; the exit code is 0 only when everything holds."""
     from rayledger.cluster.soak import soak as run_soak
 
     try:
