@@ -383,10 +383,9 @@ class Mempool:
         self._recovering: set[bytes] = set()
         if self.journal is not None:
             for batch in self.journal.recovered:
-                if "tx_id" in batch.schema.names and batch.schema.field("tx_id").type == pa.binary(
-                    32
-                ):
-                    self._recovering.update(byte_rows(fixed_rows(batch.column("tx_id"), 32)))
+                ids = batch.column("tx_id") if "tx_id" in batch.schema.names else None
+                if ids is not None and ids.type == pa.binary(32):
+                    self._recovering.update(byte_rows(fixed_rows(ids, 32)))
         if restarted():
             self._ask_validators(self.genesis.validators.n)
 
@@ -542,11 +541,11 @@ class Mempool:
         """Keep the rows of ``canonical`` (``senders``: each row's) that pass (``valid``:
         their signatures did), each in sequence to the pending rows or ahead of it to the
         parked ones, journaled (not yet durable: ``_durable``); the verdicts, not counted
-        yet. ``in_order``: a submission's
-        rules, a sender's nonces rising within ``canonical`` and rows the journal gave back
-        and not yet admitted again taken for duplicates (False: rows the journal gave back,
-        in the order they were accepted, from several submissions). Nothing
-        awaits here: no other call changes what the checks read until the rows are kept."""
+        yet. ``in_order``: a submission's rules (a sender's nonces rise within
+        ``canonical``; rows the journal gave back, not yet admitted again, are duplicates);
+        False for those rows themselves, in the order they were accepted, from several
+        submissions. Nothing awaits here: no other call changes what the checks read until
+        the rows are kept."""
         result = Admission()
         keys = byte_rows(tx_ids_of(canonical))
         nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
