@@ -66,7 +66,7 @@ def test_bench_e2e_reports_measured_figures() -> None:
     assert r["clients_out_of_work"] == 0 and "clients out of work" not in result.output
     # Accepted rows were fsynced in the mempools' journals before each answer
     assert r["mempool_journal"] is True and r["journal_fsyncs"] > 0
-    assert "accepted rows fsynced before the answer" in result.output
+    assert "mempools' journals" in result.output
 
 
 def test_bench_e2e_says_when_its_clients_ran_out_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,7 +142,7 @@ def test_bench_e2e_ceiling_run_says_so() -> None:
     # The GPU machine's layout, asked for on a small one: checks in verifier actors
     assert r["cpu_us_per_tx"]["verifier"] > 0
     assert r["mempool_journal"] is False and r["journal_fsyncs"] is None
-    assert "off (--no-journal)" in result.output
+    assert "--no-journal" in result.output
 
 
 def test_bench_e2e_with_a_validator_down_runs_on_the_other_three() -> None:
