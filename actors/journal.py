@@ -135,12 +135,11 @@ class Journal:
             for batch in batches:
                 meta = batch.schema.metadata or {}
                 if SEALED_KEY in meta:
-                    ids = batch.column(0)
                     try:
                         digest = bytes.fromhex(meta[SEALED_KEY].decode())
-                        if ids.type != pa.binary(32) or len(digest) != 32:
-                            raise ValueError(ids.type)
-                        self.sealed.append((digest, fixed_rows(ids, 32).copy()))
+                        if batch.schema.types != [pa.binary(32)] or len(digest) != 32:
+                            raise ValueError(batch.schema)
+                        self.sealed.append((digest, fixed_rows(batch.column(0), 32).copy()))
                     except ValueError:  # not a record of ours: its rows are sealed anew
                         self.torn.append(f"{seg.name}: a malformed seal record")
                     continue

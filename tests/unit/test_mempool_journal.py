@@ -97,6 +97,26 @@ def test_a_frame_whose_body_is_not_arrow_is_refused(tmp_path: Path) -> None:
     assert batches == [] and stopped is not None and "does not decode" in stopped
 
 
+def test_seal_records_are_read_back_and_malformed_ones_skipped(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    batch = rows(1, [0, 1, 2])
+    j.write(batch)
+    j.note_sealed(b"\x05" * 32, tx_ids_of(batch)[:2])
+    # Records that carry the seal key but are not seal records of ours
+    meta = {journal_module.SEALED_KEY: b"zz"}
+    j._append(pa.record_batch({"tx_id": pa.array([b"\x00" * 32], pa.binary(32))}, metadata=meta), 0)
+    meta = {journal_module.SEALED_KEY: (b"\x05" * 32).hex().encode()}
+    j._append(pa.RecordBatch.from_pydict({}, metadata=meta), 0)
+    j._append(pa.record_batch({"x": pa.array([1])}, metadata=meta), 0)
+    assert j.status()["live_entries"] == 3 + 1
+    j.close()
+    again = journal(tmp_path)
+    assert again.recovered_rows == 3 and len(again.recovered) == 1
+    ((digest, ids),) = again.sealed
+    assert digest == b"\x05" * 32 and np.array_equal(ids, tx_ids_of(batch)[:2])
+    assert again.torn == ["00000001.log: a malformed seal record"] * 3
+
+
 def test_segments_go_when_all_their_rows_are_done(tmp_path: Path) -> None:
     j = journal(tmp_path, segment_bytes=1)  # every write opens a segment of its own
     segs = [j.write(rows(1, [n, n + 10])) for n in range(3)]
