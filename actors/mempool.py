@@ -482,6 +482,10 @@ class Mempool:
         """Admit a batch of signed transactions (rows that fail are counted, not stored).
         The answer comes once the rows accepted are on this mempool's disk."""
         self._start()
+        if self._recovery is not None and not self._recovery.done():
+            # The journal's rows first: admitted before them, a sender's later rows would
+            # each wait ahead of a gap (parked) until the recovery, to the parking limit
+            await asyncio.shield(self._recovery)
         if not isinstance(batch, pa.RecordBatch):  # a Table, None, bytes from a careless client
             exc = SchemaMismatch(f"a TxBatch is an Arrow record batch, not {type(batch).__name__}")
             self._count(exc.code, 1)

@@ -200,14 +200,16 @@ def test_a_restarted_mempool_admits_again_what_it_accepted_and_was_not_committed
     handles = [RayValidator() for _ in range(4)]
 
     async def recover() -> bytes:
-        # A client whose answer was lost with the crash offers its rows again before the
-        # recovery: they are the journal's, answered duplicate (not sealed twice)
-        again = await second.submit(rows(1, [3, 4, 5], chain))
-        assert again.accepted == 0 and again.rejected == {"duplicate": 3}
+        # A client whose answer was lost with the crash offers its rows again: the answer
+        # waits for the recovery (its validators give their handles meanwhile), and they are
+        # the journal's, answered duplicate (not sealed twice)
+        again = asyncio.ensure_future(second.submit(rows(1, [3, 4, 5], chain)))
+        await asyncio.sleep(0.05)
+        assert not again.done() and second._recovery is not None
         for i, h in enumerate(handles):
             await second.set_validator(i, h)
-        assert second._recovery is not None
         await second._recovery
+        assert (await again).accepted == 0 and (await again).rejected == {"duplicate": 3}
         assert second.counts["recovered"] == 6
         assert second.counts["recovered_stale_nonce"] == 3
         # Sealed at once, but for b's nonce 3, still parked
