@@ -682,7 +682,12 @@ class Mempool:
         if rows is not None and rows.num_rows:
             canonical = rows.to_batches()[0]
             senders = byte_rows(fixed_rows(canonical.column("sender"), 32))
-            committed = await self._committed_nonces(list(dict.fromkeys(senders)))
+            try:  # slow shards do not hold the recovery (and the submissions waiting on it)
+                committed = await asyncio.wait_for(
+                    self._committed_nonces(list(dict.fromkeys(senders))), POLL_TIMEOUT_S
+                )
+            except TimeoutError:  # nothing known committed: sealed batches go out again (a
+                committed = {}  # validator drops one it committed) and the rest anew
             sealed, resealed = self._sealed_before(canonical, senders, committed)
             try:
                 for digest, take in sealed:

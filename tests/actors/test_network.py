@@ -810,15 +810,18 @@ def test_a_crashed_mempool_sends_its_sealed_batches_again_as_they_were(tmp_path:
                 time.sleep(0.05)
         assert ray.get(net.mempool(1).status.remote())["in_flight_rows"] == 100
         ray.kill(net.mempool(1), no_restart=False)
-        t0 = time.monotonic()
+        t0, seen = time.monotonic(), None
         while True:
             try:
-                counts = ray.get(net.mempool(1).status.remote(), timeout=10)["counts"]
+                seen = ray.get(net.mempool(1).status.remote(), timeout=10)
+                counts = seen["counts"]
                 if counts.get("recovered"):
                     break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
-            assert time.monotonic() - t0 < 60, "mempool 1 did not recover"
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                seen = repr(exc)[:300]
+            # (once, in a full `make test` on 2 cores, not within 60 s: what it showed then
+            # was not kept; now it is)
+            assert time.monotonic() - t0 < 120, f"mempool 1 did not recover: {seen}"
             time.sleep(0.2)
         assert counts["recovered_batches"] == 2 and counts["recovered"] == 100
         net.restart(2)
