@@ -41,6 +41,7 @@ import os
 import struct
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,10 @@ JOURNAL_COLUMN = "_journal_segment"
 # How long a restarted mempool waits for every validator to give its handle before it seals
 # the rows its journal gave back (a validator missing then gets them when they are resent)
 RECOVER_WAIT_S = 10.0
+# How often a mempool that lacks some validator's handle asks that validator for it again. A
+# restarted mempool asks them all at once, but a call can be lost on the way (the validator's
+# Ray still routed it to the process that had just died): its batches then went to nobody
+ASK_VALIDATORS_S = 2.0
 
 # A batch long in flight and not committed is sent to every validator again: one that
 # missed it (a partition cut this mempool's site off when it was sealed, or the validator
@@ -386,14 +391,24 @@ class Mempool:
                 ids = batch.column("tx_id") if "tx_id" in batch.schema.names else None
                 if ids is not None and ids.type == pa.binary(32):
                     self._recovering.update(byte_rows(fixed_rows(ids, 32)))
+        self._asked_at = time.monotonic()
+        self._asking: asyncio.Task[None] | None = None
         if restarted():
-            self._ask_validators(self.genesis.validators.n)
+            self._ask_validators(range(self.genesis.validators.n))
+            # Its timer runs from now (asking again for handles that do not come, recovering
+            # the journal), not only once a validator or a client calls
+            ray.get_runtime_context().current_actor.wake.remote()
 
-    def _ask_validators(self, n: int) -> None:
+    async def wake(self) -> None:
+        """Start the timer (and the journal's recovery) now: see ``_start``."""
+        self._start()
+
+    def _ask_validators(self, indices: Iterable[int]) -> None:
         """Ray restarted this mempool after a crash: it knows no validator (each gives its
         handle at its own start). Ask the live ones to give them again; the first to answer
-        starts the recovery of the rows its journal holds (``_recover``)."""
-        for i in range(n):
+        starts the recovery of the rows its journal holds (``_recover``). Asked again every
+        ``ASK_VALIDATORS_S`` while one is missing (``_ask_missing``)."""
+        for i in indices:
             try:
                 handle = ray.get_actor(f"{self.network}-validator-{i}", namespace="rayledger")
             except ValueError:  # down: it gives its handle when it starts again
@@ -953,9 +968,28 @@ class Mempool:
                     self._park_polled = now
                     self._park_poll = asyncio.get_running_loop().create_task(self._poll_parked())
             self._expire(now)
+            if (
+                self._asking is None
+                and len(self.validators) < self.genesis.validators.n
+                and now - self._asked_at >= ASK_VALIDATORS_S
+            ):
+                self._asked_at = now
+                self._asking = asyncio.get_running_loop().create_task(self._ask_missing())
             if self._poll is None and now - self._polled_at >= COMMIT_POLL_S:
                 self._polled_at = now
                 self._poll = asyncio.get_running_loop().create_task(self._poll_commits(now))
+
+    async def _ask_missing(self) -> None:
+        """Ask the validators this mempool has no handle from for theirs (the name lookups
+        block: in a thread). One that is down gives it when it starts again."""
+        try:
+            missing = [i for i in range(self.genesis.validators.n) if i not in self.validators]
+            await asyncio.to_thread(self._ask_validators, missing)
+            self._count("validators_asked", len(missing))
+        except Exception:  # noqa: BLE001 - Ray's control plane busy: asked again next time
+            log.debug("mempool %d: validators not asked", self.index, exc_info=True)
+        finally:
+            self._asking = None
 
     def _seal_expired_gaps(self, now: float) -> None:
         """Rows parked longer than the hold are sealed, in batches of their own (sender and
@@ -1100,6 +1134,8 @@ class Mempool:
             # Validators this mempool tags its batches for (its own: they skip re-checking
             # signatures); the keys themselves are never shown
             "sealing_for": sorted(self.seal_keys),
+            # Validators whose handles it holds: its batches go to these
+            "validators": sorted(self.validators),
             # Batches announced on streams and by Ray call (where a stream was down), and
             # long uncommitted batches sent again by Ray call, to each validator
             "streams": {

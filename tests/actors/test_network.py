@@ -754,7 +754,7 @@ def test_a_shard_verifier_or_mempool_comes_back_however_often_it_crashes(tmp_pat
                     | {
                         "mempool": {
                             m: st.get("mempool", {}).get(m)
-                            for m in ("pending_rows", "in_flight_rows", "counts")
+                            for m in ("pending_rows", "in_flight_rows", "counts", "validators")
                         }
                     }
                     for st in net.status()

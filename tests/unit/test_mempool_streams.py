@@ -198,3 +198,41 @@ def test_a_validator_that_restarted_or_healed_is_sent_every_batch_in_flight(
         m._ticker.cancel()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_mempool_asks_again_for_the_handles_it_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted mempool asks every validator for its handle, but an answer can be lost
+    (the validator's call went to the process that had just died): it asks those it still
+    lacks again, every ``ASK_VALIDATORS_S``, and stops once it holds them all. One that is
+    down (no such actor) is skipped. Without this its batches went to nobody for good."""
+    monkeypatch.setattr(mempool_module, "ASK_VALIDATORS_S", 0.05)
+    asked: list[tuple[int, int]] = []  # (validator, the mempool it was asked for)
+
+    def get_actor(name: str, namespace: str) -> Any:
+        index = int(name.rsplit("-", 1)[1])
+        if index == 3:
+            raise ValueError(f"no actor {name}")  # down
+        return SimpleNamespace(
+            mempool_back=SimpleNamespace(remote=lambda m: asked.append((index, m)))
+        )
+
+    monkeypatch.setattr(mempool_module.ray, "get_actor", get_actor)
+    m = mempool(tmp_path, batch_interval_ms=10)
+    m.index = 2
+
+    async def scenario() -> None:
+        await m.set_validator(0, RayValidator())  # the only answer that came
+        await asyncio.sleep(0.3)
+        assert {v for v, _ in asked} == {1, 2} and {i for _, i in asked} == {2}
+        assert len(asked) >= 4  # asked again, not once
+        assert m.counts["validators_asked"] >= 2 * 3  # 1, 2 and 3 each time
+        for i in (1, 2, 3):
+            await m.set_validator(i, RayValidator())
+        await asyncio.sleep(0.1)  # an ask under way when the last came may still finish
+        before = len(asked)
+        await asyncio.sleep(0.3)
+        assert len(asked) == before and (await m.status())["validators"] == [0, 1, 2, 3]
+
+    asyncio.run(scenario())
