@@ -88,11 +88,18 @@ def read_frames(data: bytes) -> tuple[list[pa.RecordBatch], str | None]:
     return out, None
 
 
-def _fsync_copy(fd: int, directory: Path | None) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_all(fds: list[int], directory: Path | None) -> None:
+    """fsync and close every descriptor (each closed whatever happens), then the directory."""
+    failed: OSError | None = None
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            failed = failed or exc
+        finally:
+            os.close(fd)
+    if failed is not None:
+        raise failed
     if directory is not None:
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
@@ -147,7 +154,14 @@ class Journal:
                 self.recovered_rows += batch.num_rows
         self.segment = newest  # the next write opens segment newest + 1
         self._fd: int | None = None
+        # Segments rotated out whose writes no fsync has covered yet (the next one does, in
+        # its thread: a rotation never fsyncs on the caller's event loop)
+        self._retired: list[int] = []
         self._dir_synced = True  # whether the directory's entries are durable
+        self._dir_epoch = 0  # segments opened so far (an fsync vouches only for its own)
+        # The first fsync failure: every later ``sync`` raises it (after a failed fsync the
+        # kernel may have dropped the pages; a later fsync that succeeds proves nothing)
+        self.failed: OSError | None = None
         self._size = 0
         self._live: dict[int, int] = {}  # rows not yet done with, per segment
         self._written = 0  # appends written, and those an fsync has covered
@@ -155,6 +169,10 @@ class Journal:
         self._syncing: asyncio.Task[None] | None = None
         self.fsyncs = 0
         self.deleted = 0
+        if not self.recovered:
+            # Seal records alone (their batches' rows were done with, or their segments
+            # would be here) and torn tails (never acknowledged): nothing to admit again
+            self.drop_recovered()
 
     def _segments(self) -> list[Path]:
         found = [p for p in self.path.glob(f"*{_SUFFIX}") if p.stem.isdigit()]
@@ -181,6 +199,8 @@ class Journal:
     def _append(self, batch: pa.RecordBatch, live: int) -> int:
         header, body = encode_frame(batch)
         size = len(header) + body.size
+        if self.failed is not None:
+            raise self.failed
         if self._fd is None or (self._size and self._size + size > self.segment_bytes):
             self._rotate()
         assert self._fd is not None
@@ -199,40 +219,52 @@ class Journal:
         return self.segment
 
     def _rotate(self) -> None:
-        """Open the next segment (its directory entry is made durable with the next
-        ``sync``). The one before, full, is fsynced here (once per ``segment_bytes``), and
-        deleted at once if none of its rows is live."""
-        old = self._fd
-        if old is not None:
-            os.fsync(old)
-            os.close(old)
-            self._synced = self._written
+        """Open the next segment; its directory entry, and what the one before still holds
+        unsynced, are made durable by the next ``sync``. The one before is deleted at once if
+        none of its rows is live. Opened first: where that fails (no descriptors, a full
+        disk), the journal is as it was and the caller's append is refused."""
+        fd = os.open(self._file(self.segment + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        old, self._fd = self._fd, fd
         self.segment += 1
-        self._fd = os.open(self._file(self.segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = 0
         self._dir_synced = False
-        if old is not None and not self._live.get(self.segment - 1):
-            self._delete(self.segment - 1)
+        self._dir_epoch += 1
+        if old is not None:
+            self._retired.append(old)
+            if not self._live.get(self.segment - 1):
+                self._delete(self.segment - 1)
 
     async def sync(self) -> None:
         """Return once everything written before this call is on the disk (an fsync failure
-        raises ``OSError``)."""
+        raises ``OSError``, and so does every call after it)."""
         target = self._written
         while self._synced < target:
+            if self.failed is not None:
+                raise self.failed
             if self._syncing is None:
                 self._syncing = asyncio.get_running_loop().create_task(self._fsync())
             await asyncio.shield(self._syncing)
 
     async def _fsync(self) -> None:
+        """One fsync covering every write so far: of the segments rotated out since the last
+        one, of the newest, and of the directory where a segment was opened since. All is
+        taken in one step before the thread runs, so that what it covers is exactly the
+        writes counted in ``upto``."""
         try:
-            upto, with_dir = self._written, not self._dir_synced
+            upto, with_dir, epoch = self._written, not self._dir_synced, self._dir_epoch
+            fds, self._retired = self._retired, []
             if self._fd is not None:
-                # A descriptor of its own: a rotation meanwhile closes the journal's
-                await asyncio.to_thread(
-                    _fsync_copy, os.dup(self._fd), self.path if with_dir else None
-                )
+                # A descriptor of its own: a rotation or ``done`` meanwhile closes the journal's
+                fds.append(os.dup(self._fd))
+            if fds or with_dir:
+                try:
+                    await asyncio.to_thread(_fsync_all, fds, self.path if with_dir else None)
+                except OSError as exc:
+                    self.failed = exc
+                    raise
                 self.fsyncs += 1
-                if with_dir:
+                # Unless another segment was opened meanwhile: its entry is not covered
+                if with_dir and epoch == self._dir_epoch:
                     self._dir_synced = True
             self._synced = max(self._synced, upto)
         finally:
@@ -254,17 +286,24 @@ class Journal:
             self._delete(seg)
 
     def _delete(self, seg: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._file(seg).unlink()
+        self._unlink(self._file(seg))
+
+    def _unlink(self, segment: Path) -> None:
+        """Delete a segment done with. One that cannot be (a read-only or failing disk) is
+        left, and read again at the next start (its rows' nonces have committed: dropped)."""
+        try:
+            segment.unlink()
             self.deleted += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("%s: journal %s not deleted: %s", self.what, segment.name, exc)
 
     def drop_recovered(self) -> None:
         """The recovered batches are admitted again (journaled anew) or known to be
         committed: their segments go."""
         for seg in self._old:
-            with contextlib.suppress(FileNotFoundError):
-                seg.unlink()
-                self.deleted += 1
+            self._unlink(seg)
         self._old = []
         self.recovered = []
         self.sealed = []
@@ -281,8 +320,9 @@ class Journal:
         }
 
     def close(self) -> None:
-        if self._fd is not None:
+        for fd in [*self._retired, *([self._fd] if self._fd is not None else [])]:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+                os.close(fd)
+        self._retired = []
+        self._fd = None
         release_lock(self._lock)

@@ -32,6 +32,7 @@ once its validators have given their handles (``Mempool._recover``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -500,7 +501,8 @@ class Mempool:
         if self._recovery is not None and not self._recovery.done():
             # The journal's rows first: admitted before them, a sender's later rows would
             # each wait ahead of a gap (parked) until the recovery, to the parking limit
-            await asyncio.shield(self._recovery)
+            with contextlib.suppress(Exception):  # failed: logged and counted there
+                await asyncio.shield(self._recovery)
         if not isinstance(batch, pa.RecordBatch):  # a Table, None, bytes from a careless client
             exc = SchemaMismatch(f"a TxBatch is an Arrow record batch, not {type(batch).__name__}")
             self._count(exc.code, 1)
@@ -675,7 +677,20 @@ class Mempool:
         every row of one has committed; the other rows are sealed anew, in the journaled
         order (a sender's rows ahead of a gap are parked as at admission). They go in once
         every validator gave its handle (a validator missing then gets them when they are
-        resent)."""
+        resent). Whatever goes wrong, submissions go on: those waiting for the recovery are
+        let through, and the rows it did not admit stay in the old segments for the next
+        start."""
+        try:
+            await self._recover_rows()
+        except Exception:  # noqa: BLE001 - a bug or a failing Ray call: not every submission
+            log.exception("mempool %d: recovery from the journal failed", self.index)
+            self._count("recovery_failed", 1)
+        finally:
+            # Rows not admitted again: a client offering them again is taken (a copy the old
+            # segments still hold is dropped at the next start, its nonce committed)
+            self._recovering = set()
+
+    async def _recover_rows(self) -> None:
         journal = self.journal
         assert journal is not None
         deadline = time.monotonic() + RECOVER_WAIT_S
@@ -735,7 +750,6 @@ class Mempool:
             while self.pending_rows:
                 self._seal(self.batch_rows)
         journal.drop_recovered()
-        self._recovering = set()
 
     def _sealed_before(
         self, canonical: pa.RecordBatch, senders: list[bytes], committed: dict[bytes, int]

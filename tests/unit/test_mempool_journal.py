@@ -147,6 +147,148 @@ def test_concurrent_appends_share_their_fsyncs(tmp_path: Path) -> None:
     assert j._synced == j._written == 50
 
 
+def test_a_rotation_that_cannot_open_its_segment_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors (or disk) when the next segment is opened: that append is refused
+    and the journal keeps writing where it was. Before, the closed descriptor stayed in use,
+    and the next append went to whatever file the process opened next under its number."""
+    j = journal(tmp_path, segment_bytes=1)
+    assert j.write(rows(1, [0])) == 1
+    real = j._file
+    monkeypatch.setattr(j, "_file", lambda n: tmp_path / "missing" / f"{n}.log")
+    with pytest.raises(OSError):
+        j.write(rows(1, [1]))
+    assert (j.segment, j._written, j.status()["live_entries"]) == (1, 1, 1)
+    other = journal_module.os.open(
+        tmp_path / "other", journal_module.os.O_RDWR | journal_module.os.O_CREAT
+    )
+    monkeypatch.setattr(j, "_file", real)
+    assert j.write(rows(1, [2])) == 2
+    asyncio.run(j.sync())
+    assert journal_module.os.fstat(other).st_size == 0
+    journal_module.os.close(other)
+    j.close()
+    again = journal(tmp_path)
+    assert [b.column("nonce").to_pylist() for b in again.recovered] == [[0], [2]]
+
+
+def test_segments_rotated_out_are_fsynced_by_the_next_sync_not_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation hands the full segment to the next sync, which fsyncs it in its thread with
+    the newest one and the directory; a sync answers only once all three are done."""
+    calls: list[tuple[int, bool]] = []
+    real = journal_module._fsync_all
+
+    def spy(fds: list[int], directory: Path | None) -> None:
+        calls.append((len(fds), directory is not None))
+        real(fds, directory)
+
+    monkeypatch.setattr(journal_module, "_fsync_all", spy)
+    j = journal(tmp_path, segment_bytes=1)
+    j.write(rows(1, [0]))
+    j.write(rows(1, [1]))  # segment 1 rotated out, unsynced
+    assert calls == [] and len(j._retired) == 1
+    asyncio.run(j.sync())
+    assert calls == [(2, True)] and j._retired == [] and j._dir_synced
+    j.write(rows(1, [2]))  # segment 3: a new directory entry again
+    asyncio.run(j.sync())
+    assert calls[-1] == (2, True)
+    j.write(rows(1, [3]))  # fits nowhere but a new segment either (segment_bytes=1)
+    j._size = 0  # pretend it fits: the same segment
+    j.write(rows(1, [4]))
+    asyncio.run(j.sync())
+    assert calls[-1] == (2, True)  # 3 rotated out and 4 (new entry)
+    j.close()
+
+
+def test_a_new_segment_opened_during_an_fsync_gets_its_own_directory_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync that started before a segment was opened does not vouch for its directory
+    entry: the next one syncs the directory again."""
+    j = journal(tmp_path, segment_bytes=1)
+    dirs: list[bool] = []
+    real = journal_module._fsync_all
+
+    def spy(fds: list[int], directory: Path | None) -> None:
+        dirs.append(directory is not None)
+        j.write(rows(2, [len(dirs)]))  # a rotation while the fsync runs (a thread in life)
+        real(fds, directory)
+
+    monkeypatch.setattr(journal_module, "_fsync_all", spy)
+
+    async def scenario() -> None:
+        j.write(rows(1, [0]))
+        await j.sync()
+        assert not j._dir_synced  # segment 2 came during that fsync
+        monkeypatch.setattr(journal_module, "_fsync_all", real)
+        await j.sync()
+        assert j._dir_synced
+
+    asyncio.run(scenario())
+    assert dirs == [True]
+    j.close()
+
+
+def test_after_a_failed_fsync_every_sync_and_append_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the kernel may have dropped the pages: a later fsync that
+    succeeds proves nothing, so no later sync may answer as if it did."""
+    j = journal(tmp_path)
+
+    def failing(fds: list[int], directory: Path | None) -> None:
+        for fd in fds:
+            journal_module.os.close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    j.write(rows(1, [0]))
+    monkeypatch.setattr(journal_module, "_fsync_all", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        asyncio.run(j.sync())
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="Input/output"):
+        j.write(rows(1, [1]))
+    with pytest.raises(OSError, match="Input/output"):
+        asyncio.run(j.sync())
+    j.close()
+
+
+def test_a_segment_that_cannot_be_deleted_is_left_and_nothing_else_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = journal(tmp_path, segment_bytes=1)
+    j.write(rows(1, [0]))
+    j.write(rows(1, [1]))
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", refuse)
+        j.done({1: 1, 2: 1})  # neither can go: left, logged, counts still taken
+    assert j.status()["live_entries"] == 0 and len(segments(tmp_path)) == 2
+    j.write(rows(1, [2]))
+    j.close()
+
+
+def test_a_journal_of_seal_records_alone_is_cleared_at_opening(tmp_path: Path) -> None:
+    """Seal records whose rows' segments are gone (their batches were done with) and torn
+    tails leave nothing to admit again: their segments go at once, not never."""
+    j = journal(tmp_path, segment_bytes=1)
+    batch = rows(1, [0, 1])
+    j.write(batch)
+    j.note_sealed(b"\x05" * 32, tx_ids_of(batch))
+    j.done({1: 2})  # the rows' segment went; the crash came before the seal record's
+    j.close()
+    assert segments(tmp_path) == ["00000002.log"]
+    again = journal(tmp_path)
+    assert again.recovered == [] and again.sealed == [] and segments(tmp_path) == []
+    again.close()
+
+
 def test_one_process_at_a_time(tmp_path: Path) -> None:
     held = journal(tmp_path)
     with pytest.raises(AlreadyOpen):
@@ -308,12 +450,13 @@ def test_a_failed_fsync_stops_the_mempool(tmp_path: Path, monkeypatch: pytest.Mo
         stopped.append(f"{what}: {exc}")
         raise Stopped
 
-    def failing(fd: int, directory: Path | None) -> None:
-        journal_module.os.close(fd)
+    def failing(fds: list[int], directory: Path | None) -> None:
+        for fd in fds:
+            journal_module.os.close(fd)
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(mempool_module, "stop_on_disk_failure", stop)
-    monkeypatch.setattr(journal_module, "_fsync_copy", failing)
+    monkeypatch.setattr(journal_module, "_fsync_all", failing)
 
     async def scenario() -> None:
         with pytest.raises(Stopped):
@@ -323,6 +466,44 @@ def test_a_failed_fsync_stops_the_mempool(tmp_path: Path, monkeypatch: pytest.Mo
 
     asyncio.run(scenario())
     assert stopped == ["mempool 0: [Errno 5] Input/output error"]
+
+
+def test_a_recovery_that_fails_lets_submissions_through_and_keeps_the_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recovery that raises (a bug, a Ray call failing) is logged and counted; the
+    submissions waiting on it go on, the rows it held are taken if offered again, and its
+    segments stay for the next start. Before, every later submission raised its error."""
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: "ref")
+    monkeypatch.setattr(mempool_module, "RECOVER_WAIT_S", 0.0)
+    first = mempool(tmp_path)
+    chain = first.genesis.chain_id
+    first._committed_nonces = committed_as({})  # type: ignore[method-assign]
+    asyncio.run(first.submit(rows(1, [0, 1], chain)))
+    crash(first)
+    journal_dir = tmp_path / "mempool-0" / "journal"
+    left = segments(journal_dir)
+
+    calls: list[int] = []
+
+    async def broken(senders: list[bytes]) -> dict[bytes, int]:
+        calls.append(len(senders))
+        if len(calls) == 1:  # the recovery's read
+            raise RuntimeError("shards unreachable in an unexpected way")
+        return {}
+
+    second = mempool(tmp_path)
+    second._committed_nonces = broken  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        answer = await second.submit(rows(1, [0, 1, 2], chain))
+        assert answer.error is None and answer.accepted == 3
+        assert second._ticker is not None
+        second._ticker.cancel()
+
+    asyncio.run(scenario())
+    assert second.counts["recovery_failed"] == 1 and second._recovering == set()
+    assert set(left) <= set(segments(journal_dir))
 
 
 def test_rows_of_another_network_in_the_journal_are_not_admitted(
