@@ -282,18 +282,25 @@ class InflightLimit:
         return min(max(wait, MIN_RETRY_S), cap)
 
 
-def restarted() -> bool:
-    """Whether this actor is a restart after a crash (False outside Ray)."""
+def restarted(tries: int = 5) -> bool:
+    """Whether this actor is a restart after a crash (False outside Ray). Ray's control plane
+    is asked, again after a pause where the question fails (a busy GCS)."""
     if not ray.is_initialized():  # an actor's class built outside Ray (tests): never start Ray
         return False
-    try:
-        with warnings.catch_warnings():
-            # Ray's property reads its own deprecated ``actor_id``: its warning would reach
-            # the driver's console (``rayledger up``) from every mempool
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # noqa: BLE001 - not in an actor
+    ctx = ray.get_runtime_context()
+    if ctx.get_actor_id() is None:  # not in an actor
         return False
+    for attempt in range(tries):
+        try:
+            with warnings.catch_warnings():
+                # Ray's property reads its own deprecated ``actor_id``: its warning would
+                # reach the driver's console (``rayledger up``) from every mempool
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return bool(ctx.was_current_actor_reconstructed)
+        except Exception:  # noqa: BLE001 - the GCS did not answer: ask again
+            log.warning("whether this actor was restarted: no answer", exc_info=True)
+            time.sleep(0.2 * (attempt + 1))
+    return False
 
 
 class Mempool:
@@ -396,8 +403,12 @@ class Mempool:
         self._asking: asyncio.Task[None] | None = None
         if restarted():
             self._ask_validators(range(self.genesis.validators.n))
-            # Its timer runs from now (asking again for handles that do not come, recovering
-            # the journal), not only once a validator or a client calls
+        if ray.is_initialized():
+            # Its timer runs from now (asking for handles that do not come, recovering the
+            # journal), not only once a validator or a client calls: whether Ray restarted
+            # this process is a question to Ray's control plane, and under load its answer
+            # was once wrong or lost (a restarted mempool asked nobody, its journal's rows
+            # waited, and nobody sent it a handle for 120 s)
             ray.get_runtime_context().current_actor.wake.remote()
 
     async def wake(self) -> None:

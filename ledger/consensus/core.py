@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,6 +136,10 @@ class CoreConfig:
     # Committed blocks kept in memory to serve peers that lag by less than this.
     committed_window: int = 4096
     sync_batch: int = 64
+    # A sync request is answered with up to this many responses of ``sync_batch`` blocks
+    # each, the lowest first, so that a validator far behind gets ``sync_batch`` x this many
+    # blocks a round trip, and asks for the next ones as soon as the first response comes
+    sync_responses: int = 8
     # Rounds of votes/timeouts/proposals remembered for equivocation evidence.
     evidence_window: int = 64
     # With nothing to order and nothing uncommitted to finish or to announce, a leader waits
@@ -273,7 +277,15 @@ class Core:
         self.backlog_asked: dict[int, int] = {}
         self.waiting_batches: dict[bytes, Proposal] = {}
         self.waiting_parent: dict[bytes, list[Proposal]] = {}
-        self.requested: set[bytes] = set()
+        # (block, peer) asked for, and when: each peer is asked for a block once, and again
+        # only ``base_timeout_ms`` later or after this validator's round timed out (a request
+        # or its answer lost). Of each peer, not once in all: with one request a block, a
+        # network losing 10% of its messages committed 9% fewer blocks in the simulator
+        self.requested: dict[tuple[bytes, int], int] = {}
+        # Each block waiting for its parent -> that parent (rebuilt at every ``on_messages``,
+        # added to as blocks start waiting; an entry left after its block was taken is
+        # harmless, see ``_missing_root``)
+        self._waiting_up: dict[bytes, bytes] = {}
         self.propose_blocked = False
         self.idle_round = -1
 
@@ -542,7 +554,10 @@ class Core:
         they would change nothing, and this validator would otherwise verify the same blocks
         again and again (old proposals replayed, or, far behind, the same blocks in one sync
         response after another)."""
-        waiting = {p.block.hash for ps in self.waiting_parent.values() for p in ps}
+        self._waiting_up = {
+            p.block.hash: p.block.parent_hash for ps in self.waiting_parent.values() for p in ps
+        }
+        waiting = self._waiting_up.keys()
         messages = [m for m in (self._unheld(m, waiting) for m in messages) if m is not None]
         checked = self._verify_all(messages)
         for message, ok in zip(messages, checked, strict=True):
@@ -552,7 +567,7 @@ class Core:
                 self._reject("bad signature or certificate", self._sender(message))
         return self._flush()
 
-    def _unheld(self, message: Message, waiting: set[bytes]) -> Message | None:
+    def _unheld(self, message: Message, waiting: Container[bytes]) -> Message | None:
         """``message`` without the proposals of blocks committed or held here, or waiting
         here for their parent or their batches (``None`` if nothing else is left). A block
         waiting for its parent is asked for again, as its proposal arriving again would have:
@@ -575,7 +590,7 @@ class Core:
                     return SyncResponse(fresh, message.sender)
         return message
 
-    def _holds(self, b: BlockHeader, waiting: set[bytes]) -> bool:
+    def _holds(self, b: BlockHeader, waiting: Container[bytes]) -> bool:
         if b.height <= self.committed.height or b.hash in self.tree:
             return True
         if b.hash in self.waiting_batches:
@@ -849,6 +864,7 @@ class Core:
             ]
             if all(w.block.hash != b.hash for w in same) and (certified or not same):
                 waiting.append(p)
+                self._waiting_up[b.hash] = b.parent_hash
             self._request_sync(b.parent_hash, proposer)
             return None
         self._accept(p, parent, proposer)
@@ -884,7 +900,8 @@ class Core:
         if reason is not None:
             return self._reject(f"proposal payload: {reason}", proposer)
         self.tree[b.hash] = p
-        self.requested.discard(b.hash)
+        for peer in range(self.vs.n):
+            self.requested.pop((b.hash, peer), None)
         self._try_vote(p)
         qc = self.qcs.get(b.hash)
         if qc is not None:
@@ -942,10 +959,35 @@ class Core:
             self.evidence_seen.add(key)
             self._out.append(Evidence(kind, offender, round_, a, b))
 
+    def _missing_root(self, block_hash: bytes) -> bytes | None:
+        """The block to ask for so as to connect ``block_hash``: itself, or where it waits for
+        its parent, the parent of the lowest block of the chain waiting below it (None: that
+        one is held after all). A validator far behind holds a long chain of blocks waiting:
+        each of them, and each new proposal above them, asked for its own parent, and every
+        peer sent back its 64 blocks below that one, nearly all held already (the simulator,
+        one validator of four down for 60 s: 1,336 requests and 82,457 blocks sent for the
+        1,380 it lacked). Now they all ask for the one block that connects them."""
+        passed: list[bytes] = []
+        while block_hash in self._waiting_up and len(passed) <= len(self._waiting_up):
+            passed.append(block_hash)
+            block_hash = self._waiting_up[block_hash]
+        # Each block passed now points at the root straight away: a long chain is walked
+        # once, not once for each block that joins it
+        for h in passed[:-1]:
+            self._waiting_up[h] = block_hash
+        return None if self._header(block_hash) is not None else block_hash
+
     def _request_sync(self, block_hash: bytes, peer: int) -> None:
-        if block_hash in self.requested or peer == self.index:
+        root = self._missing_root(block_hash)
+        if root is None:
             return
-        self.requested.add(block_hash)
+        block_hash = root
+        if peer == self.index:
+            return
+        asked = self.requested.get((block_hash, peer))
+        if asked is not None and self.now_ms - asked < self.cfg.base_timeout_ms:
+            return
+        self.requested[(block_hash, peer)] = self.now_ms
         # A nonce never used before, by this process or an earlier one of this validator (as
         # long as its clock goes forward): the clock in its high bits
         self.sync_nonce = max(self.sync_nonce + 1, self.now_ms << 20)
@@ -975,13 +1017,18 @@ class Core:
         served[req.nonce] = req.round
         chain: list[Proposal] = []
         cursor = self._proposal(req.block_hash)
+        most = self.cfg.sync_batch * max(1, self.cfg.sync_responses)
         while cursor is not None and cursor.block.height > req.from_height:
             chain.append(cursor)
-            if len(chain) >= self.cfg.sync_batch:
+            if len(chain) >= most:
                 break
             cursor = self._proposal(cursor.block.parent_hash)
-        if chain:
-            self._out.append(Send(req.requester, SyncResponse(tuple(reversed(chain)), self.index)))
+        chain.reverse()
+        # The lowest first: the requester asks for what lies below them while the rest come
+        # (asked for after the highest, what lies below would be on its way twice)
+        for start in range(0, len(chain), self.cfg.sync_batch):
+            part = tuple(chain[start : start + self.cfg.sync_batch])
+            self._out.append(Send(req.requester, SyncResponse(part, self.index)))
 
     def _proposal(self, block_hash: bytes) -> Proposal | None:
         p = self.tree.get(block_hash)

@@ -732,7 +732,11 @@ def test_lagging_validator_syncs_the_chain_and_commits_in_order(keys: Keyring) -
     latest = max((p for p in net.proposals.values() if p.tc is None), key=lambda p: p.round)
     proposer = keys.validators.index_of(latest.block.proposer)
     actions = v0.on_proposal(latest)
-    [request] = [a for a in actions if isinstance(a, Send) and isinstance(a.message, SyncRequest)]
+    requests = [a for a in actions if isinstance(a, Send) and isinstance(a.message, SyncRequest)]
+    # (The proposer, and a signer of the QC where v0 leads next: each asked once)
+    assert len({r.to for r in requests}) == len(requests) >= 1
+    assert len({r.message.block_hash for r in requests}) == 1  # type: ignore[union-attr]
+    request = requests[0]
     sync = request.message
     assert isinstance(sync, SyncRequest)
     assert (sync.block_hash, sync.requester, sync.from_height) == (latest.block.parent_hash, 0, 0)
@@ -771,10 +775,13 @@ def test_blocks_held_already_are_not_verified_again(keys: Keyring) -> None:
     net.start()
     net.run(lambda: min(net.heights()) >= 70, max_steps=100_000)
     a, b = net.cores[0], net.cores[1]
-    [reply] = a.on_sync_request(keys.sync_request(1, a.committed.hash, 0, round_=a.round))
-    assert isinstance(reply, Send) and isinstance(reply.message, SyncResponse)
-    unasked = reply.message
-    assert len(unasked.proposals) == a.cfg.sync_batch
+    replies = a.on_sync_request(keys.sync_request(1, a.committed.hash, 0, round_=a.round))
+    assert all(isinstance(r, Send) and isinstance(r.message, SyncResponse) for r in replies)
+    # The whole chain below the block asked for, in responses of 64 blocks, the lowest first
+    heights = [p.block.height for r in replies for p in r.message.proposals]  # type: ignore[union-attr]
+    assert heights == list(range(1, a.committed.height + 1)) and len(replies) == 2
+    unasked = replies[0].message
+    assert isinstance(unasked, SyncResponse) and len(unasked.proposals) == a.cfg.sync_batch
     counter = CountingVerifier(b.verifier)
     b.verifier = counter
     before = snapshot(b)
