@@ -324,6 +324,9 @@ class Core:
         # (nonce -> the request's round; see ``_serve_sync``)
         self.sync_nonce = 0
         self.served: dict[int, dict[int, int]] = {}
+        # Blocks sent to each requester in this validator's current round: (round, blocks).
+        # At most ``sync_batch`` x ``sync_responses`` a round, however many requests it signs
+        self.sync_sent: dict[int, tuple[int, int]] = {}
         self.verified_certs: set[bytes] = set()
         self._out: list[Action] = []
         self._restored: list[Proposal] = []
@@ -1017,13 +1020,17 @@ class Core:
         served[req.nonce] = req.round
         chain: list[Proposal] = []
         cursor = self._proposal(req.block_hash)
-        most = self.cfg.sync_batch * max(1, self.cfg.sync_responses)
-        while cursor is not None and cursor.block.height > req.from_height:
+        at, sent = self.sync_sent.get(req.requester, (self.round, 0))
+        if at != self.round:
+            sent = 0
+        most = self.cfg.sync_batch * max(1, self.cfg.sync_responses) - sent
+        while most > 0 and cursor is not None and cursor.block.height > req.from_height:
             chain.append(cursor)
             if len(chain) >= most:
                 break
             cursor = self._proposal(cursor.block.parent_hash)
         chain.reverse()
+        self.sync_sent[req.requester] = (self.round, sent + len(chain))
         # The lowest first: the requester asks for what lies below them while the rest come
         # (asked for after the highest, what lies below would be on its way twice)
         for start in range(0, len(chain), self.cfg.sync_batch):

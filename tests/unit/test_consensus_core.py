@@ -92,6 +92,7 @@ Regressions (each was a bug these tests found)
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Callable
@@ -755,6 +756,36 @@ def test_lagging_validator_syncs_the_chain_and_commits_in_order(keys: Keyring) -
     assert latest.block.hash in v0.tree
 
 
+def test_a_block_asked_for_is_asked_for_again_after_the_base_timeout(keys: Keyring) -> None:
+    """A validator that follows the rounds (their QCs reach it) never times out in one, so a
+    sync answer that was lost must be asked for again on time, not after a round timeout:
+    before, it was never asked for again, and a validator under load 500 blocks behind stayed
+    at its height for 300 s in the Ray network."""
+    net = Net(keys)
+    net.isolated.add(0)
+    net.start()
+    net.run(lambda: min(net.heights()[1:]) >= 4)
+    v0 = net.cores[0]
+    latest = max((p for p in net.proposals.values() if p.tc is None), key=lambda p: p.round)
+    proposer = keys.validators.index_of(latest.block.proposer)
+
+    def asked(actions: list[Action]) -> list[tuple[int, bytes]]:
+        return [
+            (a.to, a.message.block_hash)
+            for a in actions
+            if isinstance(a, Send) and isinstance(a.message, SyncRequest)
+        ]
+
+    first = asked(v0.on_proposal(latest))
+    assert (proposer, latest.block.parent_hash) in first
+    now = v0.now_ms
+    assert asked(v0.on_proposal(latest)) == []  # (it arrived again: asked already)
+    v0.tick(now + v0.cfg.base_timeout_ms - 1)
+    assert asked(v0.on_proposal(latest)) == []
+    v0.tick(now + v0.cfg.base_timeout_ms)
+    assert asked(v0.on_proposal(latest)) == [(proposer, latest.block.parent_hash)]
+
+
 class CountingVerifier:
     """A verifier that counts the signatures it is asked to check."""
 
@@ -793,6 +824,31 @@ def test_blocks_held_already_are_not_verified_again(keys: Keyring) -> None:
     child = keys.propose(keys.block(head.block, head.round + 1), keys.qc(head.block))
     b.on_messages([SyncResponse((*unasked.proposals[-3:], child), 0)])
     assert 1 <= counter.checked <= 1 + keys.n
+
+
+def test_a_requester_is_sent_at_most_a_budget_of_blocks_a_round(keys: Keyring) -> None:
+    """A request is answered with up to ``sync_responses`` responses of ``sync_batch`` blocks,
+    the lowest first; a requester signing more requests in the same round gets nothing more
+    (before, each of its requests drew 64 blocks, without limit: 26.6 KB of requests drew
+    6.9 MB), and the budget is whole again in the next round."""
+    net = Net(keys)
+    net.start()
+    net.run(lambda: min(net.heights()) >= 40, max_steps=100_000)
+    a = net.cores[0]
+    a.cfg = dataclasses.replace(a.cfg, sync_batch=8, sync_responses=2)
+    top = a.committed
+
+    def ask(nonce: int, from_height: int = 0) -> list[list[int]]:
+        replies = a.on_sync_request(keys.sync_request(1, top.hash, from_height, a.round, nonce))
+        return [[p.block.height for p in r.message.proposals] for r in replies]  # type: ignore[union-attr]
+
+    h = top.height
+    assert ask(1) == [list(range(h - 15, h - 7)), list(range(h - 7, h + 1))]
+    assert ask(2) == []  # the round's budget is spent
+    a.round += 1  # (the next round, as the network would bring it)
+    assert ask(3, from_height=h - 4) == [list(range(h - 3, h + 1))]
+    # What is left of 16: the 12 blocks below the one asked for
+    assert ask(4) == [list(range(h - 11, h - 3)), list(range(h - 3, h + 1))]
 
 
 def test_blocks_waiting_for_their_parent_are_not_verified_again(keys: Keyring) -> None:
