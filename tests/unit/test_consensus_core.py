@@ -92,7 +92,6 @@ Regressions (each was a bug these tests found)
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 from collections.abc import Callable
@@ -723,14 +722,20 @@ def test_batch_arriving_after_the_round_ended_gets_no_vote(keys: Keyring) -> Non
 # ---- sync ------------------------------------------------------------------------------------
 
 
-def test_lagging_validator_syncs_the_chain_and_commits_in_order(keys: Keyring) -> None:
+def lagging(keys: Keyring, height: int) -> tuple[Net, Core, Proposal]:
+    """A network whose validator 0 heard nothing while the others reached ``height``: the
+    network, validator 0, and the latest proposal (of a round that did not time out)."""
     net = Net(keys)
     net.isolated.add(0)
     net.start()
-    net.run(lambda: min(net.heights()[1:]) >= 4)
-    v0 = net.cores[0]
-    assert v0.committed.height == 0
+    net.run(lambda: min(net.heights()[1:]) >= height)
     latest = max((p for p in net.proposals.values() if p.tc is None), key=lambda p: p.round)
+    return net, net.cores[0], latest
+
+
+def test_lagging_validator_syncs_the_chain_and_commits_in_order(keys: Keyring) -> None:
+    net, v0, latest = lagging(keys, 4)
+    assert v0.committed.height == 0
     proposer = keys.validators.index_of(latest.block.proposer)
     actions = v0.on_proposal(latest)
     requests = [a for a in actions if isinstance(a, Send) and isinstance(a.message, SyncRequest)]
@@ -761,12 +766,7 @@ def test_a_block_asked_for_is_asked_for_again_after_the_base_timeout(keys: Keyri
     sync answer that was lost must be asked for again on time, not after a round timeout:
     before, it was never asked for again, and a validator under load 500 blocks behind stayed
     at its height for 300 s in the Ray network."""
-    net = Net(keys)
-    net.isolated.add(0)
-    net.start()
-    net.run(lambda: min(net.heights()[1:]) >= 4)
-    v0 = net.cores[0]
-    latest = max((p for p in net.proposals.values() if p.tc is None), key=lambda p: p.round)
+    net, v0, latest = lagging(keys, 4)
     proposer = keys.validators.index_of(latest.block.proposer)
 
     def asked(actions: list[Action]) -> list[tuple[int, bytes]]:
@@ -835,7 +835,7 @@ def test_a_requester_is_sent_at_most_a_budget_of_blocks_a_round(keys: Keyring) -
     net.start()
     net.run(lambda: min(net.heights()) >= 40, max_steps=100_000)
     a = net.cores[0]
-    a.cfg = dataclasses.replace(a.cfg, sync_batch=8, sync_responses=2)
+    a.cfg = replace(a.cfg, sync_batch=8, sync_responses=2)
     top = a.committed
 
     def ask(nonce: int, from_height: int = 0) -> list[list[int]]:
@@ -855,12 +855,7 @@ def test_blocks_waiting_for_their_parent_are_not_verified_again(keys: Keyring) -
     """A validator far behind is sent the same blocks in one sync response after another:
     those waiting for their parent are not checked again, and one arriving again asks for
     its parent again, as before (its request may have been lost)."""
-    net = Net(keys)
-    net.isolated.add(0)
-    net.start()
-    net.run(lambda: min(net.heights()[1:]) >= 6)
-    v0 = net.cores[0]
-    latest = max((p for p in net.proposals.values() if p.tc is None), key=lambda p: p.round)
+    net, v0, latest = lagging(keys, 6)
     v0.on_proposal(latest)  # its parent unknown here: it waits, and its parent is asked for
     assert any(latest in ps for ps in v0.waiting_parent.values())
     counter = CountingVerifier(v0.verifier)
