@@ -221,18 +221,22 @@ class Journal:
     def _rotate(self) -> None:
         """Open the next segment; its directory entry, and what the one before still holds
         unsynced, are made durable by the next ``sync``. The one before is deleted at once if
-        none of its rows is live. Opened first: where that fails (no descriptors, a full
-        disk), the journal is as it was and the caller's append is refused."""
+        none of its rows is live (and then not fsynced). Opened first: where that fails (no
+        descriptors, a full disk), the journal is as it was and the caller's append is
+        refused."""
         fd = os.open(self._file(self.segment + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         old, self._fd = self._fd, fd
         self.segment += 1
         self._size = 0
         self._dir_synced = False
         self._dir_epoch += 1
-        if old is not None:
+        if old is None:
+            return
+        if self._live.get(self.segment - 1):
             self._retired.append(old)
-            if not self._live.get(self.segment - 1):
-                self._delete(self.segment - 1)
+        else:  # nothing in it is needed any more: no fsync owed
+            os.close(old)
+            self._delete(self.segment - 1)
 
     async def sync(self) -> None:
         """Return once everything written before this call is on the disk (an fsync failure
