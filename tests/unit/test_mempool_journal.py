@@ -36,6 +36,13 @@ def journal(path: Path, **kw: Any) -> Journal:
     return Journal(path, what="test journal", lock_wait_s=0.1, **kw)
 
 
+def eio_fsync(fds: list[int], directory: Path | None) -> None:
+    """``_fsync_all`` on a failing disk: the descriptors closed, the fsync failed."""
+    for fd in fds:
+        journal_module.os.close(fd)
+    raise OSError(errno.EIO, "Input/output error")
+
+
 def segments(path: Path) -> list[str]:
     return sorted(p.name for p in path.glob("*.log"))
 
@@ -239,13 +246,8 @@ def test_after_a_failed_fsync_every_sync_and_append_fails(
     succeeds proves nothing, so no later sync may answer as if it did."""
     j = journal(tmp_path)
 
-    def failing(fds: list[int], directory: Path | None) -> None:
-        for fd in fds:
-            journal_module.os.close(fd)
-        raise OSError(errno.EIO, "Input/output error")
-
     j.write(rows(1, [0]))
-    monkeypatch.setattr(journal_module, "_fsync_all", failing)
+    monkeypatch.setattr(journal_module, "_fsync_all", eio_fsync)
     with pytest.raises(OSError, match="Input/output"):
         asyncio.run(j.sync())
     monkeypatch.undo()
@@ -450,13 +452,8 @@ def test_a_failed_fsync_stops_the_mempool(tmp_path: Path, monkeypatch: pytest.Mo
         stopped.append(f"{what}: {exc}")
         raise Stopped
 
-    def failing(fds: list[int], directory: Path | None) -> None:
-        for fd in fds:
-            journal_module.os.close(fd)
-        raise OSError(errno.EIO, "Input/output error")
-
     monkeypatch.setattr(mempool_module, "stop_on_disk_failure", stop)
-    monkeypatch.setattr(journal_module, "_fsync_all", failing)
+    monkeypatch.setattr(journal_module, "_fsync_all", eio_fsync)
 
     async def scenario() -> None:
         with pytest.raises(Stopped):
