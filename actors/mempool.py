@@ -282,14 +282,18 @@ class InflightLimit:
         return min(max(wait, MIN_RETRY_S), cap)
 
 
+def in_actor() -> bool:
+    """Whether this code runs in a Ray actor (an actor's class is also built outside Ray, in
+    tests: Ray is then never started by asking)."""
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def restarted(tries: int = 5) -> bool:
     """Whether this actor is a restart after a crash (False outside Ray). Ray's control plane
     is asked, again after a pause where the question fails (a busy GCS)."""
-    if not ray.is_initialized():  # an actor's class built outside Ray (tests): never start Ray
+    if not in_actor():
         return False
     ctx = ray.get_runtime_context()
-    if ctx.get_actor_id() is None:  # not in an actor
-        return False
     for attempt in range(tries):
         try:
             with warnings.catch_warnings():

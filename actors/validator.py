@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.mempool import decode_batch_frame, restarted, seal_tag
+from rayledger.actors.mempool import decode_batch_frame, in_actor, restarted, seal_tag
 from rayledger.actors.storage import (
     BlockStore,
     CommittedBlock,
@@ -139,6 +139,13 @@ FETCH_TIMEOUT_S = 60.0
 # Announced batches whose mempool is remembered until they commit (at most this many), so
 # that commits of other institutions' batches are not reported to this institution's mempool
 BATCH_ORIGINS_KEEP = 8192
+# A validator process whose directory says it has started before (``STARTED_MARK``), and that
+# nobody has started within this long, starts itself: Ray brought it back after a crash and
+# its control plane's answer to "restarted?" (``restarted``) was wrong or never came, so
+# neither Ray's path nor an operator's starts it. Long enough that a deployer starting the
+# network (which waits for every validator to exist first) comes before it.
+SELF_START_S = 10.0
+STARTED_MARK = "started"
 
 ACTOR_STRATEGIES = (
     "none",
@@ -259,6 +266,8 @@ class Validator:
         self.evidence_counts: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.started = False
+        # Started by itself (``start_unless_started``), nobody having started it
+        self.self_started = False
         # Given to this institution's own mempool only, kept in memory (a new one after every
         # restart): a batch announced with seal_tag(seal_key, digest, batch) was verified by
         # that mempool, and its signatures are not checked a second time here
@@ -371,6 +380,8 @@ class Validator:
             # its peers and its mempool again as `rayledger chaos restart` would have it do
             log.warning("validator %d: restarted by Ray after a crash; rejoining", index)
             ray.get_runtime_context().current_actor.start.remote()
+        elif (self.dir / STARTED_MARK).exists() and in_actor():
+            ray.get_runtime_context().current_actor.start_unless_started.remote(SELF_START_S)
 
     # ---- persistence -----------------------------------------------------------------------
 
@@ -682,6 +693,20 @@ class Validator:
         await asyncio.shield(self._starting)
         return True
 
+    async def start_unless_started(self, delay_s: float) -> bool:
+        """Start after ``delay_s`` unless something has started this process meanwhile (see
+        ``SELF_START_S``). True if it was this call that started it."""
+        await asyncio.sleep(delay_s)
+        if self.started or self._starting is not None:
+            return False
+        log.warning(
+            "validator %d: ran before and not started within %.0f s: starting by itself",
+            self.index,
+            delay_s,
+        )
+        self.self_started = True
+        return await self.start()
+
     async def _start(self) -> None:
         if self.started:
             return
@@ -718,6 +743,10 @@ class Validator:
             if j == self.index:
                 self.mempool = mempool
         self.started = True
+        try:  # a process of this validator started from here on starts by itself if need be
+            (self.dir / STARTED_MARK).touch()
+        except OSError as exc:
+            log.warning("validator %d: cannot mark its directory started: %r", self.index, exc)
         loop = asyncio.get_running_loop()
         for k in range(self.shards):
             self.shard_wake[k] = asyncio.Event()
@@ -1578,6 +1607,7 @@ class Validator:
             # Batches of this institution's own mempool, admitted without checking their
             # signatures a second time (the mempool verified them)
             "own_batches": self.own_batches,
+            "self_started": self.self_started,
             # Times a proposal of ours left a batch out to wait for its senders' earlier
             # nonces, and rows it proposed anyway that failed for want of them (logged)
             "batches_deferred": self.builder.deferred,

@@ -32,7 +32,7 @@ import ray
 
 from rayledger.actors.mempool import seal_tag
 from rayledger.actors.storage import shard_of_tx_ids
-from rayledger.actors.validator import FAST_CLOCK_MS
+from rayledger.actors.validator import FAST_CLOCK_MS, SELF_START_S
 from rayledger.block import BlockHeader
 from rayledger.chain import SPOT_ROWS, batch_digest
 from rayledger.cluster.client import Client, SubmitError
@@ -864,6 +864,26 @@ def test_a_validator_whose_process_dies_comes_back_by_itself(tmp_path: Path) -> 
         while not all(2 in s["streams"]["connected"] for i, s in enumerate(net.status()) if i != 2):
             assert time.monotonic() - t0 < 30, "peers did not reconnect to validator 2"
             time.sleep(0.5)
+        assert not any(s["self_started"] for s in net.status())
+        # A process that comes back with nobody to start it (Ray's "restarted?" answered
+        # wrongly, or never): the validator's directory says it ran before, so it starts
+        # itself, SELF_START_S later, and catches up
+        ray.kill(net.validator(2), no_restart=True)
+        net._handles.pop("validator-2", None)
+        more = client_batches(net, 400, start_nonce=300)
+        for k, b in enumerate(more):
+            net.submit(b, mempool=k)
+        net._start_validator(2)  # created as Ray would bring it back; start() never called
+        t0 = time.monotonic()
+        while True:
+            st = net.status()[2]
+            if st.get("self_started") and st["height"] >= net.height(0):
+                break
+            assert time.monotonic() - t0 < SELF_START_S + 60, f"validator 2 not back: {st}"
+            time.sleep(0.5)
+        for b in more:
+            net.wait_committed(b, validators=[0, 1, 2, 3])
+        assert_agreement(net, [0, 1, 2, 3])
     finally:
         net.shutdown()
 
