@@ -45,7 +45,7 @@ import ray  # noqa: E402
 from rayledger.actors.storage import rows_by_shard, shard_of_keys, shard_of_tx_ids
 from rayledger.config import Genesis, load_genesis
 from rayledger.errors import DecodeError, InvalidReceipt, LedgerError, NotFound, StoreError
-from rayledger.execution import anchor_key, balance_key, nonce_key
+from rayledger.execution import Status, anchor_key, balance_key, nonce_key
 from rayledger.receipt import Receipt, verify_receipt
 from rayledger.tx import compact_batch, fixed_rows, tx_ids_of
 
@@ -302,18 +302,29 @@ class Client:
         rows damaged (``StoreError``) or serves bytes that are not a receipt of ``tx_id`` that
         verifies, of the other validators' in turn: a verified receipt needs no trust in
         whoever served it. When no shard serves one, the first specific refusal is raised (a
-        ``ConnectionError`` if none answered at all)."""
+        ``ConnectionError`` if none answered at all).
+
+        A receipt of a row that did not execute (``BAD_NONCE``) is not the answer while
+        another may be: the same transaction can be ordered more than once (anyone can replay
+        a signed transaction, and a first try ahead of its sender's nonce gap fails), and only
+        the row that consumed its nonce, at most one, says what became of it. An honest shard
+        serves that row; the others are asked for it, and the ``BAD_NONCE`` receipt is the
+        answer only where none serves another (a shard that answers "not committed" then is
+        passed over)."""
         if len(tx_id) != 32:
             raise ValueError("a transaction id is 32 bytes")
         k = int(shard_of_tx_ids(np.frombuffer(tx_id, np.uint8), self.shards)[0])
         order = [self.validator] + [v for v in range(self.n) if v != self.validator]
         unavailable: Exception | None = None
         refused: LedgerError | None = None
+        not_executed: Receipt | None = None
         for v in order:
             try:
                 raw = ray.get(self._shard(k, v).receipt.remote(tx_id))
             except ray.exceptions.RayTaskError as exc:
                 if isinstance(exc.cause, NotFound):
+                    if not_executed is not None:  # behind the others, or hiding the row
+                        continue
                     raise exc.cause from None
                 if not isinstance(exc.cause, StoreError):
                     raise
@@ -335,7 +346,11 @@ class Client:
             except (DecodeError, InvalidReceipt) as exc:
                 refused = refused or exc
                 continue
-            return receipt
+            if receipt.status != Status.BAD_NONCE:
+                return receipt
+            not_executed = not_executed or receipt
+        if not_executed is not None:
+            return not_executed
         if refused is not None:
             raise refused
         raise ConnectionError(f"no validator's storage shard {k} answers: {unavailable}")

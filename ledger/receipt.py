@@ -20,6 +20,7 @@ from rayledger.codec import Reader, u8, u16, u32, u64, var_bytes
 from rayledger.config import ValidatorSet
 from rayledger.crypto import small_order_mask
 from rayledger.errors import (
+    DecodeError,
     InvalidQuorumCert,
     InvalidReceipt,
     LedgerError,
@@ -108,6 +109,8 @@ class Receipt:
     def decode(cls, data: bytes | memoryview, *, max_payload: int = 1 << 20) -> Receipt:
         """Parse a receipt; malformed bytes raise a ``DecodeError`` naming the field. Parsing
         checks nothing cryptographic: call ``verify_receipt``."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # a peer's answer: anything
+            raise DecodeError(f"receipt: {type(data).__name__}, not bytes")
         r = Reader(data, "receipt")
         version = r.u8("version")
         if version != RECEIPT_VERSION:

@@ -6,19 +6,44 @@ refusal is specific; "not committed" is believed at once (the chain is the same 
 from __future__ import annotations
 
 import dataclasses
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 
+from rayledger.actors.storage import (
+    CommittedBlock,
+    shard_of_height,
+    shard_of_tx_ids,
+    writes_batch,
+)
+from rayledger.actors.storage.partition import assemble_receipt
+from rayledger.block import QuorumCert, genesis_header
+from rayledger.chain import LedgerBuilder, batch_digest
 from rayledger.cluster import client as client_mod
 from rayledger.cluster.client import Client
 from rayledger.errors import DecodeError, InvalidReceipt, NotFound, StoreError
-from rayledger.execution import Status
+from rayledger.execution import Status, genesis_state
+from rayledger.receipt import Receipt, verify_receipt
+from rayledger.tx import TxKind, make_batch, tx_ids_of
 
-from .test_shard import CHAIN, SHARDS, VS, all_ids, build_chain, open_shards, receipt_from
+from .test_shard import (
+    ACCOUNTS,
+    CHAIN,
+    PB,
+    SHARDS,
+    VS,
+    A,
+    all_ids,
+    build_chain,
+    open_shards,
+    qc_for,
+    receipt_from,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +65,61 @@ def receipts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "forged": dataclasses.replace(good, status=status).encode(),
         "other": other.encode(),
     }
+
+
+def _replayed_chain() -> tuple[Any, list[CommittedBlock]]:
+    """Blocks 1-3 in rounds 1-3: block 1 pays with A's nonces 0-2, block 2 holds a copy of
+    its first row (a replay: ``BAD_NONCE``), block 3 pays with nonce 3 and certifies block 2,
+    so block 2 (and block 1 below it) is proven committed."""
+    base, root = genesis_state(ACCOUNTS)
+    genesis = genesis_header(CHAIN, 1, root)
+    pay = make_batch(A, TxKind.TRANSFER, range(4), [PB + struct.pack(">Q", 3)] * 4, CHAIN)
+    parts = [pay.slice(0, 3), pay.slice(0, 1), pay.slice(3)]
+    batches = {batch_digest(b): b for b in parts}
+    builder = LedgerBuilder(batches, genesis, base)
+    headers, writes = [], []
+    parent = genesis
+    for r, d in zip((1, 2, 3), batches, strict=True):
+        h = builder.build(parent, r, VS.validators[r % 4].public_key, 10 + r, (d,))
+        headers.append(h)
+        writes.append(builder.writes_of(h.hash))
+        parent = h
+    blocks, parent_qc = [], QuorumCert.genesis(genesis.hash)
+    for i, h in enumerate(headers):
+        qc = qc_for(h)
+        rows = builder.commit(h.hash, parent_qc).rows()
+        parent_qc = qc
+        commit = (headers[2], qc_for(headers[2], (1, 2, 3))) if h.height == 2 else None
+        blocks.append(CommittedBlock(h, qc, rows, writes_batch(writes[i]), commit))
+    return genesis, blocks
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The receipt of the row that counted (OK, block 1) and of its replayed copy (BAD_NONCE,
+    block 2), both proven committed."""
+    genesis, blocks = _replayed_chain()
+    shards = open_shards(tmp_path_factory.mktemp("replayed"), genesis)
+    for s in shards:
+        s.apply(blocks)
+    tx = bytes(tx_ids_of(blocks[0].rows)[0])
+    counted = receipt_from(shards, tx)  # what an honest shard serves
+    owner = shards[int(shard_of_tx_ids(np.frombuffer(tx, np.uint8), SHARDS)[0])]
+    row = blocks[1].rows.slice(0, 1).to_pylist()[0] | {"height": 2, "index": 0}
+    headers, commit = owner.commit_proof(2)
+    proofs = shards[shard_of_height(2, SHARDS)].proofs(2, 0)
+    copy = assemble_receipt(row, headers, commit, proofs, CHAIN)
+    for s in shards:
+        s.close()
+    assert (counted.height, counted.status, copy.height, copy.status) == (
+        1,
+        Status.OK,
+        2,
+        Status.BAD_NONCE,
+    )
+    for r in (counted, copy):
+        verify_receipt(r, VS, CHAIN, genesis.hash)
+    return {"genesis": genesis, "tx": tx, "counted": counted.encode(), "copy": copy.encode()}
 
 
 class _Handle:
@@ -128,3 +208,40 @@ def test_not_committed_is_believed_at_once_and_other_failures_surface(
         client.receipt(receipts["tx"])
     with pytest.raises(ValueError, match="32 bytes"):
         client.receipt(b"short")
+
+
+@pytest.mark.parametrize(
+    ("answers", "want", "asked"),
+    [
+        # A Byzantine shard serves the replayed copy's receipt, or a lagging one has not the
+        # row yet: the row that counted is found at the others
+        (["copy", "counted", "counted", "counted"], "counted", [0, 1]),
+        (["copy", "copy", _task_error(NotFound("not yet")), "counted"], "counted", [0, 1, 2, 3]),
+        (["copy", b"junk", "gone", "counted"], "counted", [0, 1, 3]),
+        # Only copies anywhere (the transaction never executed): the first is the answer
+        (["copy", "copy", _task_error(NotFound("not yet")), "copy"], "copy", [0, 1, 2, 3]),
+        (["copy", "gone", ray.exceptions.RayActorError(), "forged"], "copy", [0, 2, 3]),
+    ],
+    ids=["next", "last", "past junk and gone", "copies only", "copy and refusals"],
+)
+def test_a_receipt_of_a_row_that_did_not_execute_is_the_answer_only_where_no_other_is(
+    replayed: dict[str, Any],
+    receipts: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    answers: list[Any],
+    want: str,
+    asked: list[int],
+) -> None:
+    client = _client(replayed | {"forged": receipts["forged"]}, answers, monkeypatch)
+    got = client.receipt(replayed["tx"])
+    assert got.encode() == replayed[want] and client.asked == asked
+
+
+def test_an_answer_that_is_not_bytes_is_passed_over(
+    receipts: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for junk in ({"a": "dict"}, 7, None, [b"x"]):
+        client = _client(receipts, [junk, "good"], monkeypatch)
+        assert client.receipt(receipts["tx"]).encode() == receipts["good"]
+        with pytest.raises(DecodeError, match="not bytes"):
+            Receipt.decode(junk)  # type: ignore[arg-type]
