@@ -173,6 +173,8 @@ def decode_batch_frame(
         batch = batch_from_ipc(pa.py_buffer(data)[at:], max_rows=max_rows)
     except LedgerError as exc:
         raise ValueError(f"batch frame body: {exc}") from exc
+    if batch.num_rows == 0:  # a mempool never seals one; its check would cost and count nothing
+        raise ValueError("batch frame holds no rows")
     return digest, seq, tag, batch
 
 

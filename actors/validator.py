@@ -978,6 +978,11 @@ class Validator:
                 return None
             body = fetched
         rows = body.num_rows
+        if rows == 0:
+            # A mempool never seals one; charged nothing in the fair queue below, a flood of
+            # them would keep its mempool first in line for good, every other one waiting
+            self._count("batch: empty")
+            return None
         queue = self._intake.get(source)
         if queue is not None and (
             len(queue) >= self.intake_batches

@@ -289,6 +289,11 @@ def compact_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     100,000-row batch travels as the 100,000 rows. Only such a view is copied."""
     if batch.get_total_buffer_size() <= batch.nbytes + batch.nbytes // 4 + 4096:
         return batch
+    return _copied(batch)
+
+
+def _copied(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` in buffers of its own (freshly allocated, holding its rows only)."""
     return pa.RecordBatch.from_arrays(
         [pa.concat_arrays([column]) for column in batch.columns], schema=batch.schema
     )
@@ -434,6 +439,11 @@ def _costly_message(meta: bytes) -> str | None:
     return None
 
 
+# Bytes an Arrow IPC stream of one TxBatch may hold beyond its rows' buffers (the schema, the
+# messages' metadata, alignment) before its batch is copied out of it (``batch_from_ipc``)
+PADDING_SLACK = 16384
+
+
 def batch_from_ipc(data: bytes | pa.Buffer, *, max_rows: int | None = None) -> pa.RecordBatch:
     """Read one TxBatch from an Arrow IPC stream (several record batches are concatenated)."""
     try:
@@ -461,8 +471,15 @@ def batch_from_ipc(data: bytes | pa.Buffer, *, max_rows: int | None = None) -> p
     # Verify no two arrays share body bytes: concatenating would copy them once per array
     if table.nbytes > len(buf):
         raise DecodeError(f"Arrow IPC stream of {len(buf)} bytes claims {table.nbytes}")
-    combined = table.combine_chunks()
-    batches = combined.to_batches()
-    if not batches:
-        return pa.RecordBatch.from_pylist([], schema=table.schema)
+    try:
+        combined = table.combine_chunks()
+        batches = combined.to_batches()
+        if not batches:
+            return pa.RecordBatch.from_pylist([], schema=table.schema)
+    except pa.ArrowException as exc:  # a type it cannot build (a union, say): not a TxBatch
+        raise DecodeError(f"Arrow IPC stream of unusable columns: {exc}") from exc
+    # One batch read zero-copy keeps the whole stream in memory: a stream padded far past its
+    # rows (a body length raised, unused bytes after the buffers) is copied out of it instead
+    if len(buf) > batches[0].nbytes + batches[0].nbytes // 4 + PADDING_SLACK:
+        return _copied(batches[0])
     return batches[0]

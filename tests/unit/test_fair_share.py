@@ -162,6 +162,19 @@ def test_a_mempool_with_too_many_batches_waiting_has_the_next_dropped_and_counte
     assert v.origin_next[3] == 6 and v.origin_waiting[3] == {}
 
 
+def test_a_batch_of_no_rows_is_refused_before_it_queues() -> None:
+    """Charged nothing by rows, a flood of empty batches kept its mempool first in line for
+    good: another mempool's batches waited behind all of it."""
+    for by_ref in (False, True):
+        v, _, _ = validator()
+        v.checks_at_once = 1
+        flood, honest = batches_of(3, 200, 0, by_ref), batches_of(1, 4, 2, by_ref)
+        assert run_checks(v, flood + honest) == ids(honest)
+        assert v.rejected == {"batch: empty": 200} and v._served == {1: 8}
+        # Each took its turn: mempool 3's order goes on past them
+        assert v.origin_next[3] == 201 and v.origin_waiting[3] == {}
+
+
 def test_the_rows_waiting_are_bounded_per_mempool_too() -> None:
     v, _, _ = validator()
     v.checks_at_once, v.intake_rows = 1, 10

@@ -175,6 +175,61 @@ def test_a_batch_frame_that_is_not_bytes_is_a_value_error() -> None:
             decode_batch_frame(data)  # type: ignore[arg-type]
 
 
+def test_a_batch_frame_of_no_rows_or_of_unusable_columns_is_a_value_error() -> None:
+    empty = good_batch().slice(0, 0)
+    with pytest.raises(ValueError, match="holds no rows"):
+        decode_batch_frame(encode_batch_frame(batch_digest(empty), 1, None, batch_to_ipc(empty)))
+    # A stream of a schema alone, with a union column (also nested): Arrow cannot build its
+    # empty batch (ArrowNotImplementedError escaped before)
+    union = pa.sparse_union([pa.field("a", pa.int8()), pa.field("b", pa.binary())])
+    for column in (union, pa.struct([pa.field("u", union)]), pa.list_(union)):
+        sink = pa.BufferOutputStream()
+        pa.ipc.new_stream(sink, pa.schema([pa.field("x", column)])).close()
+        body = sink.getvalue().to_pybytes()
+        with pytest.raises(DecodeError, match="unusable columns"):
+            batch_from_ipc(body)
+        with pytest.raises(ValueError, match="unusable columns"):
+            decode_batch_frame(encode_batch_frame(bytes(32), 1, None, body))
+
+
+def _padded(ipc: bytes, pad: int) -> bytes:
+    """``ipc`` with each record batch's body ``pad`` bytes longer (its body length raised in
+    the message's flatbuffer, zeros after its buffers): the same rows, read as before."""
+    out, pos = bytearray(), 0
+    for message in pa.ipc.MessageReader.open_stream(pa.py_buffer(ipc)):
+        meta = message.metadata.to_pybytes()
+        at = ipc.find(meta, pos)
+        end = at + len(meta) + message.body.size
+        if message.type == "record batch":
+            m = bytearray(meta)
+            root = struct.unpack_from("<I", m, 0)[0]
+            vtable = root - struct.unpack_from("<i", m, root)[0]
+            body_length = root + struct.unpack_from("<H", m, vtable + 4 + 2 * 3)[0]
+            struct.pack_into("<q", m, body_length, message.body.size + pad)
+            out += ipc[pos:at] + m + ipc[at + len(meta) : end] + bytes(pad)
+        else:
+            out += ipc[pos:end]
+        pos = end
+    return bytes(out + ipc[pos:])
+
+
+def test_a_batch_padded_far_past_its_rows_is_copied_out_of_its_frame() -> None:
+    """Read zero-copy, a one-row batch held until it commits kept its whole frame in memory:
+    a peer sending 16 MiB frames of one row each pinned 16 MiB per row."""
+    batch = good_batch(1)
+    for pad in (0, 1 << 20):
+        frame = encode_batch_frame(batch_digest(batch), 1, None, _padded(batch_to_ipc(batch), pad))
+        _, _, _, got = decode_batch_frame(frame, max_rows=10)
+        assert got.equals(batch)
+        start = pa.py_buffer(frame).address
+        inside = [
+            b is not None and start <= b.address < start + len(frame)
+            for column in got.columns
+            for b in column.buffers()
+        ]
+        assert any(inside) if pad == 0 else not any(inside), pad
+
+
 # ---- validate_batch on objects a peer or client hands over (Ray unpickles them) --------------
 
 
