@@ -136,6 +136,8 @@ CHECKS_AT_ONCE = 2
 INTAKE_BATCHES = 1024
 INTAKE_ROWS = 262_144
 FETCH_TIMEOUT_S = 60.0
+# How long a peer asked for a batch a proposal names has to answer before the next is asked
+GET_BATCH_TIMEOUT_S = 10.0
 # Announced batches whose mempool is remembered until they commit (at most this many), so
 # that commits of other institutions' batches are not reported to this institution's mempool
 BATCH_ORIGINS_KEEP = 8192
@@ -266,6 +268,8 @@ class Validator:
         self.evidence_counts: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.started = False
+        # Batches being fetched for proposals, each done when its fetch ends (``_fetch``)
+        self._fetching: dict[bytes, asyncio.Future[None]] = {}
         # Started by itself (``start_unless_started``), nobody having started it
         self.self_started = False
         # Given to this institution's own mempool only, kept in memory (a new one after every
@@ -1575,19 +1579,35 @@ class Validator:
                         # again then, after its commit, it would stay in memory for good)
                         waiting[seq] = (d, None)
         order = [source] + [i for i in self.peers if i != source]
+        loop = asyncio.get_running_loop()
         for d in digests:
-            for peer in order:
-                handle = self.peers.get(peer)
-                if handle is None or d in self.batches:
-                    continue
-                try:
-                    batch = await handle.get_batch.remote(d)
-                except Exception:  # a crashed peer: ask the next one
-                    continue
-                if batch is not None and self._admit_batch(d, batch):
-                    self._count("batch: fetched for a proposal")
-                    self.fetched_rows += batch.num_rows
-                    break
+            # Being fetched for another proposal (one proposed again after a timeout names
+            # the same batches): that fetch is waited for, not run a second time beside it
+            while d in self._fetching:
+                await asyncio.shield(self._fetching[d])
+            if d in self.batches:
+                continue
+            done = self._fetching[d] = loop.create_future()
+            try:
+                await self._fetch_one(d, order)
+            finally:
+                del self._fetching[d]
+                done.set_result(None)
+
+    async def _fetch_one(self, d: bytes, order: list[int]) -> None:
+        for peer in order:
+            handle = self.peers.get(peer)
+            if handle is None or d in self.batches:
+                continue
+            try:
+                # A peer that never answers (Byzantine, or its node unreachable) is passed over
+                batch = await asyncio.wait_for(handle.get_batch.remote(d), GET_BATCH_TIMEOUT_S)
+            except Exception:  # a crashed peer, or one that did not answer in time
+                continue
+            if batch is not None and self._admit_batch(d, batch):
+                self._count("batch: fetched for a proposal")
+                self.fetched_rows += batch.num_rows
+                return
 
     def _count(self, reason: str) -> None:
         key = _NUMBERS.sub("N", reason)

@@ -297,6 +297,8 @@ class Core:
         self.formed_tc_rounds: set[int] = set()
         self.own_timeout: TimeoutMsg | None = None
         self.proposal_at: dict[tuple[int, int], Proposal] = {}
+        # (round, proposer) -> the block of that round taken uncertified (``_accept``)
+        self.taken_at: dict[tuple[int, int], bytes] = {}
         # Leader reputation: the committed window behind each round asked about, for the
         # current committed head (``_window``)
         self._windows: dict[int, tuple[bool, tuple[int, ...], int]] = {}
@@ -850,6 +852,14 @@ class Core:
             return self._reject("proposal skips rounds without a TC", proposer)
         if b.height <= self.committed.height or b.hash in self.tree:
             return None
+        # Verify it names no more batches than a leader may (checked before anything is
+        # fetched for it: a proposal may name 65,536 digests, each fetched from every peer)
+        if len(b.batch_digests) > self.cfg.max_batches_per_block:
+            return self._reject(
+                f"proposal names {len(b.batch_digests)} batches, more than "
+                f"{self.cfg.max_batches_per_block}",
+                proposer,
+            )
         self._check_equivocation(p, proposer)
         self._process_qc(p.qc)
         if p.tc is not None:
@@ -870,10 +880,12 @@ class Core:
                 self._waiting_up[b.hash] = b.parent_hash
             self._request_sync(b.parent_hash, proposer)
             return None
-        self._accept(p, parent, proposer)
+        self._accept(p, parent, proposer, certified)
         return None
 
-    def _accept(self, p: Proposal, parent: BlockHeader, proposer: int) -> None:
+    def _accept(
+        self, p: Proposal, parent: BlockHeader, proposer: int, certified: bool = False
+    ) -> None:
         b = p.block
         # Verify the block extends its parent: height, round, time
         if b.height != parent.height + 1 or b.round <= parent.round:
@@ -886,11 +898,19 @@ class Core:
             self._is_ordered(d, branch) for d in b.batch_digests
         ):
             return self._reject("proposal repeats an ordered batch", proposer)
+        # One block of a proposer's round is taken uncertified; another (an equivocation,
+        # reported) only once certified, which a sync then brings. It would get no vote
+        # here, and each had its batches fetched: an equivocating leader's thousand blocks of
+        # a round in one frame were a thousand fetches from every peer
+        taken = self.taken_at.get((b.round, proposer))
+        if taken not in (None, b.hash) and not certified and b.hash not in self.qcs:
+            return None
         missing = tuple(d for d in b.batch_digests if d not in self.available)
         if missing:
             # The payload can only be checked (executed) once every named batch is held
             if b.hash not in self.waiting_batches:
                 self.waiting_batches[b.hash] = p
+                self.taken_at.setdefault((b.round, proposer), b.hash)
                 self._out.append(FetchBatches(missing, proposer))
             return None
         self._admit(p, parent, proposer)
@@ -902,6 +922,7 @@ class Core:
         reason = self.builder.check(b, parent)
         if reason is not None:
             return self._reject(f"proposal payload: {reason}", proposer)
+        self.taken_at.setdefault((b.round, proposer), b.hash)
         self.tree[b.hash] = p
         for peer in range(self.vs.n):
             self.requested.pop((b.hash, peer), None)
@@ -1150,6 +1171,8 @@ class Core:
             del self.timeouts[r]
         for at in [at for at in self.proposal_at if at[0] < keep]:
             del self.proposal_at[at]
+        for at in [at for at in self.taken_at if at[0] < keep]:
+            del self.taken_at[at]
         for seen in [e for e in self.evidence_seen if e[2] < keep]:
             self.evidence_seen.discard(seen)
         self.formed_qc_rounds = {r for r in self.formed_qc_rounds if r >= round_ - 1}

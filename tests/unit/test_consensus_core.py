@@ -532,6 +532,12 @@ REJECTIONS: dict[str, tuple[Build, Rejected]] = {
         lambda k, s: k.propose(k.block(s.b1, 2, digests=(D1,)), s.qc1),
         Rejected("proposal repeats an ordered batch", 2),
     ),
+    "proposal naming more batches than a block may hold": (
+        lambda k, s: k.propose(
+            k.block(s.b1, 2, digests=[bytes([9, i]) * 16 for i in range(65)]), s.qc1
+        ),
+        Rejected("proposal names 65 batches, more than 64", 2),
+    ),
     "proposal naming one batch twice": (
         lambda k, s: k.propose(k.block(s.b1, 2, digests=(D2, D2)), s.qc1),
         Rejected("proposal repeats an ordered batch", 2),
@@ -674,6 +680,32 @@ def test_equivocating_leader_is_reported_once_and_voted_once(keys: Keyring) -> N
     actions = v0.on_proposal(p1) + v0.on_proposal(p1b) + v0.on_proposal(p1c)
     assert of_type(actions, Evidence) == [Evidence("equivocating_proposal", 1, 1, p1, p1b)]
     assert len(votes_sent(actions)) == 1 and len(of_type(actions, Persist)) == 1
+
+
+def test_an_equivocating_leaders_other_blocks_are_fetched_for_only_once_certified(
+    keys: Keyring,
+) -> None:
+    """Each of a leader's blocks for one round had its missing batches fetched: fifty in one
+    frame, fifty fetches from every peer. Now the first is taken; the rest are reported once
+    and taken only certified (a QC for one in a later proposal, then a sync bringing it)."""
+    v0 = started(keys, 0)
+    blocks = [
+        keys.propose(
+            keys.block(keys.genesis, 1, digests=(bytes([7, i]) * 16,), timestamp_ms=GENESIS_MS + i),
+            keys.genesis_qc,
+        )
+        for i in range(1, 51)
+    ]
+    actions = v0.on_messages(blocks)
+    assert of_type(actions, FetchBatches) == [FetchBatches(blocks[0].block.batch_digests, 1)]
+    assert len(of_type(actions, Evidence)) == 1 and set(v0.waiting_batches) == {
+        blocks[0].block.hash
+    }
+    certified = blocks[7].block
+    v0.on_proposal(keys.propose(keys.block(certified, 2), keys.qc(certified)))
+    actions = v0.on_messages([SyncResponse((blocks[7],), 1)])
+    assert of_type(actions, FetchBatches) == [FetchBatches(certified.batch_digests, 1)]
+    assert certified.hash in v0.waiting_batches
 
 
 def test_double_vote_is_reported_by_the_next_leader(keys: Keyring) -> None:

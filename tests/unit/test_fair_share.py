@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from rayledger.actors import validator as validator_module
 from rayledger.block import genesis_header
 from rayledger.chain import LedgerBuilder, batch_digest
 from rayledger.consensus import Broadcast, CoreConfig, Proposal
@@ -310,6 +311,36 @@ def test_a_named_batch_whose_announced_copy_is_refused_comes_from_a_peer() -> No
     asyncio.run(run())
     assert v.rejected == {"batch: invalid_signature": 1, "batch: fetched for a proposal": 1}
     assert peer.asked == [d] and held == [d] and v.fetched_rows == good.num_rows
+
+
+def test_a_peer_that_never_answers_is_passed_over_and_one_batch_is_fetched_once(
+    monkeypatch: Any,
+) -> None:
+    """A proposer whose ``get_batch`` never returned held every fetch from it for good (the
+    honest peers were never asked); and two proposals naming one batch (proposed again after
+    a timeout) fetched it twice side by side."""
+    from tests.unit.test_validator_seal import batches as sound_and_forged
+    from tests.unit.test_validator_seal import digest_of
+
+    monkeypatch.setattr(validator_module, "GET_BATCH_TIMEOUT_S", 0.05)
+    v, held = fetching_validator()
+    good, _ = sound_and_forged()
+    d = digest_of(good)
+    silent, honest = FakePeer({}), FakePeer({d: good})
+
+    async def never(digest: bytes) -> None:
+        silent.asked.append(digest)
+        await asyncio.Event().wait()
+
+    silent.get_batch = type("Method", (), {"remote": staticmethod(never)})
+    v.peers = {1: silent, 3: honest}
+
+    async def run() -> None:
+        await asyncio.wait_for(asyncio.gather(v._fetch((d,), 1), v._fetch((d,), 1)), 5)
+
+    asyncio.run(run())
+    assert silent.asked == [d] and honest.asked == [d] and held == [d]
+    assert v._fetching == {}
 
 
 def test_a_named_batch_waiting_for_its_mempools_earlier_one_is_held_once() -> None:

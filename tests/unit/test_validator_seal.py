@@ -48,7 +48,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
     v.checks_at_once, v.intake_batches, v.intake_rows = 2, 1024, 262_144
     v._intake, v._intake_rows, v._checks_running, v._served, v._clock = {}, {}, 0, {}, 0
-    v._turns, v._checks_done, v._disk_reads = {}, {}, asyncio.Lock()
+    v._turns, v._checks_done, v._disk_reads, v._fetching = {}, {}, asyncio.Lock(), {}
     held: list[bytes] = []
     v._hold = lambda digest, batch, mempool=None: held.append(digest)  # type: ignore[method-assign]
     mempool = FakeMempool()
