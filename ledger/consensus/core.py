@@ -563,7 +563,20 @@ class Core:
             p.block.hash: p.block.parent_hash for ps in self.waiting_parent.values() for p in ps
         }
         waiting = self._waiting_up.keys()
-        messages = [m for m in (self._unheld(m, waiting) for m in messages) if m is not None]
+        fresh: list[Message] = []
+        seen: set[Message] = set()
+        for message in messages:
+            m = self._unheld(message, waiting)
+            if m is None:
+                continue
+            try:  # a message repeated in one batch is checked once (8,192 copies of a vote)
+                if m in seen:
+                    continue
+                seen.add(m)
+            except TypeError:  # unhashable: a hostile object handed over in process
+                pass
+            fresh.append(m)
+        messages = fresh
         checked = self._verify_all(messages)
         for message, ok in zip(messages, checked, strict=True):
             if ok:
@@ -580,6 +593,18 @@ class Core:
         match message:
             case Proposal(block=b) if isinstance(b, BlockHeader) and self._holds(b, waiting):
                 return None
+            case Vote(round=r, voter=voter) if type(r) is int and type(voter) is int:
+                # Votes that would change nothing once checked: of a round past the evidence
+                # window (pruned), or by a voter whose vote for the round is held already (the
+                # same one again, or another once its double vote was reported)
+                if r < self.round - self.cfg.evidence_window:
+                    return None
+                first = self.vote_by.get((r, voter))
+                if first is not None and (
+                    first.block_hash == message.block_hash
+                    or ("double_vote", voter, r) in self.evidence_seen
+                ):
+                    return None
             case SyncResponse(proposals=proposals) if (
                 isinstance(proposals, tuple) and len(proposals) <= self.cfg.sync_batch
             ):

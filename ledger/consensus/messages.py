@@ -54,6 +54,11 @@ def bitmap_indices(bitmap: bytes) -> list[int]:
     return [int(i) for i in np.flatnonzero(bits)]
 
 
+def bitmap_count(bitmap: bytes) -> int:
+    """How many bits are set (without a Python int per bit: a 64 KiB bitmap is 524,288)."""
+    return int(np.count_nonzero(np.unpackbits(np.frombuffer(bitmap, np.uint8))))
+
+
 @dataclass(frozen=True)
 class TimeoutCert:
     """2f+1 signed timeouts for one round; ``high_qc_rounds[i]`` belongs to the i-th signer.

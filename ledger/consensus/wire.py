@@ -37,7 +37,7 @@ from rayledger.consensus.messages import (
     TimeoutCert,
     TimeoutMsg,
     Vote,
-    bitmap_indices,
+    bitmap_count,
 )
 from rayledger.errors import DecodeError, UnknownVersion, WrongLength
 
@@ -82,7 +82,7 @@ def _read_tc(r: Reader, *, with_qc: bool = True) -> TimeoutCert:
     inner.finish()
     # One high QC round and one signature per signer, as a QC's signatures are tied to its
     # bitmap: the counts are separate fields only for the reader's sake
-    count = len(bitmap_indices(signers))
+    count = bitmap_count(signers)
     if len(rounds) != count or len(sigs) != count:
         raise DecodeError(
             f"timeout certificate: {count} signers, {len(rounds)} high qc rounds,"

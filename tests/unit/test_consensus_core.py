@@ -883,6 +883,30 @@ def test_a_requester_is_sent_at_most_a_budget_of_blocks_a_round(keys: Keyring) -
     assert ask(4) == [list(range(h - 11, h - 3)), list(range(h - 3, h + 1))]
 
 
+def test_votes_that_would_change_nothing_are_not_verified(keys: Keyring) -> None:
+    """A Byzantine peer's frame of 8,192 copies of one vote had each checked (0.4 s of the
+    event loop); so had a vote held already, a further double vote of one reported, and a
+    vote of a round long pruned."""
+    v2 = started(keys, 2)
+    counter = CountingVerifier(v2.verifier)
+    v2.verifier = counter
+    p1 = keys.chain(1)[0]
+    a = keys.vote(0, p1.block.hash, 1)
+    b, c = (
+        keys.vote(0, keys.block(keys.genesis, 1, timestamp_ms=GENESIS_MS + t).hash, 1)
+        for t in (5, 6)
+    )
+    assert v2.on_messages([a] * 1000) == [] and counter.checked == 1
+    assert v2.on_messages([a]) == [] and counter.checked == 1
+    assert v2.on_messages([b]) == [Evidence("double_vote", 0, 1, a, b)] and counter.checked == 2
+    assert v2.on_messages([c, b]) == [] and counter.checked == 2
+    # Another voter's vote for the round is checked as before
+    assert v2.on_messages([keys.vote(1, p1.block.hash, 1)]) == [] and counter.checked == 3
+    v2._enter_round(2 + v2.cfg.evidence_window, None)
+    v2._flush()
+    assert v2.on_messages([keys.vote(3, p1.block.hash, 1)]) == [] and counter.checked == 3
+
+
 def test_blocks_waiting_for_their_parent_are_not_verified_again(keys: Keyring) -> None:
     """A validator far behind is sent the same blocks in one sync response after another:
     those waiting for their parent are not checked again, and one arriving again asks for
