@@ -111,6 +111,11 @@ SHARD_PUSH_DELAY_S = 0.1
 # others on a saturated machine) must be waited for: released ahead of it, the later batch's
 # rows would be proposed before their sender's earlier nonces and fail with BAD_NONCE.
 REORDER_WAIT_S = 30.0
+# Batches of one mempool waiting for a predecessor, at most (an honest mempool's wait behind
+# checks finishing out of order, a few): past it, the lowest gap is given up at once. Sealing
+# numbers with gaps (a Byzantine mempool's) each kept an entry until a gap's wait ran out,
+# one gap every REORDER_WAIT_S: 100,000 of them were held for a month.
+ORIGIN_WAITING_MAX = 4096
 # Wall-clock commit times kept in memory (for load generators polling ``committed_since``).
 COMMIT_TIMES_KEEP = 65_536
 # The safety record also keeps the proposals voted for and not yet committed, with their
@@ -259,6 +264,8 @@ class Validator:
         # Per mempool: the next sealing sequence number to hold, and batches waiting for it
         self.origin_next: dict[int, int] = {}
         self.origin_waiting: dict[int, dict[int, tuple[bytes, pa.RecordBatch | None]]] = {}
+        # Mempool -> the sealing number whose wait (``_release_waiting``) is under way
+        self._stall_timers: dict[int, int] = {}
         # Announced batches not committed yet: whether this institution's mempool announced
         # it (True) or only other institutions' (False), in the order first announced
         self.batch_is_ours: dict[bytes, bool] = {}
@@ -1124,13 +1131,18 @@ class Validator:
             expected = seq
         waiting = self.origin_waiting.setdefault(mempool, {})
         waiting[seq] = (digest, batch)
+        if len(waiting) > ORIGIN_WAITING_MAX and expected not in waiting:
+            self._count("batch: too many waiting for a predecessor")
+            expected = min(waiting)
         while expected in waiting:
             d, b = waiting.pop(expected)
             if b is not None and d not in self.batches:
                 self._hold(d, b, mempool)
             expected += 1
         self.origin_next[mempool] = expected
-        if waiting:
+        if waiting and self._stall_timers.get(mempool) != expected:
+            # One wait per gap (not one timer per batch arriving behind it)
+            self._stall_timers[mempool] = expected
             asyncio.get_running_loop().call_later(
                 REORDER_WAIT_S, self._release_waiting, mempool, expected
             )
@@ -1143,6 +1155,8 @@ class Validator:
 
     def _release_waiting(self, mempool: int, stalled_at: int) -> None:
         """A predecessor never came (refused, lost with a crashed mempool): stop waiting."""
+        if self._stall_timers.get(mempool) == stalled_at:
+            del self._stall_timers[mempool]
         waiting = self.origin_waiting.get(mempool, {})
         if self.origin_next.get(mempool) != stalled_at or not waiting:
             return

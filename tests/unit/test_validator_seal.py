@@ -40,7 +40,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.genesis = SimpleNamespace(chain_id=CHAIN, limits=LIMITS, validators=SimpleNamespace(n=N))
     v.batches, v.rejected, v.committed_batches = {}, {}, {}
     v._checking, v.batches_resent, v.fetched_rows, v.backlog_asked = set(), 0, 0, 0
-    v.origin_next, v.origin_waiting, v.batch_is_ours = {}, {}, {}
+    v.origin_next, v.origin_waiting, v.batch_is_ours, v._stall_timers = {}, {}, {}, {}
     v.verifier_actor = None
     v.stream_server, v.batch_frames_in, v._batch_tasks = None, 0, set()
     v.latency = [0.0] * N  # no emulated WAN
@@ -252,6 +252,47 @@ def test_a_slow_predecessor_is_waited_for(fresh: bool) -> None:
     asyncio.run(run())
     assert not v.rejected
     assert held == [digest_of(first), digest_of(second)]
+
+
+def test_batches_waiting_for_a_predecessor_are_bounded_and_share_one_wait(
+    monkeypatch: Any,
+) -> None:
+    """A mempool sealing with gaps (every other number): each batch behind a gap was kept
+    until that gap's wait ran out, one gap every REORDER_WAIT_S, each with a timer of its own.
+    Past ORIGIN_WAITING_MAX waiting, the lowest gap is given up at once."""
+    monkeypatch.setattr(validator_module, "ORIGIN_WAITING_MAX", 8)
+    v, held, _ = validator()
+    timers: list[tuple[int, int]] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        later = loop.call_later
+
+        def call_later(delay: float, fn: Any, *args: Any) -> Any:
+            timers.append(args)
+            return later(delay, fn, *args)
+
+        monkeypatch.setattr(loop, "call_later", call_later)
+        v.origin_next[3] = 1
+        for seq in range(2, 202, 2):
+            v._in_order((3, seq), bytes([seq % 256]) * 32, None)
+
+    asyncio.run(run())
+    assert len(v.origin_waiting[3]) == 8 and min(v.origin_waiting[3]) == 186
+    assert v.rejected == {"batch: too many waiting for a predecessor": 92}
+    assert len(timers) == 93 and len(set(timers)) == 93  # one per gap, not per batch
+    # The honest case: a batch behind one gap waits, and is held when the gap fills
+    v, held, _ = validator()
+    good, _ = batches()
+
+    async def fill() -> None:
+        v.origin_next[0] = 1
+        v._in_order((0, 2), digest_of(good), good)
+        assert held == [] and v._stall_timers == {0: 1}
+        v._in_order((0, 1), b"\x01" * 32, None)
+
+    asyncio.run(fill())
+    assert held == [digest_of(good)] and v.origin_waiting[0] == {} and not v.rejected
 
 
 def test_a_committed_batch_served_to_a_peer_carries_only_its_rows() -> None:
