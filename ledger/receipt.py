@@ -11,6 +11,7 @@ check the receipt; no node is trusted.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,7 +149,20 @@ def verify_receipt(
     receipt: Receipt, validators: ValidatorSet, chain_id: bytes, genesis_hash: bytes
 ) -> None:
     """Raise ``InvalidReceipt`` naming the first check that fails; return if the receipt proves
-    that its transaction was committed at ``height``/``index`` with ``status``/``result``."""
+    that its transaction was committed at ``height``/``index`` with ``status``/``result``.
+    A receipt built in memory with a field of the wrong type or range (a status of 256, a
+    string for bytes) is an ``InvalidReceipt`` too."""
+    try:
+        _verify_receipt(receipt, validators, chain_id, genesis_hash)
+    except LedgerError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as exc:
+        raise InvalidReceipt(f"a malformed field: {exc}") from exc
+
+
+def _verify_receipt(
+    receipt: Receipt, validators: ValidatorSet, chain_id: bytes, genesis_hash: bytes
+) -> None:
     tx, header = receipt.tx, receipt.header
     if tx.chain_id != chain_id or header.chain_id != chain_id:
         raise InvalidReceipt("the transaction or its block belongs to another chain")

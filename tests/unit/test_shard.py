@@ -347,6 +347,25 @@ def test_forged_receipt_is_refused_with_its_reason(applied, chain, name: str) ->
     assert not receipt_ok(forged, VS, CHAIN, genesis.hash)
 
 
+def test_a_receipt_built_with_fields_out_of_type_or_range_is_refused(applied, chain) -> None:  # noqa: ANN001
+    """``receipt_ok`` answered some of these with a ValueError, TypeError or AttributeError."""
+    genesis, blocks, _ = chain
+    receipt = receipt_from(applied, bytes(tx_ids_of(blocks[0].rows)[0]))
+    for field, value in [
+        ("status", 256),
+        ("status", -1),
+        ("result", "text"),
+        ("index", -1),
+        ("height", "1"),
+        ("tx_proof", (b"x",)),
+        ("chain", (None,)),
+    ]:
+        odd = dataclasses.replace(receipt, **{field: value})
+        with pytest.raises(InvalidReceipt):
+            verify_receipt(odd, VS, CHAIN, genesis.hash)
+        assert receipt_ok(odd, VS, CHAIN, genesis.hash) is False, (field, value)
+
+
 def test_receipt_refused_on_another_chain_and_without_two_chain(applied, chain) -> None:  # noqa: ANN001
     genesis, blocks, _ = chain
     t = bytes(tx_ids_of(blocks[2].rows)[0])
