@@ -39,7 +39,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayledger.actors.mempool import decode_batch_frame, in_actor, restarted, seal_tag
+from rayledger.actors.mempool import (
+    RESTART_RETRIES,
+    decode_batch_frame,
+    in_actor,
+    restarted,
+    seal_tag,
+)
 from rayledger.actors.storage import (
     BlockStore,
     CommittedBlock,
@@ -390,9 +396,11 @@ class Validator:
             # lost and a node of its site there again): rebuilt from its disk above, it finds
             # its peers and its mempool again as `rayledger chaos restart` would have it do
             log.warning("validator %d: restarted by Ray after a crash; rejoining", index)
-            ray.get_runtime_context().current_actor.start.remote()
+            me = ray.get_runtime_context().current_actor
+            me.start.options(max_task_retries=RESTART_RETRIES).remote()
         elif (self.dir / STARTED_MARK).exists() and in_actor():
-            ray.get_runtime_context().current_actor.start_unless_started.remote(SELF_START_S)
+            me = ray.get_runtime_context().current_actor
+            me.start_unless_started.options(max_task_retries=RESTART_RETRIES).remote(SELF_START_S)
 
     # ---- persistence -----------------------------------------------------------------------
 
@@ -656,7 +664,10 @@ class Validator:
         except ValueError:
             return
         key = self.seal_key if index == self.index else None
-        mempool.set_validator.remote(self.index, self.me, key, self._endpoint(n_mempool=index))
+        # Asked from the mempool's __init__: it may still be coming up when this arrives
+        mempool.set_validator.options(max_task_retries=RESTART_RETRIES).remote(
+            self.index, self.me, key, self._endpoint(n_mempool=index)
+        )
         if index == self.index:
             self.mempool = mempool
 
@@ -736,7 +747,10 @@ class Validator:
             except ValueError:  # down: it announces itself when it comes back
                 continue
             self.peers[j] = handle
-            handle.set_peer.remote(self.index, me, self._endpoint(j))
+            # (a peer being restarted takes it once up)
+            handle.set_peer.options(max_task_retries=RESTART_RETRIES).remote(
+                self.index, me, self._endpoint(j)
+            )
         try:
             self.verifier_actor = self._actor(f"verifier-{self.index}")
         except ValueError:  # none deployed: verify in this process
@@ -748,7 +762,7 @@ class Validator:
                 continue
             key = self.seal_key if j == self.index else None
             # With every batch it holds in flight: this process starts with none in memory
-            mempool.set_validator.remote(
+            mempool.set_validator.options(max_task_retries=RESTART_RETRIES).remote(
                 self.index, me, key, self._endpoint(n_mempool=j), held=True
             )
             if j == self.index:
@@ -1176,7 +1190,7 @@ class Validator:
             mempool = self._actor(f"mempool-{self.index}")
         except ValueError:
             return
-        mempool.set_validator.remote(
+        mempool.set_validator.options(max_task_retries=RESTART_RETRIES).remote(
             self.index, self.me, self.seal_key, self._endpoint(n_mempool=self.index)
         )
 

@@ -17,6 +17,7 @@ from rayledger.chain import batch_digest
 from rayledger.crypto import key_from_seed
 from rayledger.tx import TxKind, make_batch
 from tests.unit.test_mempool_admission import mempool
+from tests.unit.test_validator_seal import Method
 
 N = 4
 
@@ -214,9 +215,7 @@ def test_a_mempool_asks_again_for_the_handles_it_lacks(
         index = int(name.rsplit("-", 1)[1])
         if index == 3:
             raise ValueError(f"no actor {name}")  # down
-        return SimpleNamespace(
-            mempool_back=SimpleNamespace(remote=lambda m: asked.append((index, m)))
-        )
+        return SimpleNamespace(mempool_back=Method(lambda m: asked.append((index, m))))
 
     monkeypatch.setattr(mempool_module.ray, "get_actor", get_actor)
     m = mempool(tmp_path, batch_interval_ms=10)

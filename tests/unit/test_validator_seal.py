@@ -26,10 +26,25 @@ LIMITS = SimpleNamespace(max_payload_bytes=4096, max_batch_rows=100)
 N = 4  # validators: mempool i streams as sender N + i
 
 
+class Method:
+    """A stand-in for a Ray actor method: ``remote`` calls ``fn``; ``options`` (a call's
+    retries) are recorded."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.options_given = fn, []
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def options(self, **kwargs: Any) -> Method:
+        self.options_given.append(kwargs)
+        return self
+
+
 class FakeMempool:
     def __init__(self) -> None:
         self.calls: list[tuple[int, Any, bytes | None]] = []
-        self.set_validator = SimpleNamespace(remote=lambda *a: self.calls.append(a))
+        self.set_validator = Method(lambda *a: self.calls.append(a))
         self.held_for: list[int] = []  # announce_held's callers
         self.announce_held = SimpleNamespace(remote=self.held_for.append)
 
@@ -503,6 +518,11 @@ def test_a_restarted_mempool_is_given_the_handle_again_and_the_key_only_if_ours(
         (2, "me", None, ("10.0.0.2", 9000, b"t0")),
     ]
     assert v.mempool is mempool
+    # Retried by Ray where the mempool is still coming up (it asks from its __init__: without
+    # retries the answer failed at once, "the actor is restarting", one restart in twenty)
+    assert mempool.set_validator.options_given == [
+        {"max_task_retries": validator_module.RESTART_RETRIES}
+    ] * 2
     for bad in (-1, N, 10**6):  # no such mempool: nothing is sent
         asyncio.run(v.mempool_back(bad))
     assert len(mempool.calls) == 2
