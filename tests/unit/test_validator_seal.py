@@ -520,9 +520,10 @@ def test_a_restarted_mempool_is_given_the_handle_again_and_the_key_only_if_ours(
     assert v.mempool is mempool
     # Retried by Ray where the mempool is still coming up (it asks from its __init__: without
     # retries the answer failed at once, "the actor is restarting", one restart in twenty)
-    assert mempool.set_validator.options_given == [
-        {"max_task_retries": validator_module.RESTART_RETRIES}
-    ] * 2
+    assert (
+        mempool.set_validator.options_given
+        == [{"max_task_retries": validator_module.RESTART_RETRIES}] * 2
+    )
     for bad in (-1, N, 10**6):  # no such mempool: nothing is sent
         asyncio.run(v.mempool_back(bad))
     assert len(mempool.calls) == 2
