@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from rayledger.actors import mempool as mempool_module
 from rayledger.actors.mempool import Mempool
 from rayledger.config import Validator, new_genesis
 from rayledger.crypto import key_from_seed, public_bytes
@@ -174,3 +176,24 @@ def test_a_table_is_refused_as_no_record_batch(tmp_path: Path) -> None:
             m._ticker.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_batch_over_the_row_limit_is_refused_before_any_work_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 200,000-row batch over ``max_batch_rows`` was validated (hashed, copied) on the event
+    loop for 1.4 s before its refusal, its rows counted as admitting meanwhile."""
+    m = mempool(tmp_path)
+    limit = 10
+    m.genesis = replace(m.genesis, limits=replace(m.genesis.limits, max_batch_rows=limit))
+    key = key_from_seed(b"\x0a" * 32)
+    payloads = [bytes([i]) * 32 for i in range(limit + 1)]
+    over = make_batch(key, TxKind.ANCHOR, range(limit + 1), payloads, m.genesis.chain_id)
+
+    def validate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("validated before its size was checked")
+
+    monkeypatch.setattr(mempool_module, "validate_batch", validate)
+    answer = asyncio.run(m.submit(over))
+    assert answer.accepted == 0 and answer.rejected == {"wrong_length": limit + 1}
+    assert "batch limit" in (answer.error or "") and m.admitting == 0

@@ -282,3 +282,40 @@ def test_senders_remembered_are_bounded(tmp_path: Path) -> None:
         assert m.parked_rows == 1 and m.pending_rows == 4
 
     run(m, scenario)
+
+
+def test_rows_parked_ahead_of_a_gap_count_against_the_in_flight_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each parked row is sealed within the gap hold whatever comes: left out of the busy
+    check, a client sending from fresh keys at nonce 1 put 64,000 rows in flight against a
+    limit of 2,000 without one busy answer."""
+    m, _ = sealing(tmp_path, monkeypatch, batch_rows=50)  # the limit starts at its floor, 100
+    keys = [key_from_seed(bytes([0x40 + i]) * 32) for i in range(3)]
+
+    async def scenario() -> None:
+        for key in keys[:2]:  # nonce 0 never sent: all 40 rows park
+            assert (await m.submit(rows(m, key, list(range(1, 41))))).accepted == 40
+        assert m.parked_rows == 80 and m.pending_rows == 0
+        answer = await m.submit(rows(m, keys[2], list(range(30))))
+        assert answer.busy and answer.accepted == 0
+        assert (await m.submit(rows(m, keys[2], list(range(20))))).accepted == 20
+
+    asyncio.run(scenario())
+
+
+def test_one_submission_parks_up_to_the_limit_across_many_senders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows parked by one submission are counted as they go (the count was summed anew per row:
+    15 s for 65,536 senders), and the limit holds across senders."""
+    m, _ = sealing(tmp_path, monkeypatch, mempool_park_rows=100)
+    keys = [key_from_seed(i.to_bytes(2, "big") * 16) for i in range(150)]
+    batch = pa.concat_batches([rows(m, k, [1]) for k in keys])
+
+    async def scenario() -> None:
+        answer = await m.submit(batch)
+        assert answer.accepted == 100 and answer.rejected == {"nonce_gap_limit": 50}
+        assert m.parked_rows == 100
+
+    asyncio.run(scenario())
