@@ -55,7 +55,7 @@ from rayledger.actors.journal import Journal
 from rayledger.actors.storage.lock import stop_on_disk_failure
 from rayledger.actors.storage.partition import rows_by_shard, shard_of_keys
 from rayledger.actors.streams import StreamSender, parse_endpoint
-from rayledger.chain import batch_digest
+from rayledger.chain import batch_digest, payload_bytes
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError, SchemaMismatch, WrongLength
 from rayledger.execution import nonce_key
@@ -291,6 +291,25 @@ class InflightLimit:
 # with a script: a self-call from ``__init__`` lost in 1 of 20 restarts under load, none with
 # retries). The calls so marked are idempotent: Ray may run one twice.
 RESTART_RETRIES = 10
+# The journal's rows are admitted again in parts of at most this many payload bytes (one
+# Arrow batch holds at most 2 GiB of them)
+RECOVER_PART_BYTES = 1 << 30
+
+
+def _parts_by_payload(batches: list[pa.RecordBatch], most: int) -> Iterable[list[pa.RecordBatch]]:
+    """``batches`` in order, in consecutive parts of at most ``most`` payload bytes (a batch
+    larger on its own is a part of its own)."""
+    part: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        n = payload_bytes(batch)
+        if part and size + n > most:
+            yield part
+            part, size = [], 0
+        part.append(batch)
+        size += n
+    if part:
+        yield part
 
 
 def in_actor() -> bool:
@@ -744,8 +763,20 @@ class Mempool:
                 )
             except LedgerError as exc:  # another network's journal in this directory
                 self._count(f"recovered_{exc.code}", batch.num_rows)
-        rows = pa.Table.from_batches(batches).combine_chunks() if batches else None
-        if rows is not None and rows.num_rows:
+        # In parts of at most RECOVER_PART_BYTES of payloads: combined past Arrow's 2 GiB, the
+        # rows split into chunks, and the recovery read the first alone (the others' rows,
+        # answered "accepted" before the crash, were dropped with the old segments). A batch
+        # sealed across two parts is sealed anew, not sent again as it was.
+        for part in _parts_by_payload(batches, RECOVER_PART_BYTES):
+            if not await self._recover_part(part):
+                return
+        journal.drop_recovered()
+
+    async def _recover_part(self, batches: list[pa.RecordBatch]) -> bool:
+        """Admit again one part of the journal's rows; False where the recovery must stop
+        (the old segments then stay for the next start)."""
+        rows = pa.Table.from_batches(batches).combine_chunks()
+        if rows.num_rows:
             canonical = rows.to_batches()[0]
             senders = byte_rows(fixed_rows(canonical.column("sender"), 32))
             try:  # slow shards do not hold the recovery (and the submissions waiting on it)
@@ -761,14 +792,14 @@ class Mempool:
             except OSError as exc:  # the disk is full: the old segments stay for later
                 log.error("mempool %d: journal write failed in recovery: %s", self.index, exc)
                 self._count("recovery_failed", canonical.num_rows)
-                return
+                return False
             rest = canonical.filter(pa.array(~resealed)) if resealed.any() else canonical
             kept = [s for s, r in zip(senders, resealed.tolist(), strict=True) if not r]
             valid = np.ones(rest.num_rows, np.bool_)
             result = self._take(rest, kept, valid, committed, in_order=False)
             if result.error is not None:
                 self._count("recovery_failed", rest.num_rows)
-                return
+                return False
             for reason, n in result.rejected.items():
                 self._count(f"recovered_{reason}", n)
             self._count("recovered", result.accepted + sum(len(take) for _, take in sealed))
@@ -785,7 +816,7 @@ class Mempool:
             # They waited long enough: sealed now, not at the next tick
             while self.pending_rows:
                 self._seal(self.batch_rows)
-        journal.drop_recovered()
+        return True
 
     def _sealed_before(
         self, canonical: pa.RecordBatch, senders: list[bytes], committed: dict[bytes, int]
@@ -871,7 +902,8 @@ class Mempool:
             for nonce in sorted(held):
                 run.append(held[nonce][1])
                 if nonce + 1 not in held:
-                    self._send(pa.Table.from_batches(run).combine_chunks().to_batches()[0])
+                    for batch in pa.Table.from_batches(run).combine_chunks().to_batches():
+                        self._send(batch)
                     run = []
         return True
 
@@ -914,9 +946,11 @@ class Mempool:
 
     def _queue(self, rows: list[pa.RecordBatch]) -> None:
         self.parked_rows -= len(rows)
-        batch = pa.Table.from_batches(rows).combine_chunks().to_batches()[0]
-        self.pending.append(batch)
-        self.pending_rows += batch.num_rows
+        # (each chunk: past Arrow's 2 GiB the rows combine into several, and the first alone
+        # was kept: 65,536 parked rows of 64 KiB released at once lost 533 of them)
+        for batch in pa.Table.from_batches(rows).combine_chunks().to_batches():
+            self.pending.append(batch)
+            self.pending_rows += batch.num_rows
 
     async def _verify(self, batch: pa.RecordBatch) -> np.ndarray:
         """Signature checks through the institution's verifier actor where it has one (the

@@ -24,7 +24,7 @@ from rayledger.block import (
     compute_tx_root,
     result_leaf_hashes,
 )
-from rayledger.errors import InvalidBatch, InvalidSignature
+from rayledger.errors import InvalidBatch, InvalidBlock, InvalidSignature
 from rayledger.execution import StateView, Status, execute_block, nonce_key
 from rayledger.kernels import as_offsets_and_values
 from rayledger.tx import TX_SCHEMA, tx_ids_of, validate_batch, verify_signatures
@@ -101,6 +101,23 @@ def _refuse_bad_row(valid: np.ndarray, rows: np.ndarray | None) -> None:
         raise InvalidSignature(f"row {row} of the batch has a bad signature")
 
 
+# The most payload bytes a block may hold: its body is one Arrow batch, whose binary column
+# holds at most 2 GiB (combined past it, Arrow splits the column in chunks, and a body read as
+# its first chunk dropped the other rows: they were never executed, yet their batches counted
+# as ordered). A leader leaves out a batch that would take its block past it (as for rows);
+# a voter refuses a block over it.
+MAX_BLOCK_PAYLOAD_BYTES = 1 << 30
+
+
+def payload_bytes(batch: pa.RecordBatch) -> int:
+    """The bytes of a batch's payloads (its rows' offsets: the same for any buffer layout)."""
+    column = batch.column("payload")
+    if len(column) == 0:
+        return 0
+    offsets = np.frombuffer(column.buffers()[1], np.int32, len(column) + 1, column.offset * 4)
+    return int(offsets[-1]) - int(offsets[0])
+
+
 class LedgerBuilder:
     """Builds and checks blocks by executing them; one per validator.
 
@@ -140,6 +157,8 @@ class LedgerBuilder:
             return _EMPTY_BODY
         table = pa.Table.from_batches([p.select(TX_SCHEMA.names) for p in parts])
         combined = table.combine_chunks().to_batches()
+        if len(combined) > 1:  # past Arrow's 2 GiB: never a block (MAX_BLOCK_PAYLOAD_BYTES)
+            raise InvalidBlock(f"a block body of {table.num_rows} rows does not fit one batch")
         return combined[0] if combined else _EMPTY_BODY
 
     def build(
@@ -294,15 +313,15 @@ class LedgerBuilder:
         """The batches, in order, that fit in one block: each that would take the block past
         ``max_txs`` rows is left for a later one (the batches after it are still taken while
         they fit, so a large batch does not hold small ones back)."""
-        if self.max_txs is None:
-            return digests
-        room = self.max_txs
+        room = self.max_txs if self.max_txs is not None else 1 << 62
+        room_bytes = MAX_BLOCK_PAYLOAD_BYTES
         taken = []
         for d in digests:
-            rows = self.batches[d].num_rows
-            if rows <= room:
+            rows, size = self.batches[d].num_rows, payload_bytes(self.batches[d])
+            if rows <= room and size <= room_bytes:
                 taken.append(d)
                 room -= rows
+                room_bytes -= size
         return digests if len(taken) == len(digests) else tuple(taken)
 
     def check(self, block: BlockHeader, parent: BlockHeader) -> str | None:
@@ -314,6 +333,9 @@ class LedgerBuilder:
             rows = sum(self.batches[d].num_rows for d in block.batch_digests)
             if rows > self.max_txs:
                 return f"{rows} rows exceed the block limit of {self.max_txs}"
+        size = sum(payload_bytes(self.batches[d]) for d in block.batch_digests)
+        if size > MAX_BLOCK_PAYLOAD_BYTES:
+            return f"{size} payload bytes exceed the block limit of {MAX_BLOCK_PAYLOAD_BYTES}"
         if block.hash in self._headers and block.parent_hash == parent.hash:
             # This builder executed exactly this header already (a leader checking its own
             # proposal, a proposal delivered twice): the hash covers every field, so the

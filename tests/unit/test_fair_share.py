@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from rayledger import chain as chain_module
 from rayledger.actors import validator as validator_module
 from rayledger.block import genesis_header
 from rayledger.chain import LedgerBuilder, batch_digest
@@ -86,6 +87,26 @@ def test_a_block_holds_at_most_max_block_txs_rows_and_a_larger_one_is_refused() 
     over = unlimited.build(genesis, 1, PROPOSER, 2, (d10, d20, d5))
     assert over.tx_count == 35
     assert limited.check(over, genesis) == "35 rows exceed the block limit of 25"
+
+
+def test_a_block_holds_at_most_max_block_payload_bytes_and_a_larger_one_is_refused(
+    monkeypatch: Any,
+) -> None:
+    """Past Arrow's 2 GiB a block body combined into chunks, and the body read as its first
+    chunk dropped the others' rows (never executed, their batches counted as ordered)."""
+    ten, twenty, five = anchors(1, 10), anchors(2, 20), anchors(3, 5)  # 32-byte payloads
+    held = {batch_digest(b): b for b in (ten, twenty, five)}
+    d10, d20, d5 = held
+    base, root = genesis_state([])
+    genesis = genesis_header(CHAIN, 1, root)
+    over = LedgerBuilder(held, genesis, base).build(genesis, 1, PROPOSER, 2, (d10, d20, d5))
+    assert over.tx_count == 35
+    monkeypatch.setattr(chain_module, "MAX_BLOCK_PAYLOAD_BYTES", 25 * 32)
+    limited = LedgerBuilder(held, genesis, base)
+    header = limited.build(genesis, 1, PROPOSER, 2, (d10, d20, d5))
+    assert header.batch_digests == (d10, d5) and header.tx_count == 15
+    assert limited.check(header, genesis) is None
+    assert limited.check(over, genesis) == "1120 payload bytes exceed the block limit of 800"
 
 
 Announced = tuple[bytes, int, pa.RecordBatch, bool]  # digest, mempool, batch, by reference
