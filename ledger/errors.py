@@ -113,3 +113,11 @@ class AlreadyOpen(StoreError):
 
 class NotFound(StoreError):
     code = "not_found"
+
+
+class NotYetAvailable(StoreError):
+    """Committed, but not all that a read needs is stored here yet (a receipt whose block's
+    proofs lie with a sibling shard that is behind, or down): ask another validator, or
+    again later."""
+
+    code = "not_yet_available"

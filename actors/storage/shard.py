@@ -27,7 +27,13 @@ from rayledger.actors.storage.partition import (
     shard_of_height,
 )
 from rayledger.config import parse_genesis
-from rayledger.errors import InvalidBlock, LedgerError, StoreCorruption
+from rayledger.errors import (
+    InvalidBlock,
+    LedgerError,
+    NotFound,
+    NotYetAvailable,
+    StoreCorruption,
+)
 from rayledger.execution import genesis_state
 
 NAMESPACE = "rayledger"
@@ -124,15 +130,29 @@ class StorageShard:
     async def receipt(self, tx_id: bytes) -> bytes:
         """The encoded ``Receipt`` of a committed transaction owned by this shard (``NotFound``
         if it is not committed here yet)."""
-        row, headers, commit = self.store.receipt_part(tx_id)
-        owner = shard_of_height(row["height"], self.shards)
-        if owner == self.shard:
-            proofs = self.store.proofs(row["height"], row["index"])
-        else:
-            sibling = ray.get_actor(
-                shard_name(self.network, self.validator, owner), namespace=NAMESPACE
-            )
-            proofs = await sibling.proofs.remote(row["height"], row["index"])
+        row = self.store.get_tx(tx_id)  # NotFound: not committed (as far as this shard knows)
+        height = row["height"]
+        # Committed: what else the receipt needs is written by the validator to each shard on
+        # its own, and one may be behind (restarted, catching up) or down. That is not "not
+        # committed" (a client believes that at once): it asks another validator
+        try:
+            headers, commit = self.store.commit_proof(height)
+            owner = shard_of_height(height, self.shards)
+            if owner == self.shard:
+                proofs = self.store.proofs(height, row["index"])
+            else:
+                sibling = ray.get_actor(
+                    shard_name(self.network, self.validator, owner), namespace=NAMESPACE
+                )
+                proofs = await sibling.proofs.remote(height, row["index"])
+        except (NotFound, ValueError, ray.exceptions.RayError) as exc:
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+            if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(cause, NotFound):
+                raise
+            raise NotYetAvailable(
+                f"transaction {tx_id.hex()[:16]}… committed at height {height}, its receipt not"
+                f" complete at this validator yet: {cause}"
+            ) from None
         return assemble_receipt(row, headers, commit, proofs, self.chain_id).encode()
 
     async def status(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ refusal is specific; "not committed" is believed at once (the chain is the same 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import struct
 from pathlib import Path
@@ -21,12 +22,14 @@ from rayledger.actors.storage import (
     shard_of_tx_ids,
     writes_batch,
 )
+from rayledger.actors.storage import shard as shard_module
 from rayledger.actors.storage.partition import assemble_receipt
+from rayledger.actors.storage.shard import StorageShard
 from rayledger.block import QuorumCert, genesis_header
 from rayledger.chain import LedgerBuilder, batch_digest
 from rayledger.cluster import client as client_mod
 from rayledger.cluster.client import Client
-from rayledger.errors import DecodeError, InvalidReceipt, NotFound, StoreError
+from rayledger.errors import DecodeError, InvalidReceipt, NotFound, NotYetAvailable, StoreError
 from rayledger.execution import Status, genesis_state
 from rayledger.receipt import Receipt, verify_receipt
 from rayledger.tx import TxKind, make_batch, tx_ids_of
@@ -245,3 +248,66 @@ def test_an_answer_that_is_not_bytes_is_passed_over(
         assert client.receipt(receipts["tx"]).encode() == receipts["good"]
         with pytest.raises(DecodeError, match="not bytes"):
             Receipt.decode(junk)  # type: ignore[arg-type]
+
+
+def test_a_shard_whose_sibling_is_behind_or_down_says_so_and_the_client_asks_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row of a committed transaction and its block's audit paths lie with different
+    shards, each written on its own: with the second behind (or down), the shard answered
+    NotFound, which a client believes at once ("not committed"), though it had just seen the
+    transaction committed. Now it answers NotYetAvailable, and the client asks on."""
+    genesis, blocks, _ = build_chain()
+    shards = open_shards(tmp_path, genesis)
+    ids = all_ids(blocks)
+    owner_of = {t: int(shard_of_tx_ids(np.frombuffer(t, np.uint8), SHARDS)[0]) for t in ids}
+    # A transaction of block 4, whose row and whose audit paths lie with different shards
+    tx = next(
+        t
+        for t in ids[::-1]
+        if shard_of_height(4, SHARDS) != owner_of[t]
+        and t in {bytes(r) for r in tx_ids_of(blocks[3].rows)}
+    )
+    lagging = shard_of_height(4, SHARDS)
+    for k, s in enumerate(shards):
+        s.apply(blocks if k != lagging else blocks[:3])
+    actor = StorageShard.__new__(StorageShard)
+    actor.network, actor.validator, actor.shard = "n", 0, owner_of[tx]
+    actor.shards, actor.chain_id, actor.store = SHARDS, CHAIN, shards[owner_of[tx]]
+
+    async def proofs(height: int, index: int) -> Any:
+        try:
+            return shards[lagging].proofs(height, index)
+        except NotFound as exc:  # as Ray hands a task's error back
+            raise _task_error(exc) from None
+
+    sibling = SimpleNamespace(proofs=SimpleNamespace(remote=proofs))
+    monkeypatch.setattr(shard_module.ray, "get_actor", lambda name, namespace: sibling)
+    with pytest.raises(NotYetAvailable, match="committed at height 4"):
+        asyncio.run(actor.receipt(tx))
+
+    def gone(name: str, namespace: str) -> Any:
+        raise ValueError(f"Failed to look up actor {name}")
+
+    monkeypatch.setattr(shard_module.ray, "get_actor", gone)
+    with pytest.raises(NotYetAvailable):
+        asyncio.run(actor.receipt(tx))
+    # Caught up, the receipt is whole and verifies
+    shards[lagging].apply(blocks[3:])
+    monkeypatch.setattr(shard_module.ray, "get_actor", lambda name, namespace: sibling)
+    good = asyncio.run(actor.receipt(tx))
+    verify_receipt(Receipt.decode(good), VS, CHAIN, genesis.hash)
+    absent = next(
+        t
+        for t in (bytes([i]) * 32 for i in range(256))
+        if int(shard_of_tx_ids(np.frombuffer(t, np.uint8), SHARDS)[0]) == actor.shard
+    )
+    with pytest.raises(NotFound):  # not committed at all: as before
+        asyncio.run(actor.receipt(absent))
+    for s in shards:
+        s.close()
+    # The client passes NotYetAvailable over for the next validator's shard
+    receipts = {"genesis": genesis, "tx": tx, "good": good}
+    later = _task_error(NotYetAvailable("not complete here yet"))
+    client = _client(receipts, [later, "good", "good", "good"], monkeypatch)
+    assert client.receipt(tx).encode() == good and client.asked == [0, 1]
