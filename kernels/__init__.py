@@ -13,7 +13,12 @@ from __future__ import annotations
 from rayledger.kernels._backend import available_backends, prepare, resolve_backend
 from rayledger.kernels._inputs import byte_rows
 from rayledger.kernels.ed25519 import cpu_verify_work, ed25519_verify_batch
-from rayledger.kernels.merkle import merkle_levels, merkle_root, merkle_root_of_leaf_hashes
+from rayledger.kernels.merkle import (
+    merkle_levels,
+    merkle_levels_of_leaf_hashes,
+    merkle_root,
+    merkle_root_of_leaf_hashes,
+)
 from rayledger.kernels.sha import (
     Messages,
     as_offsets_and_values,
@@ -30,6 +35,7 @@ __all__ = [
     "cpu_verify_work",
     "ed25519_verify_batch",
     "merkle_levels",
+    "merkle_levels_of_leaf_hashes",
     "merkle_root",
     "merkle_root_of_leaf_hashes",
     "prepare",

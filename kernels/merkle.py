@@ -16,7 +16,13 @@ from rayledger.kernels._backend import for_batch, resolve_backend
 from rayledger.kernels._cpu import hash_batch
 from rayledger.kernels._inputs import check_rows
 
-__all__ = ["EMPTY_ROOT", "merkle_levels", "merkle_root", "merkle_root_of_leaf_hashes"]
+__all__ = [
+    "EMPTY_ROOT",
+    "merkle_levels",
+    "merkle_levels_of_leaf_hashes",
+    "merkle_root",
+    "merkle_root_of_leaf_hashes",
+]
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
@@ -74,6 +80,18 @@ def merkle_root(leaves: np.ndarray, backend: str = "auto") -> bytes:
     while len(level) > 1:
         level = _parents(level)
     return level[0].tobytes()
+
+
+def merkle_levels_of_leaf_hashes(leaf_hashes: np.ndarray) -> list[np.ndarray]:
+    """``merkle_levels`` over leaves already hashed (``(n, 32) uint8``, level 0 as given), the
+    levels above hashed on the CPU backend, one batch per level."""
+    level = check_rows(leaf_hashes, "leaf_hashes", 32)
+    if len(level) == 0:
+        return []
+    levels = [level]
+    while len(levels[-1]) > 1:
+        levels.append(_parents(levels[-1]))
+    return levels
 
 
 def merkle_root_of_leaf_hashes(leaf_hashes: np.ndarray) -> bytes:

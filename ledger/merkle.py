@@ -147,7 +147,7 @@ def inclusion_proof_from_levels(levels: Sequence[Sequence[bytes]], index: int) -
         sibling = index ^ 1
         # No sibling means this node is carried up unchanged and contributes no proof element.
         if sibling < len(level):
-            proof.append(level[sibling])
+            proof.append(bytes(level[sibling]))  # (a level may be an (n, 32) array)
         index >>= 1
     return proof
 

@@ -34,6 +34,7 @@ what is read.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -59,12 +60,8 @@ from rayledger.actors.storage.buffer import (
 from rayledger.actors.storage.runs import STATE, TXS, RunDamaged
 from rayledger.block import BLOCK_ROW_SCHEMA, BlockHeader, QuorumCert, result_leaf_hashes
 from rayledger.errors import DecodeError, InvalidBlock, NotFound, StoreCorruption, StoreError
-from rayledger.kernels import sha256_batch
-from rayledger.merkle import (
-    inclusion_proof_from_levels,
-    merkle_levels,
-    merkle_levels_of_leaf_hashes,
-)
+from rayledger.kernels import merkle_levels, merkle_levels_of_leaf_hashes, sha256_batch
+from rayledger.merkle import inclusion_proof_from_levels
 from rayledger.receipt import CommitProof, Receipt
 from rayledger.tx import Transaction, tx_ids_of
 
@@ -79,6 +76,8 @@ SHARD_CACHE_KIB = 256 * 1024
 # Rows applied between two checkpoints of the shard's WAL into its database, made by a thread
 # of the shard's own (see ShardStore): about 1 KB of WAL a row
 SHARD_CHECKPOINT_ROWS = 50_000
+# Bytes of blocks' rows a shard keeps decoded after reading them (``ShardStore._frame``)
+FRAMES_KEEP_BYTES = 64 << 20
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -242,6 +241,11 @@ class ShardStore:
         if genesis_state and self._height == 0:
             self._seed(genesis_state)
         self._levels = functools.lru_cache(maxsize=16)(self._block_levels)
+        # Blocks' rows read lately (``_frame``), newest last, at most FRAMES_KEEP_BYTES of them
+        self._frames: collections.OrderedDict[int, tuple[pa.RecordBatch, int]] = (
+            collections.OrderedDict()
+        )
+        self._frames_bytes = 0
         # Last: a store that failed to open leaves no thread behind
         self._checkpointer = _Checkpointer(self.path, f"shard-{shard}")
         self._rows_since_checkpoint = 0
@@ -434,7 +438,25 @@ class ShardStore:
 
     def _frame(self, height: int) -> pa.RecordBatch:
         """The rows of block ``height`` in this shard; ``StoreError`` if their bytes on disk
-        are not the ones written (short, or failing the frame's CRC-32), never other rows."""
+        are not the ones written (short, or failing the frame's CRC-32), never other rows.
+        The latest read are kept (a block's rows are written once, never changed): a client
+        reading the rows of its batch one by one read, checked and decoded the whole frame
+        each time (4.3 ms a row for a 10.6 MB frame of 50,000 rows)."""
+        kept = self._frames.get(height)
+        if kept is not None:
+            self._frames.move_to_end(height)
+            return kept[0]
+        rows = self._read_frame(height)
+        size = rows.get_total_buffer_size()
+        if size <= FRAMES_KEEP_BYTES:
+            self._frames[height] = (rows, size)
+            self._frames_bytes += size
+            while self._frames_bytes > FRAMES_KEEP_BYTES:
+                _, (_, dropped) = self._frames.popitem(last=False)
+                self._frames_bytes -= dropped
+        return rows
+
+    def _read_frame(self, height: int) -> pa.RecordBatch:
         row = self._db.execute(
             "SELECT offset, length, crc FROM frames WHERE height = ?", (height,)
         ).fetchone()
@@ -544,7 +566,9 @@ class ShardStore:
             raise NotFound(f"no block at height {height} in this shard (at {self._height})")
         return BlockHeader.decode(bytes(row[0]))
 
-    def _block_levels(self, height: int) -> tuple[list[list[bytes]], list[list[bytes]]]:
+    def _block_levels(self, height: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Both trees of a block, level by level (as ``(n, 32)`` arrays, hashed in one batch
+        per level: a 50,000-row block's took 227 ms in a Python loop, 236 MB for 16 kept)."""
         row = self._db.execute(
             "SELECT tx_ids, results FROM leaves WHERE height = ?", (height,)
         ).fetchone()
@@ -552,7 +576,7 @@ class ShardStore:
             raise NotFound(f"no leaves of block {height} in shard {self.shard}")
         ids = np.frombuffer(bytes(row[0]), np.uint8).reshape(-1, 32)
         results = np.frombuffer(bytes(row[1]), np.uint8).reshape(-1, 32)
-        return merkle_levels(ids), merkle_levels_of_leaf_hashes(results)
+        return merkle_levels(ids, backend="cpu"), merkle_levels_of_leaf_hashes(results)
 
     def proofs(self, height: int, index: int) -> tuple[list[bytes], list[bytes]]:
         """Audit paths of transaction ``index`` of block ``height`` under its tx root and its

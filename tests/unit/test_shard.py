@@ -516,6 +516,8 @@ def test_frames_of_a_shard_from_before_checksums_still_read(tmp_path: Path, chai
     with open(tmp_path / "s" / "rows.seg", "r+b") as f:
         f.seek(offset)
         f.write(b"\xff" * 16)
+    assert again.get_tx(t)["height"] == 2  # the rows read (and checked) before are kept
+    again._frames.clear()
     with pytest.raises(StoreError, match="rows of block 2 .* damaged"):
         again.get_tx(t)
     again.close()
@@ -635,3 +637,29 @@ def test_a_failed_checkpoint_is_counted_and_the_shard_goes_on(
     again = ShardStore(tmp_path / "s", 1, SHARDS, genesis)
     assert again.height == len(blocks)
     again.close()
+
+
+def test_rows_read_lately_are_kept_within_a_bound(
+    applied,
+    chain,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """Each read of one row read, checked and decoded its block's whole frame (4.3 ms a row
+    of a 50,000-row block); the latest frames read are kept, within FRAMES_KEEP_BYTES."""
+    genesis, blocks, _ = chain
+    reads: list[int] = []
+    for shard in applied:
+        read = shard._read_frame
+        monkeypatch.setattr(shard, "_read_frame", lambda h, read=read: reads.append(h) or read(h))
+    ids = [bytes(t) for t in tx_ids_of(blocks[0].rows)]
+    owners = shard_of_tx_ids(np.frombuffer(b"".join(ids), np.uint8).reshape(-1, 32), SHARDS)
+    for t, k in zip(ids, owners, strict=True):
+        assert applied[k].get_tx(t)["height"] == 1
+    assert reads.count(1) == len(set(owners.tolist()))  # once per shard holding its rows
+    one = applied[int(owners[0])]
+    monkeypatch.setattr(partition, "FRAMES_KEEP_BYTES", 1)  # none fits: none is kept
+    one._frames.clear()
+    one._frames_bytes = 0
+    one.get_tx(ids[0])
+    one.get_tx(ids[0])
+    assert one._frames == {} and reads[-2:] == [1, 1]
