@@ -53,7 +53,7 @@ import ray
 
 from rayledger.actors.journal import Journal
 from rayledger.actors.storage.lock import stop_on_disk_failure
-from rayledger.actors.storage.partition import rows_by_shard, shard_of_keys
+from rayledger.actors.storage.partition import read_parts, rows_by_shard, shard_of_keys
 from rayledger.actors.streams import StreamSender, parse_endpoint
 from rayledger.chain import batch_digest, payload_bytes
 from rayledger.config import parse_genesis
@@ -977,19 +977,20 @@ class Mempool:
         keys = [nonce_key(s) for s in senders]
         out: dict[bytes, int] = {}
         for k, rows in rows_by_shard(shard_of_keys(keys, self.shards)).items():
-            try:
-                handle = self._shard_handles.get(k)
-                if handle is None:
-                    handle = ray.get_actor(
-                        f"{self.network}-shard-{self.index}-{k}", namespace="rayledger"
-                    )
-                    self._shard_handles[k] = handle
-                values = await handle.get_states.remote([keys[i] for i in rows])
-            except Exception:  # a shard down or restarting: no stale check for these senders
-                self._shard_handles.pop(k, None)
-                continue
-            for i, v in zip(rows, values, strict=True):
-                out[senders[i]] = 0 if v is None else int.from_bytes(v, "big")
+            for part in read_parts(rows):  # a shard answers at most READ_MAX_KEYS at a time
+                try:
+                    handle = self._shard_handles.get(k)
+                    if handle is None:
+                        handle = ray.get_actor(
+                            f"{self.network}-shard-{self.index}-{k}", namespace="rayledger"
+                        )
+                        self._shard_handles[k] = handle
+                    values = await handle.get_states.remote([keys[i] for i in part])
+                except Exception:  # a shard down or restarting: no stale check for these
+                    self._shard_handles.pop(k, None)
+                    break
+                for i, v in zip(part, values, strict=True):
+                    out[senders[i]] = 0 if v is None else int.from_bytes(v, "big")
         return out
 
     def _seal(self, limit: int) -> None:

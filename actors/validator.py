@@ -49,6 +49,7 @@ from rayledger.actors.mempool import (
 from rayledger.actors.storage import (
     BlockStore,
     CommittedBlock,
+    read_parts,
     rows_by_shard,
     shard_of_tx_ids,
     writes_batch,
@@ -1732,13 +1733,14 @@ class Validator:
         ids = np.frombuffer(b"".join(tx_ids), np.uint8).reshape(-1, 32)
         found: list[int | None] = [None] * len(tx_ids)
         for k, rows in rows_by_shard(shard_of_tx_ids(ids, self.shards)).items():
-            try:
-                handle = self.shard_handles.get(k) or self._actor(f"shard-{self.index}-{k}")
-                heights = await handle.locate.remote([tx_ids[i] for i in rows])
-            except Exception:  # a shard restarting: its rows read as not committed yet
-                continue
-            for i, h in zip(rows, heights, strict=True):
-                found[i] = h
+            for part in read_parts(rows):  # a shard answers at most READ_MAX_KEYS at a time
+                try:
+                    handle = self.shard_handles.get(k) or self._actor(f"shard-{self.index}-{k}")
+                    heights = await handle.locate.remote([tx_ids[i] for i in part])
+                except Exception:  # a shard restarting: its rows read as not committed yet
+                    break
+                for i, h in zip(part, heights, strict=True):
+                    found[i] = h
         return found
 
     async def batches_committed(self, digests: list[bytes]) -> list[bool]:

@@ -42,7 +42,7 @@ if "ray" not in sys.modules and (Path.home() / ".ray" / "auth_token").exists():
 
 import ray  # noqa: E402
 
-from rayledger.actors.storage import rows_by_shard, shard_of_keys, shard_of_tx_ids
+from rayledger.actors.storage import read_parts, rows_by_shard, shard_of_keys, shard_of_tx_ids
 from rayledger.config import Genesis, load_genesis
 from rayledger.errors import DecodeError, InvalidReceipt, LedgerError, NotFound, StoreError
 from rayledger.execution import Status, anchor_key, balance_key, nonce_key
@@ -246,17 +246,18 @@ class Client:
         ids = ids.reshape(-1, 32)
         out: list[int | None] = [None] * len(ids)
         groups = rows_by_shard(shard_of_tx_ids(ids, self.shards))
-        refs = {
-            k: self._shard(k, validator).locate.remote([ids[i].tobytes() for i in rows])
+        asked = [
+            (part, self._shard(k, validator).locate.remote([ids[i].tobytes() for i in part]))
             for k, rows in groups.items()
-        }
-        for k, ref in refs.items():
+            for part in read_parts(rows)  # a shard answers at most READ_MAX_KEYS at a time
+        ]
+        for part, ref in asked:
             try:
                 heights = ray.get(ref)
             except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
                 # A shard restarting from its disk: its rows read as not yet committed
                 continue
-            for i, h in zip(groups[k], heights, strict=True):
+            for i, h in zip(part, heights, strict=True):
                 out[i] = h
         return out
 

@@ -5,6 +5,7 @@ from rayledger.actors.storage.engine import BlockStore, TxLocation
 from rayledger.actors.storage.partition import (
     CommittedBlock,
     ShardStore,
+    read_parts,
     rows_by_shard,
     shard_of_height,
     shard_of_keys,
@@ -17,6 +18,7 @@ __all__ = [
     "CommittedBlock",
     "ShardStore",
     "TxLocation",
+    "read_parts",
     "rows_by_shard",
     "shard_of_height",
     "shard_of_keys",

@@ -78,6 +78,20 @@ SHARD_CACHE_KIB = 256 * 1024
 SHARD_CHECKPOINT_ROWS = 50_000
 # Bytes of blocks' rows a shard keeps decoded after reading them (``ShardStore._frame``)
 FRAMES_KEEP_BYTES = 64 << 20
+# Ids or keys one read may ask for (``locate``, ``get_states``): more are refused, and callers
+# ask in parts (a million ids in one call kept a shard busy 11 s, with 300 MB more memory)
+READ_MAX_KEYS = 65_536
+
+
+def read_parts(rows: Sequence[int]) -> list[Sequence[int]]:
+    """``rows`` in consecutive parts of at most ``READ_MAX_KEYS`` (one read each)."""
+    return [rows[i : i + READ_MAX_KEYS] for i in range(0, len(rows), READ_MAX_KEYS)]
+
+
+def _check_read_size(what: str, n: int) -> None:
+    if n > READ_MAX_KEYS:
+        raise ValueError(f"{n} {what} in one read: at most {READ_MAX_KEYS}, ask in parts")
+
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -493,6 +507,7 @@ class ShardStore:
     def locate(self, tx_ids: Sequence[bytes]) -> list[int | None]:
         """The height of each transaction (``None`` if not committed as far as applied)."""
         ids = list(tx_ids)
+        _check_read_size("transaction ids", len(ids))
         if not all(isinstance(t, bytes) and len(t) == 32 for t in ids):
             raise ValueError("a transaction id is 32 bytes")
         if ids and self.shards > 1:
@@ -525,6 +540,10 @@ class ShardStore:
 
     def get_states(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The values of many state keys of this shard (``None`` where never written)."""
+        keys = list(keys)
+        _check_read_size("state keys", len(keys))
+        if not all(isinstance(k, bytes) for k in keys):
+            raise ValueError("a state key is bytes")
         if keys and self.shards > 1:
             foreign = shard_of_keys(list(keys), self.shards) != self.shard
             if foreign.any():

@@ -425,8 +425,13 @@ class RunSet:
     def _hits(self, db: Db, run: Run, keys: np.ndarray) -> Iterator[tuple[int, Entries, int]]:
         """(index in ``keys``, block, position in the block) of each key ``run`` holds."""
         block_of = np.searchsorted(run.fences, keys, side="right") - 1
-        for b in np.unique(block_of[block_of >= 0]).tolist():
-            sel = np.flatnonzero(block_of == b)
+        # Grouped by block in one sort (a scan of every key per block was O(keys x blocks):
+        # 6.5 s for a million ids in a run of ten million entries)
+        inside = np.flatnonzero(block_of >= 0)
+        order = inside[np.argsort(block_of[inside], kind="stable")]
+        blocks, starts, counts = np.unique(block_of[order], return_index=True, return_counts=True)
+        for b, start, count in zip(blocks.tolist(), starts.tolist(), counts.tolist(), strict=True):
+            sel = order[start : start + count]
             blk = self._block(db, run, b)
             pos = np.minimum(np.searchsorted(blk.keys, keys[sel]), len(blk) - 1)
             hit = blk.keys[pos] == keys[sel]

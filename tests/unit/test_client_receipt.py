@@ -22,6 +22,7 @@ from rayledger.actors.storage import (
     shard_of_tx_ids,
     writes_batch,
 )
+from rayledger.actors.storage import partition as partition_module
 from rayledger.actors.storage import shard as shard_module
 from rayledger.actors.storage.partition import assemble_receipt
 from rayledger.actors.storage.shard import StorageShard
@@ -311,3 +312,25 @@ def test_a_shard_whose_sibling_is_behind_or_down_says_so_and_the_client_asks_ano
     later = _task_error(NotYetAvailable("not complete here yet"))
     client = _client(receipts, [later, "good", "good", "good"], monkeypatch)
     assert client.receipt(tx).encode() == good and client.asked == [0, 1]
+
+
+def test_the_clients_locate_asks_each_shard_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard answers at most READ_MAX_KEYS ids a read: a client waiting for a large batch
+    asks for its ids in parts, and every answer lands on its own row."""
+    monkeypatch.setattr(partition_module, "READ_MAX_KEYS", 3)
+    client = Client.__new__(Client)
+    client.shards = 2
+    sizes: list[int] = []
+
+    def shard(k: int, validator: int | None = None) -> Any:
+        def locate(ids: list[bytes]) -> list[int | None]:
+            sizes.append(len(ids))
+            return [None if t[0] % 3 == 0 else t[0] for t in ids]
+
+        return SimpleNamespace(locate=SimpleNamespace(remote=locate))
+
+    monkeypatch.setattr(client, "_shard", shard)
+    monkeypatch.setattr(client_mod.ray, "get", lambda answer: answer)
+    ids = np.array([[i] * 32 for i in range(1, 12)], np.uint8)
+    assert client.locate(ids) == [None if i % 3 == 0 else i for i in range(1, 12)]
+    assert max(sizes) == 3 and sum(sizes) == 11

@@ -663,3 +663,30 @@ def test_rows_read_lately_are_kept_within_a_bound(
     one.get_tx(ids[0])
     one.get_tx(ids[0])
     assert one._frames == {} and reads[-2:] == [1, 1]
+
+
+def test_one_read_asks_for_at_most_read_max_keys_and_callers_ask_in_parts(
+    applied,
+    chain,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """A million ids in one ``locate`` kept a shard busy 11 s; state keys of another type
+    than bytes raised Arrow's or Python's errors."""
+    genesis, blocks, _ = chain
+    monkeypatch.setattr(partition, "READ_MAX_KEYS", 4)
+    ids = all_ids(blocks)
+    owners = shard_of_tx_ids(np.frombuffer(b"".join(ids), np.uint8).reshape(-1, 32), SHARDS)
+    k = int(np.bincount(owners).argmax())
+    mine = [t for t, o in zip(ids, owners, strict=True) if o == k]
+    assert len(mine) > 4
+    with pytest.raises(ValueError, match="at most 4, ask in parts"):
+        applied[k].locate(mine)
+    assert partition.read_parts(list(range(10))) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [h for p in partition.read_parts(mine) for h in applied[k].locate(p)] == [
+        h for t in mine for h in applied[k].locate([t])
+    ]
+    with pytest.raises(ValueError, match="at most 4"):
+        applied[0].get_states([b"k%d" % i for i in range(5)])
+    for odd in ([7], ["str"], [bytearray(b"x")]):
+        with pytest.raises(ValueError, match="a state key is bytes"):
+            applied[0].get_states(odd)  # type: ignore[arg-type]
