@@ -998,9 +998,11 @@ class Mempool:
         take = min(limit, table.num_rows)
         head = table.slice(0, take).combine_chunks().to_batches()[0]
         rest = table.slice(take)
+        # Sent first: where it fails (the object store full, say) the rows stay pending and
+        # the next tick seals them again, rather than leaving memory for good
+        self._send(head)
         self.pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self.pending_rows = rest.num_rows
-        self._send(head)
 
     def _send(self, head: pa.RecordBatch) -> bytes:
         """Seal ``head`` into a batch and announce it to every validator; its digest."""
@@ -1044,25 +1046,33 @@ class Mempool:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if self.pending_rows:
-                self._seal(self.batch_rows)
-            now = time.monotonic()
-            if self.parked:
-                self._seal_expired_gaps(now)
-                if self._park_poll is None and now - self._park_polled >= PARK_POLL_S:
-                    self._park_polled = now
-                    self._park_poll = asyncio.get_running_loop().create_task(self._poll_parked())
-            self._expire(now)
-            if (
-                self._asking is None
-                and len(self.validators) < self.genesis.validators.n
-                and now - self._asked_at >= ASK_VALIDATORS_S
-            ):
-                self._asked_at = now
-                self._asking = asyncio.get_running_loop().create_task(self._ask_missing())
-            if self._poll is None and now - self._polled_at >= COMMIT_POLL_S:
-                self._polled_at = now
-                self._poll = asyncio.get_running_loop().create_task(self._poll_commits(now))
+            try:
+                self._tick_once()
+            except Exception:  # noqa: BLE001 - one failed step must not end the timer for good
+                log.exception("mempool %d: timer step failed", self.index)
+                self._count("timer_failed", 1)
+
+    def _tick_once(self) -> None:
+        """One step of the timer: seal, release gaps held too long, expire, ask, poll."""
+        if self.pending_rows:
+            self._seal(self.batch_rows)
+        now = time.monotonic()
+        if self.parked:
+            self._seal_expired_gaps(now)
+            if self._park_poll is None and now - self._park_polled >= PARK_POLL_S:
+                self._park_polled = now
+                self._park_poll = asyncio.get_running_loop().create_task(self._poll_parked())
+        self._expire(now)
+        if (
+            self._asking is None
+            and len(self.validators) < self.genesis.validators.n
+            and now - self._asked_at >= ASK_VALIDATORS_S
+        ):
+            self._asked_at = now
+            self._asking = asyncio.get_running_loop().create_task(self._ask_missing())
+        if self._poll is None and now - self._polled_at >= COMMIT_POLL_S:
+            self._polled_at = now
+            self._poll = asyncio.get_running_loop().create_task(self._poll_commits(now))
 
     async def _ask_missing(self) -> None:
         """Ask the validators this mempool has no handle from for theirs (the name lookups

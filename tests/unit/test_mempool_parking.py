@@ -319,3 +319,34 @@ def test_one_submission_parks_up_to_the_limit_across_many_senders(
         assert m.parked_rows == 100
 
     asyncio.run(scenario())
+
+
+def test_a_timer_step_that_fails_neither_ends_the_timer_nor_loses_the_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object store refusing a sealed batch once (full, say) raised out of the timer
+    task, which ended for good: nothing was sealed again, and the rows, taken out of the
+    pending ones before the put, were gone from memory."""
+    m = mempool(tmp_path, batch_interval_ms=5)
+    m._committed_nonces = committed_at({})  # type: ignore[method-assign]
+    put: list[pa.RecordBatch] = []
+    failures = [RuntimeError("the object store is full")]
+
+    def put_once(batch: pa.RecordBatch) -> object:
+        if failures:
+            raise failures.pop()
+        put.append(batch)
+        return object()
+
+    monkeypatch.setattr(mempool_mod.ray, "put", put_once)
+
+    async def scenario() -> None:
+        assert (await m.submit(rows(m, A, [0, 1, 2]))).accepted == 3
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if put:
+                break
+
+    asyncio.run(scenario())
+    assert [b.num_rows for b in put] == [3] and m.pending_rows == 0
+    assert m.counts["timer_failed"] == 1
