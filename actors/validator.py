@@ -149,7 +149,8 @@ INTAKE_BATCHES = 1024
 INTAKE_ROWS = 262_144
 FETCH_TIMEOUT_S = 60.0
 # How long a peer asked for a batch a proposal names has to answer before the next is asked
-GET_BATCH_TIMEOUT_S = 10.0
+# (the last one asked is waited for)
+GET_BATCH_TIMEOUT_S = 30.0
 # Announced batches whose mempool is remembered until they commit (at most this many), so
 # that commits of other institutions' batches are not reported to this institution's mempool
 BATCH_ORIGINS_KEEP = 8192
@@ -1624,13 +1625,19 @@ class Validator:
                 done.set_result(None)
 
     async def _fetch_one(self, d: bytes, order: list[int]) -> None:
-        for peer in order:
+        asked = [peer for peer in order if self.peers.get(peer) is not None]
+        for n, peer in enumerate(asked):
             handle = self.peers.get(peer)
             if handle is None or d in self.batches:
                 continue
+            # A peer that never answers (Byzantine, or its node unreachable) is passed over
+            # after GET_BATCH_TIMEOUT_S while others are left to ask; the last is waited for
+            # (a peer slow to answer, its reads queued behind a catch-up, still answers)
+            last = n == len(asked) - 1
             try:
-                # A peer that never answers (Byzantine, or its node unreachable) is passed over
-                batch = await asyncio.wait_for(handle.get_batch.remote(d), GET_BATCH_TIMEOUT_S)
+                batch = await asyncio.wait_for(
+                    handle.get_batch.remote(d), None if last else GET_BATCH_TIMEOUT_S
+                )
             except Exception:  # a crashed peer, or one that did not answer in time
                 continue
             if batch is not None and self._admit_batch(d, batch):
