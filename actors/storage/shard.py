@@ -129,7 +129,8 @@ class StorageShard:
 
     async def receipt(self, tx_id: bytes) -> bytes:
         """The encoded ``Receipt`` of a committed transaction owned by this shard (``NotFound``
-        if it is not committed here yet)."""
+        if it is not committed here yet; ``NotYetAvailable`` if it is, but its block's commit
+        proof or audit paths are not stored at this validator yet)."""
         row = self.store.get_tx(tx_id)  # NotFound: not committed (as far as this shard knows)
         height = row["height"]
         # Committed: what else the receipt needs is written by the validator to each shard on
