@@ -632,6 +632,10 @@ class Mempool:
         expect: dict[bytes, int | None] = {}
         parking: dict[bytes, int] = {}  # rows of each sender parked by this submission
         parking_rows = 0  # their sum (summed anew per row, it cost 15 s for 65,536 senders)
+        # (sender, nonce) of those rows: one nonce of a sender parks once (a journal given
+        # back may hold two rows of one nonce: parked by nonce, the second overwrote the first
+        # and the parked count drifted for good)
+        parking_at: set[tuple[bytes, int]] = set()
         for i, k in enumerate(keys):
             sender, nonce = senders[i], nonces[i]
             if not valid[i]:
@@ -651,7 +655,7 @@ class Mempool:
                 else:
                     held = self.parked.get(sender, {})
                     n = parking.get(sender, 0)
-                    if nonce in held:
+                    if nonce in held or (sender, nonce) in parking_at:
                         reason = "nonce_parked"
                     elif (
                         len(held) + n >= self.park_per_sender
@@ -662,6 +666,7 @@ class Mempool:
                         ahead[i] = True
                         parking[sender] = n + 1
                         parking_rows += 1
+                        parking_at.add((sender, nonce))
                         reason = ""
                     if reason:
                         result.rejected[reason] = result.rejected.get(reason, 0) + 1

@@ -635,3 +635,42 @@ def test_batches_sealed_before_a_restart_go_out_again_as_they_were(
     assert second.in_flight == {digests[1]: 4, announced[1]: 3}
     # Sender 1's sequence here continues after the batch sent again: nothing parked
     assert second.parked_rows == 0 and second.next_nonce[a] == 10
+
+
+def test_two_journaled_rows_of_one_nonce_park_once_at_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mempool accepts a second row for a nonce it admitted (its shards not answering, the
+    nonce not known committed): given back by the journal, both landed ahead of the gap and
+    were parked by nonce, the second over the first: ``parked_rows`` counted one row too many
+    for good, and the row overwritten never left the journal."""
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: "ref")
+    monkeypatch.setattr(mempool_module, "RECOVER_WAIT_S", 0.0)
+    first = mempool(tmp_path)
+    chain = first.genesis.chain_id
+
+    async def shards_down(senders: list[bytes]) -> dict[bytes, int]:
+        return {}
+
+    first._committed_nonces = shards_down  # type: ignore[method-assign]
+    key = key_from_seed(b"\x44" * 32)
+    x = make_batch(key, TxKind.ANCHOR, [7], [b"X" * 32], chain)
+    y = make_batch(key, TxKind.ANCHOR, [7], [b"Y" * 32], chain)
+
+    async def accept() -> None:
+        assert (await first.submit(x)).accepted == 1 and (await first.submit(y)).accepted == 1
+
+    asyncio.run(accept())
+    crash(first)
+    second = mempool(tmp_path)
+    second._committed_nonces = committed_as({public_bytes(key): 5})  # type: ignore[method-assign]
+
+    async def recover() -> None:
+        second._start()
+        assert second._recovery is not None
+        await second._recovery
+
+    asyncio.run(recover())
+    assert second.parked_rows == 1 == sum(len(h) for h in second.parked.values())
+    assert second.counts["recovered_nonce_parked"] == 1
+    crash(second)
