@@ -88,7 +88,10 @@ class NativeHasher:
         if values is not None and offsets is not None:
             if values.dtype != np.uint8 or values.ndim != 1 or not values.flags.c_contiguous:
                 raise ValueError("values must be a contiguous one-dimensional uint8 array")
-            offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+            # A private copy, checked, is what the loop reads: the caller's own array, checked
+            # and then changed by another of its threads while the loop ran without the GIL,
+            # sent it reading far past ``values`` (a segfault in a review's script)
+            offsets = np.array(offsets, dtype=np.int64, order="C", copy=True)
             if offsets.shape != (n + 1,):
                 raise ValueError(f"{n} rows need {n + 1} offsets, got {offsets.shape}")
             if n and (

@@ -123,6 +123,27 @@ def test_malformed_buffers_are_refused_before_c(native: _native.NativeHasher) ->
             native.hash_rows("sha256", **args)  # type: ignore[arg-type]
 
 
+def test_the_loop_reads_a_private_copy_of_the_offsets_it_checked(
+    native: _native.NativeHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop runs without the GIL: reading the caller's own int64 offsets, another of the
+    caller's threads could change them after the check and send it far past ``values`` (a
+    review's script: a segfault)."""
+    values, offsets = _pair([b"abc", b"", b"defgh"])
+    offsets = offsets.astype(np.int64)
+    seen: list[int] = []
+    loop = native._fn
+
+    def spy(*args: object) -> int:
+        seen.append(int(args[7]))  # type: ignore[call-overload]
+        return int(loop(*args))
+
+    monkeypatch.setattr(native, "_fn", spy)
+    got = native.hash_rows("sha256", np.empty((3, 0), np.uint8), values, offsets)
+    assert bytes(got[2]) == hashlib.sha256(b"defgh").digest()
+    assert seen and seen[0] != offsets.ctypes.data
+
+
 def test_built_once_and_reused(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
