@@ -1625,11 +1625,10 @@ class Validator:
                 done.set_result(None)
 
     async def _fetch_one(self, d: bytes, order: list[int]) -> None:
-        asked = [peer for peer in order if self.peers.get(peer) is not None]
-        for n, peer in enumerate(asked):
-            handle = self.peers.get(peer)
-            if handle is None or d in self.batches:
-                continue
+        asked = [self.peers[peer] for peer in order if peer in self.peers]
+        for n, handle in enumerate(asked):
+            if d in self.batches:
+                return
             # A peer that never answers (Byzantine, or its node unreachable) is passed over
             # after GET_BATCH_TIMEOUT_S while others are left to ask; the last is waited for
             # (a peer slow to answer, its reads queued behind a catch-up, still answers)

@@ -111,10 +111,7 @@ MAX_BLOCK_PAYLOAD_BYTES = 1 << 30
 
 def payload_bytes(batch: pa.RecordBatch) -> int:
     """The bytes of a batch's payloads (its rows' offsets: the same for any buffer layout)."""
-    column = batch.column("payload")
-    if len(column) == 0:
-        return 0
-    offsets = np.frombuffer(column.buffers()[1], np.int32, len(column) + 1, column.offset * 4)
+    offsets = as_offsets_and_values(batch.column("payload"))[1]
     return int(offsets[-1]) - int(offsets[0])
 
 
