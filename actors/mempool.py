@@ -42,7 +42,7 @@ import os
 import struct
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +55,11 @@ from rayledger.actors.journal import Journal
 from rayledger.actors.storage.lock import stop_on_disk_failure
 from rayledger.actors.storage.partition import read_parts, rows_by_shard, shard_of_keys
 from rayledger.actors.streams import StreamSender, parse_endpoint
-from rayledger.chain import batch_digest, payload_bytes
+from rayledger.chain import MAX_BLOCK_PAYLOAD_BYTES, batch_digest, payload_bytes
 from rayledger.config import parse_genesis
 from rayledger.errors import LedgerError, SchemaMismatch, WrongLength
 from rayledger.execution import nonce_key
-from rayledger.kernels import byte_rows, cpu_verify_work
+from rayledger.kernels import as_offsets_and_values, byte_rows, cpu_verify_work
 from rayledger.tx import (
     TX_SCHEMA,
     batch_from_ipc,
@@ -310,6 +310,27 @@ def _parts_by_payload(batches: list[pa.RecordBatch], most: int) -> Iterable[list
         size += n
     if part:
         yield part
+
+
+# The most payload bytes a sealed batch holds (beside its rows' limit): a quarter of a block's
+# (``MAX_BLOCK_PAYLOAD_BYTES``), so that it is ever ordered, and far below Arrow's 2 GiB, past
+# which its rows combined into chunks and the first chunk alone was sealed (with ``batch_rows``
+# set high and payloads near 64 KiB, the rest left memory for good)
+SEAL_MAX_PAYLOAD_BYTES = MAX_BLOCK_PAYLOAD_BYTES // 4
+
+
+def _seal_parts(table: pa.Table, most_rows: int) -> Iterator[pa.RecordBatch]:
+    """``table``'s rows in order, as batches of at most ``most_rows`` rows and
+    ``SEAL_MAX_PAYLOAD_BYTES`` payload bytes (at least one row each)."""
+    lengths = [np.diff(as_offsets_and_values(c)[1]) for c in table.column("payload").chunks]
+    ends = np.cumsum(np.concatenate(lengths)) if lengths else np.zeros(0, np.int64)
+    start = 0
+    while start < table.num_rows:
+        below = int(ends[start - 1]) if start else 0
+        fits = int(np.searchsorted(ends, below + SEAL_MAX_PAYLOAD_BYTES, side="right")) - start
+        take = max(1, min(most_rows, fits))
+        yield table.slice(start, take).combine_chunks().to_batches()[0]
+        start += take
 
 
 def in_actor() -> bool:
@@ -906,7 +927,8 @@ class Mempool:
             for nonce in sorted(held):
                 run.append(held[nonce][1])
                 if nonce + 1 not in held:
-                    for batch in pa.Table.from_batches(run).combine_chunks().to_batches():
+                    table = pa.Table.from_batches(run)
+                    for batch in _seal_parts(table, table.num_rows):
                         self._send(batch)
                     run = []
         return True
@@ -999,9 +1021,8 @@ class Mempool:
 
     def _seal(self, limit: int) -> None:
         table = pa.Table.from_batches(self.pending, schema=self.pending[0].schema)
-        take = min(limit, table.num_rows)
-        head = table.slice(0, take).combine_chunks().to_batches()[0]
-        rest = table.slice(take)
+        head = next(_seal_parts(table, limit))
+        rest = table.slice(head.num_rows)
         # Sent first: where it fails (the object store full, say) the rows stay pending and
         # the next tick seals them again, rather than leaving memory for good
         self._send(head)
@@ -1114,9 +1135,8 @@ class Mempool:
             return
         self.parked_rows -= len(due)
         self._count("gap_expired", len(due))
-        rows = pa.Table.from_batches(due).combine_chunks()
-        for start in range(0, rows.num_rows, self.batch_rows):
-            self._send(rows.slice(start, self.batch_rows).combine_chunks().to_batches()[0])
+        for batch in _seal_parts(pa.Table.from_batches(due), self.batch_rows):
+            self._send(batch)
 
     async def _poll_parked(self) -> None:
         """Release parked rows whose gap closed elsewhere: the nonces before them committed

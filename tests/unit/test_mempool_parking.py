@@ -350,3 +350,28 @@ def test_a_timer_step_that_fails_neither_ends_the_timer_nor_loses_the_rows(
     asyncio.run(scenario())
     assert [b.num_rows for b in put] == [3] and m.pending_rows == 0
     assert m.counts["timer_failed"] == 1
+
+
+def test_a_sealed_batch_holds_at_most_seal_max_payload_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows only bounded a sealed batch: with ``batch_rows`` set high and payloads near
+    64 KiB, one could pass a block's payload limit (never ordered) or Arrow's 2 GiB (its rows
+    combined into chunks, and the first chunk alone was sealed)."""
+    monkeypatch.setattr(mempool_mod, "SEAL_MAX_PAYLOAD_BYTES", 3 * 32)  # three 32-byte rows
+    m, put = sealing(tmp_path, monkeypatch, batch_rows=10)
+    keys = [key_from_seed(bytes([0x60 + i]) * 32) for i in range(2)]
+
+    async def scenario() -> None:
+        for key in keys:  # in sequence: pending, 14 rows in all
+            assert (await m.submit(rows(m, key, list(range(7))))).accepted == 7
+        while m.pending_rows:
+            m._seal(m.batch_rows)
+
+    asyncio.run(scenario())
+    assert [b.num_rows for b in put] == [3, 3, 3, 3, 2]
+    assert pending_order(m) == []
+    sealed = pa.Table.from_batches([b.select(["sender", "nonce"]) for b in put]).to_pylist()
+    assert [(r["sender"], r["nonce"]) for r in sealed] == [
+        (public_bytes(k), n) for k in keys for n in range(7)
+    ]
