@@ -1021,7 +1021,7 @@ class Mempool:
 
     def _seal(self, limit: int) -> None:
         table = pa.Table.from_batches(self.pending, schema=self.pending[0].schema)
-        head = next(_seal_parts(table, limit))
+        head = next(_seal_parts(table.slice(0, limit), limit))  # (lengths of those rows only)
         rest = table.slice(head.num_rows)
         # Sent first: where it fails (the object store full, say) the rows stay pending and
         # the next tick seals them again, rather than leaving memory for good
