@@ -168,7 +168,10 @@ class CoreConfig:
     # validator's votes reached it lately, but after its QC was formed: a live validator
     # always the last to vote (a far site) is never in a QC, so once its own turn failed (a
     # restart, a blip) it would never lead again. Its vote in one committed QC brings it back.
-    # A crashed validator sends no votes, so nobody waits for it. 0: never wait.
+    # A crashed validator sends no votes, so nobody waits for it. 0: never wait. A voter
+    # later than this (a far site: its vote comes a round trip to it after the quorum's) is
+    # waited for too, but at most once in ``leader_failure_cycles`` x n rounds per leader and
+    # for at most half the base round timeout (``_await_straggler``).
     straggler_wait_ms: int = 150
     # Leader reputation also passes over, for this many times n rounds, a validator that
     # failed as a round's leader: no block of that round was committed. A validator that
@@ -315,12 +318,13 @@ class Core:
         # Waiting for stragglers (``_await_straggler``): when each QC formed here was formed
         # (now_ms, signer bits), by round; each late voter's last late vote (round, ms after
         # its QC was formed); the round whose proposal waits and the voters it waits for; the
-        # last round that waited
+        # last round that waited, and the last that waited past ``straggler_wait_ms``
         self.qc_formed: dict[int, tuple[int, int]] = {}
         self.late_votes: dict[int, tuple[int, int]] = {}
         self.straggler_round = -1
         self.straggler_want = 0
         self.straggler_waited = -(1 << 62)
+        self.straggler_long_waited = -(1 << 62)
         self.evidence_seen: set[tuple[str, int, int]] = set()
         # Sync requests: this validator's last nonce, and those it served each requester
         # (nonce -> the request's round; see ``_serve_sync``)
@@ -1260,36 +1264,50 @@ class Core:
         """Hold this round's proposal for the votes of validators that leader reputation
         passes over, whose votes on QCs formed here arrived late, lately (``late_votes``): a
         live validator always the last to vote is never in a QC, so would never be seen live
-        again. At most once in n rounds, for at most ``straggler_wait_ms``: 1.5 times the
-        slowest such validator's last lateness, plus 2 ms. True while waiting."""
+        again. At most once in n rounds, for at most ``straggler_wait_ms`` (and a quarter of
+        the base round timeout); and at most once in ``leader_failure_cycles`` x n rounds,
+        for a voter later than that, for at most half the base round timeout: 1.5 times the
+        slowest such validator's last lateness, plus 2 ms. True while waiting.
+
+        The longer, rarer wait is for a far site: its vote comes a round trip to it after the
+        quorum's, and in the simulator one 120 ms further than the others (a 1,000 ms base
+        timeout) was passed over for good once it had restarted, though up. A leader's wait
+        of half the base timeout still lets its proposal reach the others, who entered the
+        round about when it did, well before their timers end."""
         if self.straggler_round == self.round:
             return True
         cap = min(self.cfg.straggler_wait_ms, self.cfg.base_timeout_ms // 4)
         n = self.vs.n
+        short = self.straggler_waited <= self.round - n
+        long = self.straggler_long_waited <= self.round - max(self._failure_span, n)
         if (
             cap <= 0
             or not self.late_votes
             or qc.round + 1 != self.round
-            or self.straggler_waited > self.round - n
+            or not (short or long)
+            or self.straggler_waited == self.round  # its timer ended: propose without them
             or not self.cfg.leader_reputation
         ):
             return False
         final, live, seen = self._window(self.round)
         if not final or not live:
             return False
+        limit = max(cap, self.cfg.base_timeout_ms // 2) if long else cap
         signed = int.from_bytes(qc.signers, "little")
         want, late_ms = 0, 0
         for voter, (round_, late) in self.late_votes.items():
             if seen >> voter & 1 or signed >> voter & 1 or round_ < self.round - 2 * n - 4:
                 continue
-            if late <= cap:
+            if late <= (cap if short else 0) or (long and late <= limit):
                 want |= 1 << voter
                 late_ms = max(late_ms, late)
         if not want:
             return False
         self.straggler_round = self.straggler_waited = self.round
+        if late_ms > cap or not short:
+            self.straggler_long_waited = self.round
         self.straggler_want = want
-        self._out.append(SetTimer(self.round, min(cap, late_ms * 3 // 2 + 2), "propose"))
+        self._out.append(SetTimer(self.round, min(limit, late_ms * 3 // 2 + 2), "propose"))
         return True
 
     def _add_straggler(self, v: Vote) -> None:

@@ -139,12 +139,18 @@ def test_a_restarted_validator_leads_again() -> None:
     assert max(sim.timeout_rounds) < 60, sorted(sim.timeout_rounds)
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_a_far_validator_leads_again_after_a_restart(seed: int) -> None:
-    """Validator 3's links are 60 ms longer, so its vote is always the last: it is in no QC.
-    While down it is passed over; back, it is seen live only once a leader waits for its
+@pytest.mark.parametrize(
+    ("seed", "far_ms", "timeout_ms"), [(0, 60.0, 400), (1, 60.0, 400), (0, 200.0, 1000)]
+)
+def test_a_far_validator_leads_again_after_a_restart(
+    seed: int, far_ms: float, timeout_ms: int
+) -> None:
+    """Validator 3's links are ``far_ms`` longer, so its vote is always the last: it is in no
+    QC. While down it is passed over; back, it is seen live only once a leader waits for its
     vote (``straggler_wait_ms``), and then takes its turns again. Without the wait it never
-    leads again: passed over for good, though up."""
+    leads again: passed over for good, though up. 200 ms further (its vote some 400 ms after
+    the quorum's) is past ``straggler_wait_ms``: it needs the rarer wait of up to half the
+    base timeout (before it, passed over for good)."""
 
     def run(wait: int) -> tuple[list[int], int]:
         sim = Simulation(
@@ -154,7 +160,8 @@ def test_a_far_validator_leads_again_after_a_restart(seed: int) -> None:
                 seed=seed,
                 crypto="mac",
                 crashes=(Crash(3, 3_000, 6_000),),
-                far=((3, 60.0),),
+                far=((3, far_ms),),
+                base_timeout_ms=timeout_ms,
                 straggler_wait_ms=wait,
             )
         )
