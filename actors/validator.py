@@ -1658,6 +1658,8 @@ class Validator:
             "pid": os.getpid(),
             "round": s.round,
             "leader": s.leader,
+            # Whom leader reputation passes over as this round's leader, and why
+            "passed_over": self.core.passed_over(),
             "rounds_by_timeout": s.rounds_by_timeout,
             "height": self.store.height,
             "head": self.store.head.hash.hex(),

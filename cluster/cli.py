@@ -253,7 +253,7 @@ def status(
             print(json.dumps(net.status(), indent=2, default=_json_default))
             return
         # Piped into a log or a narrow CI console, rich would squeeze the 13 columns into 80
-        out = console if console.is_terminal else Console(width=max(console.width, 220))
+        out = console if console.is_terminal else Console(width=max(console.width, 320))
         out.print(status_table(net))
     except (LedgerError, OSError) as exc:
         raise _fail(exc) from None

@@ -67,7 +67,7 @@ def status_table(net: Network) -> Table:
             str(st["height"]),
             # Rounds entered through a timeout certificate since this validator started
             f"{st['round']} ({st.get('rounds_by_timeout', '?')})",
-            str(st["leader"]),
+            _leader(st),
             st["head"][:16],
             # Pending + sealed but uncommitted, against the learnt limit (busy beyond it), and
             # the rows parked ahead of their sender's sequence, if any
@@ -89,6 +89,19 @@ def status_table(net: Network) -> Table:
             str(sum(st["rejected"].values())),
         )
     return table
+
+
+def _leader(st: dict[str, Any]) -> str:
+    """The round's leader, and those leader reputation passes over (down or always the last
+    to vote: unseen; failed as a leader lately: failed)."""
+    out = str(st["leader"])
+    over = st.get("passed_over") or {}
+    why = [
+        f"{kind} {','.join(map(str, over[kind]))}"
+        for kind in ("unseen", "failed")
+        if over.get(kind)
+    ]
+    return f"{out} (passes over: {'; '.join(why)})" if why else out
 
 
 def _clock(st: dict[str, Any]) -> str:

@@ -392,6 +392,22 @@ class Core:
         final, live, _ = self._window(round_)
         return _turn(round_, base, live) if final else base
 
+    def passed_over(self, round_: int | None = None) -> dict[str, object]:
+        """Whom leader reputation passes over as ``round_``'s leader (the current round's by
+        default), for operators: ``unseen``, not seen live in the window behind it (down,
+        cut off, or always the last to vote); ``failed``, seen but failed as a leader lately;
+        ``final``, whether this validator can tell (else a guess from the chain it holds)."""
+        round_ = self.round if round_ is None else round_
+        if not self.cfg.leader_reputation:
+            return {"unseen": [], "failed": [], "final": True}
+        final, live, seen = self._window(round_)
+        kept = set(live)
+        return {
+            "unseen": [i for i in range(self.vs.n) if seen and not seen >> i & 1],
+            "failed": [i for i in range(self.vs.n) if seen >> i & 1 and i not in kept],
+            "final": final,
+        }
+
     def _may_lead(self, round_: int) -> bool:
         """Does this validator propose in ``round_``? Where it can tell, if it leads; where it
         cannot, also if the window as far as its committed chain holds it names it."""

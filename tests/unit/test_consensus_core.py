@@ -1128,6 +1128,9 @@ def _v3_passed_over(wait_ms: int) -> tuple[Net, int]:
     net.start()
     net.run(lambda: min(net.heights()[:3]) >= 20, max_steps=50_000)
     assert 3 not in net.cores[0]._window(net.cores[0].round)[1]
+    # As status shows it: v3 not seen live; v2, whose rounds' votes went to v3 while v3 still
+    # led in turn, failed as a leader
+    assert net.cores[0].passed_over() == {"unseen": [3], "failed": [2], "final": True}
     net.isolated.clear()
     return net, max(net.heights())
 
@@ -1145,9 +1148,13 @@ def test_a_passed_over_validator_whose_votes_come_last_leads_again(wait_ms: int)
     if wait_ms:
         # A leader held its proposal for v3's vote; that QC brought v3 back into the window
         assert led >= 5 and signed >= 1, (led, signed)
+        assert all(c.passed_over()["unseen"] == [] for c in net.cores)
     else:
         # Without the wait v3 is in no QC, so it is never seen live again, though up
         assert led == 0 and signed == 0
+        # which status shows (``passed_over``)
+        assert [c.passed_over()["unseen"] for c in net.cores] == [[3]] * 4
+        assert all(c.passed_over()["final"] for c in net.cores)
 
 
 def test_a_leader_waiting_for_a_late_vote_proposes_on_its_timer_without_it() -> None:

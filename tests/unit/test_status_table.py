@@ -56,6 +56,7 @@ def _statuses() -> list[dict[str, Any]]:
         "site": "sa",
         "streams": {"enabled": True, "connected": []},
         "mempool": {"pending_rows": 0, "in_flight_rows": 5, "limit_rows": 90, "parked_rows": 7},
+        "passed_over": {"unseen": [3], "failed": [0, 1], "final": True},
     }
     down = {"index": 3, "site": "ap", "down": "killed"}
     return [up, by_ray, unlinked, down]
@@ -83,6 +84,9 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
     assert "3+1000/4000 " in row and "parked" not in row
     sa = next(line for line in out.splitlines() if "sa" in line)
     assert "1,2,3 (none)" in sa and "0+5/90 (7 parked)" in sa
+    # Whom leader reputation passes over, and why (nobody: the leader alone)
+    assert "1 (passes over: unseen 3; failed 0,1)" in sa
+    assert "passes over" not in row
     assert "down (killed)" in out
 
 
