@@ -291,6 +291,8 @@ class InflightLimit:
 # with a script: a self-call from ``__init__`` lost in 1 of 20 restarts under load, none with
 # retries). The calls so marked are idempotent: Ray may run one twice.
 RESTART_RETRIES = 10
+# The most bytes of rows a mempool holds uncommitted, by default (``mempool_capacity_bytes``)
+CAPACITY_BYTES = 1 << 30
 # The journal's rows are admitted again in parts of at most this many payload bytes (one
 # Arrow batch holds at most 2 GiB of them)
 RECOVER_PART_BYTES = 1 << 30
@@ -371,6 +373,10 @@ class Mempool:
         self.genesis = parse_genesis(genesis_toml)
         self.index = index
         self.capacity = capacity_rows
+        # And the most bytes (of the rows' Arrow buffers) it holds so: rows of up to the
+        # genesis's payload limit each made the row capacity alone a bound of 200,000 x 64 KiB,
+        # 13 GB, for one mempool to take in (``_held_bytes``)
+        self.capacity_bytes = int(settings.get("mempool_capacity_bytes", CAPACITY_BYTES))
         self.batch_rows = batch_rows
         self.interval = batch_interval_ms / 1000
         target_ms = settings.get("mempool_target_latency_ms")
@@ -383,9 +389,12 @@ class Mempool:
         self.seal_keys: dict[int, bytes] = {}
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
+        self.pending_bytes = 0
         # Rows of submissions between the capacity check and their verdict (checks await)
         self.admitting = 0
+        self.admitting_bytes = 0
         self.in_flight: dict[bytes, int] = {}
+        self.in_flight_bytes: dict[bytes, int] = {}
         # When each batch in flight was sealed, oldest first. A batch whose commit is never
         # heard of (its validator crashed between committing and telling us; the batch was
         # refused) would hold its rows against the limit for ever: after this long it stops.
@@ -410,6 +419,7 @@ class Mempool:
         # Rows ahead of their sender's sequence: sender -> nonce -> (when parked, the row)
         self.parked: dict[bytes, dict[int, tuple[float, pa.RecordBatch]]] = {}
         self.parked_rows = 0
+        self.parked_bytes = 0
         self.park_hold_s = float(settings.get("mempool_gap_hold_ms", 5000)) / 1000
         self.park_limit = int(settings.get("mempool_park_rows", 65_536))
         self.park_per_sender = int(settings.get("mempool_park_per_sender", 4_096))
@@ -583,20 +593,49 @@ class Mempool:
                 f"{self.capacity} rows: submit them in smaller batches",
                 rejected={"over_capacity": batch.num_rows},
             )
+        size = batch.nbytes
+        if size > self.capacity_bytes:
+            self._count("over_capacity", batch.num_rows)
+            return Admission(
+                error=f"{size:,} bytes of rows exceed this mempool's capacity of "
+                f"{self.capacity_bytes:,} bytes: submit them in smaller batches",
+                rejected={"over_capacity": batch.num_rows},
+            )
         # Backpressure: answer busy before doing any work, and keep nothing. Rows parked
         # ahead of a gap count: each is sealed within the gap hold whatever comes (left out,
         # a client sending from fresh keys at nonce 1 put 64,000 rows in flight against a
         # limit of 2,000 without one busy answer)
         held = self.admitting + self.pending_rows + self.parked_rows + sum(self.in_flight.values())
+        held_bytes = self._held_bytes()
         if not self.limit.admits(held, batch.num_rows):
-            self._count("busy", batch.num_rows)
             wait = self.limit.retry_after_s(held, batch.num_rows)
+        elif held_bytes and held_bytes + size > self.capacity_bytes:
+            # Room once about as many rows as hold the excess bytes have committed
+            free = -(-(held_bytes + size - self.capacity_bytes) * max(held, 1) // held_bytes)
+            rows = batch.num_rows
+            wait = self.limit.retry_after_s(self.limit.limit + free - rows, rows)
+        else:
+            wait = None
+        if wait is not None:
+            self._count("busy", batch.num_rows)
             return Admission(busy=True, retry_after_ms=max(1, round(wait * 1000)))
         self.admitting += batch.num_rows
+        self.admitting_bytes += size
         try:
             return await self._admit(batch)
         finally:
             self.admitting -= batch.num_rows
+            self.admitting_bytes -= size
+
+    def _held_bytes(self) -> int:
+        """Bytes of the rows held uncommitted: being admitted, pending, parked, in flight
+        (anything up to ``capacity_bytes`` is admitted while nothing is held)."""
+        return (
+            self.admitting_bytes
+            + self.pending_bytes
+            + self.parked_bytes
+            + sum(self.in_flight_bytes.values())
+        )
 
     async def _admit(self, batch: pa.RecordBatch) -> Admission:
         try:
@@ -721,6 +760,7 @@ class Mempool:
         if kept.num_rows:
             self.pending.append(kept)
             self.pending_rows += kept.num_rows
+            self.pending_bytes += kept.nbytes
         if parking:
             self._park(canonical.filter(pa.array(ahead)))
         # The senders whose sequence moved on: their parked rows that now follow it go too
@@ -922,6 +962,7 @@ class Mempool:
         held = self.parked.pop(sender, None)
         if held:
             self.parked_rows -= len(held)
+            self.parked_bytes -= sum(row.nbytes for _, row in held.values())
             self._count("unparked", len(held))
             run: list[pa.RecordBatch] = []
             for nonce in sorted(held):
@@ -939,7 +980,14 @@ class Mempool:
         senders = byte_rows(fixed_rows(rows.column("sender"), 32))
         nonces = rows.column("nonce").to_numpy(zero_copy_only=False).tolist()
         for i, (sender, nonce) in enumerate(zip(senders, nonces, strict=True)):
-            self.parked.setdefault(sender, {})[nonce] = (now, rows.slice(i, 1))
+            row = rows.slice(i, 1)
+            by_nonce = self.parked.setdefault(sender, {})
+            before = by_nonce.get(nonce)
+            if before is not None:  # (kept apart by ``_take``; counted right all the same)
+                self.parked_rows -= 1
+                self.parked_bytes -= before[1].nbytes
+            by_nonce[nonce] = (now, row)
+            self.parked_bytes += row.nbytes
         self.parked_rows += rows.num_rows
         self._park_due = min(self._park_due, now + self.park_hold_s)
         self._count("parked", rows.num_rows)
@@ -972,11 +1020,13 @@ class Mempool:
 
     def _queue(self, rows: list[pa.RecordBatch]) -> None:
         self.parked_rows -= len(rows)
+        self.parked_bytes -= sum(row.nbytes for row in rows)
         # (each chunk: past Arrow's 2 GiB the rows combine into several, and the first alone
         # was kept: 65,536 parked rows of 64 KiB released at once lost 533 of them)
         for batch in pa.Table.from_batches(rows).combine_chunks().to_batches():
             self.pending.append(batch)
             self.pending_rows += batch.num_rows
+            self.pending_bytes += batch.nbytes
 
     async def _verify(self, batch: pa.RecordBatch) -> np.ndarray:
         """Signature checks through the institution's verifier actor where it has one (the
@@ -1028,6 +1078,7 @@ class Mempool:
         self._send(head)
         self.pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self.pending_rows = rest.num_rows
+        self.pending_bytes = sum(b.nbytes for b in self.pending)
 
     def _send(self, head: pa.RecordBatch) -> bytes:
         """Seal ``head`` into a batch and announce it to every validator; its digest."""
@@ -1053,6 +1104,7 @@ class Mempool:
         self._refs[digest] = ref
         self.limit.sealed(digest, batch.num_rows, sum(self.in_flight.values()), time.monotonic())
         self.in_flight[digest] = batch.num_rows
+        self.in_flight_bytes[digest] = batch.nbytes
         self.sealed_at[digest] = time.monotonic()
         self.sealed += 1
         ipc = batch_to_ipc(batch) if self.streams else b""
@@ -1134,6 +1186,7 @@ class Mempool:
         if not due:
             return
         self.parked_rows -= len(due)
+        self.parked_bytes -= sum(row.nbytes for row in due)
         self._count("gap_expired", len(due))
         for batch in _seal_parts(pa.Table.from_batches(due), self.batch_rows):
             self._send(batch)
@@ -1222,6 +1275,7 @@ class Mempool:
     def _release(self, digest: bytes) -> None:
         """A batch of this mempool committed: its rows stop counting against the limit."""
         self.in_flight.pop(digest, None)
+        self.in_flight_bytes.pop(digest, None)
         sources = self.sources.pop(digest, None)
         if sources and self.journal is not None:
             self.journal.done(sources)
@@ -1244,6 +1298,9 @@ class Mempool:
             # Rows ahead of their sender's sequence, held until it reaches them
             "parked_rows": self.parked_rows,
             "in_flight_rows": sum(self.in_flight.values()),
+            # Bytes of the rows held uncommitted, against the byte capacity
+            "held_bytes": self._held_bytes(),
+            "capacity_bytes": self.capacity_bytes,
             "sealed_batches": self.sealed,
             "capacity_rows": self.capacity,
             "limit_rows": self.limit.limit,

@@ -42,6 +42,9 @@ class NetworkOptions:
     # The most rows a mempool holds uncommitted (a memory bound; within it, the limit follows
     # the commit latency of its batches: see actors.mempool.InflightLimit)
     mempool_capacity: int = 200_000
+    # And the most bytes of rows (their Arrow buffers) it holds so: without it, rows of the
+    # largest payload allowed made the row capacity 13 GB (see actors.mempool.CAPACITY_BYTES)
+    mempool_capacity_bytes: int = 1 << 30
     # The commit latency a mempool's limit aims at (None: twice the lowest measured, 1 s at least)
     mempool_target_latency_ms: float | None = None
     # A sealed batch whose commit a mempool never hears of stops counting against its limit
