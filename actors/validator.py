@@ -147,6 +147,9 @@ EVIDENCE_KEEP = 1024
 CHECKS_AT_ONCE = 2
 INTAKE_BATCHES = 1024
 INTAKE_ROWS = 262_144
+# And at most this many bytes of batches (their Arrow buffers) per mempool, raised to twice its
+# byte capacity: rows of 64 KiB made the row bound alone 16 GB held for one mempool
+INTAKE_BYTES = 1 << 30
 FETCH_TIMEOUT_S = 60.0
 # How long a peer asked for a batch a proposal names has to answer before the next is asked
 # (the last one asked is waited for)
@@ -258,8 +261,13 @@ class Validator:
         if intake_rows is None:
             intake_rows = max(INTAKE_ROWS, 2 * int(settings.get("mempool_capacity", 0)))
         self.intake_rows = max(1, int(intake_rows))
-        self._intake: dict[int, collections.deque[tuple[asyncio.Future[None], int]]] = {}
+        intake_bytes = settings.get("validator_intake_bytes")
+        if intake_bytes is None:
+            intake_bytes = max(INTAKE_BYTES, 2 * int(settings.get("mempool_capacity_bytes", 0)))
+        self.intake_bytes = max(1, int(intake_bytes))
+        self._intake: dict[int, collections.deque[tuple[asyncio.Future[None], int, int]]] = {}
         self._intake_rows: dict[int, int] = {}
+        self._intake_bytes: dict[int, int] = {}
         self._checks_running = 0
         # Rows checked per mempool (by announcement), and those of the mempool served last:
         # the fair queue's clock
@@ -1004,7 +1012,7 @@ class Validator:
                 self._count("batch: unreadable")
                 return None
             body = fetched
-        rows = body.num_rows
+        rows, size = body.num_rows, body.nbytes
         if rows == 0:
             # A mempool never seals one; charged nothing in the fair queue below, a flood of
             # them would keep its mempool first in line for good, every other one waiting
@@ -1014,6 +1022,7 @@ class Validator:
         if queue is not None and (
             len(queue) >= self.intake_batches
             or self._intake_rows.get(source, 0) + rows > self.intake_rows
+            or self._intake_bytes.get(source, 0) + size > self.intake_bytes
         ):
             self._count("batch: intake full")
             return None
@@ -1023,8 +1032,9 @@ class Validator:
             # Back from idle: it starts level with the mempools being served, without credit
             # for the time it sent nothing
             self._served[source] = max(self._served.get(source, 0), self._clock)
-        queue.append((turn, rows))
+        queue.append((turn, rows, size))
         self._intake_rows[source] = self._intake_rows.get(source, 0) + rows
+        self._intake_bytes[source] = self._intake_bytes.get(source, 0) + size
         self._turns[digest] = (turn, source, rows)
         self._next_checks()
         try:
@@ -1068,10 +1078,11 @@ class Validator:
             source = min(self._intake, key=self._served.__getitem__)
             self._clock = self._served[source]
             queue = self._intake[source]
-            turn, rows = queue.popleft()
+            turn, rows, size = queue.popleft()
             self._intake_rows[source] -= rows
+            self._intake_bytes[source] -= size
             if not queue:
-                del self._intake[source], self._intake_rows[source]
+                del self._intake[source], self._intake_rows[source], self._intake_bytes[source]
             if turn.done():  # its caller went away (cancelled)
                 continue
             turn.set_result(None)

@@ -70,6 +70,9 @@ class NetworkOptions:
     validator_checks_at_once: int = 2
     validator_intake_batches: int = 1024
     validator_intake_rows: int | None = None
+    # And at most this many bytes of batches (None: twice ``mempool_capacity_bytes``, 1 GiB at
+    # least)
+    validator_intake_bytes: int | None = None
     # An idle leader's wait for a batch before an empty block (None: a tenth of the timeout)
     idle_block_ms: int | None = None
     # A leader's wait for the vote of a validator that leader reputation passes over but

@@ -163,6 +163,7 @@ def test_announced_batches_are_checked_fairly_by_rows_across_mempools() -> None:
         # fair by rows, all four go before the flood's second (8 rows checked against 20)
         assert started == ids(flood[:1] + honest + flood[1:])
         assert v._checks_running == 0 and v._intake == {} and v._intake_rows == {}
+        assert v._intake_bytes == {}
     # Back after a pause (the first round), mempool 1 started level with mempool 3 (100 rows
     # checked then), without credit for the time it sent nothing: 8 rows more since
     assert v._served == {3: 200, 1: 108}
@@ -205,6 +206,17 @@ def test_the_rows_waiting_are_bounded_per_mempool_too() -> None:
     started = run_checks(v, flood + other)
     assert started == ids(flood[:1] + other + flood[1:3])
     assert v.rejected == {"batch: intake full": 1}
+
+
+def test_the_bytes_waiting_are_bounded_per_mempool_too() -> None:
+    """Rows of 64 KiB made the row bound alone 16 GB held for one mempool's batches."""
+    v, _, _ = validator()
+    flood, other = batches_of(3, 4, 4), batches_of(0, 1, 4)
+    v.checks_at_once, v.intake_bytes = 1, 2 * flood[1][2].nbytes + 1
+    started = run_checks(v, flood + other)
+    assert started == ids(flood[:1] + other + flood[1:3])
+    assert v.rejected == {"batch: intake full": 1}
+    assert v._intake_bytes == {} and v._intake_rows == {}
 
 
 def test_a_reference_that_never_resolves_holds_no_check_back(monkeypatch: Any) -> None:

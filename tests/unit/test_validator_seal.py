@@ -62,6 +62,7 @@ def validator() -> tuple[Validator, list[bytes], FakeMempool]:
     v.blocked = set()  # no partition
     v.seal_key, v.own_batches, v._rekeyed_at, v.me = os.urandom(32), 0, 0.0, "me"
     v.checks_at_once, v.intake_batches, v.intake_rows = 2, 1024, 262_144
+    v.intake_bytes, v._intake_bytes = 1 << 30, {}
     v._intake, v._intake_rows, v._checks_running, v._served, v._clock = {}, {}, 0, {}, 0
     v._turns, v._checks_done, v._disk_reads, v._fetching = {}, {}, asyncio.Lock(), {}
     held: list[bytes] = []
