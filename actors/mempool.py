@@ -293,6 +293,22 @@ class InflightLimit:
 RESTART_RETRIES = 10
 # The most bytes of rows a mempool holds uncommitted, by default (``mempool_capacity_bytes``)
 CAPACITY_BYTES = 1 << 30
+# Large submissions answered busy whose return is awaited, at most (``Mempool._large_busy``)
+RETURNING_KEEP = 1024
+
+
+def _submission_key(batch: pa.RecordBatch) -> bytes | None:
+    """What tells a submission sent again from others: its first and last signatures and its
+    length (None where it has no well-formed signature column: it will be refused anyway)."""
+    try:
+        signatures = fixed_rows(batch.column("signature"), 64)
+    except Exception:  # noqa: BLE001 - malformed: the full check will name the problem
+        return None
+    if not len(signatures):
+        return None
+    return hashlib.sha256(
+        signatures[0].tobytes() + signatures[-1].tobytes() + struct.pack("<Q", batch.num_rows)
+    ).digest()
 # The journal's rows are admitted again in parts of at most this many payload bytes (one
 # Arrow batch holds at most 2 GiB of them)
 RECOVER_PART_BYTES = 1 << 30
@@ -395,6 +411,8 @@ class Mempool:
         self.admitting_bytes = 0
         self.in_flight: dict[bytes, int] = {}
         self.in_flight_bytes: dict[bytes, int] = {}
+        # Large submissions answered busy: when each may come back (``_large_busy``)
+        self._returning: dict[bytes, float] = {}
         # When each batch in flight was sealed, oldest first. A batch whose commit is never
         # heard of (its validator crashed between committing and telling us; the batch was
         # refused) would hold its rows against the limit for ever: after this long it stops.
@@ -607,15 +625,9 @@ class Mempool:
         # limit of 2,000 without one busy answer)
         held = self.admitting + self.pending_rows + self.parked_rows + sum(self.in_flight.values())
         held_bytes = self._held_bytes()
-        if not self.limit.admits(held, batch.num_rows):
-            wait = self.limit.retry_after_s(held, batch.num_rows)
-        elif held_bytes and held_bytes + size > self.capacity_bytes:
-            # Room once about as many rows as hold the excess bytes have committed
-            free = -(-(held_bytes + size - self.capacity_bytes) * max(held, 1) // held_bytes)
-            rows = batch.num_rows
-            wait = self.limit.retry_after_s(self.limit.limit + free - rows, rows)
-        else:
-            wait = None
+        wait = self._busy_wait(held, held_bytes, batch.num_rows, size)
+        if wait is not None and self._large(batch.num_rows, size):
+            wait = self._large_busy(batch, held, held_bytes, size, wait)
         if wait is not None:
             self._count("busy", batch.num_rows)
             return Admission(busy=True, retry_after_ms=max(1, round(wait * 1000)))
@@ -626,6 +638,50 @@ class Mempool:
         finally:
             self.admitting -= batch.num_rows
             self.admitting_bytes -= size
+
+    def _busy_wait(self, held: int, held_bytes: int, rows: int, size: int) -> float | None:
+        """None where ``rows`` rows of ``size`` bytes fit beside those held, else about how
+        long until they should (the busy answer's hint)."""
+        if not self.limit.admits(held, rows):
+            return self.limit.retry_after_s(held, rows)
+        if held_bytes and held_bytes + size > self.capacity_bytes:
+            # Room once about as many rows as hold the excess bytes have committed
+            free = -(-(held_bytes + size - self.capacity_bytes) * max(held, 1) // held_bytes)
+            return self.limit.retry_after_s(self.limit.limit + free - rows, rows)
+        return None
+
+    def _large(self, rows: int, size: int) -> bool:
+        """A quarter of the learnt limit or of the byte capacity, or more."""
+        return rows * 4 >= self.limit.limit or size * 4 >= self.capacity_bytes
+
+    def _large_busy(
+        self, batch: pa.RecordBatch, held: int, held_bytes: int, size: int, wait: float
+    ) -> float | None:
+        """A large submission that does not fit: under steady load from smaller ones, each
+        taking the room a commit frees, it was answered busy for as long as the load lasted
+        (it fits only once that much is free at once). Sent again no sooner than its busy
+        answer said, it is admitted past the learnt limit (a latency target), within the
+        capacity in rows and bytes (the memory bound), if no more than the limit is held
+        beside it; None then, else the wait, its return noted (``_returning``)."""
+        key = _submission_key(batch)
+        if key is None:
+            return wait
+        now = time.monotonic()
+        due = self._returning.pop(key, None)
+        rows = batch.num_rows
+        if (
+            due is not None
+            and now >= due
+            and held <= self.limit.limit
+            and held + rows <= self.capacity
+            and held_bytes + size <= self.capacity_bytes
+        ):
+            self._count("admitted_past_limit", rows)
+            return None
+        self._returning[key] = now + wait if due is None else min(due, now + wait)
+        while len(self._returning) > RETURNING_KEEP:
+            del self._returning[next(iter(self._returning))]
+        return wait
 
     def _held_bytes(self) -> int:
         """Bytes of the rows held uncommitted: being admitted, pending, parked, in flight

@@ -6,12 +6,13 @@ refused by name. Every path rows take in and out of the mempool keeps the count 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 import rayledger.actors.mempool as mempool_mod
-from rayledger.crypto import public_bytes
+from rayledger.crypto import key_from_seed, public_bytes
 from tests.unit.test_mempool_admission import mempool
 from tests.unit.test_mempool_parking import A, B, committed_at, rows, run, sealing
 
@@ -115,5 +116,45 @@ def test_parked_rows_count_their_bytes_on_every_way_in_and_out(
         m._seal(100)
         await m.on_commit(list(m.in_flight))
         assert m._held_bytes() == 0 and m.in_flight_bytes == {}
+
+    run(m, scenario)
+
+
+def test_a_large_submission_sent_again_after_its_busy_answer_gets_in_under_steady_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under steady load from small submissions, each taking the room a commit frees, one that
+    needs a quarter of the limit or more fits only once that much is free at once: it was
+    answered busy for as long as the load lasted. Sent again no sooner than its answer said,
+    it is admitted past the learnt limit (a latency target), within the capacity (the memory
+    bound); smaller ones still wait for the limit."""
+    m, put = sealing(tmp_path, monkeypatch, mempool_capacity=1_000, batch_rows=20)
+    assert m.limit.limit == 40  # the learnt limit starts at its floor, two batches
+    c = key_from_seed(b"\x23" * 32)
+
+    async def scenario() -> None:
+        assert (await m.submit(rows(m, A, list(range(30))))).accepted == 30
+        large, small = rows(m, B, list(range(15))), rows(m, c, [0, 1, 2, 3, 4])
+        first = await m.submit(large)
+        assert first.busy and first.retry_after_ms > 0
+        assert (await m.submit(large)).busy  # back too soon: still busy
+        assert (await m.submit(small)).accepted == 5  # 35 held: the small one fits
+        await asyncio.sleep(first.retry_after_ms / 1000)
+        answer = await m.submit(large)
+        assert answer.accepted == 15 and not answer.busy, answer
+        assert m.counts["admitted_past_limit"] == 15
+        # 50 held against a limit of 40: the limit still holds for the others
+        again = rows(m, c, [5, 6, 7])
+        busy = await m.submit(again)
+        assert busy.busy
+        await asyncio.sleep(busy.retry_after_ms / 1000)
+        assert (await m.submit(again)).busy  # a small one has no way past the limit
+        # Nor does a large one while more than the limit is held beside it
+        later = rows(m, B, list(range(15, 30)))
+        wait = await m.submit(later)
+        assert wait.busy
+        await asyncio.sleep(wait.retry_after_ms / 1000)
+        assert (await m.submit(later)).busy
+        _counted_right(m)
 
     run(m, scenario)
