@@ -309,6 +309,8 @@ def _submission_key(batch: pa.RecordBatch) -> bytes | None:
     return hashlib.sha256(
         signatures[0].tobytes() + signatures[-1].tobytes() + struct.pack("<Q", batch.num_rows)
     ).digest()
+
+
 # The journal's rows are admitted again in parts of at most this many payload bytes (one
 # Arrow batch holds at most 2 GiB of them)
 RECOVER_PART_BYTES = 1 << 30
