@@ -325,6 +325,9 @@ class Core:
         self.straggler_want = 0
         self.straggler_waited = -(1 << 62)
         self.straggler_long_waited = -(1 << 62)
+        self.straggler_since = 0
+        # When this validator entered its current round, and the one before (now_ms)
+        self.entered_ms = self.entered_before = 0
         self.evidence_seen: set[tuple[str, int, int]] = set()
         # Sync requests: this validator's last nonce, and those it served each requester
         # (nonce -> the request's round; see ``_serve_sync``)
@@ -1199,6 +1202,7 @@ class Core:
         if round_ <= self.round:
             return
         self.round = round_
+        self.entered_before, self.entered_ms = self.entered_ms, self.now_ms
         self.timeouts_in_row = self.timeouts_in_row + 1 if tc is not None else 0
         self.rounds_by_timeout += tc is not None
         self.own_timeout = None
@@ -1252,10 +1256,15 @@ class Core:
             return
         branch = self._branch_digests(parent)
         digests = tuple(d for d in self.available if not self._is_ordered(d, branch))
-        idle = not digests and wait_if_idle and self.cfg.idle_block_ms > 0
+        idle_ms = self.cfg.idle_block_ms
+        if self.straggler_waited == self.round:
+            # The wait for a straggler's vote counts as the idle wait: one after the other,
+            # they could outlast the others' round timers
+            idle_ms -= self.now_ms - self.straggler_since
+        idle = not digests and wait_if_idle and idle_ms > 0
         if idle and not self._uncommitted_payload(parent) and not self._announces_commit(parent):
             self.idle_round = self.round
-            self._out.append(SetTimer(self.round, self.cfg.idle_block_ms, "propose"))
+            self._out.append(SetTimer(self.round, idle_ms, "propose"))
             return
         block = self.builder.build(
             parent,
@@ -1287,9 +1296,10 @@ class Core:
 
         The longer, rarer wait is for a far site: its vote comes a round trip to it after the
         quorum's, and in the simulator one 120 ms further than the others (a 1,000 ms base
-        timeout) was passed over for good once it had restarted, though up. A leader's wait
-        of half the base timeout still lets its proposal reach the others, who entered the
-        round about when it did, well before their timers end."""
+        timeout) was passed over for good once it had restarted, though up. Either wait ends
+        by three quarters of the base timeout after this validator entered the round before
+        (the others entered it about then, and their timers run from there), and an idle
+        wait after it only makes up the rest of ``idle_block_ms`` (``_propose``)."""
         if self.straggler_round == self.round:
             return True
         cap = min(self.cfg.straggler_wait_ms, self.cfg.base_timeout_ms // 4)
@@ -1308,19 +1318,25 @@ class Core:
         final, live, seen = self._window(self.round)
         if not final or not live:
             return False
-        limit = max(cap, self.cfg.base_timeout_ms // 2) if long else cap
+        # The others' timers for the round before run from about when this validator entered
+        # it: the proposal must reach them, built and sent, well before they end
+        budget = self.cfg.base_timeout_ms * 3 // 4 - (self.now_ms - self.entered_before)
+        short_ms = min(cap, budget) if short else 0
+        long_ms = min(max(cap, self.cfg.base_timeout_ms // 2), budget) if long else 0
+        limit = max(short_ms, long_ms)
         signed = int.from_bytes(qc.signers, "little")
         want, late_ms = 0, 0
         for voter, (round_, late) in self.late_votes.items():
             if seen >> voter & 1 or signed >> voter & 1 or round_ < self.round - 2 * n - 4:
                 continue
-            if late <= (cap if short else 0) or (long and late <= limit):
+            if late < limit:
                 want |= 1 << voter
                 late_ms = max(late_ms, late)
         if not want:
             return False
         self.straggler_round = self.straggler_waited = self.round
-        if late_ms > cap or not short:
+        self.straggler_since = self.now_ms
+        if late_ms >= short_ms:
             self.straggler_long_waited = self.round
         self.straggler_want = want
         self._out.append(SetTimer(self.round, min(limit, late_ms * 3 // 2 + 2), "propose"))

@@ -1117,12 +1117,12 @@ def test_restarted_validator_still_rejects_a_committed_batch(keys: Keyring) -> N
 # ---- leader reputation: a late voter ---------------------------------------------------------
 
 
-def _v3_passed_over(wait_ms: int) -> tuple[Net, int]:
+def _v3_passed_over(wait_ms: int, **config: int) -> tuple[Net, int]:
     """v3 cut off until v0..v2 commit 20 heights (leader reputation passes it over), then
     back. Delivered in order, its vote is always the fourth, so it is in no QC unless a
     leader waits for it. Returns the net and the committed height when v3 came back."""
     keys = Keyring.make(crypto="mac")
-    keys.config = replace(keys.config, straggler_wait_ms=wait_ms)
+    keys.config = replace(keys.config, straggler_wait_ms=wait_ms, **config)
     net = Net(keys)
     net.isolated.add(3)
     net.start()
@@ -1177,6 +1177,32 @@ def test_a_leader_waiting_for_a_late_vote_proposes_on_its_timer_without_it() -> 
     # It waits at most once in n rounds: the next rounds go on without v3
     net.run(lambda: min(net.heights()[:3]) >= proposal.block.height + 4, max_steps=20_000)
     check_agreement(net)
+
+
+def test_a_wait_for_a_straggler_counts_as_the_idle_wait_and_ends_within_the_round() -> None:
+    """One after the other, the wait for a late vote and an idle leader's wait for a batch
+    could outlast the others' timers for the round before; and either wait must end while
+    the proposal can still reach them in time."""
+    net, _ = _v3_passed_over(150, base_timeout_ms=1000)
+    net.run(lambda: any(c.straggler_round == c.round for c in net.cores), max_steps=20_000)
+    leader = next(c for c in net.cores if c.straggler_round == c.round)
+    leader.cfg = replace(leader.cfg, idle_block_ms=500)
+    r = leader.round
+    # No vote came in 120 ms: the leader, idle, waits the 380 ms left of its idle wait
+    leader.tick(leader.now_ms + 120)
+    out = leader.on_propose_timer(r)
+    timers = [a for a in out if isinstance(a, SetTimer) and a.purpose == "propose"]
+    assert [(t.round, t.delay_ms) for t in timers] == [(r, 380)], out
+    assert leader.idle_round == r
+    # Where it entered the round before 760 ms ago (its three quarters of the 1,000 ms
+    # timeout gone), it would not wait for the vote at all; 600 ms ago, it may
+    leader.idle_round, leader.straggler_waited = -1, -(1 << 62)
+    leader.entered_before = leader.now_ms - 760
+    assert not leader._await_straggler(leader.high_qc)
+    leader.entered_before = leader.now_ms - 600
+    assert leader._await_straggler(leader.high_qc)
+    (timer,) = [a for a in leader._flush() if isinstance(a, SetTimer)]
+    assert 0 < timer.delay_ms <= 150
 
 
 # ---- stale input -----------------------------------------------------------------------------
