@@ -708,6 +708,26 @@ def test_an_equivocating_leaders_other_blocks_are_fetched_for_only_once_certifie
     assert certified.hash in v0.waiting_batches
 
 
+def test_a_validator_shown_one_block_of_a_round_reports_the_other_once_it_syncs_it(
+    keys: Keyring,
+) -> None:
+    """An equivocating leader may show each validator one block of its round only (where it
+    leads the next round too, it sends no peer both). One shown the other block learns of the
+    certified one from the next proposal's QC, syncs it as that proposal's parent, and
+    reports the pair."""
+    v3 = started(keys, 3)
+    certified = keys.chain(1)[0]
+    shown = keys.propose(keys.block(keys.genesis, 1, timestamp_ms=GENESIS_MS + 5), keys.genesis_qc)
+    assert not of_type(v3.on_proposal(shown), Evidence)
+    actions = v3.on_proposal(keys.propose(keys.block(certified.block, 2), keys.qc(certified.block)))
+    assert not of_type(actions, Evidence)
+    asked = [a.message for a in actions if isinstance(a, Send)]
+    assert [type(m) for m in asked] == [SyncRequest]
+    assert asked[0].block_hash == certified.block.hash  # type: ignore[union-attr]
+    actions = v3.on_messages([SyncResponse((certified,), 2)])
+    assert of_type(actions, Evidence) == [Evidence("equivocating_proposal", 1, 1, shown, certified)]
+
+
 def test_double_vote_is_reported_by_the_next_leader(keys: Keyring) -> None:
     v2 = started(keys, 2)
     p1 = keys.chain(1)[0]
