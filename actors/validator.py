@@ -1671,6 +1671,9 @@ class Validator:
             "leader": s.leader,
             # Whom leader reputation passes over as this round's leader, and why
             "passed_over": self.core.passed_over(),
+            # Proposals held for a passed-over validator's late vote (short, long: see
+            # CoreConfig.straggler_wait_ms) and the late votes they brought into a QC
+            "straggler_waits": dict(self.core.straggler_counts),
             "rounds_by_timeout": s.rounds_by_timeout,
             "height": self.store.height,
             "head": self.store.head.hash.hex(),

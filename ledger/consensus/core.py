@@ -324,6 +324,8 @@ class Core:
         self.straggler_round = -1
         self.straggler_want = 0
         self.straggler_waited = -(1 << 62)
+        # Waits held (short, long) and late votes they brought into a QC, for the status
+        self.straggler_counts = {"short": 0, "long": 0, "joined": 0}
         self.straggler_long_waited = -(1 << 62)
         self.straggler_since = 0
         # When this validator entered its current round, and the one before (now_ms)
@@ -1338,6 +1340,7 @@ class Core:
         self.straggler_since = self.now_ms
         if late_ms >= short_ms:
             self.straggler_long_waited = self.round
+        self.straggler_counts["long" if late_ms >= short_ms else "short"] += 1
         self.straggler_want = want
         self._out.append(SetTimer(self.round, min(limit, late_ms * 3 // 2 + 2), "propose"))
         return True
@@ -1355,6 +1358,7 @@ class Core:
         ):
             return
         signed |= 1 << v.voter
+        self.straggler_counts["joined"] += 1
         sigs = dict(zip(bitmap_indices(qc.signers), qc.signatures, strict=True))
         sigs[v.voter] = v.signature
         order = sorted(sigs)

@@ -1169,10 +1169,13 @@ def test_a_passed_over_validator_whose_votes_come_last_leads_again(wait_ms: int)
         # A leader held its proposal for v3's vote; that QC brought v3 back into the window
         assert led >= 5 and signed >= 1, (led, signed)
         assert all(c.passed_over()["unseen"] == [] for c in net.cores)
+        waits = [c.straggler_counts for c in net.cores]
+        assert sum(w["short"] for w in waits) >= 1 and sum(w["joined"] for w in waits) >= 1
     else:
         # Without the wait v3 is in no QC, so it is never seen live again, though up
         assert led == 0 and signed == 0
-        # which status shows (``passed_over``)
+        # which status shows (``passed_over``); no leader held a proposal for it
+        assert all(c.straggler_counts == {"short": 0, "long": 0, "joined": 0} for c in net.cores)
         assert [c.passed_over()["unseen"] for c in net.cores] == [[3]] * 4
         assert all(c.passed_over()["final"] for c in net.cores)
 
