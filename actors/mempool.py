@@ -1039,12 +1039,7 @@ class Mempool:
         nonces = rows.column("nonce").to_numpy(zero_copy_only=False).tolist()
         for i, (sender, nonce) in enumerate(zip(senders, nonces, strict=True)):
             row = rows.slice(i, 1)
-            by_nonce = self.parked.setdefault(sender, {})
-            before = by_nonce.get(nonce)
-            if before is not None:  # (kept apart by ``_take``; counted right all the same)
-                self.parked_rows -= 1
-                self.parked_bytes -= before[1].nbytes
-            by_nonce[nonce] = (now, row)
+            self.parked.setdefault(sender, {})[nonce] = (now, row)
             self.parked_bytes += row.nbytes
         self.parked_rows += rows.num_rows
         self._park_due = min(self._park_due, now + self.park_hold_s)

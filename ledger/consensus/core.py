@@ -1338,9 +1338,10 @@ class Core:
             return False
         self.straggler_round = self.straggler_waited = self.round
         self.straggler_since = self.now_ms
-        if late_ms >= short_ms:
+        kind = "long" if late_ms >= short_ms else "short"
+        if kind == "long":
             self.straggler_long_waited = self.round
-        self.straggler_counts["long" if late_ms >= short_ms else "short"] += 1
+        self.straggler_counts[kind] += 1
         self.straggler_want = want
         self._out.append(SetTimer(self.round, min(limit, late_ms * 3 // 2 + 2), "propose"))
         return True
