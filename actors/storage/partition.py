@@ -628,12 +628,6 @@ class ShardStore:
         )
         return headers, proof
 
-    def receipt_part(self, tx_id: bytes) -> tuple[dict[str, Any], list[BlockHeader], CommitProof]:
-        """The transaction-owner's half of a receipt: the row, headers and commit proof."""
-        row = self.get_tx(tx_id)
-        headers, proof = self.commit_proof(row["height"])
-        return row, headers, proof
-
     @property
     def wal_checkpoints(self) -> tuple[int, int]:
         """``(made, failed)``: the WAL checkpoints this store's thread made and those that
@@ -705,8 +699,9 @@ def assemble_receipt(
     proofs: tuple[list[bytes], list[bytes]],
     chain_id: bytes,
 ) -> Receipt:
-    """A ``Receipt`` from the parts two shards hold (see ``ShardStore.receipt_part`` and
-    ``ShardStore.proofs``)."""
+    """A ``Receipt`` from the parts two shards hold: the transaction owner's row
+    (``ShardStore.get_tx``), its block's headers and commit proof (``commit_proof``), and the
+    audit paths (``proofs``) from the shard that holds the block's leaves."""
     tx = Transaction(
         chain_id, row["kind"], row["sender"], row["nonce"], row["payload"], row["signature"]
     )
