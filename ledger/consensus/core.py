@@ -327,7 +327,8 @@ class Core:
         # Waits held (short, long) and late votes they brought into a QC, for the status
         self.straggler_counts = {"short": 0, "long": 0, "joined": 0}
         self.straggler_long_waited = -(1 << 62)
-        self.straggler_since = 0
+        # The last round whose proposal waited idle for a batch (late votes join its QC)
+        self.idle_waited = -1
         # When this validator entered its current round, and the one before (now_ms)
         self.entered_ms = self.entered_before = 0
         self.evidence_seen: set[tuple[str, int, int]] = set()
@@ -1258,14 +1259,13 @@ class Core:
             return
         branch = self._branch_digests(parent)
         digests = tuple(d for d in self.available if not self._is_ordered(d, branch))
-        idle_ms = self.cfg.idle_block_ms
-        if self.straggler_waited == self.round:
-            # The wait for a straggler's vote counts as the idle wait: one after the other,
-            # they could outlast the others' round timers
-            idle_ms -= self.now_ms - self.straggler_since
+        # Counted from entering the round, whatever held the proposal since (a wait for a
+        # straggler's vote, an idle wait already over): one wait after the other could
+        # outlast the others' round timers
+        idle_ms = self.cfg.idle_block_ms - (self.now_ms - self.entered_ms)
         idle = not digests and wait_if_idle and idle_ms > 0
         if idle and not self._uncommitted_payload(parent) and not self._announces_commit(parent):
-            self.idle_round = self.round
+            self.idle_round = self.idle_waited = self.round
             self._out.append(SetTimer(self.round, idle_ms, "propose"))
             return
         block = self.builder.build(
@@ -1314,6 +1314,9 @@ class Core:
             or qc.round + 1 != self.round
             or not (short or long)
             or self.straggler_waited == self.round  # its timer ended: propose without them
+            # Late votes that came during the idle wait joined the QC (``_join_late_vote``);
+            # one that did not come in it would be waited for past the round's idle time
+            or self.idle_waited == self.round
             or not self.cfg.leader_reputation
         ):
             return False
@@ -1337,7 +1340,6 @@ class Core:
         if not want:
             return False
         self.straggler_round = self.straggler_waited = self.round
-        self.straggler_since = self.now_ms
         kind = "long" if late_ms >= short_ms else "short"
         if kind == "long":
             self.straggler_long_waited = self.round
@@ -1346,17 +1348,20 @@ class Core:
         self._out.append(SetTimer(self.round, min(limit, late_ms * 3 // 2 + 2), "propose"))
         return True
 
-    def _add_straggler(self, v: Vote) -> None:
-        """A vote this round's held proposal waits for joins its QC; with every one it waits
-        for, the proposal goes."""
+    def _join_late_vote(self, v: Vote) -> None:
+        """A late vote joins the QC of this round's held proposal: one it waits for
+        (``_await_straggler``; with every one, the proposal goes), or, while it waits idle for
+        a batch, one of a validator leader reputation passes over. Left out, the idle wait
+        over, a wait for that vote began (it had come: the wait ran out and the round with
+        it, and a restarted validator's first vote on an idle network cost a round timeout)."""
         qc = self.high_qc
         signed = int.from_bytes(qc.signers, "little")
-        if (
-            v.round != qc.round
-            or v.block_hash != qc.block_hash
-            or signed >> v.voter & 1
-            or not self.straggler_want >> v.voter & 1
-        ):
+        if v.round != qc.round or v.block_hash != qc.block_hash or signed >> v.voter & 1:
+            return
+        if self.straggler_round == self.round:
+            if not self.straggler_want >> v.voter & 1:
+                return
+        elif not self.cfg.leader_reputation or self._window(self.round)[2] >> v.voter & 1:
             return
         signed |= 1 << v.voter
         self.straggler_counts["joined"] += 1
@@ -1369,7 +1374,8 @@ class Core:
         self.verified_certs.add(_cert_key(grown))
         self.high_qc = grown
         self.qcs[qc.block_hash] = grown
-        if signed & self.straggler_want == self.straggler_want:
+        waiting = self.straggler_round == self.round
+        if waiting and signed & self.straggler_want == self.straggler_want:
             self.straggler_round = -1
             self._propose()
 
@@ -1501,8 +1507,8 @@ class Core:
         self.vote_by[(v.round, v.voter)] = v
         bucket = self.votes.setdefault((v.round, v.block_hash), {})
         bucket[v.voter] = v.signature
-        if self.straggler_round == self.round:
-            self._add_straggler(v)
+        if self.round in (self.straggler_round, self.idle_round):
+            self._join_late_vote(v)
         if len(bucket) >= self.vs.quorum and v.round not in self.formed_qc_rounds:
             self.formed_qc_rounds.add(v.round)
             signers = sorted(bucket)

@@ -1219,13 +1219,72 @@ def test_a_wait_for_a_straggler_counts_as_the_idle_wait_and_ends_within_the_roun
     assert leader.idle_round == r
     # Where it entered the round before 760 ms ago (its three quarters of the 1,000 ms
     # timeout gone), it would not wait for the vote at all; 600 ms ago, it may
-    leader.idle_round, leader.straggler_waited = -1, -(1 << 62)
+    # (nor once it has waited idle in the round: see the test below)
+    leader.idle_round, leader.idle_waited, leader.straggler_waited = -1, -1, -(1 << 62)
     leader.entered_before = leader.now_ms - 760
     assert not leader._await_straggler(leader.high_qc)
     leader.entered_before = leader.now_ms - 600
     assert leader._await_straggler(leader.high_qc)
     (timer,) = [a for a in leader._flush() if isinstance(a, SetTimer)]
     assert 0 < timer.delay_ms <= 150
+
+
+def test_a_late_vote_during_the_idle_wait_joins_the_qc_and_holds_nothing_back() -> None:
+    """On an idle network a restarted validator's first vote came after the QC had formed,
+    while the next leader waited idle for a batch. Left out of the QC, it made the leader,
+    its idle wait over, wait for that vote (come already, so the wait ran out) and then wait
+    idle a second time: past the others' round timers, a round timeout at every restart."""
+    net, _ = _v3_passed_over(150, base_timeout_ms=1000)
+    for c in net.cores:
+        c.cfg = replace(c.cfg, idle_block_ms=500)
+    net.run(lambda: any(c.idle_round == c.round for c in net.cores), max_steps=20_000)
+    i, leader = next((i, c) for i, c in enumerate(net.cores) if c.idle_round == c.round)
+    r, qc = leader.round, leader.high_qc
+    assert qc.round == r - 1 and not int.from_bytes(qc.signers, "little") >> 3 & 1
+    assert not leader._window(r)[2] >> 3 & 1  # v3 is passed over: not seen live
+    # v3's vote on that QC's block comes 40 ms after it formed: it joins the QC
+    leader.tick(leader.now_ms + 40)
+    assert net.execute(i, leader.on_messages([net.keys.vote(3, qc.block_hash, qc.round)])) == []
+    assert int.from_bytes(leader.high_qc.signers, "little") >> 3 & 1
+    assert leader.straggler_counts["joined"] == 1 and leader.late_votes[3][0] == r - 1
+    # The idle wait over, the proposal goes at once, v3 in its QC: no wait for v3 follows
+    leader.tick(leader.now_ms + 460)
+    out = net.execute(i, leader.on_propose_timer(r))
+    (proposal,) = [a.message for a in of_type(out, Broadcast) if isinstance(a.message, Proposal)]
+    assert proposal.block.round == r and int.from_bytes(proposal.qc.signers, "little") >> 3 & 1
+    assert not [a for a in out if isinstance(a, SetTimer) and a.purpose == "propose"]
+    # Once v3 is seen live again, a late vote joins no QC while a leader waits idle
+    for _ in range(200):
+        net.run(lambda: any(c.idle_round == c.round for c in net.cores), max_steps=20_000)
+        j, other = next((j, c) for j, c in enumerate(net.cores) if c.idle_round == c.round)
+        qc = other.high_qc
+        left_out = [v for v in range(4) if not int.from_bytes(qc.signers, "little") >> v & 1]
+        if left_out and other._window(other.round)[2] >> left_out[0] & 1:
+            break
+        other.tick(other.now_ms + 500)
+        net.execute(j, other.on_propose_timer(other.round))
+    else:
+        raise AssertionError("no idle leader whose QC left out a validator seen live")
+    other.on_messages([net.keys.vote(left_out[0], qc.block_hash, qc.round)])
+    assert other.high_qc == qc
+
+
+def test_no_wait_for_a_straggler_follows_an_idle_wait() -> None:
+    """A late vote left out of the QC (one that came before the idle wait began, say) is not
+    waited for once the idle wait is over: it had its time, and the round's is running out."""
+    net, _ = _v3_passed_over(150, base_timeout_ms=1000)
+    for c in net.cores:
+        c.cfg = replace(c.cfg, idle_block_ms=500)
+    net.run(lambda: any(c.idle_round == c.round for c in net.cores), max_steps=20_000)
+    i, leader = next((i, c) for i, c in enumerate(net.cores) if c.idle_round == c.round)
+    r = leader.round
+    # v3's vote came late and was left out (as before the idle wait joined late votes)
+    leader.late_votes[3] = (r - 1, 40)
+    leader.tick(leader.entered_ms + 500)
+    out = net.execute(i, leader.on_propose_timer(r))
+    assert [
+        a.message.block.round for a in of_type(out, Broadcast) if isinstance(a.message, Proposal)
+    ] == [r]
 
 
 # ---- stale input -----------------------------------------------------------------------------
