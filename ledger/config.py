@@ -166,17 +166,49 @@ class Genesis:
         Path(path).write_text(self.to_toml())
 
 
-def derive_chain_id(chain_name: str, genesis_time_ms: int, keys: Sequence[bytes]) -> bytes:
-    """A chain id that differs for every (name, time, validator set): replays across chains fail."""
+def genesis_terms(
+    limits: Limits, organisations: Sequence[Organisation] = (), accounts: Sequence[Account] = ()
+) -> bytes:
+    """The digest of what else a genesis fixes: its limits (a block within one chain's is
+    refused by a validator holding another's), organisations and opening balances. In
+    canonical order (organisations by name, members and accounts by key): the same terms
+    written in another order are the same chain."""
+
+    def text(value: str) -> bytes:
+        raw = value.encode()
+        return u32(len(raw)) + raw
+
+    out = [b"rayledger/genesis-terms/v1", u32(len(fields(Limits)))]
+    out += [text(f.name) + u64(getattr(limits, f.name)) for f in fields(Limits)]
+    orgs = sorted((o.name, sorted(o.members)) for o in organisations)
+    out.append(u32(len(orgs)))
+    for name, members in orgs:
+        out += [text(name), u32(len(members)), *members]
+    out.append(u32(len(accounts)))
+    out += [a.public_key + u64(a.balance) for a in sorted(accounts, key=lambda a: a.public_key)]
+    return hashlib.sha256(b"".join(out)).digest()
+
+
+def derive_chain_id(
+    chain_name: str, genesis_time_ms: int, keys: Sequence[bytes], terms: bytes
+) -> bytes:
+    """A chain id that differs for every (name, time, validator set, other terms: see
+    ``genesis_terms``): transactions signed for one chain are refused on any other."""
+    return _chain_id(b"rayledger/chain/v2", chain_name, genesis_time_ms, keys, terms)
+
+
+def legacy_chain_id(chain_name: str, genesis_time_ms: int, keys: Sequence[bytes]) -> bytes:
+    """The id of a chain made before its other terms were bound (the twenty-sixth session):
+    its genesis still loads, but a limit edited by hand in it cannot be told apart."""
+    return _chain_id(b"rayledger/chain/v1", chain_name, genesis_time_ms, keys, b"")
+
+
+def _chain_id(
+    domain: bytes, chain_name: str, genesis_time_ms: int, keys: Sequence[bytes], terms: bytes
+) -> bytes:
     name = chain_name.encode()
-    return hashlib.sha256(
-        b"rayledger/chain/v1"
-        + u32(len(name))
-        + name
-        + u64(genesis_time_ms)
-        + u32(len(keys))
-        + b"".join(keys)
-    ).digest()
+    head = domain + u32(len(name)) + name + u64(genesis_time_ms) + u32(len(keys))
+    return hashlib.sha256(head + b"".join(keys) + terms).digest()
 
 
 def new_genesis(
@@ -188,13 +220,15 @@ def new_genesis(
     accounts: Sequence[Account] = (),
 ) -> Genesis:
     keys = [v.public_key for v in validators]
+    limits = limits or Limits()
+    terms = genesis_terms(limits, organisations, accounts)
     return Genesis(
         chain_name,
-        derive_chain_id(chain_name, genesis_time_ms, keys),
+        derive_chain_id(chain_name, genesis_time_ms, keys, terms),
         genesis_time_ms,
         ValidatorSet(tuple(validators)),
         tuple(organisations),
-        limits or Limits(),
+        limits,
         tuple(accounts),
     )
 
@@ -312,17 +346,20 @@ def parse_genesis(text: str, source: str = "genesis") -> Genesis:
         limits,
         tuple(accounts),
     )
-    # The id commits to the name, the time and the validator set (derive_chain_id): a copy
-    # whose validators were edited by hand but whose id was kept would share its id, and so
-    # its signed transactions, with another chain
-    expected = derive_chain_id(
-        genesis.chain_name, genesis.genesis_time_ms, [v.public_key for v in validators]
-    )
-    if genesis.chain_id != expected:
+    # The id commits to the name, the time, the validator set and the other terms
+    # (derive_chain_id): a copy whose validators or limits were edited by hand but whose id
+    # was kept would share its id, and so its signed transactions, with another chain; and
+    # validators holding copies with different limits would refuse each other's blocks
+    keys = [v.public_key for v in validators]
+    terms = genesis_terms(limits, orgs, accounts)
+    expected = derive_chain_id(genesis.chain_name, genesis.genesis_time_ms, keys, terms)
+    legacy = legacy_chain_id(genesis.chain_name, genesis.genesis_time_ms, keys)
+    if genesis.chain_id not in (expected, legacy):
         raise ConfigError(
             f"{source}: chain_id {genesis.chain_id.hex()} is not the one its chain_name,"
-            f" genesis_time_ms and validators' keys give ({expected.hex()}): was the file"
-            " edited by hand? Make it again with `rayledger genesis new`"
+            " genesis_time_ms, validators' keys, limits, organisations and accounts give"
+            f" ({expected.hex()}): was the file edited by hand? Make it again with"
+            " `rayledger genesis new`"
         )
     return genesis
 

@@ -23,6 +23,8 @@ from rayledger.config import (
     Validator,
     ValidatorSet,
     derive_chain_id,
+    genesis_terms,
+    legacy_chain_id,
     load_genesis,
     new_genesis,
     parse_genesis,
@@ -133,7 +135,10 @@ def _genesis(n: int = 4, **kwargs: Any) -> Genesis:
 def test_new_genesis() -> None:
     g = _genesis(limits=Limits(max_payload_bytes=10, max_batch_rows=20, max_block_txs=30))
     assert g.chain_id == derive_chain_id(
-        "test-chain", 1_700_000_000_000, [v.public_key for v in _vals(4)]
+        "test-chain",
+        1_700_000_000_000,
+        [v.public_key for v in _vals(4)],
+        genesis_terms(g.limits, g.organisations),
     )
     assert g.validators.n == 4
     assert g.limits.max_batch_rows == 20
@@ -229,28 +234,100 @@ def test_genesis_toml_round_trip_property(g: Genesis) -> None:
     assert parse_genesis(g.to_toml()) == g
 
 
+T = genesis_terms(Limits())
+
+
 def test_derive_chain_id_binds_its_inputs() -> None:
     keys = [v.public_key for v in _vals(4)]
-    base = derive_chain_id("chain", 1000, keys)
+    base = derive_chain_id("chain", 1000, keys, T)
     assert len(base) == 32
-    assert derive_chain_id("chain", 1000, list(keys)) == base
+    assert derive_chain_id("chain", 1000, list(keys), T) == base
     variants = {
-        derive_chain_id("chain2", 1000, keys),
-        derive_chain_id("chain", 1001, keys),
-        derive_chain_id("chain", 1000, keys[:3]),
-        derive_chain_id("chain", 1000, [*keys, b"\x77" * 32]),
-        derive_chain_id("chain", 1000, [keys[1], keys[0], *keys[2:]]),
-        derive_chain_id("chain", 1000, [b"\x55" * 32, *keys[1:]]),
+        derive_chain_id("chain2", 1000, keys, T),
+        derive_chain_id("chain", 1001, keys, T),
+        derive_chain_id("chain", 1000, keys[:3], T),
+        derive_chain_id("chain", 1000, [*keys, b"\x77" * 32], T),
+        derive_chain_id("chain", 1000, [keys[1], keys[0], *keys[2:]], T),
+        derive_chain_id("chain", 1000, [b"\x55" * 32, *keys[1:]], T),
+        derive_chain_id("chain", 1000, keys, genesis_terms(Limits(max_block_txs=99_999))),
     }
     assert base not in variants
-    assert len(variants) == 6
+    assert len(variants) == 7
 
 
 def test_derive_chain_id_is_injective() -> None:
     k1 = b"I" * 24 + (7).to_bytes(8, "big")
     k2 = bytes(range(32))
     t1 = int.from_bytes(b"ABCDEFGH", "big")
-    assert derive_chain_id("x", t1, [k1, k2]) != derive_chain_id("xABCDEFGH" + "I" * 24, 7, [k2])
+    assert derive_chain_id("x", t1, [k1, k2], T) != derive_chain_id(
+        "xABCDEFGH" + "I" * 24, 7, [k2], T
+    )
+
+
+def test_genesis_terms_bind_limits_organisations_and_accounts_in_any_order() -> None:
+    """Two copies of a genesis with different limits were one chain: their validators refused
+    each other's blocks, and their transactions were valid on both."""
+    a, b = _key(1), _key(2)
+    orgs = [Organisation("o", (a, b)), Organisation("p", (b,))]
+    accounts = [Account(a, 10), Account(b, 0)]
+    base = genesis_terms(Limits(), orgs, accounts)
+    # The same terms written in another order
+    same = [
+        genesis_terms(Limits(), orgs[::-1], accounts),
+        genesis_terms(Limits(), [Organisation("o", (b, a)), orgs[1]], accounts),
+        genesis_terms(Limits(), orgs, accounts[::-1]),
+    ]
+    assert same == [base] * 3
+    variants = {
+        genesis_terms(Limits(max_payload_bytes=1_000), orgs, accounts),
+        genesis_terms(Limits(max_batch_rows=1_000), orgs, accounts),
+        genesis_terms(Limits(max_block_txs=70_000), orgs, accounts),
+        genesis_terms(Limits(), orgs[:1], accounts),
+        genesis_terms(Limits(), [Organisation("q", (a, b)), orgs[1]], accounts),
+        genesis_terms(Limits(), [Organisation("o", (a,)), orgs[1]], accounts),
+        genesis_terms(Limits(), [Organisation("o", (a, b)), Organisation("p", (a,))], accounts),
+        genesis_terms(Limits(), orgs, accounts[:1]),
+        genesis_terms(Limits(), orgs, [Account(a, 11), Account(b, 0)]),
+        genesis_terms(Limits(), orgs, [Account(a, 10), Account(_key(3), 0)]),
+        # a name and a member count that run into each other
+        genesis_terms(Limits(), [Organisation("o\x00\x00\x00\x02", ())], accounts),
+    }
+    assert base not in variants and len(variants) == 11
+    # new_genesis and parse_genesis derive the id from them
+    g = new_genesis("c", list(_vals(4)), 5, orgs, Limits(max_batch_rows=7), accounts)
+    assert g.chain_id == derive_chain_id(
+        "c",
+        5,
+        [v.public_key for v in _vals(4)],
+        genesis_terms(Limits(max_batch_rows=7), orgs, accounts),
+    )
+    assert parse_genesis(g.to_toml()) == g
+
+
+def test_a_genesis_whose_limits_or_balances_were_edited_by_hand_is_refused() -> None:
+    g = new_genesis("c", list(_vals(4)), 5, accounts=[Account(_key(1), 10)])
+    for old, new in [
+        ("max_block_txs = 100000", "max_block_txs = 200000"),
+        ("balance = 10", "balance = 11"),
+    ]:
+        text = g.to_toml()
+        assert old in text
+        with pytest.raises(ConfigError, match="limits, organisations and accounts give"):
+            parse_genesis(text.replace(old, new))
+
+
+def test_a_chain_made_before_its_terms_were_bound_still_loads() -> None:
+    """A data directory's genesis from before the terms joined the id: its chain keeps its id
+    (every signed transaction and block holds it), and a hand edit of its limits goes unseen."""
+    g = new_genesis("c", list(_vals(4)), 5, accounts=[Account(_key(1), 10)])
+    old = legacy_chain_id("c", 5, [v.public_key for v in _vals(4)])
+    assert old != g.chain_id
+    text = g.to_toml().replace(g.chain_id.hex(), old.hex())
+    assert parse_genesis(text).chain_id == old
+    assert parse_genesis(text.replace("balance = 10", "balance = 11")).accounts[0].balance == 11
+    # Another name, time or validator set is still refused under the old derivation
+    with pytest.raises(ConfigError, match="edited by hand"):
+        parse_genesis(text.replace('chain_name = "c"', 'chain_name = "d"'))
 
 
 # ---- load_genesis rejections --------------------------------------------------------------
@@ -259,10 +336,13 @@ def test_derive_chain_id_is_injective() -> None:
 KA, KB = _key(0x11), _key(0x22)
 
 
+TERMS = genesis_terms(Limits(max_payload_bytes=10), [Organisation("o", (KA,))])
+
+
 def _doc() -> dict[str, Any]:
     return {
         "chain_name": "c",
-        "chain_id": derive_chain_id("c", 5, [KA, KB]).hex(),
+        "chain_id": derive_chain_id("c", 5, [KA, KB], TERMS).hex(),
         "genesis_time_ms": 5,
         "limits": {"max_payload_bytes": 10},
         "validators": [
@@ -281,7 +361,7 @@ def _load(tmp_path: Path, doc: dict[str, Any] | str) -> Genesis:
 
 def test_load_genesis_minimal_doc(tmp_path: Path) -> None:
     g = _load(tmp_path, _doc())
-    assert g.chain_id == derive_chain_id("c", 5, [KA, KB])
+    assert g.chain_id == derive_chain_id("c", 5, [KA, KB], TERMS)
     assert g.validators.n == 2
     assert g.validators.validators[0] == Validator("a", KA, "o", "s")
     assert g.organisations == (Organisation("o", (KA,)),)
@@ -489,7 +569,7 @@ def test_a_key_that_is_no_point_is_refused_in_a_genesis() -> None:
 def test_load_genesis_refuses_a_key_that_is_no_point(tmp_path: Path) -> None:
     doc = _doc()
     doc["validators"][1]["public_key"] = "ab" * 32
-    doc["chain_id"] = derive_chain_id("c", 5, [KA, b"\xab" * 32]).hex()
+    doc["chain_id"] = derive_chain_id("c", 5, [KA, b"\xab" * 32], TERMS).hex()
     with pytest.raises(ConfigError, match="validator b's public key is not a point"):
         _load(tmp_path, doc)
 
