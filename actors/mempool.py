@@ -736,8 +736,9 @@ class Mempool:
         yet. ``in_order``: a submission's rules (a sender's nonces rise within
         ``canonical``; rows the journal gave back, not yet admitted again, are duplicates);
         False for those rows themselves, in the order they were accepted, from several
-        submissions. Nothing awaits here: no other call changes what the checks read until
-        the rows are kept."""
+        submissions, parked past the parking limits where they land ahead of a gap (the
+        shards may now know the sender's next nonce below them). Nothing awaits here: no
+        other call changes what the checks read until the rows are kept."""
         result = Admission()
         keys = byte_rows(tx_ids_of(canonical))
         nonces = canonical.column("nonce").to_numpy(zero_copy_only=False).tolist()
@@ -775,10 +776,12 @@ class Mempool:
                     n = parking.get(sender, 0)
                     if nonce in held or (sender, nonce) in parking_at:
                         reason = "nonce_parked"
-                    elif (
+                    elif in_order and (
                         len(held) + n >= self.park_per_sender
                         or self.parked_rows + len(parking_at) >= self.park_limit
                     ):
+                        # (Not rows the journal gave back: each was answered "accepted",
+                        # and what the mempool's capacity held, parked it holds too)
                         reason = "nonce_gap_limit"
                     else:
                         ahead[i] = True

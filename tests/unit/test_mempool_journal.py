@@ -674,3 +674,49 @@ def test_two_journaled_rows_of_one_nonce_park_once_at_recovery(
     assert second.parked_rows == 1 == sum(len(h) for h in second.parked.values())
     assert second.counts["recovered_nonce_parked"] == 1
     crash(second)
+
+
+def test_rows_given_back_ahead_of_a_gap_are_all_parked_past_the_parking_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows taken in sequence before the crash (nothing known of their sender then), given
+    back where the shards now put the sender's next nonce below them (its earlier rows in
+    another mempool, or a shard lagging): they land ahead of a gap. Parked up to the limits a
+    submission has, the rest were dropped, though each was answered "accepted"."""
+    monkeypatch.setattr(mempool_module.ray, "put", lambda batch: "ref")
+    monkeypatch.setattr(mempool_module, "RECOVER_WAIT_S", 0.0)
+    settings = {"mempool_park_per_sender": 8, "mempool_park_rows": 12}
+    first = mempool(tmp_path, **settings)
+    chain = first.genesis.chain_id
+    a = public_bytes(key_from_seed(b"\x05" * 32))
+    first.limit.admits = lambda held, rows: True  # type: ignore[method-assign]
+
+    async def shards_down(senders: list[bytes]) -> dict[bytes, int]:
+        return {}
+
+    first._committed_nonces = shards_down  # type: ignore[method-assign]
+
+    async def accept() -> None:
+        assert (await first.submit(rows(5, list(range(100, 120)), chain))).accepted == 20
+
+    asyncio.run(accept())
+    assert first.parked_rows == 0 and first.pending_rows == 20
+    crash(first)
+
+    second = mempool(tmp_path, **settings)
+    second._committed_nonces = committed_as({a: 90})  # type: ignore[method-assign]
+
+    async def recover() -> None:
+        second._start()
+        assert second._recovery is not None
+        await second._recovery
+        assert second._ticker is not None
+        second._ticker.cancel()
+
+    asyncio.run(recover())
+    assert second.parked_rows == 20 == len(second.parked[a])
+    assert second.counts["recovered"] == 20 and "recovered_nonce_gap_limit" not in second.counts
+    # A submission still meets the limits: the sender's later row is refused, not parked
+    more = asyncio.run(second.submit(rows(5, [120], chain)))
+    assert more.accepted == 0 and more.rejected == {"nonce_gap_limit": 1}
+    crash(second)
