@@ -1,11 +1,13 @@
 """A real multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`): four nodes
 labelled with sites; every actor lands on its own site's node; removing a node crashes its
-validator and the other three keep committing."""
+validator and the other three keep committing; a node of that site joining again (the machine
+rebooted) brings the validator back there, from its disk, and it catches up."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,5 +61,27 @@ def test_actors_on_their_sites_and_node_loss_is_a_crash(
         chains = [net.headers(i) for i in (0, 1, 2)]
         common = min(len(ch) for ch in chains)
         assert all(ch[:common] == chains[0][:common] for ch in chains)
+        # The site's machine comes back: Ray restarts its actors on the new node (their
+        # label selector names the site), and validator 3 catches up from its disk and peers
+        nodes["site-d"] = c.add_node(num_cpus=1, labels={"site": "site-d"})
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if net.height(3) >= net.height(0) - 1:
+                    break
+            except ray.exceptions.RayError:  # restarting
+                pass
+            assert time.monotonic() < deadline, "validator 3 did not come back with its site"
+            time.sleep(1)
+        third = make_batch(
+            key, TxKind.ANCHOR, range(600, 900), [os.urandom(40) for _ in range(300)], net.chain_id
+        )
+        net.submit(third, mempool=3)
+        net.wait_committed(third, timeout_s=120)
+        placed = {w["index"]: w for w in net.placement()}
+        assert placed[3]["node_id"] == nodes["site-d"].node_id  # type: ignore[attr-defined]
+        chains = [net.headers(i) for i in range(4)]
+        common = min(len(ch) for ch in chains)
+        assert common >= 3 and all(ch[:common] == chains[0][:common] for ch in chains)
     finally:
         net.shutdown()
