@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sqlite3
 import struct
@@ -165,15 +166,26 @@ BATCH_ORIGINS_KEEP = 8192
 SELF_START_S = 10.0
 STARTED_MARK = "started"
 
+# The simulator's strategies (``consensus.sim.STRATEGIES``), each as a validator actor plays it
 ACTOR_STRATEGIES = (
     "none",
     "silent",
     "invalid-signature",
     "double-voter",
     "equivocating-leader",
+    "equivocate",
     "lazy-leader",
+    "slow-leader",
+    "vote-withholder",
+    "stale-replayer",
     "fast-clock",
 )
+# How late a ``slow-leader`` sends its proposals, in base round timeouts (the simulator's)
+SLOW_LEADER_DELAY = 0.75
+# A ``stale-replayer`` keeps this many of the messages it received, and sends
+# ``STALE_REPLAYS`` of them, picked at random, to every peer each time one of its timers fires
+STALE_KEEP = 256
+STALE_REPLAYS = 3
 # How far ahead the clock of a ``fast-clock`` validator is (its blocks' timestamps)
 FAST_CLOCK_MS = 3_600_000
 # Rejections are counted by kind: the numbers in a reason (a round, milliseconds) would make
@@ -312,6 +324,7 @@ class Validator:
         # strategy from the simulator's catalogue applied to what this validator sends.
         self.blocked: set[int] = set()
         self.strategy = "none"
+        self._stale: collections.deque[Message] = collections.deque(maxlen=STALE_KEEP)
 
         # With storage shards the (partitioned) transaction index is theirs, not the store's
         # Opened from its verified mark: a restart re-reads what was appended since, not the
@@ -886,6 +899,8 @@ class Validator:
             self._count(f"wire: {code}")
             return
         self.core.tick(self._clock_ms())
+        if self.strategy == "stale-replayer":
+            self._stale.extend(messages)
         self._run(self.core.on_messages(messages))
 
     def _on_batch_frame(self, mempool: int, data: bytes) -> None:
@@ -1274,6 +1289,9 @@ class Validator:
             self._run(self.core.on_propose_timer(round_))
         else:
             self._run(self.core.on_local_timeout(round_))
+        if self.strategy == "stale-replayer" and self._stale:
+            picked = random.sample(list(self._stale), min(STALE_REPLAYS, len(self._stale)))
+            self._flush({peer: list(picked) for peer in self.peers})
 
     # ---- actions -------------------------------------------------------------------------------
 
@@ -1288,6 +1306,18 @@ class Validator:
                         self.safety_file.write(self._safety_record(state, voted))
                     except OSError as exc:  # the vote it guards never leaves
                         stop_on_disk_failure(f"validator {self.index}", exc)
+                case Broadcast(message=msg) if self.strategy == "slow-leader" and isinstance(
+                    msg, Proposal
+                ):
+                    # Sent as late as a round allows without timing out: SLOW_LEADER_DELAY
+                    # of the base timeout after this validator entered the round (the voters'
+                    # timers run from about then; an idle wait counts), to everyone
+                    late = {peer: [msg] for peer in self.peers}
+                    held_ms = self.core.now_ms - self.core.entered_ms
+                    delay_ms = SLOW_LEADER_DELAY * self.core.cfg.base_timeout_ms - held_ms
+                    asyncio.get_running_loop().call_later(
+                        max(0, delay_ms) / 1000, self._flush, late
+                    )
                 case Broadcast(message=msg):
                     for peer in self.peers:
                         outbox.setdefault(peer, []).extend(self._hostile(msg, peer, True))
@@ -1361,9 +1391,11 @@ class Validator:
                 return []
             case "invalid-signature":
                 return [corrupt_signature(msg)]
-            case "double-voter" if isinstance(msg, Vote):
+            case "vote-withholder" if isinstance(msg, Vote):
+                return []
+            case "double-voter" | "equivocate" if isinstance(msg, Vote):
                 return [msg, double_vote(self.core, msg)]
-            case "equivocating-leader" if isinstance(msg, Proposal) and broadcast:
+            case "equivocating-leader" | "equivocate" if isinstance(msg, Proposal) and broadcast:
                 # Half the peers see another block; the next leader sees both
                 other = conflicting_proposal(self.core, msg)
                 if peer == self.core.leader(msg.round + 1):

@@ -34,6 +34,7 @@ from rayledger.execution import Status
 from rayledger.tx import TxKind, make_batch, tx_ids_of, validate_batch
 
 FAULTS = ("partition", "kill", "kill-two", "byzantine", "crash-shard", "crash-mempool", "quiet")
+# Every Byzantine strategy a validator actor plays (ACTOR_STRATEGIES) but "none"
 STRATEGIES = (
     "equivocating-leader",
     "silent",
@@ -41,6 +42,10 @@ STRATEGIES = (
     "invalid-signature",
     "lazy-leader",
     "fast-clock",
+    "equivocate",
+    "vote-withholder",
+    "slow-leader",
+    "stale-replayer",
 )
 CHUNK = 200
 

@@ -139,3 +139,14 @@ def test_a_receipt_for_a_malformed_id_is_refused_before_the_network_is_reached(
     result = CliRunner().invoke(app, ["receipt", tx_id], terminal_width=300)
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and f"error: {message}" in out, out
+
+
+def test_validator_actors_play_every_strategy_of_the_simulator_and_the_soak_draws_them_all() -> (
+    None
+):
+    from rayledger.actors.validator import ACTOR_STRATEGIES
+    from rayledger.cluster.soak import STRATEGIES as SOAK_STRATEGIES
+    from rayledger.consensus.sim import STRATEGIES
+
+    assert sorted(ACTOR_STRATEGIES) == sorted(STRATEGIES)
+    assert sorted(SOAK_STRATEGIES) == sorted(set(STRATEGIES) - {"none"})
