@@ -324,7 +324,8 @@ class Core:
         self.straggler_round = -1
         self.straggler_want = 0
         self.straggler_waited = -(1 << 62)
-        # Waits held (short, long) and late votes they brought into a QC, for the status
+        # Waits held (short, long) and late votes joined to a QC while a proposal was held
+        # (for a straggler, or idle), for the status
         self.straggler_counts = {"short": 0, "long": 0, "joined": 0}
         self.straggler_long_waited = -(1 << 62)
         # The last round whose proposal waited idle for a batch (late votes join its QC)
