@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from rayledger.actors.loopwatch import LoopWatch
 from rayledger.actors.mempool import (
     RESTART_RETRIES,
     decode_batch_frame,
@@ -351,6 +352,10 @@ class Validator:
         self.shard_handles: dict[int, Any] = {}
         self.shard_wake: dict[int, asyncio.Event] = {}
         self._shard_tasks: list[asyncio.Task[None]] = []
+        # How late this validator's event loop runs (status ``loop``); a stall of half the
+        # base round timeout, which can end rounds by timeout, is logged
+        self.loop_watch = LoopWatch(f"validator {index}", warn_ms=base_timeout_ms / 2)
+        self._loop_task: asyncio.Task[None] | None = None
         self._refill_lock = asyncio.Lock()
         # Block reads for peers' batch fetches (get_batch), in a thread, one at a time
         self._disk_reads = asyncio.Lock()
@@ -796,6 +801,7 @@ class Validator:
         except OSError as exc:
             log.warning("validator %d: cannot mark its directory started: %r", self.index, exc)
         loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self.loop_watch.run())
         for k in range(self.shards):
             self.shard_wake[k] = asyncio.Event()
             self._shard_tasks.append(loop.create_task(self._push_shard(k)))
@@ -1744,6 +1750,7 @@ class Validator:
                 "batch_frames_in": self.batch_frames_in,
             },
             "strategy": self.strategy,
+            "loop": self.loop_watch.status(),
             # This validator's clock (its blocks' timestamps; see CoreConfig.max_clock_ahead_ms)
             "clock_ms": self._clock_ms(),
             "shards": {str(k): self.shard_acked.get(k) for k in range(self.shards)},

@@ -482,6 +482,10 @@ class E2EResult:
     # leader whose block was not certified in time: each costs the round's timeout)
     rounds: int = 0
     rounds_by_timeout: int = 0
+    # The live validators' event loops since they started: the worst lateness of any, in ms,
+    # and their stalls past 250 ms in all (a stalled loop delays timers: rounds time out)
+    loop_worst_ms: float = 0.0
+    loop_stalls: int = 0
     # With ``gap_client``: the broken client's rows admitted (every one fails: its nonce 0
     # never came), and over all validators the times a leader held a batch back for a
     # sender's missing nonce, and the rows it proposed that failed for one
@@ -1050,6 +1054,8 @@ def bench_e2e(
         batch_ray_sends=int(mempool0["streams"]["ray_sends"]),
         rounds=int(status0["round"]),
         rounds_by_timeout=int(status0["rounds_by_timeout"]),
+        loop_worst_ms=max(float(s["loop"]["worst_ms"]) for s in statuses),
+        loop_stalls=sum(int(s["loop"]["stalls"]) for s in statuses),
         gap_client_rows=stats["gap_rows"] if gap_client else None,
         batches_deferred=sum(int(s["batches_deferred"]) for s in statuses),
         gap_rows_proposed=sum(int(s["gap_rows_proposed"]) for s in statuses),

@@ -253,7 +253,7 @@ def status(
             print(json.dumps(net.status(), indent=2, default=_json_default))
             return
         # Piped into a log or a narrow CI console, rich would squeeze the 13 columns into 80
-        out = console if console.is_terminal else Console(width=max(console.width, 320))
+        out = console if console.is_terminal else Console(width=max(console.width, 360))
         out.print(status_table(net))
     except (LedgerError, OSError) as exc:
         raise _fail(exc) from None
@@ -895,6 +895,10 @@ def bench_e2e_cmd(
     table.add_row(
         "validator 0's rounds",
         f"{r.rounds:,}, {r.rounds_by_timeout:,} of them entered by a timeout certificate",
+    )
+    table.add_row(
+        "validators' event loops",
+        f"at worst {r.loop_worst_ms:,.0f} ms late; {r.loop_stalls:,} stalls past 250 ms",
     )
     if r.gap_client_rows is not None:
         table.add_row(

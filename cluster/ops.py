@@ -50,6 +50,7 @@ def status_table(net: Network) -> Table:
         "state on disk at / held",
         "checks on",
         "clock",
+        "loop late",
         "evidence",
         "rejected",
         title=f"network {net.name} ({net.genesis.chain_name})",
@@ -57,7 +58,7 @@ def status_table(net: Network) -> Table:
     for st in net.status():
         if "down" in st:
             table.add_row(
-                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 8
+                str(st["index"]), st["site"], "-", "-", "-", f"down ({st['down']})", *["-"] * 9
             )
             continue
         mp = st["mempool"]
@@ -85,6 +86,7 @@ def status_table(net: Network) -> Table:
             # backend (cuda on a GPU), or the validator's own process
             st.get("verifier", {}).get("backend", "validator"),
             _clock(st),
+            _loop(st),
             str(st["evidence"]),
             str(sum(st["rejected"].values())),
         )
@@ -110,6 +112,16 @@ def _clock(st: dict[str, Any]) -> str:
     if offset is None:
         return "?"
     return f"{offset / 1000:+.3f} s"
+
+
+def _loop(st: dict[str, Any]) -> str:
+    """How late the validator's event loop ran at worst in the last minute, and its stalls
+    since it started (a stalled loop delays timers and messages: rounds can end by timeout)."""
+    loop = st.get("loop")
+    if not loop:
+        return "?"
+    stalls = f", {loop['stalls']} stalls" if loop["stalls"] else ""
+    return f"{loop['worst_ms_last_minute']:.0f} ms{stalls}"
 
 
 def _peers(st: dict[str, Any]) -> str:

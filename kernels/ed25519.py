@@ -50,11 +50,16 @@ def _workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+_pool_lock = threading.Lock()
+
+
 def _get_pool() -> ThreadPoolExecutor:
+    """One pool per process, made once however many threads check batches at once."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="ed25519")
-    return _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="ed25519")
+        return _pool
 
 
 def _verify_range(

@@ -41,6 +41,7 @@ def _statuses() -> list[dict[str, Any]]:
         "state_checkpoint": 16,
         "state_held_entries": 12345,
         "clock_offset_ms": -3,
+        "loop": {"worst_ms_last_minute": 12.4, "worst_ms": 30.0, "stalls": 0, "stall_ms": 250.0},
     }
     by_ray = {
         **up,
@@ -57,6 +58,7 @@ def _statuses() -> list[dict[str, Any]]:
         "streams": {"enabled": True, "connected": []},
         "mempool": {"pending_rows": 0, "in_flight_rows": 5, "limit_rows": 90, "parked_rows": 7},
         "passed_over": {"unseen": [3], "failed": [0, 1], "final": True},
+        "loop": {"worst_ms_last_minute": 612.0, "worst_ms": 900.0, "stalls": 3, "stall_ms": 250.0},
     }
     down = {"index": 3, "site": "ap", "down": "killed"}
     return [up, by_ray, unlinked, down]
@@ -71,7 +73,7 @@ def _net() -> SimpleNamespace:
 
 def test_status_table_shows_each_validator_and_its_state() -> None:
     net = _net()
-    console = Console(width=300, record=True)
+    console = Console(width=360, record=True)
     console.print(status_table(net))  # type: ignore[arg-type]
     out = console.export_text()
     assert "state on disk at / held" in out
@@ -87,6 +89,9 @@ def test_status_table_shows_each_validator_and_its_state() -> None:
     # Whom leader reputation passes over, and why (nobody: the leader alone)
     assert "1 (passes over: unseen 3; failed 0,1)" in sa
     assert "passes over" not in row
+    # How late each event loop ran at worst in the last minute, and its stalls
+    assert "loop late" in out and "12 ms" in row and "stalls" not in row
+    assert "612 ms, 3 stalls" in sa
     assert "down (killed)" in out
 
 
