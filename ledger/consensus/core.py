@@ -1359,7 +1359,8 @@ class Core:
         signed = int.from_bytes(qc.signers, "little")
         if v.round != qc.round or v.block_hash != qc.block_hash or signed >> v.voter & 1:
             return
-        if self.straggler_round == self.round:
+        waiting = self.straggler_round == self.round
+        if waiting:
             if not self.straggler_want >> v.voter & 1:
                 return
         elif not self.cfg.leader_reputation or self._window(self.round)[2] >> v.voter & 1:
@@ -1375,7 +1376,6 @@ class Core:
         self.verified_certs.add(_cert_key(grown))
         self.high_qc = grown
         self.qcs[qc.block_hash] = grown
-        waiting = self.straggler_round == self.round
         if waiting and signed & self.straggler_want == self.straggler_want:
             self.straggler_round = -1
             self._propose()
